@@ -1,0 +1,325 @@
+"""The sans-IO client: one :class:`ClientChannel` per HTTP connection.
+
+A PHT client keeps two keep-alive HTTP/1.1 connections to the server: one
+carries the authorize request and then the long-lived pull, the other the
+pushes. Each is a :class:`ClientChannel`: call a request method (it returns
+the bytes to write), feed what the socket reads to :meth:`receive_data`
+(``b""`` at EOF) and take events from :meth:`next_event` until it returns
+:data:`NEED_DATA`. No sockets, clock or randomness are touched here.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import h11
+
+from ._codec import LineBuffer, decode_line, encode_line
+from ._common import DEFAULT_PATHS, Paths
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    Authorized,
+    ChannelState,
+    ClientEvent,
+    DataReceived,
+    Heartbeat,
+    NeedData,
+    PullEnded,
+    PullStarted,
+    PushAcknowledged,
+    Rejected,
+    RequestKind,
+)
+
+__all__ = ["ClientChannel", "ClientConfig"]
+
+#: Longest pull line a client accepts (base64 text). GOST's lines hold at
+#: most 32 KiB of data; ``pht``'s server never sends more than 64 KiB.
+DEFAULT_MAX_PULL_LINE = 4 * 1024 * 1024
+_MAX_SMALL_BODY = 64 * 1024
+_USER_AGENT = "pht"
+
+HeaderInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
+
+
+def _normalise_headers(headers: HeaderInput) -> tuple[tuple[str, str], ...]:
+    if headers is None:
+        return ()
+    items: Iterable[tuple[str, str]] = headers.items() if isinstance(headers, Mapping) else headers
+    result = []
+    for name, value in items:
+        if not name or any(c in name for c in " \t\r\n:") or any(c in value for c in "\r\n"):
+            raise LocalProtocolError(f"invalid header {name!r}: {value!r}")
+        if name.lower() in {"host", "content-length", "transfer-encoding", "connection"}:
+            raise LocalProtocolError(
+                f"header {name!r} is managed by pht; use host_header= for Host"
+            )
+        result.append((name, value))
+    return tuple(result)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientConfig:
+    """What a client needs to know to form its requests.
+
+    ``host`` is the value of the ``Host`` header (``host_header`` overrides
+    it, as GOST's ``host`` option). ``authorize`` selects the generation:
+    ``True`` asks the server for a token first (legacy GOST), ``False``
+    uses a self-made token (modern GOST). ``proxy_authority`` makes requests
+    absolute-form (``POST http://host/push?...``), for a forward HTTP proxy;
+    ``proxy_authorization`` is then sent as ``Proxy-Authorization``.
+    """
+
+    host: str
+    authorize: bool = True
+    paths: Paths = DEFAULT_PATHS
+    headers: tuple[tuple[str, str], ...] = ()
+    host_header: str | None = None
+    proxy_authority: str | None = None
+    proxy_authorization: str | None = field(default=None, repr=False)
+    scheme: str = "http"
+    max_pull_line: int = DEFAULT_MAX_PULL_LINE
+
+    @classmethod
+    def build(
+        cls,
+        host: str,
+        *,
+        headers: HeaderInput = None,
+        proxy_credentials: tuple[str, str] | None = None,
+        **kwargs: object,
+    ) -> ClientConfig:
+        """Build a config, validating headers and encoding proxy credentials."""
+        authorization = None
+        if proxy_credentials is not None:
+            user, password = proxy_credentials
+            raw = f"{user}:{password}".encode()
+            authorization = "Basic " + base64.b64encode(raw).decode("ascii")
+        return cls(
+            host=host,
+            headers=_normalise_headers(headers),
+            proxy_authorization=authorization,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+class ClientChannel:
+    """One client HTTP connection: requests out, events in.
+
+    Use it for one request at a time: a request method is only allowed in
+    the ``IDLE`` state, and the channel returns to ``IDLE`` when the answer
+    is complete (``CLOSED`` if the server closes the connection then).
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._conn = h11.Connection(h11.CLIENT)
+        self._state = ChannelState.IDLE
+        self._events: deque[ClientEvent] = deque()
+        self._lines = LineBuffer(config.max_pull_line)
+        self._body = bytearray()
+        self._status = 0
+        self._lines_in_response = 0
+        self._host = config.host_header or config.host
+        self._base_headers: list[tuple[str, str]] = [
+            ("Host", self._host),
+            ("User-Agent", _USER_AGENT),
+        ]
+        if config.proxy_authorization is not None:
+            self._base_headers.append(("Proxy-Authorization", config.proxy_authorization))
+        self._extra_headers = list(config.headers)
+
+    @property
+    def state(self) -> ChannelState:
+        return self._state
+
+    # -- requests ---------------------------------------------------------------
+
+    def authorize(self) -> bytes:
+        """Ask for a session token; expect :class:`Authorized` or :class:`Rejected`."""
+        return self._request(
+            ChannelState.AUTHORIZING, "GET", self._target(self.config.paths.authorize)
+        )
+
+    def pull(self, token: str) -> bytes:
+        """Start the long poll for ``token``'s data."""
+        request = self._request(
+            ChannelState.PULLING, "GET", self._target(self.config.paths.pull, token)
+        )
+        self._lines_in_response = 0
+        return request
+
+    def push(self, token: str, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Return the pieces of one POST carrying ``data``; expect :class:`PushAcknowledged`.
+
+        The body is a single base64 line, sent with ``Content-Length`` and no
+        ``Content-Type`` (GOST's server would swallow a form body). ``data``
+        must not be empty: an empty push is the close notification.
+        """
+        if not len(data):
+            raise LocalProtocolError("push() needs data; use close_session() to close")
+        line = encode_line(data)
+        head = self._request(
+            ChannelState.PUSHING, "POST", self._target(self.config.paths.push, token), len(line)
+        )
+        self._send(h11.Data(data=line))
+        self._send(h11.EndOfMessage())
+        return [head, line]
+
+    def close_session(self, token: str) -> bytes:
+        """The close notification: a push with an empty body."""
+        head = self._request(
+            ChannelState.PUSHING, "POST", self._target(self.config.paths.push, token), 0
+        )
+        return head + self._send(h11.EndOfMessage())
+
+    def _target(self, path: str, token: str | None = None) -> str:
+        target = path if token is None else f"{path}?token={quote(token, safe='')}"
+        if self.config.proxy_authority is not None:
+            authority = self.config.host_header or self.config.proxy_authority
+            return f"{self.config.scheme}://{authority}{target}"
+        return target
+
+    def _request(
+        self, state: ChannelState, method: str, target: str, content_length: int | None = None
+    ) -> bytes:
+        if self._state is not ChannelState.IDLE:
+            raise LocalProtocolError(f"cannot send a request in state {self._state.name}")
+        headers = list(self._base_headers)
+        if content_length is not None:
+            headers.append(("Content-Length", str(content_length)))
+        headers.extend(self._extra_headers)
+        data = self._send(h11.Request(method=method, target=target, headers=headers))
+        if method == "GET":
+            data += self._send(h11.EndOfMessage())
+        self._state = state
+        self._status = 0
+        self._body.clear()
+        return data
+
+    def _send(self, event: h11.Event) -> bytes:
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            self._state = ChannelState.ERROR
+            raise LocalProtocolError(str(exc)) from None
+
+    def send_failed(self) -> None:
+        """Tell the channel that writing its request failed: it is unusable now."""
+        self._conn.send_failed()
+        self._state = ChannelState.ERROR
+
+    # -- responses --------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the connection; ``b""`` means the server closed it."""
+        try:
+            self._conn.receive_data(bytes(data) if data else b"")
+        except RuntimeError as exc:  # h11 refuses data after EOF
+            self._state = ChannelState.ERROR
+            raise LocalProtocolError(str(exc)) from None
+
+    def next_event(self) -> ClientEvent | NeedData:
+        """Return the next event, or :data:`NEED_DATA`."""
+        while not self._events:
+            if self._state in (ChannelState.CLOSED, ChannelState.ERROR):
+                return NEED_DATA
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._state = ChannelState.ERROR
+                raise RemoteProtocolError(f"malformed HTTP from server: {exc}") from None
+            if not isinstance(event, h11.Event):  # NEED_DATA (or PAUSED, never reached)
+                return NEED_DATA
+            try:
+                self._handle(event)
+            except RemoteProtocolError:
+                self._state = ChannelState.ERROR
+                raise
+        return self._events.popleft()
+
+    def _handle(self, event: h11.Event) -> None:
+        state = self._state
+        if isinstance(event, h11.Response):
+            self._status = event.status_code
+            if event.status_code != 200:
+                kind = {
+                    ChannelState.AUTHORIZING: RequestKind.AUTHORIZE,
+                    ChannelState.PUSHING: RequestKind.PUSH,
+                }.get(state, RequestKind.PULL)
+                reason = event.reason.decode("latin-1", "replace")
+                self._state = ChannelState.CLOSED
+                self._events.append(
+                    Rejected(kind=kind, status_code=event.status_code, reason=reason)
+                )
+            elif state is ChannelState.PULLING:
+                self._events.append(PullStarted())
+        elif isinstance(event, h11.InformationalResponse):
+            return
+        elif isinstance(event, h11.Data):
+            if state is ChannelState.PULLING:
+                self._receive_pull_data(event.data)
+            else:
+                self._body += event.data
+                if len(self._body) > _MAX_SMALL_BODY:
+                    raise RemoteProtocolError("server sent an oversized response body")
+        elif isinstance(event, h11.EndOfMessage):
+            self._end_of_response(state)
+        elif isinstance(event, h11.ConnectionClosed):
+            if state is ChannelState.PULLING:
+                raise RemoteProtocolError("server closed the connection in the middle of a pull")
+            if state is not ChannelState.IDLE:
+                raise RemoteProtocolError(
+                    f"server closed the connection before answering ({state.name.lower()})"
+                )
+            self._state = ChannelState.CLOSED
+        else:  # pragma: no cover - h11 produces no other events for a client
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} from server")
+
+    def _receive_pull_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._lines.feed(data)
+        decoded = []
+        heartbeats = 0
+        for line in self._lines.lines():
+            if line:
+                decoded.append(decode_line(line))
+            else:
+                heartbeats += 1
+        self._lines_in_response += heartbeats + len(decoded)
+        if decoded:
+            self._events.append(
+                DataReceived(data=decoded[0] if len(decoded) == 1 else b"".join(decoded))
+            )
+        elif heartbeats:
+            self._events.append(Heartbeat())
+
+    def _end_of_response(self, state: ChannelState) -> None:
+        if state is ChannelState.PULLING:
+            if self._lines.pending:
+                raise RemoteProtocolError("pull response ended in the middle of a line")
+            # A legacy server ends each long poll after a heartbeat and expects a
+            # new GET; a response with no line at all means the session is over.
+            # A modern server only ends the response when the session closes.
+            over = not self.config.authorize or self._lines_in_response == 0
+            self._events.append(PullEnded(session_over=over))
+        elif state is ChannelState.AUTHORIZING:
+            text = bytes(self._body).decode("utf-8", "replace").strip()
+            name, sep, token = text.partition("=")
+            if name != "token" or not sep or not token:
+                raise RemoteProtocolError(f"authorize answer has no token: {text[:80]!r}")
+            self._events.append(Authorized(token=token))
+        elif state is ChannelState.PUSHING:
+            self._events.append(PushAcknowledged())
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+            self._conn.start_next_cycle()
+            self._state = ChannelState.IDLE
+        else:
+            self._state = ChannelState.CLOSED

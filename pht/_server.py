@@ -1,0 +1,506 @@
+"""The sans-IO server: :class:`ServerConnection` per HTTP connection, and
+:class:`SessionRegistry` for the table of sessions.
+
+A :class:`ServerConnection` turns bytes from one accepted connection into
+request events (:class:`AuthorizeRequest`, :class:`PushRequest`,
+:class:`CloseRequest`, :class:`PullRequest`, :class:`BadRequest`) and
+answers into bytes. The :class:`SessionRegistry` decides what a token means:
+issued, lazily created for a modern GOST client, unknown, or closed. Neither
+reads a clock (``now`` is passed in) nor draws randomness (a token source is
+passed in).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+from urllib.parse import parse_qs
+
+import h11
+
+from ._codec import LineBuffer, decode_line, encode_lines
+from ._common import DEFAULT_PATHS, Paths
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    AuthorizeRequest,
+    BadRequest,
+    CloseRequest,
+    NeedData,
+    PullRequest,
+    PushRequest,
+    RequestKind,
+    ServerConnectionState,
+    ServerEvent,
+)
+from ._token import TokenSource, is_plausible_token, new_token
+
+__all__ = [
+    "DEFAULT_MAX_HEADER_SIZE",
+    "DEFAULT_MAX_PUSH_LINE",
+    "LookupResult",
+    "ServerConnection",
+    "SessionRecord",
+    "SessionRegistry",
+    "SessionState",
+]
+
+#: Longest push line the server reads (base64 text, without the newline).
+DEFAULT_MAX_PUSH_LINE = 8 * 1024 * 1024
+#: Longest request head (request line and headers) the server reads.
+DEFAULT_MAX_HEADER_SIZE = 16 * 1024
+#: Raw bytes per pull line, as GOST's 32 KiB ``readBufferSize``.
+PULL_LINE_DATA = 32 * 1024
+
+_REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    410: b"Gone",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+_SERVER_HEADERS: list[tuple[bytes, bytes]] = []
+_FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
+class ServerConnection:
+    """One accepted HTTP connection of a PHT server.
+
+    Feed bytes with :meth:`receive_data` (``b""`` at EOF); :meth:`next_event`
+    returns one request event at a time, after the whole request (body
+    included) has arrived. Answer each before the next one is produced:
+    ``send_token`` for an authorize, ``send_push_ack`` for a push or close,
+    ``start_pull`` then any number of ``send_pull_data`` / ``send_heartbeat``
+    and finally ``end_pull`` for a pull, ``send_status`` for anything refused.
+    Pipelined requests are answered in order.
+    """
+
+    def __init__(
+        self,
+        paths: Paths = DEFAULT_PATHS,
+        *,
+        max_push_line: int = DEFAULT_MAX_PUSH_LINE,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+    ) -> None:
+        self.paths = paths
+        self.max_push_line = max_push_line
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._state = ServerConnectionState.IDLE
+        self._routes = {
+            paths.authorize: RequestKind.AUTHORIZE,
+            paths.push: RequestKind.PUSH,
+            paths.pull: RequestKind.PULL,
+        }
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self._kind: RequestKind | None = None
+        self._refusal: BadRequest | None = None
+        self._token = ""
+        self._is_form = False
+        self._lines: LineBuffer | None = None
+        self._first_line: bytes | None = None
+        self._body_size = 0
+
+    @property
+    def state(self) -> ServerConnectionState:
+        return self._state
+
+    # -- input ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the connection; ``b""`` means the client closed it."""
+        try:
+            self._conn.receive_data(bytes(data) if data else b"")
+        except RuntimeError as exc:
+            self._state = ServerConnectionState.ERROR
+            raise LocalProtocolError(str(exc)) from None
+
+    def next_event(self) -> ServerEvent | NeedData:
+        """Return the next complete request, or :data:`NEED_DATA`.
+
+        Raises :class:`RemoteProtocolError` for HTTP that cannot be parsed;
+        its ``status_hint`` is the status to answer with (``send_status``
+        still works once, then the connection is ``CLOSED``).
+        """
+        if self._state is not ServerConnectionState.IDLE:
+            return NEED_DATA
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._state = ServerConnectionState.ERROR
+                status = exc.error_status_hint
+                if "exceeds" in str(exc) or "too long" in str(exc):  # header size bound
+                    status = 431
+                raise RemoteProtocolError(
+                    f"malformed request: {exc}", status_hint=status
+                ) from None
+            if not isinstance(event, h11.Event):  # NEED_DATA, or PAUSED between requests
+                return NEED_DATA
+            result = self._handle(event)
+            if result is not None:
+                if self._state is ServerConnectionState.IDLE:
+                    self._state = ServerConnectionState.RESPONDING
+                return result
+
+    def _handle(self, event: h11.Event) -> ServerEvent | None:
+        if isinstance(event, h11.Request):
+            self._start_request(event)
+        elif isinstance(event, h11.Data):
+            self._body_size += len(event.data)
+            if self._lines is not None and self._first_line is None:
+                self._lines.feed(event.data)
+                try:
+                    self._first_line = next(self._lines.lines(), None)
+                except RemoteProtocolError:
+                    return self._refuse_now(413, "push line too long")
+            elif self._body_size > self.max_push_line:
+                return self._refuse_now(413, "request body too large")
+        elif isinstance(event, h11.EndOfMessage):
+            return self._end_request()
+        elif isinstance(event, h11.ConnectionClosed):
+            self._state = ServerConnectionState.CLOSED
+        return None
+
+    def _start_request(self, request: h11.Request) -> None:
+        self._reset_request()
+        target = request.target.decode("latin-1")
+        if not target.startswith("/"):  # absolute-form, e.g. through a forward proxy
+            scheme, sep, rest = target.partition("://")
+            target = "/" + rest.partition("/")[2] if sep and scheme.isalpha() else target
+        path, _, query = target.partition("?")
+        kind = self._routes.get(path)
+        self._kind = kind
+        method = request.method
+        if kind is None:
+            self._refusal = BadRequest(status_code=404, reason=f"unknown path {path[:64]!r}")
+            return
+        tokens = parse_qs(query, keep_blank_values=True).get("token", [])
+        if len(tokens) > 1 and len(set(tokens)) > 1:
+            self._refusal = BadRequest(status_code=400, reason="conflicting token parameters")
+            return
+        self._token = tokens[0] if tokens else ""
+        if kind is RequestKind.PUSH and method != b"POST":
+            self._refusal = BadRequest(status_code=400, reason="push must be a POST")
+        elif kind is RequestKind.PULL and method != b"GET":
+            self._refusal = BadRequest(status_code=400, reason="pull must be a GET")
+        elif kind is RequestKind.PUSH:
+            content_length = _header(request, b"content-length")
+            if content_length is not None and int(content_length) > self.max_push_line + 1:
+                self._refusal = BadRequest(
+                    status_code=413, reason="push body too large", token=self._token or None
+                )
+                return
+            content_type = _header(request, b"content-type") or b""
+            self._is_form = content_type.split(b";")[0].strip().lower() in _FORM_TYPES
+            self._lines = LineBuffer(self.max_push_line)
+
+    def _refuse_now(self, status: int, reason: str) -> BadRequest:
+        """Refuse before the body has been read: the connection closes afterwards."""
+        self._state = ServerConnectionState.RESPONDING
+        self._must_close = True
+        token = self._token or None if self._kind is RequestKind.PUSH else None
+        return BadRequest(status_code=status, reason=reason, token=token)
+
+    def _end_request(self) -> ServerEvent:
+        kind, token = self._kind, self._token
+        if self._refusal is not None:
+            return self._refusal
+        if kind is RequestKind.AUTHORIZE:
+            return AuthorizeRequest()
+        if kind is RequestKind.PULL:
+            return PullRequest(token=token)
+        # A push. GOST reads the body's first line and ignores the rest.
+        if self._is_form:
+            return CloseRequest(token=token, reason="form-encoded body")
+        line = self._first_line
+        if line is None:
+            reason = "empty push" if self._body_size == 0 else "push without newline"
+            return CloseRequest(token=token, reason=reason)
+        try:
+            data = decode_line(line)
+        except RemoteProtocolError as exc:
+            return BadRequest(status_code=400, reason=str(exc), token=token or None)
+        return PushRequest(token=token, data=data)
+
+    # -- output -----------------------------------------------------------------
+
+    def send_token(self, token: str) -> bytes:
+        """Answer an authorize request: ``token=<token>`` as GOST does."""
+        body = f"token={token}".encode("ascii")
+        headers = [
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+        ]
+        return self._respond(200, headers, body)
+
+    def send_push_ack(self) -> bytes:
+        """Acknowledge a push or a close: ``200`` with an empty body."""
+        return self._respond(200, [(b"Content-Length", b"0")], b"")
+
+    def send_status(self, status_code: int) -> bytes:
+        """Refuse the current request with ``status_code`` and an empty body.
+
+        404 carries Go's ``404 page not found`` text, as GOST's server.
+        """
+        if status_code == 404:
+            body = b"404 page not found\n"
+            headers = [
+                (b"Content-Type", b"text/plain; charset=utf-8"),
+                (b"X-Content-Type-Options", b"nosniff"),
+                (b"Content-Length", str(len(body)).encode()),
+            ]
+        else:
+            body, headers = b"", [(b"Content-Length", b"0")]
+        if self._state is ServerConnectionState.ERROR:
+            # The request could not be parsed: answer and close.
+            self._state = ServerConnectionState.RESPONDING
+            self._must_close = True
+        return self._respond(status_code, headers, body)
+
+    def start_pull(self) -> bytes:
+        """Open the pull response: headers flushed at once, chunked body."""
+        self._expect(ServerConnectionState.RESPONDING, "start_pull")
+        response = h11.Response(
+            status_code=200,
+            headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
+        )
+        data = self._send(response)
+        self._state = ServerConnectionState.PULLING
+        return data
+
+    def send_pull_data(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Send tunnel bytes as pull lines (at most 32 KiB of data per line)."""
+        self._expect(ServerConnectionState.PULLING, "send_pull_data")
+        if not len(data):
+            raise LocalProtocolError("send_pull_data() needs data; an empty line is a heartbeat")
+        return self._send(h11.Data(data=encode_lines(data, PULL_LINE_DATA)))
+
+    def send_heartbeat(self) -> bytes:
+        """Send an empty pull line, which keeps proxies and the client content."""
+        self._expect(ServerConnectionState.PULLING, "send_heartbeat")
+        return self._send(h11.Data(data=b"\n"))
+
+    def end_pull(self) -> bytes:
+        """End the pull response; the session is over (or, legacy, this poll)."""
+        self._expect(ServerConnectionState.PULLING, "end_pull")
+        data = self._send(h11.EndOfMessage())
+        self._next_cycle()
+        return data
+
+    def send_failed(self) -> None:
+        """Tell the connection that writing failed: it is unusable now."""
+        self._conn.send_failed()
+        self._state = ServerConnectionState.ERROR
+
+    _must_close = False
+
+    def _respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        self._expect(ServerConnectionState.RESPONDING, "a response")
+        if self._must_close:
+            headers = [*headers, (b"Connection", b"close")]
+        reason = _REASONS.get(status, b"OK" if status == 200 else b"")
+        data = self._send(h11.Response(status_code=status, headers=headers, reason=reason))
+        if body:
+            data += self._send(h11.Data(data=body))
+        data += self._send(h11.EndOfMessage())
+        self._next_cycle()
+        return data
+
+    def _expect(self, state: ServerConnectionState, what: str) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(f"cannot send {what} in state {self._state.name}")
+
+    def _send(self, event: h11.Event) -> bytes:
+        try:
+            return self._conn.send(event) or b""
+        except h11.LocalProtocolError as exc:
+            self._state = ServerConnectionState.ERROR
+            raise LocalProtocolError(str(exc)) from None
+
+    def _next_cycle(self) -> None:
+        if (
+            not self._must_close
+            and self._conn.our_state is h11.DONE
+            and self._conn.their_state is h11.DONE
+        ):
+            self._conn.start_next_cycle()
+            self._state = ServerConnectionState.IDLE
+        else:
+            self._state = ServerConnectionState.CLOSED
+        self._reset_request()
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+# --- the session table --------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    """Life of a session in a :class:`SessionRegistry`."""
+
+    ISSUED = "ISSUED"  #: token handed out by authorize, not used yet
+    OPEN = "OPEN"  #: a push or pull has used it
+    CLOSED = "CLOSED"  #: over; its token is refused from now on
+
+
+P = TypeVar("P")
+
+
+@dataclass(slots=True, eq=False)
+class SessionRecord(Generic[P]):
+    """One session: its token, state, timestamps and the adapter's payload."""
+
+    token: str
+    state: SessionState
+    created_at: float
+    last_active: float
+    payload: P | None = field(default=None, repr=False)
+
+
+class LookupResult(enum.Enum):
+    """Why :meth:`SessionRegistry.lookup` found no usable session."""
+
+    UNKNOWN = "unknown"  #: never issued (strict mode) or malformed token
+    CLOSED = "closed"  #: closed earlier; it is not resurrected
+    FULL = "full"  #: a new session would exceed ``max_sessions``
+
+    @property
+    def status_code(self) -> int:
+        """The status to answer: 403 as GOST legacy for unknown (and closed) tokens."""
+        return 429 if self is LookupResult.FULL else 403
+
+
+class SessionRegistry(Generic[P]):
+    """Which tokens exist, and what a request for a token means.
+
+    - ``issue(now)`` hands out a token for ``/authorize`` (``None`` when the
+      ``backlog`` of issued-but-unused tokens or ``max_sessions`` is full:
+      answer ``429``).
+    - ``lookup(token, now)`` returns the session record for a push or pull;
+      an unknown token creates a session lazily (a modern GOST client made
+      it), unless ``strict`` is set. A closed token is never resurrected.
+    - ``close(token, now)`` ends a session; its token is remembered for
+      ``closed_ttl`` seconds so late requests are refused, not re-opened.
+    - ``expired(now)`` lists sessions idle for longer than ``idle_timeout``
+      (issued ones after ``issued_timeout``).
+    """
+
+    def __init__(
+        self,
+        *,
+        strict: bool = False,
+        max_sessions: int = 10_000,
+        backlog: int = 128,
+        idle_timeout: float | None = 600.0,
+        issued_timeout: float = 60.0,
+        closed_ttl: float = 600.0,
+        token_source: TokenSource = new_token,
+    ) -> None:
+        if max_sessions < 1 or backlog < 1:
+            raise LocalProtocolError("max_sessions and backlog must be at least 1")
+        self.strict = strict
+        self.max_sessions = max_sessions
+        self.backlog = backlog
+        self.idle_timeout = idle_timeout
+        self.issued_timeout = issued_timeout
+        self.closed_ttl = closed_ttl
+        self._token_source = token_source
+        self._sessions: dict[str, SessionRecord[P]] = {}
+        self._issued = 0
+        self._closed: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[SessionRecord[P]]:
+        return iter(list(self._sessions.values()))
+
+    def get(self, token: str) -> SessionRecord[P] | None:
+        return self._sessions.get(token)
+
+    def issue(self, now: float) -> str | None:
+        """A new token for ``/authorize``, or ``None`` when full (answer 429)."""
+        if self._issued >= self.backlog or len(self._sessions) >= self.max_sessions:
+            return None
+        for _ in range(8):
+            token = self._token_source()
+            if token not in self._sessions and token not in self._closed:
+                break
+        else:
+            raise LocalProtocolError("token source keeps returning tokens already in use")
+        self._sessions[token] = SessionRecord(token, SessionState.ISSUED, now, now)
+        self._issued += 1
+        return token
+
+    def lookup(self, token: str, now: float) -> SessionRecord[P] | LookupResult:
+        """The session a push or pull for ``token`` refers to (see class doc)."""
+        self._forget_closed(now)
+        record = self._sessions.get(token)
+        if record is not None:
+            if record.state is SessionState.ISSUED:
+                record.state = SessionState.OPEN
+                self._issued -= 1
+            record.last_active = now
+            return record
+        if token in self._closed:
+            return LookupResult.CLOSED
+        if self.strict or not is_plausible_token(token):
+            return LookupResult.UNKNOWN
+        if len(self._sessions) >= self.max_sessions:
+            return LookupResult.FULL
+        record = SessionRecord(token, SessionState.OPEN, now, now)
+        self._sessions[token] = record
+        return record
+
+    def touch(self, record: SessionRecord[P], now: float) -> None:
+        """Note activity on a session (data moved), postponing its expiry."""
+        record.last_active = now
+
+    def close(self, token: str, now: float) -> SessionRecord[P] | None:
+        """End the session of ``token``; returns its record if it was live."""
+        record = self._sessions.pop(token, None)
+        if record is None:
+            return None
+        if record.state is SessionState.ISSUED:
+            self._issued -= 1
+        record.state = SessionState.CLOSED
+        self._closed[token] = now
+        self._closed.move_to_end(token)
+        while len(self._closed) > 2 * self.max_sessions:
+            self._closed.popitem(last=False)
+        return record
+
+    def expired(self, now: float) -> list[SessionRecord[P]]:
+        """Sessions that have been idle for too long (close them)."""
+        result = []
+        for record in self._sessions.values():
+            idle = now - record.last_active
+            if record.state is SessionState.ISSUED:
+                if idle >= self.issued_timeout:
+                    result.append(record)
+            elif self.idle_timeout is not None and idle >= self.idle_timeout:
+                result.append(record)
+        return result
+
+    def _forget_closed(self, now: float) -> None:
+        closed = self._closed
+        while closed:
+            token, when = next(iter(closed.items()))
+            if now - when < self.closed_ttl:
+                break
+            closed.popitem(last=False)

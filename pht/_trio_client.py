@@ -1,0 +1,486 @@
+"""The trio client adapter: :func:`open_pht_stream`."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from urllib.parse import unquote, urlsplit
+
+import trio
+
+from ._client import ClientChannel, ClientConfig, HeaderInput
+from ._common import Paths
+from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
+from ._events import (
+    NEED_DATA,
+    Authorized,
+    ChannelState,
+    ClientEvent,
+    DataReceived,
+    Heartbeat,
+    PullEnded,
+    PullStarted,
+    PushAcknowledged,
+    Rejected,
+    RequestKind,
+)
+from ._token import TokenSource, new_token
+from ._trio_common import RECEIVE_SIZE, PHTStream, write_pieces
+
+__all__ = ["open_pht_stream"]
+
+#: Raw bytes per push by default: one POST per MiB keeps round trips rare.
+DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
+
+
+def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str:
+    path = {
+        RequestKind.AUTHORIZE: paths.authorize,
+        RequestKind.PUSH: paths.push,
+        RequestKind.PULL: paths.pull,
+    }[event.kind]
+    text = f"server answered {event.status_code} {event.reason} to {path}"
+    if event.status_code == 403:
+        hint = "the token is unknown to the server; do the client's and server's paths match?"
+        if not authorize:
+            hint += " (a legacy GOST server needs authorize=True)"
+        return f"{text}: {hint}"
+    if event.status_code == 404:
+        return f"{text}: the server has no such path; do the client's and server's paths match?"
+    if event.status_code == 429:
+        return f"{text}: the server has too many pending sessions; try again later"
+    if event.status_code == 410:
+        return f"{text}: the session is gone (closed, or its data was not consumed in time)"
+    return text
+
+
+class _Connection:
+    """One HTTP connection of the client: a transport and its sans-IO channel."""
+
+    def __init__(self, transport: trio.abc.Stream, config: ClientConfig) -> None:
+        self.transport = transport
+        self.channel = ClientChannel(config)
+
+    async def send(self, pieces: bytes | list[bytes]) -> None:
+        try:
+            if isinstance(pieces, bytes):
+                await self.transport.send_all(pieces)
+            else:
+                await write_pieces(self.transport, pieces)
+        except BaseException:
+            self.channel.send_failed()
+            raise
+
+    async def next_event(self) -> ClientEvent:
+        channel = self.channel
+        while True:
+            event = channel.next_event()
+            if event is not NEED_DATA:
+                return event
+            if channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
+                raise trio.BrokenResourceError("connection to the PHT server is closed")
+            data = await self.transport.receive_some(RECEIVE_SIZE)
+            channel.receive_data(data)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.transport)
+
+
+class _ClientStream(PHTStream):
+    def __init__(
+        self,
+        *,
+        connect: _Connector,
+        config: ClientConfig,
+        token: str,
+        pull: _Connection,
+        max_push_size: int,
+        close_timeout: float,
+    ) -> None:
+        self.token = token
+        self.remote_address = connect.address
+        self._connect = connect
+        self._config = config
+        self._pull = pull
+        self._push: _Connection | None = None
+        self._max_push_size = max_push_size
+        self._close_timeout = close_timeout
+        self._pending = b""
+        self._pending_offset = 0
+        self._eof = False
+        self._closed = False
+        self._broken: str | None = None
+        self._sending = False
+        self._receiving = False
+        self._polls = 1
+
+    # -- sending ----------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            self._check_open()
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
+            view = memoryview(data)
+            if not view.nbytes:
+                await trio.lowlevel.checkpoint()
+                return
+            view = view.cast("B")
+            try:
+                for start in range(0, len(view), self._max_push_size):
+                    await self._push_once(view[start : start + self._max_push_size])
+            except trio.Cancelled:
+                self._broken = "a send_all was cancelled; the stream is broken"
+                raise
+        finally:
+            self._sending = False
+
+    async def _push_once(self, chunk: memoryview) -> None:
+        connection = await self._push_connection()
+        try:
+            pieces = connection.channel.push(self.token, chunk)
+            await connection.send(pieces)
+            event = await connection.next_event()
+        except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            self._push = None
+            await connection.aclose()
+            self._broken = f"push to the PHT server failed: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if isinstance(event, Rejected):
+            self._push = None
+            await connection.aclose()
+            message = _explain_rejection(
+                event, self._config.paths, authorize=self._config.authorize
+            )
+            self._broken = message
+            raise trio.BrokenResourceError(message) from TunnelError(
+                message, status=event.status_code
+            )
+        if not isinstance(event, PushAcknowledged):  # pragma: no cover - channel guarantees
+            raise trio.BrokenResourceError(f"unexpected answer to a push: {event}")
+        if connection.channel.state is ChannelState.CLOSED:
+            self._push = None
+            await connection.aclose()
+
+    async def _push_connection(self) -> _Connection:
+        if self._push is None:
+            try:
+                self._push = await self._connect.open(self._config)
+            except TunnelError as exc:
+                self._broken = str(exc)
+                raise trio.BrokenResourceError(str(exc)) from exc
+        return self._push
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+
+    # -- receiving --------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            self._check_open()
+            if max_bytes is None:
+                max_bytes = RECEIVE_SIZE
+            elif max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+            if self._pending_offset < len(self._pending):
+                await trio.lowlevel.checkpoint()
+                return self._take(max_bytes)
+            if self._eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            return await self._receive(max_bytes)
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int) -> bytes:
+        start = self._pending_offset
+        if start == 0 and len(self._pending) <= max_bytes:
+            data, self._pending = self._pending, b""
+            return data
+        end = start + max_bytes
+        data = self._pending[start:end]
+        if end >= len(self._pending):
+            self._pending, self._pending_offset = b"", 0
+        else:
+            self._pending_offset = end
+        return data
+
+    async def _receive(self, max_bytes: int) -> bytes:
+        pull = self._pull
+        while True:
+            try:
+                event = await pull.next_event()
+            except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed") from None
+                raise trio.BrokenResourceError(f"pull from the PHT server failed: {exc}") from exc
+            if isinstance(event, DataReceived):
+                self._pending, self._pending_offset = event.data, 0
+                return self._take(max_bytes)
+            if isinstance(event, PullEnded):
+                if event.session_over:
+                    return self._end_of_session()
+                await self._poll_again()
+            elif isinstance(event, Rejected):
+                if self._polls > 1 and event.status_code in (403, 410):
+                    # A legacy server forgets a closed session's token: EOF.
+                    return self._end_of_session()
+                message = _explain_rejection(
+                    event, self._config.paths, authorize=self._config.authorize
+                )
+                raise trio.BrokenResourceError(message) from TunnelError(
+                    message, status=event.status_code
+                )
+            elif not isinstance(event, Heartbeat | PullStarted):  # pragma: no cover
+                raise trio.BrokenResourceError(f"unexpected event on the pull: {event}")
+
+    async def _poll_again(self) -> None:
+        if self._pull.channel.state is ChannelState.CLOSED:
+            await self._pull.aclose()
+            self._pull = await self._connect.open(self._config)
+        self._polls += 1
+        await self._pull.send(self._pull.channel.pull(self.token))
+
+    def _end_of_session(self) -> bytes:
+        self._eof = True
+        self._broken = self._broken or "the PHT session is over"
+        return b""
+
+    # -- closing ----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        push, self._push = self._push, None
+        try:
+            if not self._eof and not self._sending:
+                await self._notify_close(push)
+        finally:
+            if push is not None:
+                await push.aclose()
+            await self._pull.aclose()
+
+    async def _notify_close(self, push: _Connection | None) -> None:
+        """Send the close notification, as modern GOST clients do (best effort)."""
+        with trio.move_on_after(self._close_timeout) as scope:
+            try:
+                if push is None or push.channel.state is not ChannelState.IDLE:
+                    push = await self._connect.open(self._config)
+                    self._push = None
+                    try:
+                        await self._send_close(push)
+                    finally:
+                        await push.aclose()
+                else:
+                    await self._send_close(push)
+            except (trio.BrokenResourceError, OSError, PHTError):
+                pass
+        del scope
+
+    async def _send_close(self, connection: _Connection) -> None:
+        await connection.send(connection.channel.close_session(self.token))
+        await connection.next_event()
+
+
+class _Connector:
+    """Opens the HTTP connections of one tunnel (TCP, TLS, or via a proxy)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        proxy: tuple[str, int] | None,
+        connect_timeout: float,
+    ) -> None:
+        self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
+        self.proxy = proxy
+        self.connect_timeout = connect_timeout
+        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+
+    async def open(self, config: ClientConfig) -> _Connection:
+        target_host, target_port = self.proxy or (self.host, self.port)
+        where = f"proxy {target_host}:{target_port}" if self.proxy else self.address
+        try:
+            with trio.fail_after(self.connect_timeout):
+                transport: trio.abc.Stream = await trio.open_tcp_stream(target_host, target_port)
+        except trio.TooSlowError:
+            raise TunnelError(f"timed out connecting to {where}") from None
+        except OSError as exc:
+            raise TunnelError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+        if self.ssl_context is not None:
+            tls = trio.SSLStream(
+                transport,
+                self.ssl_context,
+                server_hostname=self.server_hostname,
+                https_compatible=True,
+            )
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                await trio.aclose_forcefully(tls)
+                cause = exc.__cause__ or exc
+                raise TunnelError(
+                    f"TLS handshake with {self.address} failed: {cause}; is the server "
+                    "speaking phts, and does the client trust its certificate?"
+                ) from exc
+            transport = tls
+        return _Connection(transport, config)
+
+
+async def open_pht_stream(
+    host: str,
+    port: int,
+    *,
+    tls: bool | ssl.SSLContext = False,
+    server_hostname: str | None = None,
+    authorize: bool = True,
+    authorize_path: str = "/authorize",
+    push_path: str = "/push",
+    pull_path: str = "/pull",
+    headers: HeaderInput = None,
+    host_header: str | None = None,
+    proxy: str | None = None,
+    token: str | None = None,
+    token_source: TokenSource = new_token,
+    max_push_size: int = DEFAULT_MAX_PUSH_SIZE,
+    connect_timeout: float = 30.0,
+    close_timeout: float = 5.0,
+) -> PHTStream:
+    """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
+
+    With ``authorize=True`` (GOST's documented flow, and what legacy GOST
+    servers require) the client first asks ``authorize_path`` for a token;
+    with ``authorize=False`` it makes its own (``token``, or one from
+    ``token_source``) as modern GOST clients do. ``tls`` is ``False``,
+    ``True`` (a default, verifying context) or an :class:`ssl.SSLContext`.
+    ``headers`` go on every request; ``host_header`` replaces the ``Host``
+    header (GOST's ``host`` option). ``proxy="http://[user:pass@]host:port"``
+    sends every request through a forward HTTP proxy in absolute form,
+    without CONNECT. ``max_push_size`` bounds the bytes one POST carries.
+
+    Returns once the server has accepted the pull, so a wrong path or an
+    unknown token fails here with a :class:`TunnelError`.
+    """
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be 1-65535, got {port!r}")
+    if max_push_size < 1:
+        raise ValueError("max_push_size must be at least 1")
+    if not math.isfinite(connect_timeout) or connect_timeout <= 0:
+        raise ValueError("connect_timeout must be a positive number of seconds")
+    ssl_context: ssl.SSLContext | None
+    if tls is True:
+        ssl_context = ssl.create_default_context()
+    elif tls is False:
+        ssl_context = None
+    elif isinstance(tls, ssl.SSLContext):
+        ssl_context = tls
+    else:
+        raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    proxy_address, proxy_credentials = _parse_proxy(proxy)
+    if proxy_address is not None and ssl_context is not None:
+        raise LocalProtocolError(
+            "proxy= sends plain HTTP requests through the proxy; it cannot carry phts"
+        )
+    host_value = host if ":" not in host else f"[{host}]"
+    default_port = 443 if ssl_context is not None else 80
+    config = ClientConfig.build(
+        host_value if port == default_port else f"{host_value}:{port}",
+        headers=headers,
+        proxy_credentials=proxy_credentials,
+        authorize=authorize,
+        paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
+        host_header=host_header,
+        proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
+        scheme="https" if ssl_context is not None else "http",
+    )
+    connector = _Connector(
+        host,
+        port,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        proxy=proxy_address,
+        connect_timeout=connect_timeout,
+    )
+    pull = await connector.open(config)
+    try:
+        session_token = await _start_session(pull, config, token, token_source)
+        push = await connector.open(config)
+    except BaseException:
+        await pull.aclose()
+        raise
+    stream = _ClientStream(
+        connect=connector,
+        config=config,
+        token=session_token,
+        pull=pull,
+        max_push_size=max_push_size,
+        close_timeout=close_timeout,
+    )
+    stream._push = push
+    return stream
+
+
+async def _start_session(
+    pull: _Connection, config: ClientConfig, token: str | None, token_source: TokenSource
+) -> str:
+    try:
+        if config.authorize:
+            if token is not None:
+                raise ValueError("token= is for authorize=False; the server issues it otherwise")
+            await pull.send(pull.channel.authorize())
+            event = await pull.next_event()
+            if isinstance(event, Rejected):
+                raise TunnelError(
+                    _explain_rejection(event, config.paths, authorize=True),
+                    status=event.status_code,
+                )
+            assert isinstance(event, Authorized)
+            token = event.token
+            if pull.channel.state is ChannelState.CLOSED:
+                raise TunnelError("server closed the connection after authorize")
+        elif token is None:
+            token = token_source()
+        await pull.send(pull.channel.pull(token))
+        event = await pull.next_event()
+    except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+        raise TunnelError(f"PHT handshake with the server failed: {exc}") from exc
+    if isinstance(event, Rejected):
+        raise TunnelError(
+            _explain_rejection(event, config.paths, authorize=config.authorize),
+            status=event.status_code,
+        )
+    if not isinstance(event, PullStarted):  # pragma: no cover - channel guarantees
+        raise TunnelError(f"unexpected answer to the pull: {event}")
+    return token
+
+
+def _parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
+    if proxy is None:
+        return None, None
+    parts = urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {proxy!r}")
+    credentials = None
+    if parts.username is not None:
+        credentials = (unquote(parts.username), unquote(parts.password or ""))
+    return (parts.hostname, parts.port or 8080), credentials

@@ -1,0 +1,537 @@
+"""The trio server adapter: :func:`serve_pht`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import trio
+
+from ._common import Paths
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    AuthorizeRequest,
+    BadRequest,
+    CloseRequest,
+    PullRequest,
+    PushRequest,
+    ServerConnectionState,
+)
+from ._server import (
+    DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_PUSH_LINE,
+    LookupResult,
+    ServerConnection,
+    SessionRecord,
+    SessionRegistry,
+)
+from ._tls import SelfSignedCertificate, make_self_signed_certificate
+from ._token import TokenSource, new_token
+from ._trio_common import RECEIVE_SIZE, PHTStream
+
+__all__ = ["serve_pht"]
+
+log = logging.getLogger("pht.server")
+
+Handler = Callable[[PHTStream], Awaitable[object]]
+
+#: Bytes a handler may queue for the client before ``send_all`` waits.
+DEFAULT_MAX_BUFFERED = 1024 * 1024
+#: Raw bytes written per pull write.
+_PULL_WRITE_SIZE = 1024 * 1024
+
+
+class _ServerStream(PHTStream):
+    """The server's end of one session, handed to the handler."""
+
+    def __init__(self, token: str, remote_address: str | None, max_buffered: int) -> None:
+        self.token = token
+        self.remote_address = remote_address
+        self._max_buffered = max_buffered
+        # client -> handler
+        self._inbound: deque[bytes] = deque()
+        self._inbound_offset = 0
+        self._deposited = 0
+        self._consumed = 0
+        self._data_arrived = trio.Event()
+        self._consumed_changed = trio.Event()
+        # handler -> client
+        self._outbound = bytearray()
+        self._outbound_ready = trio.Event()
+        self._outbound_drained = trio.Event()
+        # life
+        self._client_closed = False  # close notification, expiry, error
+        self._handler_closed = False  # aclose() by the handler
+        self.finished = trio.Event()  # nothing more will go to or come from the client
+        self._receiving = False
+        self._sending = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- called by the handler --------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._receiving = True
+        try:
+            if self._handler_closed:
+                raise trio.ClosedResourceError("stream was closed")
+            while not self._inbound:
+                if self._client_closed:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                self._data_arrived = trio.Event()
+                await self._data_arrived.wait()
+                if self._handler_closed:
+                    raise trio.ClosedResourceError("stream was closed")
+            await trio.lowlevel.checkpoint()
+            return self._take(max_bytes or RECEIVE_SIZE)
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int) -> bytes:
+        head = self._inbound[0]
+        start = self._inbound_offset
+        end = start + max_bytes
+        if end >= len(head):
+            self._inbound.popleft()
+            self._inbound_offset = 0
+            data = head[start:] if start else head
+        else:
+            data = head[start:end]
+            self._inbound_offset = end
+        self._consumed += len(data)
+        self._consumed_changed.set()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if self._handler_closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await self._wait_room()
+            if self._client_closed:
+                raise trio.BrokenResourceError("the PHT client closed the session")
+            if len(data):
+                self._outbound += data
+                self.bytes_out += len(data)
+                self._outbound_ready.set()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def _wait_room(self) -> None:
+        while len(self._outbound) >= self._max_buffered and not self._client_closed:
+            self._outbound_drained = trio.Event()
+            await self._outbound_drained.wait()
+            if self._handler_closed:
+                raise trio.ClosedResourceError("stream was closed")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._handler_closed:
+            raise trio.ClosedResourceError("stream was closed")
+        await self._wait_room()
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if not self._handler_closed:
+            self._handler_closed = True
+            self._wake_all()
+            if not self._outbound:
+                self.finished.set()
+        await trio.lowlevel.checkpoint()
+
+    # -- called by the connection tasks -------------------------------------------
+
+    async def deposit(self, data: bytes, timeout: float) -> bool:
+        """Queue pushed bytes and wait until the handler took them (GOST's ack rule).
+
+        Returns ``False`` if they were not consumed in time or the session ended.
+        """
+        if self._handler_closed or self._client_closed:
+            return False
+        if not data:
+            return True
+        self._inbound.append(data)
+        self.bytes_in += len(data)
+        self._deposited += len(data)
+        goal = self._deposited
+        self._data_arrived.set()
+        with trio.move_on_after(timeout):
+            while self._consumed < goal:
+                if self._handler_closed or self._client_closed:
+                    return False
+                self._consumed_changed = trio.Event()
+                await self._consumed_changed.wait()
+            return True
+        return False
+
+    def take_outbound(self, limit: int) -> bytes:
+        data = bytes(self._outbound[:limit])
+        del self._outbound[:limit]
+        if len(self._outbound) < self._max_buffered:
+            self._outbound_drained.set()
+        if not self._outbound and self._handler_closed:
+            self.finished.set()
+        return data
+
+    @property
+    def has_outbound(self) -> bool:
+        return bool(self._outbound)
+
+    async def wait_outbound(self) -> None:
+        if not self._outbound and not self.finished.is_set():
+            self._outbound_ready = trio.Event()
+            await self._outbound_ready.wait()
+
+    def close_from_client(self) -> None:
+        """The session ended on the client's side (or was reaped): EOF for the handler."""
+        if not self._client_closed:
+            self._client_closed = True
+            self._outbound.clear()
+            self._wake_all()
+            self.finished.set()
+
+    def _wake_all(self) -> None:
+        self._data_arrived.set()
+        self._consumed_changed.set()
+        self._outbound_ready.set()
+        self._outbound_drained.set()
+
+
+class _Server:
+    """State shared by every connection of one :func:`serve_pht` call."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        nursery: trio.Nursery,
+        *,
+        paths: Paths,
+        registry: SessionRegistry[_ServerStream],
+        heartbeat_interval: float,
+        push_timeout: float,
+        max_buffered: int,
+        max_push_line: int,
+        max_header_size: int,
+    ) -> None:
+        self.handler = handler
+        self.nursery = nursery
+        self.paths = paths
+        self.registry = registry
+        self.heartbeat_interval = heartbeat_interval
+        self.push_timeout = push_timeout
+        self.max_buffered = max_buffered
+        self.max_push_line = max_push_line
+        self.max_header_size = max_header_size
+        self.pulls: dict[str, trio.CancelScope] = {}
+
+    # -- sessions -----------------------------------------------------------------
+
+    def session_for(self, token: str, peer: str | None) -> _ServerStream | LookupResult:
+        now = trio.current_time()
+        record = self.registry.lookup(token, now)
+        if isinstance(record, LookupResult):
+            return record
+        if record.payload is None:
+            stream = _ServerStream(record.token, peer, self.max_buffered)
+            record.payload = stream
+            self.nursery.start_soon(self._run_handler, record, stream)
+        return record.payload
+
+    async def _run_handler(
+        self, record: SessionRecord[_ServerStream], stream: _ServerStream
+    ) -> None:
+        started = trio.current_time()
+        log.info("session %s accepted from %s", _short(stream.token), stream.remote_address)
+        try:
+            await self.handler(stream)
+        except Exception:
+            # One broken handler must not take the other tunnels down.
+            log.exception("handler for session %s raised", _short(stream.token))
+        finally:
+            await stream.aclose()
+            # Give the pull a moment to deliver what the handler wrote last.
+            with trio.move_on_after(self.push_timeout):
+                await stream.finished.wait()
+            self.end_session(stream)
+            log.info(
+                "session %s closed after %.3fs: %d bytes in, %d bytes out",
+                _short(stream.token),
+                trio.current_time() - started,
+                stream.bytes_in,
+                stream.bytes_out,
+            )
+
+    def end_session(self, stream: _ServerStream) -> None:
+        stream.close_from_client()
+        record = self.registry.get(stream.token)
+        if record is not None and record.payload is stream:
+            self.registry.close(stream.token, trio.current_time())
+
+    async def reap(self) -> None:
+        interval = max(1.0, min(self.registry.issued_timeout, self.heartbeat_interval))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for record in self.registry.expired(now):
+                if record.payload is not None and record.token in self.pulls:
+                    self.registry.touch(record, now)  # a pull is attached: alive
+                    continue
+                log.info("session %s expired after idling", _short(record.token))
+                if record.payload is not None:
+                    record.payload.close_from_client()
+                self.registry.close(record.token, now)
+
+    # -- connections --------------------------------------------------------------
+
+    async def handle_connection(self, transport: trio.abc.Stream) -> None:
+        peer = _peer_of(transport)
+        conn = ServerConnection(
+            self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
+        )
+        try:
+            while True:
+                try:
+                    event = conn.next_event()
+                except RemoteProtocolError as exc:
+                    log.debug("bad request from %s: %s", peer, exc)
+                    await transport.send_all(conn.send_status(exc.status_hint))
+                    return
+                if event is NEED_DATA:
+                    if conn.state is not ServerConnectionState.IDLE:
+                        return
+                    data = await transport.receive_some(RECEIVE_SIZE)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                    continue
+                if isinstance(event, PushRequest):
+                    await self._push(transport, conn, event, peer)
+                elif isinstance(event, PullRequest):
+                    await self._pull(transport, conn, event, peer)
+                elif isinstance(event, CloseRequest):
+                    stream = self._existing(event.token)
+                    if stream is not None:
+                        log.debug("session %s: %s", _short(event.token), event.reason)
+                        self.end_session(stream)
+                    await transport.send_all(conn.send_push_ack())
+                elif isinstance(event, AuthorizeRequest):
+                    token = self.registry.issue(trio.current_time())
+                    answer = conn.send_status(429) if token is None else conn.send_token(token)
+                    await transport.send_all(answer)
+                elif isinstance(event, BadRequest):
+                    log.debug("refused request from %s: %s", peer, event.reason)
+                    if event.token is not None:
+                        stream = self._existing(event.token)
+                        if stream is not None:
+                            self.end_session(stream)
+                    await transport.send_all(conn.send_status(event.status_code))
+                if conn.state is ServerConnectionState.CLOSED:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            await trio.aclose_forcefully(transport)
+
+    def _existing(self, token: str) -> _ServerStream | None:
+        record = self.registry.get(token)
+        return None if record is None else record.payload
+
+    async def _push(
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        event: PushRequest,
+        peer: str | None,
+    ) -> None:
+        stream = self.session_for(event.token, peer)
+        if isinstance(stream, LookupResult):
+            await transport.send_all(conn.send_status(stream.status_code))
+            return
+        if await stream.deposit(event.data, self.push_timeout):
+            await transport.send_all(conn.send_push_ack())
+        else:
+            # GOST answers 410 when the bytes were not taken in time; the session ends.
+            self.end_session(stream)
+            await transport.send_all(conn.send_status(410))
+
+    async def _pull(
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        event: PullRequest,
+        peer: str | None,
+    ) -> None:
+        stream = self.session_for(event.token, peer)
+        if isinstance(stream, LookupResult):
+            await transport.send_all(conn.send_status(stream.status_code))
+            return
+        previous = self.pulls.get(stream.token)
+        if previous is not None:
+            previous.cancel()  # a newer long poll replaces a stale one
+        await transport.send_all(conn.start_pull())
+        async with trio.open_nursery() as nursery:
+            self.pulls[stream.token] = nursery.cancel_scope
+            nursery.start_soon(self._watch_for_hangup, transport, conn, nursery.cancel_scope)
+            try:
+                await self._feed_pull(transport, conn, stream)
+            finally:
+                if self.pulls.get(stream.token) is nursery.cancel_scope:
+                    del self.pulls[stream.token]
+                nursery.cancel_scope.cancel()
+
+    async def _feed_pull(
+        self, transport: trio.abc.Stream, conn: ServerConnection, stream: _ServerStream
+    ) -> None:
+        registry = self.registry
+        while True:
+            if stream.has_outbound:
+                data = stream.take_outbound(_PULL_WRITE_SIZE)
+                await transport.send_all(conn.send_pull_data(data))
+                record = registry.get(stream.token)
+                if record is not None:
+                    registry.touch(record, trio.current_time())
+                continue
+            if stream.finished.is_set():
+                await transport.send_all(conn.end_pull())
+                return
+            with trio.move_on_after(self.heartbeat_interval) as scope:
+                await stream.wait_outbound()
+            if scope.cancelled_caught:
+                await transport.send_all(conn.send_heartbeat())
+
+    async def _watch_for_hangup(
+        self, transport: trio.abc.Stream, conn: ServerConnection, scope: trio.CancelScope
+    ) -> None:
+        """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
+        try:
+            while True:
+                data = await transport.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                conn.receive_data(data)  # a pipelined request: kept for later
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+            pass
+        scope.cancel()
+
+
+def _peer_of(transport: trio.abc.Stream) -> str | None:
+    inner: Any = transport
+    while isinstance(inner, trio.SSLStream):
+        inner = inner.transport_stream
+    if isinstance(inner, trio.SocketStream):
+        try:
+            address = inner.socket.getpeername()
+        except OSError:
+            return None
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return None
+
+
+def _short(token: str) -> str:
+    return token[:8] + "…" if len(token) > 10 else token
+
+
+async def serve_pht(
+    handler: Handler,
+    port: int,
+    *,
+    host: str | bytes | None = None,
+    tls: bool | ssl.SSLContext | SelfSignedCertificate = False,
+    authorize_path: str = "/authorize",
+    push_path: str = "/push",
+    pull_path: str = "/pull",
+    backlog: int = 128,
+    heartbeat_interval: float = 10.0,
+    strict: bool = False,
+    max_sessions: int = 10_000,
+    idle_timeout: float | None = 600.0,
+    issued_timeout: float = 60.0,
+    push_timeout: float = 30.0,
+    max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_push_line: int = DEFAULT_MAX_PUSH_LINE,
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+    token_source: TokenSource = new_token,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[
+        list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    ] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve PHT tunnels on ``port``, running ``handler(stream)`` for each session.
+
+    Like :func:`trio.serve_tcp`: each handler runs in its own task (in
+    ``handler_nursery`` if given), and ``task_status.started()`` reports the
+    listeners, so a caller that passed ``port=0`` can read the bound port.
+    ``tls`` is ``False``, an :class:`ssl.SSLContext`, a
+    :class:`SelfSignedCertificate`, or ``True`` for a self-signed certificate
+    made at start-up (ECDSA P-256, ``O=GOST, CN=gost.run``, as GOST does).
+
+    Tokens issued by ``authorize_path`` and tokens that modern GOST clients
+    make themselves are both accepted (``strict=True`` accepts only issued
+    ones). ``backlog`` bounds tokens issued but not used yet (``429``
+    beyond), ``max_sessions`` the session table. Pulls stay open and carry a
+    heartbeat line every ``heartbeat_interval`` seconds. A push is
+    acknowledged once the handler took its bytes; if it does not within
+    ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
+    Sessions idle for ``idle_timeout`` seconds (tokens never used:
+    ``issued_timeout``) are closed.
+    """
+    if not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
+        raise ValueError("heartbeat_interval must be a positive number of seconds")
+    if max_buffered < 1 or max_push_line < 4:
+        raise ValueError("max_buffered and max_push_line must be positive")
+    paths = Paths(authorize=authorize_path, push=push_path, pull=pull_path)
+    registry: SessionRegistry[_ServerStream] = SessionRegistry(
+        strict=strict,
+        max_sessions=max_sessions,
+        backlog=backlog,
+        idle_timeout=idle_timeout,
+        issued_timeout=issued_timeout,
+        token_source=token_source,
+    )
+    ssl_context: ssl.SSLContext | None
+    if tls is True:
+        ssl_context = make_self_signed_certificate().server_context()
+    elif tls is False:
+        ssl_context = None
+    elif isinstance(tls, SelfSignedCertificate):
+        ssl_context = tls.server_context()
+    elif isinstance(tls, ssl.SSLContext):
+        ssl_context = tls
+    else:
+        raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    async with trio.open_nursery() as nursery:
+        server = _Server(
+            handler,
+            handler_nursery or nursery,
+            paths=paths,
+            registry=registry,
+            heartbeat_interval=heartbeat_interval,
+            push_timeout=push_timeout,
+            max_buffered=max_buffered,
+            max_push_line=max_push_line,
+            max_header_size=max_header_size,
+        )
+        nursery.start_soon(server.reap)
+        listeners: list[Any]
+        if ssl_context is None:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+        else:
+            listeners = await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True, backlog=backlog
+            )
+        await nursery.start(trio.serve_listeners, server.handle_connection, listeners)
+        task_status.started(listeners)
+    raise AssertionError("unreachable")  # pragma: no cover
