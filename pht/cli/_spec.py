@@ -1,0 +1,202 @@
+"""What a command line or a YAML file asks `pht` to run, as plain frozen data.
+
+`_url` (for ``-L``/``-F``) and `_yaml` (for ``-C``) both produce these objects;
+`_run` turns them into listening services. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_AUTHORIZE_PATH",
+    "DEFAULT_BACKLOG",
+    "DEFAULT_PULL_PATH",
+    "DEFAULT_PUSH_PATH",
+    "Address",
+    "ChainSpec",
+    "ClientTLS",
+    "Config",
+    "ConfigError",
+    "ConnectorType",
+    "Credentials",
+    "DefaultTLS",
+    "DialerType",
+    "HandlerType",
+    "HopSpec",
+    "ListenerType",
+    "NodeSpec",
+    "PHTPaths",
+    "ServerTLS",
+    "ServiceSpec",
+]
+
+DEFAULT_AUTHORIZE_PATH = "/authorize"
+DEFAULT_PUSH_PATH = "/push"
+DEFAULT_PULL_PATH = "/pull"
+DEFAULT_BACKLOG = 128
+
+HandlerType = Literal["auto", "http", "socks5", "socks4", "relay", "forward", "tcp"]
+ListenerType = Literal["tcp", "pht", "phts"]
+ConnectorType = Literal["http", "socks5", "relay", "forward"]
+DialerType = Literal["tcp", "pht", "phts"]
+
+
+class ConfigError(ValueError):
+    """A command line or configuration file that `pht` cannot run.
+
+    The message is one line that names the offending part, ready to be shown
+    to the user after ``pht: error:``.
+    """
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and a port. An empty host means "all interfaces" for a listener."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password (``USER:PASS@`` in a URL, ``auth:`` in YAML)."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PHTPaths:
+    """The three request paths of a PHT tunnel; client and server must agree."""
+
+    authorize_path: str = DEFAULT_AUTHORIZE_PATH
+    push_path: str = DEFAULT_PUSH_PATH
+    pull_path: str = DEFAULT_PULL_PATH
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """Certificate of a ``phts`` listener. ``ca_file`` asks for client certificates."""
+
+    cert_file: str
+    key_file: str | None = None
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a ``phts`` dialer checks the server.
+
+    ``secure=False`` (GOST's default) accepts any certificate. A ``ca_file``
+    implies verification against that CA. ``cert_file``/``key_file`` present
+    a client certificate.
+    """
+
+    secure: bool = False
+    server_name: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def verify(self) -> bool:
+        return self.secure or self.ca_file is not None
+
+
+@dataclass(frozen=True)
+class DefaultTLS:
+    """The top-level ``tls:`` block of a YAML file: the default server certificate.
+
+    With a ``cert_file`` the files are loaded; without, a self-signed
+    certificate is generated at start with the given names and validity.
+    """
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    common_name: str | None = None
+    organization: str | None = None
+    validity_days: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSpec:
+    """One ``-L`` (or one entry of YAML ``services:``): a listening service."""
+
+    name: str
+    listen: Address
+    handler: HandlerType
+    listener: ListenerType
+    auth: Credentials | None = None
+    targets: tuple[Address, ...] = ()
+    paths: PHTPaths = PHTPaths()
+    backlog: int = DEFAULT_BACKLOG
+    tls: ServerTLS | None = None
+    chain: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``handler+listener`` as GOST would write it, for log lines."""
+        return f"{self.handler}+{self.listener}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    """One node of a hop: where to connect (dialer) and what to say (connector)."""
+
+    name: str
+    addr: Address
+    connector: ConnectorType
+    dialer: DialerType
+    auth: Credentials | None = None
+    paths: PHTPaths = PHTPaths()
+    host_header: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    tls: ClientTLS = ClientTLS()
+
+    @property
+    def scheme(self) -> str:
+        return f"{self.connector}+{self.dialer}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HopSpec:
+    """One ``-F`` (or one entry of a chain's ``hops:``). Nodes are used in turn."""
+
+    name: str
+    nodes: tuple[NodeSpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError(f"hop {self.name!r} has no nodes")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainSpec:
+    """A forwarding chain: the hops a service's outbound connections go through."""
+
+    name: str
+    hops: tuple[HopSpec, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything `pht` runs: services, the chains they use, the default TLS."""
+
+    services: tuple[ServiceSpec, ...] = ()
+    chains: tuple[ChainSpec, ...] = ()
+    tls: DefaultTLS | None = None
+    log_level: str | None = None
+
+    def chain(self, name: str) -> ChainSpec:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        raise ConfigError(f"unknown chain {name!r}")

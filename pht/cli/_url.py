@@ -1,0 +1,402 @@
+"""Parse GOST's ``-L`` (service) and ``-F`` (chain hop) URLs.
+
+``-L [HANDLER][+LISTENER]://[USER:PASS@][HOST]:PORT[/TARGET[,TARGET...]][?KEY=VALUE&...]``
+``-F [CONNECTOR][+DIALER]://[USER:PASS@]HOST:PORT[,HOST:PORT...][?KEY=VALUE&...]``
+
+The rules follow GOST's ``config/cmd`` package: one scheme word names both
+parts; a handler name GOST does not know becomes ``auto`` and a listener name
+it does not know becomes ``tcp``; a path lists forward targets; the query holds
+metadata. Names that GOST knows but ``pht`` does not implement (``ws``, ``tls``,
+``ss``, ...) are refused with a clear message instead of silently becoming
+something else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from urllib.parse import parse_qsl, unquote
+
+from ._meta import Metadata, parse_address
+from ._spec import (
+    DEFAULT_AUTHORIZE_PATH,
+    DEFAULT_BACKLOG,
+    DEFAULT_PULL_PATH,
+    DEFAULT_PUSH_PATH,
+    ClientTLS,
+    ConfigError,
+    ConnectorType,
+    Credentials,
+    DialerType,
+    HandlerType,
+    HopSpec,
+    ListenerType,
+    NodeSpec,
+    PHTPaths,
+    ServerTLS,
+    ServiceSpec,
+)
+
+__all__ = [
+    "HANDLERS",
+    "LISTENERS",
+    "client_tls",
+    "node_paths",
+    "normalize_connector",
+    "normalize_dialer",
+    "normalize_handler",
+    "normalize_listener",
+    "parse_node",
+    "parse_service",
+    "server_paths",
+    "server_tls",
+]
+
+log = logging.getLogger("pht.cli")
+
+HANDLERS: dict[str, HandlerType] = {
+    "auto": "auto",
+    "http": "http",
+    "socks5": "socks5",
+    "socks": "socks5",
+    "socks4": "socks4",
+    "socks4a": "socks4",
+    "relay": "relay",
+    "forward": "forward",
+    "tcp": "tcp",
+}
+LISTENERS: dict[str, ListenerType] = {"tcp": "tcp", "pht": "pht", "phts": "phts"}
+CONNECTORS: dict[str, ConnectorType] = {
+    "http": "http",
+    "socks5": "socks5",
+    "socks": "socks5",
+    "relay": "relay",
+    "forward": "forward",
+}
+DIALERS: dict[str, DialerType] = {"tcp": "tcp", "pht": "pht", "phts": "phts"}
+
+# Names GOST has in its registries that pht does not implement. GOST would
+# honour them; pht refuses them rather than run something else under the name.
+_GOST_HANDLERS = frozenset(
+    [
+        "dns",
+        "file",
+        "http2",
+        "http3",
+        "metrics",
+        "red",
+        "redir",
+        "redirect",
+        "redu",
+        "router",
+        "rtcp",
+        "rudp",
+        "serial",
+        "sni",
+        "ss",
+        "ssu",
+        "sshd",
+        "tap",
+        "tun",
+        "tunnel",
+        "udp",
+        "unix",
+        "runix",
+    ]
+)
+_GOST_TRANSPORTS = frozenset(
+    [
+        "dtls",
+        "dns",
+        "ftcp",
+        "grpc",
+        "h2",
+        "h2c",
+        "h3",
+        "http2",
+        "http3",
+        "icmp",
+        "kcp",
+        "mtcp",
+        "mtls",
+        "mwss",
+        "mws",
+        "obfs-http",
+        "obfs-tls",
+        "ohttp",
+        "otls",
+        "quic",
+        "red",
+        "redir",
+        "redu",
+        "rtcp",
+        "rudp",
+        "runix",
+        "serial",
+        "ssh",
+        "sshd",
+        "stdio",
+        "tap",
+        "tls",
+        "tun",
+        "udp",
+        "unix",
+        "wg",
+        "wss",
+        "ws",
+        "wt",
+    ]
+)
+_GOST_CONNECTORS = frozenset(
+    [
+        "direct",
+        "http2",
+        "router",
+        "serial",
+        "sni",
+        "socks4",
+        "socks4a",
+        "ss",
+        "ssu",
+        "sshd",
+        "tunnel",
+        "unix",
+        "virtual",
+    ]
+)
+
+
+def normalize_handler(name: str, *, where: str, strict: bool = False) -> HandlerType:
+    """Map a handler name to pht's; unknown names become ``auto`` unless ``strict``."""
+    name = name.strip().lower()
+    if name in HANDLERS:
+        return HANDLERS[name]
+    if name in _GOST_HANDLERS or strict:
+        raise ConfigError(
+            f"{where}: handler {name!r} is not supported by pht "
+            f"(use one of: {', '.join(sorted(set(HANDLERS)))})"
+        )
+    return "auto"
+
+
+def normalize_listener(name: str, *, where: str, strict: bool = False) -> ListenerType:
+    name = name.strip().lower()
+    if name in LISTENERS:
+        return LISTENERS[name]
+    if name in _GOST_TRANSPORTS or strict:
+        raise ConfigError(
+            f"{where}: listener {name!r} is not supported by pht (use tcp, pht or phts)"
+        )
+    return "tcp"
+
+
+def normalize_connector(name: str, *, where: str, strict: bool = False) -> ConnectorType:
+    name = name.strip().lower()
+    if name in CONNECTORS:
+        return CONNECTORS[name]
+    if name in _GOST_CONNECTORS or strict:
+        raise ConfigError(
+            f"{where}: connector {name!r} is not supported by pht "
+            f"(use one of: {', '.join(sorted(set(CONNECTORS)))})"
+        )
+    return "http"
+
+
+def normalize_dialer(name: str, *, where: str, strict: bool = False) -> DialerType:
+    name = name.strip().lower()
+    if name in DIALERS:
+        return DIALERS[name]
+    if name in _GOST_TRANSPORTS or strict:
+        raise ConfigError(
+            f"{where}: dialer {name!r} is not supported by pht (use tcp, pht or phts)"
+        )
+    return "tcp"
+
+
+def server_paths(meta: Metadata) -> PHTPaths:
+    return PHTPaths(
+        authorize_path=meta.path("authorizePath", DEFAULT_AUTHORIZE_PATH),
+        push_path=meta.path("pushPath", DEFAULT_PUSH_PATH),
+        pull_path=meta.path("pullPath", DEFAULT_PULL_PATH),
+    )
+
+
+node_paths = server_paths
+
+
+def server_tls(meta: Metadata) -> ServerTLS | None:
+    """``certFile``/``keyFile``/``caFile`` of a listener; None without a certificate."""
+    cert_file = meta.string("certFile")
+    key_file = meta.string("keyFile")
+    ca_file = meta.string("caFile")
+    if not cert_file:
+        if key_file:
+            raise ConfigError(f"{meta.where}: keyFile given without certFile")
+        if ca_file:
+            log.debug("%s: caFile without certFile: ignored", meta.where)
+        return None
+    return ServerTLS(cert_file=cert_file, key_file=key_file or None, ca_file=ca_file or None)
+
+
+def client_tls(meta: Metadata) -> ClientTLS:
+    key_file = meta.string("keyFile")
+    cert_file = meta.string("certFile")
+    if key_file and not cert_file:
+        raise ConfigError(f"{meta.where}: keyFile given without certFile")
+    return ClientTLS(
+        secure=bool(meta.boolean("secure")),
+        server_name=meta.string("serverName") or None,
+        ca_file=meta.string("caFile") or None,
+        cert_file=cert_file or None,
+        key_file=key_file or None,
+    )
+
+
+def _split_url(text: str, *, where: str) -> tuple[str, str, str, str, str]:
+    """Cut ``scheme://userinfo@hostport/path?query`` into its five parts (no decoding)."""
+    scheme, _, rest = text.partition("://")
+    if not scheme:
+        raise ConfigError(f"{where}: missing scheme before '://'")
+    rest = rest.split("#", 1)[0]
+    end = len(rest)
+    for stop in "/?":
+        index = rest.find(stop)
+        if 0 <= index < end:
+            end = index
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at:
+        userinfo = ""
+    path, _, query = tail.partition("?")
+    return scheme.lower(), userinfo if at else "", hostport, path, query
+
+
+def _credentials(userinfo: str, meta: Metadata) -> Credentials | None:
+    """``USER:PASS@`` (percent-decoded), else GOST's ``auth=base64(user:pass)`` option."""
+    encoded = meta.string("auth")
+    if userinfo:
+        username, _, password = userinfo.partition(":")
+        return Credentials(unquote(username), unquote(password))
+    if encoded:
+        padded = encoded + "=" * (-len(encoded) % 4)
+        try:
+            try:
+                raw = base64.urlsafe_b64decode(padded)
+            except binascii.Error:
+                raw = base64.b64decode(padded)
+            text = raw.decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise ConfigError(
+                f"{meta.where}: auth={encoded!r} is not base64 of user:password"
+            ) from None
+        username, _, password = text.partition(":")
+        return Credentials(username, password)
+    return None
+
+
+def _metadata(query: str, *, where: str) -> Metadata:
+    return Metadata(parse_qsl(query, keep_blank_values=True), where=where)
+
+
+def _schemes(scheme: str, *, where: str) -> tuple[str, str]:
+    parts = scheme.split("+")
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise ConfigError(f"{where}: scheme {scheme!r} has more than two parts")
+
+
+def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
+    """Parse one ``-L`` value into a :class:`ServiceSpec`."""
+    where = f"-L {text!r}"
+    text = text.strip()
+    if not text:
+        raise ConfigError("-L: empty service")
+    if text.startswith(":") or "://" not in text:
+        text = "auto://" + text
+    scheme, userinfo, hostport, path, query = _split_url(text, where=where)
+    if scheme == "https":
+        scheme = "http+tls"
+    handler_name, listener_name = _schemes(scheme, where=where)
+    handler = normalize_handler(handler_name, where=where)
+    listener = normalize_listener(listener_name, where=where)
+    listen = parse_address(hostport, where=where, allow_zero_port=True)
+    meta = _metadata(query, where=where)
+
+    targets = tuple(
+        parse_address(item, where=f"{where}: target", default_host="localhost")
+        for item in path.strip("/").split(",")
+        if item
+    )
+    if targets and handler != "relay":
+        handler = "tcp" if listener == "tcp" else "forward"
+    if handler in ("forward", "tcp") and not targets:
+        raise ConfigError(
+            f"{where}: handler {handler!r} needs a target: write {scheme}://{hostport}/HOST:PORT"
+        )
+
+    auth = _credentials(userinfo, meta)
+    paths = server_paths(meta)
+    backlog = meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
+    tls = server_tls(meta)
+    if tls is not None and listener != "phts":
+        log.debug("%s: TLS files are used only by a phts listener: ignored", where)
+        tls = None
+    meta.report_unused()
+    return ServiceSpec(
+        name=name,
+        listen=listen,
+        handler=handler,
+        listener=listener,
+        auth=auth,
+        targets=targets,
+        paths=paths,
+        backlog=backlog,
+        tls=tls,
+    )
+
+
+def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
+    """Parse one ``-F`` value into a :class:`HopSpec` (one node per listed address)."""
+    where = f"-F {text!r}"
+    text = text.strip()
+    if not text:
+        raise ConfigError("-F: empty node")
+    if text.startswith(":") or "://" not in text:
+        text = "auto://" + text
+    scheme, userinfo, hostport, path, query = _split_url(text, where=where)
+    if scheme == "https":
+        scheme = "http+tls"
+    connector_name, dialer_name = _schemes(scheme, where=where)
+    connector = normalize_connector(connector_name, where=where)
+    dialer = normalize_dialer(dialer_name, where=where)
+    if path.strip("/"):
+        log.debug("%s: a path on a -F node is ignored", where)
+    meta = _metadata(query, where=where)
+    auth = _credentials(userinfo, meta)
+    paths = node_paths(meta)
+    host_header = meta.string("host") or None
+    headers = meta.headers()
+    tls = client_tls(meta)
+    meta.report_unused()
+
+    addresses = [item for item in hostport.split(",") if item]
+    if not addresses:
+        raise ConfigError(f"{where}: missing HOST:PORT")
+    nodes = tuple(
+        NodeSpec(
+            name=f"node-{index}",
+            addr=parse_address(item, where=where, default_host="localhost"),
+            connector=connector,
+            dialer=dialer,
+            auth=auth,
+            paths=paths,
+            host_header=host_header,
+            headers=headers,
+            tls=tls,
+        )
+        for index, item in enumerate(addresses)
+    )
+    return HopSpec(name=name, nodes=nodes)
