@@ -1,0 +1,114 @@
+"""Dialers, credentials, and the mapping of dial failures to reply codes."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+__all__ = [
+    "DEFAULT_DIAL_TIMEOUT",
+    "Auth",
+    "DialFailed",
+    "DialFailure",
+    "Dialer",
+    "dial_upstream",
+    "tcp_dialer",
+]
+
+#: Opens a stream to ``(host, port)``.
+Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+#: Seconds a handler waits for an upstream connection by default.
+DEFAULT_DIAL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Auth:
+    """A username and password (SOCKS5 RFC 1929, HTTP Basic, relay user feature)."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Auth(username={self.username!r}, password='***')"
+
+
+async def tcp_dialer(host: str, port: int) -> trio.abc.Stream:
+    """The default :data:`Dialer`: a plain TCP connection (happy eyeballs)."""
+    return await trio.open_tcp_stream(host, port)
+
+
+class DialFailure(enum.Enum):
+    """Why an upstream connection could not be opened, as the replies tell it."""
+
+    REFUSED = "connection refused"
+    NETWORK_UNREACHABLE = "network unreachable"
+    HOST_UNREACHABLE = "host unreachable"
+    TIMEOUT = "timed out"
+    OTHER = "failed"
+
+
+class DialFailed(Exception):
+    """An upstream dial failed; ``failure`` classifies it, the message tells why."""
+
+    def __init__(self, failure: DialFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+_ERRNO_FAILURES = {
+    errno.ECONNREFUSED: DialFailure.REFUSED,
+    errno.ENETUNREACH: DialFailure.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: DialFailure.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: DialFailure.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: DialFailure.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: DialFailure.TIMEOUT,
+}
+
+
+def classify_dial_error(exc: BaseException) -> DialFailure:
+    """Map an exception from a dialer to a :class:`DialFailure`.
+
+    ``trio.open_tcp_stream`` wraps the per-address errors in an exception
+    group attached as ``__cause__``; the first one with an ``errno`` decides.
+    """
+    if isinstance(exc, trio.TooSlowError):
+        return DialFailure.TIMEOUT
+    if isinstance(exc, socket.gaierror):
+        # The name does not resolve.
+        return DialFailure.HOST_UNREACHABLE
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_FAILURES.get(exc.errno, DialFailure.OTHER)
+    nested: list[BaseException] = []
+    group_members = getattr(exc, "exceptions", None)
+    if isinstance(group_members, tuple):
+        nested.extend(e for e in group_members if isinstance(e, BaseException))
+    if exc.__cause__ is not None:
+        nested.append(exc.__cause__)
+    for inner in nested:
+        failure = classify_dial_error(inner)
+        if failure is not DialFailure.OTHER:
+            return failure
+    return DialFailure.OTHER
+
+
+async def dial_upstream(
+    dialer: Dialer, host: str, port: int, timeout: float | None
+) -> trio.abc.Stream:
+    """Call ``dialer`` within ``timeout`` seconds; raise :class:`DialFailed`.
+
+    Any exception from the dialer (OS errors, a chained proxy's errors) becomes
+    :class:`DialFailed`; cancellation passes through.
+    """
+    try:
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
+            return await dialer(host, port)
+    except trio.TooSlowError:
+        raise DialFailed(DialFailure.TIMEOUT, f"no connection within {timeout} s") from None
+    except Exception as exc:
+        raise DialFailed(classify_dial_error(exc), str(exc) or type(exc).__name__) from exc
