@@ -474,11 +474,14 @@ class SessionRegistry(Generic[P]):
     def close(self, token: str, now: float) -> SessionRecord[P] | None:
         """End the session of ``token``; returns its record if it was live."""
         record = self._sessions.pop(token, None)
-        if record is None:
+        if record is not None:
+            if record.state is SessionState.ISSUED:
+                self._issued -= 1
+            record.state = SessionState.CLOSED
+        elif not is_plausible_token(token):
             return None
-        if record.state is SessionState.ISSUED:
-            self._issued -= 1
-        record.state = SessionState.CLOSED
+        # Even a token never seen is remembered: a modern client that closed
+        # (or broke) its session must not get a fresh one by a late request.
         self._closed[token] = now
         self._closed.move_to_end(token)
         while len(self._closed) > 2 * self.max_sessions:
@@ -500,7 +503,7 @@ class SessionRegistry(Generic[P]):
     def _forget_closed(self, now: float) -> None:
         closed = self._closed
         while closed:
-            token, when = next(iter(closed.items()))
+            when = next(iter(closed.values()))
             if now - when < self.closed_ttl:
                 break
             closed.popitem(last=False)

@@ -321,10 +321,8 @@ class _Server:
                 elif isinstance(event, PullRequest):
                     await self._pull(transport, conn, event, peer)
                 elif isinstance(event, CloseRequest):
-                    stream = self._existing(event.token)
-                    if stream is not None:
-                        log.debug("session %s: %s", _short(event.token), event.reason)
-                        self.end_session(stream)
+                    log.debug("session %s: %s", _short(event.token), event.reason)
+                    self.close_token(event.token)
                     await transport.send_all(conn.send_push_ack())
                 elif isinstance(event, AuthorizeRequest):
                     token = self.registry.issue(trio.current_time())
@@ -333,9 +331,7 @@ class _Server:
                 elif isinstance(event, BadRequest):
                     log.debug("refused request from %s: %s", peer, event.reason)
                     if event.token is not None:
-                        stream = self._existing(event.token)
-                        if stream is not None:
-                            self.end_session(stream)
+                        self.close_token(event.token)
                     await transport.send_all(conn.send_status(event.status_code))
                 if conn.state is ServerConnectionState.CLOSED:
                     return
@@ -344,9 +340,11 @@ class _Server:
         finally:
             await trio.aclose_forcefully(transport)
 
-    def _existing(self, token: str) -> _ServerStream | None:
-        record = self.registry.get(token)
-        return None if record is None else record.payload
+    def close_token(self, token: str) -> None:
+        """End ``token``'s session, or make sure a late request cannot open one."""
+        record = self.registry.close(token, trio.current_time())
+        if record is not None and record.payload is not None:
+            record.payload.close_from_client()
 
     async def _push(
         self,
