@@ -1,0 +1,1 @@
+"""Tests against real middleboxes: nginx as a reverse proxy, squid as a forward proxy."""
