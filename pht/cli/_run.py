@@ -556,8 +556,22 @@ async def serve_all(services: Sequence[Service]) -> None:
             spec = service.spec
             try:
                 listeners = await nursery.start(service.serve)
-            except (OSError, ValueError, pht.PHTError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            except Exception as exc:
+                # serve_pht binds inside its own nursery: the OSError may come
+                # wrapped in an exception group.
+                cause = next(
+                    (
+                        leaf
+                        for leaf in _leaves(exc)
+                        if isinstance(leaf, (OSError, ValueError, pht.PHTError))
+                    ),
+                    None,
+                )
+                if cause is None:
+                    raise
+                reason = str(cause)
+                if isinstance(cause, OSError) and cause.strerror:
+                    reason = cause.strerror
                 failure = f"{spec.name}: cannot listen on {spec.listen}: {reason}"
                 nursery.cancel_scope.cancel()
                 break
@@ -586,20 +600,47 @@ def _fail(message: str) -> None:
 
 
 class _LogSetup:
-    """Logging to stderr for the ``pht`` loggers, undone when the run ends."""
+    """Logging to stderr for the ``pht`` loggers, undone when the run ends.
 
-    def __init__(self, level: int) -> None:
+    Until the level is known (it may come from the -C file's ``log.level``),
+    records are kept; :meth:`decide` then shows those at or above the level.
+    """
+
+    def __init__(self, level: int | None) -> None:
         self.logger = logging.getLogger("pht")
+        self.previous_level = self.logger.level
         self.handler = logging.StreamHandler(sys.stderr)
         self.handler.setFormatter(logging.Formatter(_LOG_FORMAT, _DATE_FORMAT))
-        self.previous_level = self.logger.level
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(level)
+        self.pending: list[logging.LogRecord] = []
+        self.buffer: logging.Handler | None = None
+        if level is None:
+            pending = self.pending
 
-    def set_level(self, level: int) -> None:
+            class _Keep(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    pending.append(record)
+
+            self.buffer = _Keep(logging.DEBUG)
+            self.logger.addHandler(self.buffer)
+            self.logger.setLevel(logging.DEBUG)
+        else:
+            self.logger.addHandler(self.handler)
+            self.logger.setLevel(level)
+
+    def decide(self, level: int) -> None:
+        if self.buffer is None:
+            return
+        self.logger.removeHandler(self.buffer)
+        self.buffer = None
         self.logger.setLevel(level)
+        self.logger.addHandler(self.handler)
+        for record in self.pending:
+            if record.levelno >= level:
+                self.handler.handle(record)
+        self.pending.clear()
 
     def close(self) -> None:
+        self.decide(logging.INFO)
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self.previous_level)
 
@@ -612,14 +653,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     explicit_level = "debug" if args.debug else args.log_level
-    logs = _LogSetup(getattr(logging, (explicit_level or "info").upper()))
+    logs = _LogSetup(None if explicit_level is None else getattr(logging, explicit_level.upper()))
     try:
         try:
             config = build_config(args.services, args.nodes, args.config)
-            if explicit_level is None and config.log_level is not None:
-                logs.set_level(getattr(logging, config.log_level))
+            logs.decide(getattr(logging, config.log_level or "INFO"))
             services = prepare(config)
         except ConfigError as exc:
+            logs.decide(logging.INFO)
             _fail(str(exc))
             return EXIT_USAGE
         try:
