@@ -92,9 +92,16 @@ class Source:
 
 
 async def _setup(
-    nursery: trio.Nursery, handler: Source, **options: float
+    nursery: trio.Nursery, handler: Source, *, idle_timeout: float = 600.0
 ) -> tuple[Relay, pht.PHTStream]:
-    serve = functools.partial(pht.serve_pht, handler, 0, host="127.0.0.1", **options)
+    serve = functools.partial(
+        pht.serve_pht,
+        handler,
+        0,
+        host="127.0.0.1",
+        idle_timeout=idle_timeout,
+        heartbeat_interval=min(10.0, idle_timeout / 2),
+    )
     listeners = await nursery.start(serve)
     relay = Relay(listeners[0].socket.getsockname()[1])
     port = await nursery.start(relay.serve)
@@ -150,7 +157,7 @@ async def test_whole_network_cut_ends_session_after_idle_timeout(
     """Every connection is cut, so no close notification can arrive: the server's
     idle expiry ends the session and the stuck handler is released."""
     source = Source()
-    relay, stream = await _setup(nursery, source, idle_timeout=1.0, heartbeat_interval=0.5)
+    relay, stream = await _setup(nursery, source, idle_timeout=1.0)
     await relay.cut(pulls_only=False, reset=reset)
     with trio.fail_after(HANG_BOUND):
         with pytest.raises(trio.BrokenResourceError):
