@@ -330,6 +330,21 @@ services:
         with PhtProcess("-C", str(client_file)) as client:
             assert_body(fetch_via(client.port("local"), "http", origin), server, client)
 
+        # caFile without secure: the chain must lead to the CA, the name is
+        # not checked (GOST's rule).
+        node = f"http+phts://127.0.0.1:{port}?caFile={cert}&serverName=other.name"
+        with PhtProcess("-L", "127.0.0.1:0", "-F", node) as client:
+            assert_body(fetch_via(client.port(), "http", origin), server, client)
+
+        # Another CA: refused.
+        other = tmp_path / "other.pem"
+        other.write_bytes(pht.make_self_signed_certificate().cert_pem)
+        node = f"http+phts://127.0.0.1:{port}?caFile={other}"
+        with PhtProcess("-L", "127.0.0.1:0", "-F", node) as client:
+            result = fetch_via(client.port(), "http", origin)
+            assert result.returncode != 0
+            client.wait_for(r"(?i)certificate verify failed")
+
         # The same server, verified against the system's CAs: refused.
         node = f"http+phts://127.0.0.1:{port}?secure=true&serverName=tunnel.test"
         with PhtProcess("-L", "127.0.0.1:0", "-F", node) as client:

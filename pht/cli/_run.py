@@ -39,7 +39,6 @@ from ._spec import (
     ServiceSpec,
 )
 from ._url import parse_node, parse_service
-from ._yaml import load_config
 
 __all__ = ["build_config", "build_parser", "run"]
 
@@ -130,6 +129,14 @@ def _free_name(prefix: str, taken: set[str]) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _load_config(path: str) -> Config:
+    try:
+        from ._yaml import load_config
+    except ImportError:
+        raise ConfigError("-C needs PyYAML: install it with pip install 'pht[cli]'") from None
+    return load_config(path)
+
+
 def build_config(
     services: Sequence[str], nodes: Sequence[str], config_file: str | None = None
 ) -> Config:
@@ -138,7 +145,7 @@ def build_config(
     As in GOST, every ``-L`` service sends its outbound connections through the
     chain made of all ``-F`` hops, in order.
     """
-    base = load_config(config_file) if config_file else Config()
+    base = _load_config(config_file) if config_file else Config()
     chains = list(base.chains)
     chain_name = None
     if nodes:
@@ -203,12 +210,18 @@ def server_context(tls: ServerTLS | DefaultTLS, where: str) -> ssl.SSLContext:
 
 
 def client_context(tls: ClientTLS, where: str) -> ssl.SSLContext:
-    """A client context: GOST's default (``secure=false``) checks nothing."""
+    """A client context, with GOST's rules.
+
+    ``secure=false`` (the default) checks nothing, unless a ``caFile`` is
+    given: then the chain must lead to that CA, but the name is not checked.
+    ``secure=true`` checks chain and name (against ``caFile`` or the system's CAs).
+    """
     if tls.ca_file:
         _require_file(tls.ca_file, "CA file", where)
     try:
         if tls.verify:
             context = ssl.create_default_context(cafile=tls.ca_file)
+            context.check_hostname = tls.secure
         else:
             context = ssl.create_default_context()
             context.check_hostname = False

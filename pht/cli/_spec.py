@@ -94,9 +94,10 @@ class ServerTLS:
 class ClientTLS:
     """How a ``phts`` dialer checks the server.
 
-    ``secure=False`` (GOST's default) accepts any certificate. A ``ca_file``
-    implies verification against that CA. ``cert_file``/``key_file`` present
-    a client certificate.
+    ``secure=False`` (GOST's default) accepts any certificate; with a
+    ``ca_file`` the chain must still lead to that CA (the name is not
+    checked), as in GOST. ``secure=True`` checks chain and name.
+    ``cert_file``/``key_file`` present a client certificate.
     """
 
     secure: bool = False
