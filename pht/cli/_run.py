@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pht",
         description=(
-            "A GOST-compatible Plain HTTP Tunnel (PHT) server and client. "
+            "A GOST-compatible Plain HTTP Tunnel (PHT) server and client.\n"
             "Services (-L) and the chain (-F) use GOST's URL syntax."
         ),
         epilog=(
@@ -504,13 +504,18 @@ def prepare(config: Config) -> list[Service]:
     dialers: dict[str, ChainDialer] = {}
     for chain in config.chains:
         dialers[chain.name] = ChainDialer(chain)
-    default_tls = _default_server_tls(config.tls)
+    default_tls: bool | ssl.SSLContext | None = None  # made on first use
     services = []
     for spec in config.services:
         where = f"service {spec.name!r}"
         tls: bool | ssl.SSLContext = False
         if spec.listener == "phts":
-            tls = server_context(spec.tls, where) if spec.tls is not None else default_tls
+            if spec.tls is not None:
+                tls = server_context(spec.tls, where)
+            else:
+                if default_tls is None:
+                    default_tls = _default_server_tls(config.tls)
+                tls = default_tls
         if spec.chain is not None:
             if spec.chain not in dialers:
                 raise ConfigError(f"{where}: unknown chain {spec.chain!r}")
