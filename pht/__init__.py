@@ -9,6 +9,9 @@ and trio adapters on top of it: :func:`open_pht_stream` opens a tunnel as a
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._client import ClientChannel, ClientConfig
 from ._codec import BASE64_BACKEND, LineBuffer, decode_line, encode_line
 from ._common import Paths
@@ -41,11 +44,33 @@ from ._server import (
     SessionRegistry,
     SessionState,
 )
-from ._tls import SelfSignedCertificate, make_self_signed_certificate
 from ._token import TokenSource, new_token
-from ._trio_client import open_pht_stream
-from ._trio_common import PHTStream
-from ._trio_server import serve_pht
+
+if TYPE_CHECKING:
+    from ._tls import SelfSignedCertificate, make_self_signed_certificate
+    from ._trio_client import open_pht_stream
+    from ._trio_common import PHTStream
+    from ._trio_server import serve_pht
+
+# The trio adapters (and cryptography) load on first use, so that the
+# sans-IO core can be imported, and used, without trio.
+_LAZY = {
+    "SelfSignedCertificate": "._tls",
+    "make_self_signed_certificate": "._tls",
+    "open_pht_stream": "._trio_client",
+    "PHTStream": "._trio_common",
+    "serve_pht": "._trio_server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pht' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0.dev0"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "NEED_DATA",
-    "Authorized",
     "AuthorizeRequest",
+    "Authorized",
     "BadRequest",
     "ChannelState",
     "ClientEvent",

@@ -155,6 +155,9 @@ class ServerConnection:
     def _handle(self, event: h11.Event) -> ServerEvent | None:
         if isinstance(event, h11.Request):
             self._start_request(event)
+            if self._refusal is not None and self._refusal.status_code == 413:
+                self._must_close = True  # refused before reading the body
+                return self._refusal
         elif isinstance(event, h11.Data):
             self._body_size += len(event.data)
             if self._lines is not None and self._first_line is None:

@@ -18,7 +18,7 @@ import trio
 
 import pht
 
-from .transcripts import Exchange, raw_http_exchanges
+from .transcripts import raw_http_exchanges
 
 MODERN = raw_http_exchanges("modern_raw_http.txt")
 LEGACY = raw_http_exchanges("legacy_raw_http.txt")
@@ -80,7 +80,7 @@ async def server_port(nursery: trio.Nursery) -> AsyncIterator[int]:
             echo_or_bye, 0, host="127.0.0.1", heartbeat_interval=0.2, task_status=task_status
         )
     )
-    yield listeners[0].socket.getsockname()[1]
+    return listeners[0].socket.getsockname()[1]
 
 
 async def exchange(
@@ -162,7 +162,8 @@ async def test_replay_modern_capture(server_port: int) -> None:
         elif b"/authorize" in request.split(b"\r\n", 1)[0]:
             assert header(ours_head, b"content-type") == b"text/plain; charset=utf-8"
             match = re.fullmatch(rb"token=([0-9a-v]+)", ours_body)
-            assert match and len(match.group(1)) >= 20
+            assert match
+            assert len(match.group(1)) >= 20
             gost_token = gost_body.decode().removeprefix("token=")
             tokens[gost_token] = match.group(1).decode()
         else:

@@ -75,7 +75,7 @@ def wire_pieces(name: str) -> list[WirePiece]:
     block: list[str] = []
     for line in (CONFORMANCE / name).read_text().splitlines():
         match = header.match(line)
-        if match or line.startswith("[") or line.startswith("#"):
+        if match or line.startswith(("[", "#")):
             if current is not None:
                 pieces.append(WirePiece(current[0], current[1], decode_block(block)))
             current, block = None, []
