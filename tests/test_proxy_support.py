@@ -20,13 +20,23 @@ Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 class FakeDialer:
     """A dialer that hands out one end of an in-memory stream pair per dial.
 
-    The other ends ("targets") are kept in ``targets``; ``error`` makes every
-    dial raise instead; ``hang`` makes it wait forever.
+    The other ends ("targets") are kept in ``targets``, or served by ``serve``
+    in ``nursery``; ``error`` makes every dial raise instead; ``hang`` makes
+    it wait forever.
     """
 
-    def __init__(self, error: BaseException | None = None, *, hang: bool = False) -> None:
+    def __init__(
+        self,
+        error: BaseException | None = None,
+        *,
+        hang: bool = False,
+        serve: Handler | None = None,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
         self.error = error
         self.hang = hang
+        self.serve = serve
+        self.nursery = nursery
         self.calls: list[tuple[str, int]] = []
         self.targets: list[trio.abc.Stream] = []
         self._dialed = trio.Event()
@@ -40,6 +50,8 @@ class FakeDialer:
         ours, theirs = trio.testing.memory_stream_pair()
         self.targets.append(theirs)
         self._dialed.set()
+        if self.serve is not None and self.nursery is not None:
+            self.nursery.start_soon(self.serve, theirs)
         return ours
 
     async def target(self, index: int = 0) -> trio.abc.Stream:
@@ -53,21 +65,23 @@ class FakeDialer:
 async def receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
     """Read exactly ``size`` bytes; fail on EOF."""
     data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {bytes(data)!r}, wanted {size} bytes"
-        data += chunk
+    with trio.fail_after(10):  # a safety net against a hung test, not a timing check
+        while len(data) < size:
+            chunk = await stream.receive_some(size - len(data))
+            assert chunk, f"EOF after {bytes(data)!r}, wanted {size} bytes"
+            data += chunk
     return bytes(data)
 
 
 async def receive_all(stream: trio.abc.Stream, limit: int = 1 << 20) -> bytes:
     """Read until EOF (at most ``limit`` bytes)."""
     data = bytearray()
-    while len(data) <= limit:
-        chunk = await stream.receive_some()
-        if not chunk:
-            return bytes(data)
-        data += chunk
+    with trio.fail_after(10):
+        while len(data) <= limit:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return bytes(data)
+            data += chunk
     raise AssertionError("no EOF within the limit")
 
 

@@ -365,6 +365,8 @@ class _Session:
         has_body = any(
             name in _FRAMING and value.strip() != b"0" for name, value in request.headers
         )
+        if not has_body and not await self._pump_request_body(None):
+            return False  # consumes the (empty) body's EndOfMessage
         if has_body and self.client.they_are_waiting_for_100_continue:
             # Expect is not forwarded: answer it here so the body comes now.
             await self._send_client(h11.InformationalResponse(status_code=100, headers=[]))
@@ -433,18 +435,20 @@ class _Session:
             await self._drop_upstream()
         return True
 
-    async def _pump_request_body(self, upstream: _Upstream) -> bool:
-        """Copy the request body upstream; ``False`` after a 400 to the client."""
+    async def _pump_request_body(self, upstream: _Upstream | None) -> bool:
+        """Copy the request body upstream (or discard it if ``upstream`` is
+        ``None``); ``False`` after a 400 to the client."""
         while True:
             try:
                 event = await self._client_event()
             except h11.RemoteProtocolError as exc:
                 await self._error(400, "Bad Request", f"malformed request body: {exc}")
                 return False
-            if isinstance(event, h11.Data):
+            if isinstance(event, h11.Data) and upstream is not None:
                 await upstream.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
+                if upstream is not None:
+                    await upstream.send(h11.EndOfMessage())
                 return True
 
     async def _response_head(self, upstream: _Upstream) -> h11.Response:
