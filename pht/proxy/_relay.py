@@ -393,7 +393,12 @@ class RelayClientStream(trio.abc.Stream):
                 raise self._failure
             if self._reader is not None:
                 if self._request is not None:
-                    await self._send_request()
+                    try:
+                        await self._send_request()
+                    except trio.BrokenResourceError:
+                        # The peer may still have sent an answer (or an EOF)
+                        # before it went away: read that.
+                        pass
                 try:
                     await _read_response(self._reader, self._target)
                 except (ProxyAuthError, ProxyConnectError, ProxyProtocolError) as exc:
