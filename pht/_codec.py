@@ -108,12 +108,15 @@ class LineBuffer:
                     f"line longer than {self._max_line} bytes", status_hint=413
                 )
             return
-        complete = bytes(buffer[:end])
+        # One copy out of the buffer (``bytes(buffer[:end])`` would make two).
+        with memoryview(buffer) as view:
+            complete = view[:end].tobytes()
         del buffer[: end + 1]
         self._scan_from = 0
         if len(buffer) > self._max_line:
             raise RemoteProtocolError(f"line longer than {self._max_line} bytes", status_hint=413)
-        for line in complete.split(b"\n"):
+        # A single line (the usual push body) is yielded as it is: split() would copy it.
+        for line in complete.split(b"\n") if b"\n" in complete else (complete,):
             if len(line) > self._max_line:
                 raise RemoteProtocolError(
                     f"line longer than {self._max_line} bytes", status_hint=413
