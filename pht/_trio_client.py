@@ -31,6 +31,10 @@ __all__ = ["open_pht_stream"]
 
 #: Raw bytes per push by default: one POST per MiB keeps round trips rare.
 DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
+#: Bytes asked of the socket per read. Reads this size keep every buffer on the
+#: pull path (socket read, h11's buffer, line reassembly) in cache and below
+#: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
+_CLIENT_RECEIVE_SIZE = 64 * 1024
 
 
 def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str:
@@ -79,7 +83,7 @@ class _Connection:
                 return event
             if channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
                 raise trio.BrokenResourceError("connection to the PHT server is closed")
-            data = await self.transport.receive_some(RECEIVE_SIZE)
+            data = await self.transport.receive_some(_CLIENT_RECEIVE_SIZE)
             channel.receive_data(data)
 
     async def aclose(self) -> None:
