@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import ssl
 from urllib.parse import unquote, urlsplit
 
@@ -192,7 +193,7 @@ class _ClientStream(PHTStream):
             self._check_open()
             if max_bytes is None:
                 max_bytes = RECEIVE_SIZE
-            elif max_bytes < 1:
+            elif operator.index(max_bytes) < 1:
                 raise ValueError("max_bytes must be at least 1")
             if self._pending_offset < len(self._pending):
                 await trio.lowlevel.checkpoint()
@@ -231,12 +232,12 @@ class _ClientStream(PHTStream):
                 return self._take(max_bytes)
             if isinstance(event, PullEnded):
                 if event.session_over:
-                    return self._end_of_session()
+                    return await self._end_of_session()
                 await self._poll_again()
             elif isinstance(event, Rejected):
                 if self._polls > 1 and event.status_code in (403, 410):
                     # A legacy server forgets a closed session's token: EOF.
-                    return self._end_of_session()
+                    return await self._end_of_session()
                 message = _explain_rejection(
                     event, self._config.paths, authorize=self._config.authorize
                 )
@@ -253,7 +254,8 @@ class _ClientStream(PHTStream):
         self._polls += 1
         await self._pull.send(self._pull.channel.pull(self.token))
 
-    def _end_of_session(self) -> bytes:
+    async def _end_of_session(self) -> bytes:
+        await trio.lowlevel.checkpoint()
         self._eof = True
         self._broken = self._broken or "the PHT session is over"
         return b""
@@ -274,9 +276,11 @@ class _ClientStream(PHTStream):
             if not self._eof and not self._sending:
                 await self._notify_close(push)
         finally:
-            if push is not None:
-                await push.aclose()
-            await self._pull.aclose()
+            try:
+                if push is not None:
+                    await push.aclose()
+            finally:  # a cancelled close of one still closes the other
+                await self._pull.aclose()
 
     async def _notify_close(self, push: _Connection | None) -> None:
         """Send the close notification, as modern GOST clients do (best effort)."""

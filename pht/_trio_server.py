@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -78,7 +79,7 @@ class _ServerStream(PHTStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
-        if max_bytes is not None and max_bytes < 1:
+        if max_bytes is not None and operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be at least 1")
         self._receiving = True
         try:
@@ -379,15 +380,24 @@ class _Server:
         if previous is not None:
             previous.cancel()  # a newer long poll replaces a stale one
         await transport.send_all(conn.start_pull())
+        hung_up = trio.Event()
         async with trio.open_nursery() as nursery:
             self.pulls[stream.token] = nursery.cancel_scope
-            nursery.start_soon(self._watch_for_hangup, transport, conn, nursery.cancel_scope)
+            nursery.start_soon(
+                self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
+            )
             try:
                 await self._feed_pull(transport, conn, stream)
             finally:
-                if self.pulls.get(stream.token) is nursery.cancel_scope:
+                replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
+                if not replaced:
                     del self.pulls[stream.token]
                 nursery.cancel_scope.cancel()
+        if hung_up.is_set() and not replaced:
+            # The client went away mid-pull and no newer pull took over: the
+            # session cannot deliver anything any more (PROTOCOL.md defect 6).
+            log.debug("session %s: pull connection lost", _short(stream.token))
+            self.end_session(stream)
 
     async def _feed_pull(
         self, transport: trio.abc.Stream, conn: ServerConnection, stream: _ServerStream
@@ -410,7 +420,11 @@ class _Server:
                 await transport.send_all(conn.send_heartbeat())
 
     async def _watch_for_hangup(
-        self, transport: trio.abc.Stream, conn: ServerConnection, scope: trio.CancelScope
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        hung_up: trio.Event,
+        scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
         try:
@@ -421,6 +435,7 @@ class _Server:
                 conn.receive_data(data)  # a pipelined request: kept for later
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
+        hung_up.set()
         scope.cancel()
 
 

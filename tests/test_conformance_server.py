@@ -10,7 +10,6 @@ either (PROTOCOL.md's known defects), the table below says so.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 import h11
 import pytest
@@ -74,13 +73,14 @@ async def echo_or_bye(stream: pht.PHTStream) -> None:
 
 
 @pytest.fixture
-async def server_port(nursery: trio.Nursery) -> AsyncIterator[int]:
+async def server_port(nursery: trio.Nursery) -> int:
     listeners = await nursery.start(
         lambda task_status: pht.serve_pht(
             echo_or_bye, 0, host="127.0.0.1", heartbeat_interval=0.2, task_status=task_status
         )
     )
-    return listeners[0].socket.getsockname()[1]
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
 
 
 async def exchange(
