@@ -66,6 +66,11 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
     return bytes(data)
 
 
+#: What the source sends, shared by every handler (a per-tunnel block would
+#: count against the tunnel's memory).
+_SOURCE_BLOCK = memoryview(os.urandom(APP_WRITE))
+
+
 async def bench_handler(stream: trio.abc.Stream) -> None:
     """The far side of every benchmark tunnel: a sink, a source or an echo.
 
@@ -73,7 +78,7 @@ async def bench_handler(stream: trio.abc.Stream) -> None:
     ``size`` bytes, answer ``K``. ``D``: send ``size`` bytes. ``E``: echo
     everything until EOF.
     """
-    block = memoryview(os.urandom(APP_WRITE))
+    block = _SOURCE_BLOCK
     try:
         while True:
             try:
@@ -232,10 +237,31 @@ def _client_context() -> ssl.SSLContext:
 
 
 class Client:
-    def __init__(self, ports: dict[str, int], server_pid: int) -> None:
-        self.ports = ports
-        self.server_pid = server_pid
+    """Drives the workloads; owns the server process (``run.py --serve``)."""
+
+    def __init__(self) -> None:
         self.context = _client_context()
+        self.server: subprocess.Popen[str] | None = None
+        self.ports: dict[str, int] = {}
+        self.server_pid = 0
+
+    def start_server(self) -> None:
+        """(Re)start the server process, so that memory figures start clean."""
+        self.stop_server()
+        self.server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.server.stdout is not None
+        self.ports = json.loads(self.server.stdout.readline())
+        self.server_pid = self.server.pid
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(timeout=10)
+            self.server = None
 
     async def open(self, kind: str, *, tls: bool, authorize: bool = True) -> trio.abc.Stream:
         if kind == "pht":
@@ -425,7 +451,8 @@ async def bench_concurrency(client: Client, settings: Settings) -> list[Figure]:
         first: dict[str, list[float]] = {"pht": [], "tcp": []}
         for _ in range(settings.runs):
             for kind in ("pht", "tcp"):
-                await trio.sleep(0.2)
+                client.start_server()  # a fresh process for each memory figure
+                await trio.sleep(0.3)
                 before = client.server_rss()
                 streams = await _open_many(client, kind, count)
                 try:
@@ -782,9 +809,8 @@ def _machine() -> dict[str, Any]:
 
 
 async def _client_main(
-    ports: dict[str, int], pid: int, settings: Settings, sections: Sequence[str]
+    client: Client, settings: Settings, sections: Sequence[str]
 ) -> list[Figure]:
-    client = Client(ports, pid)
     figures: list[Figure] = []
     steps: dict[str, Callable[[Client, Settings], Awaitable[list[Figure]]]] = {
         "bulk": bench_bulk,
@@ -804,6 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 runs (smoke test)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only SECTION")
     parser.add_argument("--runs", type=int, help="runs per figure")
+    parser.add_argument("--tunnels", help="comma-separated tunnel counts for concurrency")
     parser.add_argument("--output", type=Path, default=_ROOT / "results", help="result folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -814,6 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.runs:
         settings = Settings(**{**settings.__dict__, "runs": args.runs})
+    if args.tunnels:
+        counts = tuple(int(count) for count in args.tunnels.split(","))
+        settings = Settings(**{**settings.__dict__, "concurrency": counts})
     sections = args.only or list(SECTIONS)
     # Each PHT tunnel holds two sockets on each side.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -826,19 +856,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for section in sections:
         if section == "core":
             continue
-        # A fresh server process per section, so that memory figures start clean.
-        server = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        # A fresh server process per section.
+        client = Client()
+        client.start_server()
         try:
-            assert server.stdout is not None
-            ports = json.loads(server.stdout.readline())
-            figures += trio.run(_client_main, ports, server.pid, settings, [section])
+            figures += trio.run(_client_main, client, settings, [section])
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            client.stop_server()
 
     results: dict[str, Any] = {
         "machine": _machine(),
