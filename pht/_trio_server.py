@@ -388,6 +388,8 @@ class _Server:
             )
             try:
                 await self._feed_pull(transport, conn, stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                hung_up.set()  # the write failed: the client is gone
             finally:
                 replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
                 if not replaced:

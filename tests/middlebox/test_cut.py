@@ -123,17 +123,9 @@ async def _read_until_the_end(stream: pht.PHTStream) -> None:
 
 
 CUT_STYLES = pytest.mark.parametrize("reset", [True, False], ids=["rst", "fin"])
-#: serve_pht <= 0.1.0.dev0 lets a BrokenResourceError from a pull write escape
-#: as an ExceptionGroup, which stops the whole server (see docs/deployment.md).
-SERVER_SURVIVES_BROKEN_PULL = pytest.mark.xfail(
-    reason="a pull write that fails with EPIPE/ECONNRESET escapes _pull in an "
-    "ExceptionGroup and stops serve_pht (fix proposed to the lead)",
-    strict=False,
-)
 
 
 @CUT_STYLES
-@SERVER_SURVIVES_BROKEN_PULL
 async def test_cut_pull_is_noticed_by_both_ends(nursery: trio.Nursery, reset: bool) -> None:
     """Only the pull connection is cut: the client's read fails, it closes the session
     over its push connection, and the server's handler sees the session end."""
@@ -150,7 +142,6 @@ async def test_cut_pull_is_noticed_by_both_ends(nursery: trio.Nursery, reset: bo
 
 
 @CUT_STYLES
-@SERVER_SURVIVES_BROKEN_PULL
 async def test_whole_network_cut_ends_session_after_idle_timeout(
     nursery: trio.Nursery, reset: bool
 ) -> None:
