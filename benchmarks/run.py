@@ -705,6 +705,12 @@ def _format(value: float) -> str:
 
 
 def render_table(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    load = ", ".join(f"{value:.2f}" for value in machine["load_average_at_end"])
+    header = (
+        f"{machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"base64: {machine['base64']}, load average at end: {load}\n"
+    )
     rows = [("figure", "unit", "PHT min / median / max", "baseline median", "PHT/baseline")]
     for name, figure in results["figures"].items():
         stats = figure["pht"]
@@ -730,7 +736,7 @@ def render_table(results: dict[str, Any]) -> str:
     for label, shown, ok in results["targets"]:
         mark = "n/a" if ok is None else ("MET" if ok else "NOT MET")
         lines.append(f"  {mark:8} {label}: {shown}")
-    return "\n".join(lines)
+    return header + "\n".join(lines)
 
 
 def write_plot(results: dict[str, Any], path: Path) -> bool:
@@ -805,6 +811,8 @@ def _machine() -> dict[str, Any]:
         "trio": trio.__version__,
         "pht": pht.__version__,
         "base64": pht.BASE64_BACKEND,
+        # Other work on the machine skews every figure: recorded, not hidden.
+        "load_average_at_end": list(os.getloadavg()),
     }
 
 
