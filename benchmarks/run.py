@@ -534,9 +534,11 @@ def _core_push_decode(data: bytes, chunk: int) -> float:
     server = ServerConnection()
     start = time.perf_counter()
     for request in requests:
+        # As serve_pht does: ask for an event after every read.
+        event: object = NEED_DATA
         for piece in range(0, len(request), APP_READ):
             server.receive_data(request[piece : piece + APP_READ])
-        event = server.next_event()
+            event = server.next_event()
         if not isinstance(event, PushRequest):
             raise RuntimeError(f"unexpected {event}")
         server.send_push_ack()
