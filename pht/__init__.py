@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ._tls import SelfSignedCertificate, make_self_signed_certificate
     from ._trio_client import open_pht_stream
     from ._trio_common import PHTStream
-    from ._trio_server import serve_pht
+    from ._trio_server import ShutdownReport, serve_pht
 
 # The trio adapters (and cryptography) load on first use, so that the
 # sans-IO core can be imported, and used, without trio.
@@ -60,6 +60,7 @@ _LAZY = {
     "open_pht_stream": "._trio_client",
     "PHTStream": "._trio_common",
     "serve_pht": "._trio_server",
+    "ShutdownReport": "._trio_server",
 }
 
 
@@ -109,6 +110,7 @@ __all__ = [
     "SessionRecord",
     "SessionRegistry",
     "SessionState",
+    "ShutdownReport",
     "TokenSource",
     "TunnelError",
     "__version__",

@@ -8,7 +8,8 @@ import operator
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -35,7 +36,7 @@ from ._tls import SelfSignedCertificate, make_self_signed_certificate
 from ._token import TokenSource, new_token
 from ._trio_common import RECEIVE_SIZE, PHTStream
 
-__all__ = ["serve_pht"]
+__all__ = ["ShutdownReport", "serve_pht"]
 
 log = logging.getLogger("pht.server")
 
@@ -236,14 +237,23 @@ class _Server:
         self.max_push_line = max_push_line
         self.max_header_size = max_header_size
         self.pulls: dict[str, trio.CancelScope] = {}
+        self.active: set[_ServerStream] = set()
+        self.draining = False
+        self.all_done = trio.Event()
+        self.all_done.set()
 
     # -- sessions -----------------------------------------------------------------
 
-    def session_for(self, token: str, peer: str | None) -> _ServerStream | LookupResult:
+    def session_for(self, token: str, peer: str | None) -> _ServerStream | int:
+        """The session a push or pull for ``token`` goes to, or the status to answer."""
         now = trio.current_time()
+        if self.draining:
+            existing = self.registry.get(token)
+            if existing is None or existing.payload is None:
+                return 503  # shutting down: no new sessions
         record = self.registry.lookup(token, now)
         if isinstance(record, LookupResult):
-            return record
+            return record.status_code
         if record.payload is None:
             stream = _ServerStream(record.token, peer, self.max_buffered)
             record.payload = stream
@@ -254,6 +264,8 @@ class _Server:
         self, record: SessionRecord[_ServerStream], stream: _ServerStream
     ) -> None:
         started = trio.current_time()
+        self.active.add(stream)
+        self.all_done = trio.Event()
         log.info("session %s accepted from %s", _short(stream.token), stream.remote_address)
         try:
             await self.handler(stream)
@@ -266,6 +278,9 @@ class _Server:
             with trio.move_on_after(self.push_timeout):
                 await stream.finished.wait()
             self.end_session(stream)
+            self.active.discard(stream)
+            if not self.active:
+                self.all_done.set()
             log.info(
                 "session %s closed after %.3fs: %d bytes in, %d bytes out",
                 _short(stream.token),
@@ -326,8 +341,11 @@ class _Server:
                     self.close_token(event.token)
                     await transport.send_all(conn.send_push_ack())
                 elif isinstance(event, AuthorizeRequest):
-                    token = self.registry.issue(trio.current_time())
-                    answer = conn.send_status(429) if token is None else conn.send_token(token)
+                    token = None if self.draining else self.registry.issue(trio.current_time())
+                    if token is not None:
+                        answer = conn.send_token(token)
+                    else:
+                        answer = conn.send_status(503 if self.draining else 429)
                     await transport.send_all(answer)
                 elif isinstance(event, BadRequest):
                     log.debug("refused request from %s: %s", peer, event.reason)
@@ -355,8 +373,8 @@ class _Server:
         peer: str | None,
     ) -> None:
         stream = self.session_for(event.token, peer)
-        if isinstance(stream, LookupResult):
-            await transport.send_all(conn.send_status(stream.status_code))
+        if isinstance(stream, int):
+            await transport.send_all(conn.send_status(stream))
             return
         if await stream.deposit(event.data, self.push_timeout):
             await transport.send_all(conn.send_push_ack())
@@ -373,8 +391,8 @@ class _Server:
         peer: str | None,
     ) -> None:
         stream = self.session_for(event.token, peer)
-        if isinstance(stream, LookupResult):
-            await transport.send_all(conn.send_status(stream.status_code))
+        if isinstance(stream, int):
+            await transport.send_all(conn.send_status(stream))
             return
         previous = self.pulls.get(stream.token)
         if previous is not None:
@@ -441,6 +459,17 @@ class _Server:
         scope.cancel()
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShutdownReport:
+    """What a graceful shutdown of :func:`serve_pht` did."""
+
+    #: Sessions that ended on their own within the grace period.
+    finished: int
+    #: Sessions still open at the deadline and closed by the server (tokens
+    #: shortened as in the logs).
+    cut: tuple[str, ...]
+
+
 def _peer_of(transport: trio.abc.Stream) -> str | None:
     inner: Any = transport
     while isinstance(inner, trio.SSLStream):
@@ -480,10 +509,12 @@ async def serve_pht(
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     token_source: TokenSource = new_token,
     handler_nursery: trio.Nursery | None = None,
+    shutdown: trio.Event | None = None,
+    shutdown_timeout: float = 30.0,
     task_status: trio.TaskStatus[
         list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
     ] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
+) -> ShutdownReport:
     """Serve PHT tunnels on ``port``, running ``handler(stream)`` for each session.
 
     Like :func:`trio.serve_tcp`: each handler runs in its own task (in
@@ -502,6 +533,12 @@ async def serve_pht(
     ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
     Sessions idle for ``idle_timeout`` seconds (tokens never used:
     ``issued_timeout``) are closed.
+
+    Without ``shutdown`` it serves until cancelled. When the ``shutdown``
+    event is set, it shuts down gracefully: it stops accepting connections,
+    answers ``503`` to requests that would open a session, lets the open
+    sessions finish for up to ``shutdown_timeout`` seconds, then closes the
+    rest (their handlers see EOF) and returns a :class:`ShutdownReport`.
     """
     if not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds")
@@ -527,6 +564,13 @@ async def serve_pht(
         ssl_context = tls
     else:
         raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    listeners: list[Any]
+    if ssl_context is None:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    else:
+        listeners = await trio.open_ssl_over_tcp_listeners(
+            port, ssl_context, host=host, https_compatible=True, backlog=backlog
+        )
     async with trio.open_nursery() as nursery:
         server = _Server(
             handler,
@@ -540,13 +584,41 @@ async def serve_pht(
             max_header_size=max_header_size,
         )
         nursery.start_soon(server.reap)
-        listeners: list[Any]
-        if ssl_context is None:
-            listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
-        else:
-            listeners = await trio.open_ssl_over_tcp_listeners(
-                port, ssl_context, host=host, https_compatible=True, backlog=backlog
-            )
-        await nursery.start(trio.serve_listeners, server.handle_connection, listeners)
+        accepting = trio.CancelScope()
+
+        async def accept(task_status: trio.TaskStatus[object]) -> None:
+            with accepting:
+                await trio.serve_listeners(  # type: ignore[misc]  # plain or TLS listeners
+                    server.handle_connection,
+                    listeners,
+                    handler_nursery=nursery,
+                    task_status=task_status,
+                )
+
+        await nursery.start(accept)
         task_status.started(listeners)
-    raise AssertionError("unreachable")  # pragma: no cover
+        if shutdown is None:
+            await trio.sleep_forever()
+        assert shutdown is not None
+        await shutdown.wait()
+        report = await _drain(server, accepting, shutdown_timeout)
+        nursery.cancel_scope.cancel()  # idle keep-alive connections, the reaper
+    return report
+
+
+async def _drain(server: _Server, accepting: trio.CancelScope, timeout: float) -> ShutdownReport:
+    accepting.cancel()  # closes the listeners
+    server.draining = True
+    at_start = set(server.active)
+    log.info("shutting down: %d sessions open, waiting up to %.1fs", len(at_start), timeout)
+    with trio.move_on_after(timeout):
+        await server.all_done.wait()
+    cut = tuple(sorted(_short(stream.token) for stream in server.active))
+    for stream in list(server.active):
+        server.end_session(stream)
+    with trio.move_on_after(min(timeout, 5.0)):
+        await server.all_done.wait()  # handlers see EOF and return
+    finished = len(at_start) - len(cut)
+    if cut:
+        log.warning("shutdown cut %d sessions: %s", len(cut), ", ".join(cut))
+    return ShutdownReport(finished=max(finished, 0), cut=cut)
