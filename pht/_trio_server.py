@@ -86,15 +86,19 @@ class _ServerStream(PHTStream):
         try:
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
+            waited = False
             while not self._inbound:
                 if self._client_closed:
-                    await trio.lowlevel.checkpoint()
+                    if not waited:
+                        await trio.lowlevel.checkpoint()
                     return b""
                 self._data_arrived = trio.Event()
                 await self._data_arrived.wait()
+                waited = True
                 if self._handler_closed:
                     raise trio.ClosedResourceError("stream was closed")
-            await trio.lowlevel.checkpoint()
+            if not waited:  # every receive is a checkpoint, but one is enough
+                await trio.lowlevel.checkpoint()
             return self._take(max_bytes or RECEIVE_SIZE)
         finally:
             self._receiving = False
