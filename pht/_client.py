@@ -11,6 +11,7 @@ the bytes to write), feed what the socket reads to :meth:`receive_data`
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,70 @@ __all__ = ["ClientChannel", "ClientConfig"]
 DEFAULT_MAX_PULL_LINE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _USER_AGENT = "pht"
+
+#: Whether new channels take the push fast path (below) unless told otherwise.
+#: Tests turn it off to get the pure-h11 reference behaviour.
+_FAST_PATH = True
+#: A push acknowledgement head longer than this goes to h11 instead.
+_MAX_ACK_HEAD = 4096
+_ACK_PREFIX = b"HTTP/1.1 200 "
+# Stricter than HTTP (and than h11): anything these refuse goes to h11, which
+# then decides. Printable ASCII only, no bare CR or LF, no obs-fold.
+_ACK_STATUS_LINE = re.compile(rb"HTTP/1\.1 200 [ -~]*")
+_ACK_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~]+(?: +[!-~]+)*)?[ \t]*")
+_CONTENT_LENGTH_ZERO = b"Content-Length: 0\r\n"
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+class _Fallback:
+    """Marks a response the fast path leaves to h11."""
+
+
+_FALLBACK = _Fallback()
+
+
+def _parse_ack(buffer: bytearray) -> tuple[int, bool] | _Fallback | None:
+    """Recognise a plain push acknowledgement at the start of ``buffer``.
+
+    Returns ``(head length, connection closes)`` for ``HTTP/1.1 200`` with
+    ``Content-Length: 0`` and no ``Transfer-Encoding``; ``None`` while the
+    head is incomplete (and still short); :data:`_FALLBACK` for anything else.
+    """
+    size = len(buffer)
+    if buffer[:13] != _ACK_PREFIX[: min(size, 13)]:
+        return _FALLBACK
+    # The head ends where h11 sees it end: at the first blank line, CRLF or not.
+    blank = _BLANK_LINE.search(buffer)
+    if blank is None:
+        return _FALLBACK if size > _MAX_ACK_HEAD else None
+    end = blank.start() - 1
+    if end > _MAX_ACK_HEAD or blank.end() - end != 4 or buffer[end] != 13:
+        return _FALLBACK
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    if _ACK_STATUS_LINE.fullmatch(lines[0]) is None:
+        return _FALLBACK
+    length_seen = close = False
+    for line in lines[1:]:
+        match = _ACK_HEADER_LINE.fullmatch(line)
+        if match is None:
+            return _FALLBACK
+        name = match[1].lower()
+        if name == b"content-length":
+            if length_seen or match[2] != b"0":
+                return _FALLBACK
+            length_seen = True
+        elif name == b"transfer-encoding":
+            return _FALLBACK
+        elif name == b"connection":
+            value = (match[2] or b"").lower()
+            if value == b"close":
+                close = True
+            elif value != b"keep-alive":
+                return _FALLBACK
+    if not length_seen:
+        return _FALLBACK
+    return end + 4, close
+
 
 HeaderInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
 
@@ -133,6 +198,20 @@ class ClientChannel:
         if config.proxy_authorization is not None:
             self._base_headers.append(("Proxy-Authorization", config.proxy_authorization))
         self._extra_headers = list(config.headers)
+        # The push fast path: push heads are written from a per-target template
+        # and plain acknowledgements parsed by hand, without h11. While
+        # ``_fast_in`` is not None the channel is in fast mode: h11 sits idle
+        # with an empty buffer and received bytes collect in ``_fast_in``.
+        # ``_deferred`` holds the targets of pushes sent but not yet told to
+        # h11, oldest first. Anything unusual (see :func:`_parse_ack`) leaves
+        # fast mode: h11 is told about the oldest deferred push (its bytes
+        # are discarded) and fed the buffered bytes, so it answers exactly as
+        # if it had handled everything.
+        self._fast_enabled = _FAST_PATH
+        self._fast_in: bytearray | None = bytearray() if _FAST_PATH else None
+        self._fast_eof = False
+        self._deferred: deque[str] = deque()
+        self._push_template: tuple[str, bytes, bytes] | None = None
 
     @property
     def state(self) -> ChannelState:
@@ -164,19 +243,75 @@ class ClientChannel:
         if not len(data):
             raise LocalProtocolError("push() needs data; use close_session() to close")
         line = encode_line(data)
-        head = self._request(
-            ChannelState.PUSHING, "POST", self._target(self.config.paths.push, token), len(line)
-        )
+        target = self._target(self.config.paths.push, token)
+        if self._fast_push_allowed():
+            return [self._fast_push_head(target, len(line)), line]
+        head = self._request(ChannelState.PUSHING, "POST", target, len(line))
         self._send(h11.Data(data=line))
         self._send(h11.EndOfMessage())
         return [head, line]
 
     def close_session(self, token: str) -> bytes:
         """The close notification: a push with an empty body."""
-        head = self._request(
-            ChannelState.PUSHING, "POST", self._target(self.config.paths.push, token), 0
-        )
+        target = self._target(self.config.paths.push, token)
+        if self._fast_push_allowed():
+            return self._fast_push_head(target, 0)
+        head = self._request(ChannelState.PUSHING, "POST", target, 0)
         return head + self._send(h11.EndOfMessage())
+
+    def _fast_push_allowed(self) -> bool:
+        if self._state is not ChannelState.IDLE or not self._fast_enabled:
+            return False
+        if self._fast_in is None:
+            # Back to fast mode only from a clean h11: idle, nothing buffered.
+            conn = self._conn
+            if conn.our_state is not h11.IDLE or conn.their_state is not h11.IDLE:
+                return False
+            if conn.trailing_data != (b"", False):
+                return False
+            self._fast_in = bytearray()
+        return True
+
+    def _fast_push_head(self, target: str, content_length: int) -> bytes:
+        template = self._push_template
+        if template is None or template[0] != target:
+            template = self._push_template = self._make_push_template(target)
+        self._deferred.append(target)
+        self._state = ChannelState.PUSHING
+        return b"%s%d%s" % (template[1], content_length, template[2])
+
+    def _make_push_template(self, target: str) -> tuple[str, bytes, bytes]:
+        # h11 writes the head once (same headers, same order, same checks as a
+        # push through h11); only the Content-Length value changes per push.
+        headers = list(self._base_headers)
+        headers.append(("Content-Length", "0"))
+        headers.extend(self._extra_headers)
+        request = h11.Request(method="POST", target=target, headers=headers)
+        head = h11.Connection(h11.CLIENT).send(request) or b""
+        # The target and header values hold no CR or LF: the first match is the header.
+        start = head.index(b"\r\n" + _CONTENT_LENGTH_ZERO) + 2
+        return target, head[: start + 16], head[start + 17 :]
+
+    def _leave_fast_mode(self) -> None:
+        """Hand everything to h11 (see ``__init__``)."""
+        buffered, self._fast_in = self._fast_in, None
+        if self._deferred:
+            self._tell_h11_next_push()
+        if buffered:
+            self._conn.receive_data(bytes(buffered))
+        if self._fast_eof:
+            self._conn.receive_data(b"")
+
+    def _tell_h11_next_push(self) -> None:
+        target = self._deferred.popleft()
+        # Only the method matters to h11 for reading the answer.
+        request = h11.Request(
+            method="POST", target=target, headers=[("Host", self._host), ("Content-Length", "0")]
+        )
+        self._conn.send(request)
+        self._conn.send(h11.EndOfMessage())
+        self._status = 0
+        self._body.clear()
 
     def _target(self, path: str, token: str | None = None) -> str:
         target = path if token is None else f"{path}?token={quote(token, safe='')}"
@@ -190,6 +325,8 @@ class ClientChannel:
     ) -> bytes:
         if self._state is not ChannelState.IDLE:
             raise LocalProtocolError(f"cannot send a request in state {self._state.name}")
+        if self._fast_in is not None:
+            self._leave_fast_mode()
         headers = list(self._base_headers)
         if content_length is not None:
             headers.append(("Content-Length", str(content_length)))
@@ -212,12 +349,23 @@ class ClientChannel:
     def send_failed(self) -> None:
         """Tell the channel that writing its request failed: it is unusable now."""
         self._conn.send_failed()
+        self._deferred.clear()
         self._state = ChannelState.ERROR
 
     # -- responses --------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection; ``b""`` means the server closed it."""
+        fast_in = self._fast_in
+        if fast_in is not None:
+            if not data:
+                self._fast_eof = True
+            elif self._fast_eof:
+                self._state = ChannelState.ERROR
+                raise LocalProtocolError("received close, then received more data?")
+            else:
+                fast_in += data
+            return
         try:
             self._conn.receive_data(bytes(data) if data else b"")
         except RuntimeError as exc:  # h11 refuses data after EOF
@@ -229,6 +377,10 @@ class ClientChannel:
         while not self._events:
             if self._state in (ChannelState.CLOSED, ChannelState.ERROR):
                 return NEED_DATA
+            if self._fast_in is not None:
+                if not self._fast_next():
+                    return NEED_DATA
+                continue
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -242,6 +394,29 @@ class ClientChannel:
                 self._state = ChannelState.ERROR
                 raise
         return self._events.popleft()
+
+    def _fast_next(self) -> bool:
+        """One step in fast mode; ``False`` means more data is needed."""
+        fast_in = self._fast_in
+        assert fast_in is not None
+        if self._deferred:
+            result = _parse_ack(fast_in)
+            if isinstance(result, tuple):
+                del fast_in[: result[0]]
+                self._deferred.popleft()
+                self._events.append(PushAcknowledged())
+                if result[1]:
+                    self._state = ChannelState.CLOSED
+                elif not self._deferred:
+                    self._state = ChannelState.IDLE
+                return True
+            if result is None and not self._fast_eof:
+                return False
+        elif not fast_in and not self._fast_eof:
+            return False
+        # Unusual bytes (or an EOF): h11 takes over and decides.
+        self._leave_fast_mode()
+        return True
 
     def _handle(self, event: h11.Event) -> None:
         state = self._state
