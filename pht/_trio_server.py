@@ -51,8 +51,17 @@ _PULL_WRITE_SIZE = 1024 * 1024
 class _ServerStream(PHTStream):
     """The server's end of one session, handed to the handler."""
 
-    def __init__(self, token: str, remote_address: str | None, max_buffered: int) -> None:
+    def __init__(
+        self,
+        token: str,
+        remote_address: str | None,
+        max_buffered: int,
+        waiting_pushes: set[_ServerStream],
+    ) -> None:
         self.token = token
+        self._waiting_pushes = waiting_pushes
+        self.push_deadline = math.inf
+        self._push_expired = False
         self.remote_address = remote_address
         self._max_buffered = max_buffered
         # client -> handler
@@ -173,14 +182,26 @@ class _ServerStream(PHTStream):
         self._deposited += len(data)
         goal = self._deposited
         self._data_arrived.set()
-        with trio.move_on_after(timeout):
+        # No cancel scope per push (one costs more than the rest of this
+        # method): the server's watchdog calls expire_push() at the deadline.
+        self.push_deadline = trio.current_time() + timeout
+        self._waiting_pushes.add(self)
+        try:
             while self._consumed < goal:
-                if self._handler_closed or self._client_closed:
+                if self._handler_closed or self._client_closed or self._push_expired:
                     return False
                 self._consumed_changed = trio.Event()
                 await self._consumed_changed.wait()
             return True
-        return False
+        finally:
+            self._waiting_pushes.discard(self)
+            self._push_expired = False
+
+    def expire_push(self, now: float) -> None:
+        """Fail the waiting push if its bytes were not consumed by its deadline."""
+        if now >= self.push_deadline:
+            self._push_expired = True
+            self._consumed_changed.set()
 
     def take_outbound(self, limit: int) -> bytes:
         data = bytes(self._outbound[:limit])
@@ -199,6 +220,10 @@ class _ServerStream(PHTStream):
         if not self._outbound and not self.finished.is_set():
             self._outbound_ready = trio.Event()
             await self._outbound_ready.wait()
+
+    def wake_writer(self) -> None:
+        """Wake the pull writer waiting in :meth:`wait_outbound`."""
+        self._outbound_ready.set()
 
     def close_from_client(self) -> None:
         """The session ended on the client's side (or was reaped): EOF for the handler."""
@@ -242,6 +267,7 @@ class _Server:
         self.max_header_size = max_header_size
         self.pulls: dict[str, trio.CancelScope] = {}
         self.active: set[_ServerStream] = set()
+        self.waiting_pushes: set[_ServerStream] = set()
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
@@ -259,7 +285,7 @@ class _Server:
         if isinstance(record, LookupResult):
             return record.status_code
         if record.payload is None:
-            stream = _ServerStream(record.token, peer, self.max_buffered)
+            stream = _ServerStream(record.token, peer, self.max_buffered, self.waiting_pushes)
             record.payload = stream
             self.nursery.start_soon(self._run_handler, record, stream)
         return record.payload
@@ -298,6 +324,15 @@ class _Server:
         record = self.registry.get(stream.token)
         if record is not None and record.payload is stream:
             self.registry.close(stream.token, trio.current_time())
+
+    async def watch_pushes(self) -> None:
+        """Answer 410 to pushes whose bytes were not consumed within push_timeout."""
+        interval = min(self.push_timeout / 8, 1.0)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for stream in list(self.waiting_pushes):
+                stream.expire_push(now)
 
     async def reap(self) -> None:
         interval = max(1.0, min(self.registry.issued_timeout, self.heartbeat_interval))
@@ -408,8 +443,10 @@ class _Server:
             nursery.start_soon(
                 self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
             )
+            beat = _HeartbeatTimer(stream, self.heartbeat_interval)
+            nursery.start_soon(beat.run)
             try:
-                await self._feed_pull(transport, conn, stream)
+                await self._feed_pull(transport, conn, stream, beat)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 hung_up.set()  # the write failed: the client is gone
             finally:
@@ -424,24 +461,30 @@ class _Server:
             self.end_session(stream)
 
     async def _feed_pull(
-        self, transport: trio.abc.Stream, conn: ServerConnection, stream: _ServerStream
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        stream: _ServerStream,
+        beat: _HeartbeatTimer,
     ) -> None:
         registry = self.registry
         while True:
             if stream.has_outbound:
                 data = stream.take_outbound(_PULL_WRITE_SIZE)
                 await transport.send_all(conn.send_pull_data(data))
+                beat.last_write = now = trio.current_time()
                 record = registry.get(stream.token)
                 if record is not None:
-                    registry.touch(record, trio.current_time())
+                    registry.touch(record, now)
                 continue
             if stream.finished.is_set():
                 await transport.send_all(conn.end_pull())
                 return
-            with trio.move_on_after(self.heartbeat_interval) as scope:
-                await stream.wait_outbound()
-            if scope.cancelled_caught:
+            if beat.due:
+                beat.due = False
                 await transport.send_all(conn.send_heartbeat())
+                continue
+            await stream.wait_outbound()
 
     async def _watch_for_hangup(
         self,
@@ -461,6 +504,28 @@ class _Server:
             pass
         hung_up.set()
         scope.cancel()
+
+
+class _HeartbeatTimer:
+    """Marks a heartbeat due when a pull has been quiet for ``interval``.
+
+    A sleeping task per pull is cheaper than a cancel scope per pull write.
+    """
+
+    def __init__(self, stream: _ServerStream, interval: float) -> None:
+        self.stream = stream
+        self.interval = interval
+        self.last_write = trio.current_time()
+        self.due = False
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep_until(self.last_write + self.interval)
+            now = trio.current_time()
+            if now >= self.last_write + self.interval:
+                self.due = True
+                self.last_write = now
+                self.stream.wake_writer()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -588,6 +653,7 @@ async def serve_pht(
             max_header_size=max_header_size,
         )
         nursery.start_soon(server.reap)
+        nursery.start_soon(server.watch_pushes)
         accepting = trio.CancelScope()
 
         async def accept(task_status: trio.TaskStatus[object]) -> None:

@@ -363,3 +363,22 @@ async def test_trio_stream_conformance(nursery: trio.Nursery) -> None:
 
     with trio.fail_after(20):
         await trio.testing.check_two_way_stream(stream_maker, None)
+
+
+async def test_unconsumed_push_gets_410_after_push_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """GOST's rule: a push is acknowledged once consumed, else 410 and the session ends."""
+    stalled = trio.Event()
+
+    async def handler(stream: pht.PHTStream) -> None:
+        await stalled.wait()  # never reads
+
+    port = await start_server(nursery, handler, push_timeout=30.0)
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False)
+    start = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError, match="410"):
+        await stream.send_all(b"nobody reads this")
+    assert 30.0 <= trio.current_time() - start <= 35.0
+    stalled.set()
+    await stream.aclose()
