@@ -255,6 +255,8 @@ class _Server:
         max_buffered: int,
         max_push_line: int,
         max_header_size: int,
+        request_timeout: float,
+        keepalive_timeout: float,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
@@ -268,6 +270,9 @@ class _Server:
         self.pulls: dict[str, trio.CancelScope] = {}
         self.active: set[_ServerStream] = set()
         self.waiting_pushes: set[_ServerStream] = set()
+        self.connections: set[_Deadline] = set()
+        self.request_timeout = request_timeout
+        self.keepalive_timeout = keepalive_timeout
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
@@ -325,14 +330,22 @@ class _Server:
         if record is not None and record.payload is stream:
             self.registry.close(stream.token, trio.current_time())
 
-    async def watch_pushes(self) -> None:
-        """Answer 410 to pushes whose bytes were not consumed within push_timeout."""
-        interval = min(self.push_timeout / 8, 1.0)
+    async def watchdog(self) -> None:
+        """Enforce the deadlines that would cost a cancel scope per request.
+
+        Pushes not consumed within ``push_timeout`` get 410; connections that
+        take longer than ``request_timeout`` to send a request, or idle longer
+        than ``keepalive_timeout`` between requests, are closed.
+        """
+        interval = min(self.push_timeout / 8, self.request_timeout / 8, 1.0)
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for stream in list(self.waiting_pushes):
                 stream.expire_push(now)
+            for connection in self.connections:
+                if now >= connection.deadline:
+                    connection.scope.cancel()
 
     async def reap(self) -> None:
         interval = max(1.0, min(self.registry.issued_timeout, self.heartbeat_interval))
@@ -355,48 +368,72 @@ class _Server:
         conn = ServerConnection(
             self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
         )
+        watch = _Deadline(trio.current_time() + self.keepalive_timeout)
+        self.connections.add(watch)
         try:
-            while True:
-                try:
-                    event = conn.next_event()
-                except RemoteProtocolError as exc:
-                    log.debug("bad request from %s: %s", peer, exc)
-                    await transport.send_all(conn.send_status(exc.status_hint))
-                    return
-                if event is NEED_DATA:
-                    if conn.state is not ServerConnectionState.IDLE:
-                        return
-                    data = await transport.receive_some(RECEIVE_SIZE)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                    continue
-                if isinstance(event, PushRequest):
-                    await self._push(transport, conn, event, peer)
-                elif isinstance(event, PullRequest):
-                    await self._pull(transport, conn, event, peer)
-                elif isinstance(event, CloseRequest):
-                    log.debug("session %s: %s", _short(event.token), event.reason)
-                    self.close_token(event.token)
-                    await transport.send_all(conn.send_push_ack())
-                elif isinstance(event, AuthorizeRequest):
-                    token = None if self.draining else self.registry.issue(trio.current_time())
-                    if token is not None:
-                        answer = conn.send_token(token)
-                    else:
-                        answer = conn.send_status(503 if self.draining else 429)
-                    await transport.send_all(answer)
-                elif isinstance(event, BadRequest):
-                    log.debug("refused request from %s: %s", peer, event.reason)
-                    if event.token is not None:
-                        self.close_token(event.token)
-                    await transport.send_all(conn.send_status(event.status_code))
-                if conn.state is ServerConnectionState.CLOSED:
-                    return
+            with watch.scope:
+                await self._serve_requests(transport, conn, peer, watch)
+            if watch.scope.cancelled_caught:
+                log.debug("connection from %s timed out", peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
             log.debug("connection from %s ended: %s", peer, exc)
         finally:
+            self.connections.discard(watch)
             await trio.aclose_forcefully(transport)
+
+    async def _serve_requests(
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        peer: str | None,
+        watch: _Deadline,
+    ) -> None:
+        """Answer the requests of one connection until it closes."""
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                log.debug("bad request from %s: %s", peer, exc)
+                await transport.send_all(conn.send_status(exc.status_hint))
+                return
+            if event is NEED_DATA:
+                if conn.state is not ServerConnectionState.IDLE:
+                    return
+                data = await transport.receive_some(RECEIVE_SIZE)
+                conn.receive_data(data)
+                if not data:
+                    return
+                if watch.between_requests:
+                    # A request has begun: all of it must arrive in time
+                    # (slowloris), whatever the keep-alive allowance was.
+                    watch.between_requests = False
+                    watch.deadline = trio.current_time() + self.request_timeout
+                continue
+            watch.deadline = math.inf  # answering: push_timeout etc. apply
+            if isinstance(event, PushRequest):
+                await self._push(transport, conn, event, peer)
+            elif isinstance(event, PullRequest):
+                await self._pull(transport, conn, event, peer)
+            elif isinstance(event, CloseRequest):
+                log.debug("session %s: %s", _short(event.token), event.reason)
+                self.close_token(event.token)
+                await transport.send_all(conn.send_push_ack())
+            elif isinstance(event, AuthorizeRequest):
+                token = None if self.draining else self.registry.issue(trio.current_time())
+                if token is not None:
+                    answer = conn.send_token(token)
+                else:
+                    answer = conn.send_status(503 if self.draining else 429)
+                await transport.send_all(answer)
+            elif isinstance(event, BadRequest):
+                log.debug("refused request from %s: %s", peer, event.reason)
+                if event.token is not None:
+                    self.close_token(event.token)
+                await transport.send_all(conn.send_status(event.status_code))
+            if conn.state is ServerConnectionState.CLOSED:
+                return
+            watch.between_requests = True
+            watch.deadline = trio.current_time() + self.keepalive_timeout
 
     def close_token(self, token: str) -> None:
         """End ``token``'s session, or make sure a late request cannot open one."""
@@ -506,6 +543,17 @@ class _Server:
         scope.cancel()
 
 
+class _Deadline:
+    """When a connection's wait for its next request (or the rest of it) ends."""
+
+    __slots__ = ("between_requests", "deadline", "scope")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.between_requests = True
+        self.scope = trio.CancelScope()
+
+
 class _HeartbeatTimer:
     """Marks a heartbeat due when a pull has been quiet for ``interval``.
 
@@ -573,6 +621,8 @@ async def serve_pht(
     idle_timeout: float | None = 600.0,
     issued_timeout: float = 60.0,
     push_timeout: float = 30.0,
+    request_timeout: float = 60.0,
+    keepalive_timeout: float = 120.0,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
     max_push_line: int = DEFAULT_MAX_PUSH_LINE,
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
@@ -601,7 +651,10 @@ async def serve_pht(
     acknowledged once the handler took its bytes; if it does not within
     ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
     Sessions idle for ``idle_timeout`` seconds (tokens never used:
-    ``issued_timeout``) are closed.
+    ``issued_timeout``) are closed. A connection must deliver each request
+    within ``request_timeout`` seconds of its first byte (slow-header
+    clients are cut) and is closed after ``keepalive_timeout`` idle seconds
+    between requests.
 
     Without ``shutdown`` it serves until cancelled. When the ``shutdown``
     event is set, it shuts down gracefully: it stops accepting connections,
@@ -611,6 +664,13 @@ async def serve_pht(
     """
     if not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
         raise ValueError("heartbeat_interval must be a positive number of seconds")
+    for name, value in (
+        ("push_timeout", push_timeout),
+        ("request_timeout", request_timeout),
+        ("keepalive_timeout", keepalive_timeout),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds")
     if max_buffered < 1 or max_push_line < 4:
         raise ValueError("max_buffered and max_push_line must be positive")
     paths = Paths(authorize=authorize_path, push=push_path, pull=pull_path)
@@ -651,9 +711,11 @@ async def serve_pht(
             max_buffered=max_buffered,
             max_push_line=max_push_line,
             max_header_size=max_header_size,
+            request_timeout=request_timeout,
+            keepalive_timeout=keepalive_timeout,
         )
         nursery.start_soon(server.reap)
-        nursery.start_soon(server.watch_pushes)
+        nursery.start_soon(server.watchdog)
         accepting = trio.CancelScope()
 
         async def accept(task_status: trio.TaskStatus[object]) -> None:

@@ -382,3 +382,37 @@ async def test_unconsumed_push_gets_410_after_push_timeout(
     assert 30.0 <= trio.current_time() - start <= 35.0
     stalled.set()
     await stream.aclose()
+
+
+async def test_slow_header_client_is_cut_and_others_carry_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Slowloris: a request head dribbled a byte at a time is cut at request_timeout."""
+    port = await start_server(nursery, request_timeout=20.0, keepalive_timeout=300.0)
+    slow = await trio.open_tcp_stream("127.0.0.1", port)
+    start = trio.current_time()
+    head = b"GET /pull?token=slowloris-token-0001 HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    with pytest.raises(trio.BrokenResourceError):
+        for index in range(10_000):  # bounded: far more bytes than the deadline allows
+            await slow.send_all(head[index : index + 1] or b"a")
+            await trio.sleep(1.0)
+    assert 20.0 <= trio.current_time() - start <= 25.0
+    good = await pht.open_pht_stream("127.0.0.1", port)
+    await good.send_all(b"still serving")
+    assert await receive_exactly(good, 13) == b"still serving"
+    await good.aclose()
+    await slow.aclose()
+
+
+async def test_idle_keepalive_connection_is_closed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    port = await start_server(nursery, keepalive_timeout=50.0)
+    raw = await trio.open_tcp_stream("127.0.0.1", port)
+    await raw.send_all(b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await raw.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+    start = trio.current_time()
+    with trio.fail_after(100):
+        assert await raw.receive_some(4096) == b""  # the server closed it
+    assert 50.0 <= trio.current_time() - start <= 52.0
+    await raw.aclose()
