@@ -70,7 +70,8 @@ class _ServerStream(PHTStream):
         self._deposited = 0
         self._consumed = 0
         self._data_arrived = trio.Event()
-        self._consumed_changed = trio.Event()
+        self._consumed_lot = trio.lowlevel.ParkingLot()
+        self._push_waiters = 0
         # handler -> client
         self._outbound = bytearray()
         self._outbound_ready = trio.Event()
@@ -124,7 +125,7 @@ class _ServerStream(PHTStream):
             data = head[start:end]
             self._inbound_offset = end
         self._consumed += len(data)
-        self._consumed_changed.set()
+        self._consumed_lot.unpark_all()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -177,31 +178,44 @@ class _ServerStream(PHTStream):
             return False
         if not data:
             return True
-        self._inbound.append(data)
-        self.bytes_in += len(data)
-        self._deposited += len(data)
-        goal = self._deposited
-        self._data_arrived.set()
         # No cancel scope per push (one costs more than the rest of this
         # method): the server's watchdog calls expire_push() at the deadline.
-        self.push_deadline = trio.current_time() + timeout
-        self._waiting_pushes.add(self)
+        if not self._push_waiters:
+            self.push_deadline = trio.current_time() + timeout
+            self._waiting_pushes.add(self)
+        self._push_waiters += 1
         try:
-            while self._consumed < goal:
-                if self._handler_closed or self._client_closed or self._push_expired:
+            # Pushes of one session take turns: a client pushing on several
+            # connections at once cannot queue more than one push here.
+            while self._consumed < self._deposited:
+                if not await self._wait_consumption():
                     return False
-                self._consumed_changed = trio.Event()
-                await self._consumed_changed.wait()
+            self._inbound.append(data)
+            self.bytes_in += len(data)
+            self._deposited += len(data)
+            goal = self._deposited
+            self._data_arrived.set()
+            while self._consumed < goal:
+                if not await self._wait_consumption():
+                    return False
             return True
         finally:
-            self._waiting_pushes.discard(self)
-            self._push_expired = False
+            self._push_waiters -= 1
+            if not self._push_waiters:
+                self._waiting_pushes.discard(self)
+                self._push_expired = False
+
+    async def _wait_consumption(self) -> bool:
+        if self._handler_closed or self._client_closed or self._push_expired:
+            return False
+        await self._consumed_lot.park()
+        return True
 
     def expire_push(self, now: float) -> None:
         """Fail the waiting push if its bytes were not consumed by its deadline."""
         if now >= self.push_deadline:
             self._push_expired = True
-            self._consumed_changed.set()
+            self._consumed_lot.unpark_all()
 
     def take_outbound(self, limit: int) -> bytes:
         data = bytes(self._outbound[:limit])
@@ -235,7 +249,7 @@ class _ServerStream(PHTStream):
 
     def _wake_all(self) -> None:
         self._data_arrived.set()
-        self._consumed_changed.set()
+        self._consumed_lot.unpark_all()
         self._outbound_ready.set()
         self._outbound_drained.set()
 
