@@ -231,6 +231,8 @@ def test_security_page_states_the_real_defaults() -> None:
         "issued_timeout",
         "idle_timeout",
         "push_timeout",
+        "request_timeout",
+        "keepalive_timeout",
         "heartbeat_interval",
     ):
         value = defaults[name]
