@@ -33,6 +33,7 @@ from ._server import (
     SessionRegistry,
 )
 from ._tls import SelfSignedCertificate, make_self_signed_certificate
+from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import RECEIVE_SIZE, PHTStream
 
@@ -271,6 +272,7 @@ class _Server:
         max_header_size: int,
         request_timeout: float,
         keepalive_timeout: float,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
@@ -285,6 +287,7 @@ class _Server:
         self.active: set[_ServerStream] = set()
         self.waiting_pushes: set[_ServerStream] = set()
         self.connections: set[_Deadline] = set()
+        self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
         self.draining = False
@@ -386,6 +389,11 @@ class _Server:
         self.connections.add(watch)
         try:
             with watch.scope:
+                if self.ssl_context is not None and isinstance(transport, trio.SocketStream):
+                    watch.deadline = trio.current_time() + self.request_timeout
+                    transport = TLSSocketStream.wrap(transport, self.ssl_context, server_side=True)
+                    await transport.do_handshake()
+                    watch.deadline = trio.current_time() + self.keepalive_timeout
                 await self._serve_requests(transport, conn, peer, watch)
             if watch.scope.cancelled_caught:
                 log.debug("connection from %s timed out", peer)
@@ -727,6 +735,7 @@ async def serve_pht(
             max_header_size=max_header_size,
             request_timeout=request_timeout,
             keepalive_timeout=keepalive_timeout,
+            ssl_context=ssl_context,
         )
         nursery.start_soon(server.reap)
         nursery.start_soon(server.watchdog)
@@ -734,9 +743,11 @@ async def serve_pht(
 
         async def accept(task_status: trio.TaskStatus[object]) -> None:
             with accepting:
-                await trio.serve_listeners(  # type: ignore[misc]  # plain or TLS listeners
+                await trio.serve_listeners(
                     server.handle_connection,
-                    listeners,
+                    # TLS listeners are reported (as trio.serve_ssl_over_tcp
+                    # does), but the TLS layer is pht's own: see _tls_stream.
+                    [getattr(listener, "transport_listener", listener) for listener in listeners],
                     handler_nursery=nursery,
                     task_status=task_status,
                 )

@@ -1,0 +1,53 @@
+"""pht's own TLS stream (OpenSSL on the socket) against trio's stream contract."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+import trio.testing
+
+import pht
+from pht._tls_stream import TLSSocketStream
+
+CERT = pht.make_self_signed_certificate()
+
+
+async def tls_pair() -> tuple[TLSSocketStream, TLSSocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    server_tcp = await listeners[0].accept()
+    await listeners[0].aclose()
+    client_context = ssl.create_default_context()
+    CERT.configure_trust(client_context)
+    assert isinstance(server_tcp, trio.SocketStream)
+    server = TLSSocketStream.wrap(server_tcp, CERT.server_context(), server_side=True)
+    client = TLSSocketStream.wrap(
+        client_tcp, client_context, server_side=False, server_hostname="gost.run"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        nursery.start_soon(client.do_handshake)
+    return client, server
+
+
+async def test_tls_socket_stream_follows_trio_stream_contract() -> None:
+    await trio.testing.check_two_way_stream(tls_pair, None)
+
+
+async def test_handshake_failure_is_broken_resource() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    server_tcp = await listeners[0].accept()
+    assert isinstance(server_tcp, trio.SocketStream)
+    server = TLSSocketStream.wrap(server_tcp, CERT.server_context(), server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client_tcp.send_all, b"GET / HTTP/1.1\r\n\r\n")  # not TLS
+        with pytest.raises(trio.BrokenResourceError, match="TLS handshake failed"):
+            await server.do_handshake()
+    await server.aclose()
+    await client_tcp.aclose()
+    await listeners[0].aclose()
