@@ -553,10 +553,17 @@ class _Server:
         scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
+        allowance = self.max_header_size  # a pipelined request head, at most
         try:
             while True:
                 data = await transport.receive_some(RECEIVE_SIZE)
                 if not data:
+                    break
+                allowance -= len(data)
+                if allowance < 0:
+                    # No client streams data up a pull connection: drop it
+                    # rather than buffer what it sends.
+                    log.debug("pull connection sent more than a request head: dropped")
                     break
                 conn.receive_data(data)  # a pipelined request: kept for later
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):

@@ -222,11 +222,6 @@ async def test_body_shorter_than_content_length_then_close(
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve_pht's _watch_for_hangup feeds every byte a pulling client sends to "
-    "ServerConnection.receive_data, and h11 buffers it all while the pull is open",
-)
 async def test_pull_connection_streaming_junk_is_not_buffered(
     server: tuple[int, pht.PHTStream],
 ) -> None:
