@@ -57,6 +57,10 @@ _ACK_STATUS_LINE = re.compile(rb"HTTP/1\.1 200 [ -~]*")
 _ACK_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~]+(?: +[!-~]+)*)?[ \t]*")
 _CONTENT_LENGTH_ZERO = b"Content-Length: 0\r\n"
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+#: A chunk-size line longer than this (extensions included) goes to h11.
+_MAX_CHUNK_SIZE_LINE = 256
+# As h11's chunk header rule (the line without its CRLF); size 0 is left to h11.
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*")
 
 
 class _Fallback:
@@ -212,6 +216,17 @@ class ClientChannel:
         self._fast_eof = False
         self._deferred: deque[str] = deque()
         self._push_template: tuple[str, bytes, bytes] | None = None
+        # The pull fast path: once h11 has parsed a chunked pull response's
+        # head, the chunk framing is parsed here (``_chunk_next``). While
+        # ``_chunk_in`` is not None received bytes collect there; h11's
+        # chunked reader stays at the start of a chunk header, and is fed the
+        # rest from the last chunk's ``0`` line on (or from any size line
+        # this parser does not take), so it ends the response as before.
+        self._pull_fast_enabled = _FAST_PATH
+        self._chunk_in: list[bytes] | None = None
+        self._chunk_eof = False
+        self._chunk_left = 0  # data bytes still to come in the current chunk
+        self._chunk_footer = b""  # what is left of the CRLF after a chunk's data
 
     @property
     def state(self) -> ChannelState:
@@ -356,6 +371,16 @@ class ClientChannel:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection; ``b""`` means the server closed it."""
+        chunk_in = self._chunk_in
+        if chunk_in is not None:
+            if not data:
+                self._chunk_eof = True
+            elif self._chunk_eof:
+                self._state = ChannelState.ERROR
+                raise LocalProtocolError("received close, then received more data?")
+            else:
+                chunk_in.append(bytes(data))
+            return
         fast_in = self._fast_in
         if fast_in is not None:
             if not data:
@@ -377,6 +402,15 @@ class ClientChannel:
         while not self._events:
             if self._state in (ChannelState.CLOSED, ChannelState.ERROR):
                 return NEED_DATA
+            if self._chunk_in is not None:
+                try:
+                    progressed = self._chunk_next()
+                except RemoteProtocolError:
+                    self._state = ChannelState.ERROR
+                    raise
+                if not progressed:
+                    return NEED_DATA
+                continue
             if self._fast_in is not None:
                 if not self._fast_next():
                     return NEED_DATA
@@ -434,6 +468,10 @@ class ClientChannel:
                 )
             elif state is ChannelState.PULLING:
                 self._events.append(PullStarted())
+                if self._pull_fast_enabled and any(
+                    name == b"transfer-encoding" for name, _ in event.headers
+                ):
+                    self._start_chunk_fast_path()
         elif isinstance(event, h11.InformationalResponse):
             return
         elif isinstance(event, h11.Data):
@@ -455,6 +493,137 @@ class ClientChannel:
             self._state = ChannelState.CLOSED
         else:  # pragma: no cover - h11 produces no other events for a client
             raise RemoteProtocolError(f"unexpected {type(event).__name__} from server")
+
+    def _start_chunk_fast_path(self) -> None:
+        # h11 accepts no Transfer-Encoding but chunked, so the body is chunked.
+        # Take the body bytes h11 already holds; its chunked reader has not
+        # started, so it is at a chunk header.
+        buffer = getattr(self._conn, "_receive_buffer", None)
+        extract = getattr(buffer, "maybe_extract_at_most", None)
+        if extract is None:  # pragma: no cover - an h11 without that internal
+            return
+        data, closed = self._conn.trailing_data
+        if closed:  # the server already hung up: h11 reports it as before
+            return
+        if data:
+            extract(len(data))
+        self._chunk_in = [data] if data else []
+        self._chunk_eof = False
+        self._chunk_left = 0
+        self._chunk_footer = b""
+
+    def _chunk_to_h11(self, rest: bytes | memoryview) -> None:
+        """Hand the pull response back to h11, from a chunk-size line on."""
+        self._chunk_in = None
+        if rest:
+            self._conn.receive_data(bytes(rest))
+        if self._chunk_eof:
+            self._conn.receive_data(b"")
+
+    def _chunk_next(self) -> bool:
+        """Parse the buffered chunked pull body; ``False`` means more data is needed."""
+        pending = self._chunk_in
+        assert pending is not None
+        if not pending:
+            if not self._chunk_eof:
+                return False
+            data = b""
+        else:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+        view = memoryview(data)
+        size = len(data)
+        position = 0
+        lines_before = self._lines_in_response
+        decoded: list[bytes] = []
+        while position < size:
+            left = self._chunk_left
+            if left:
+                end = min(size, position + left)
+                self._take_pull_bytes(data, view, position, end, decoded)
+                self._chunk_left = left - (end - position)
+                position = end
+                if not self._chunk_left:
+                    self._chunk_footer = b"\r\n"
+            elif self._chunk_footer:
+                footer = self._chunk_footer
+                got = data[position : position + len(footer)]
+                if got != footer[: len(got)]:
+                    raise RemoteProtocolError(
+                        f"malformed HTTP from server: malformed chunk footer: {got!r} "
+                        f"(expected {footer!r})"
+                    )
+                position += len(got)
+                self._chunk_footer = footer[len(got) :]
+            else:
+                line_end = data.find(b"\r\n", position, position + _MAX_CHUNK_SIZE_LINE + 2)
+                if line_end < 0:
+                    if size - position > _MAX_CHUNK_SIZE_LINE or self._chunk_eof:
+                        self._chunk_to_h11(view[position:])
+                    else:
+                        pending.append(data[position:])
+                    break
+                match = _CHUNK_SIZE_LINE.fullmatch(data, position, line_end)
+                chunk_size = int(match[1], 16) if match is not None else 0
+                if not chunk_size:  # the last chunk, or a line for h11 to judge
+                    self._chunk_to_h11(view[position:])
+                    break
+                self._chunk_left = chunk_size
+                position = line_end + 2
+        else:
+            if self._chunk_eof:
+                if self._chunk_left or self._chunk_footer:
+                    raise RemoteProtocolError(
+                        "malformed HTTP from server: peer closed connection without "
+                        "sending complete message body (incomplete chunked read)"
+                    )
+                self._chunk_to_h11(b"")
+        count = self._lines_in_response - lines_before
+        self._emit_pull_lines(decoded, count)
+        return self._chunk_in is None or bool(decoded) or bool(count)
+
+    def _take_pull_bytes(
+        self, data: bytes, view: memoryview, start: int, end: int, decoded: list[bytes]
+    ) -> None:
+        """Split ``data[start:end]`` (chunk data) into lines; decode the complete ones."""
+        lines = self._lines
+        if lines.pending:
+            newline = data.find(b"\n", start, end)
+            if newline < 0:
+                lines.feed(view[start:end])
+                for _ in lines.lines():  # only checks the bound
+                    pass
+                return
+            lines.feed(view[start : newline + 1])
+            self._count_lines(lines.lines(), decoded)
+            start = newline + 1
+        last = data.rfind(b"\n", start, end)
+        if last >= 0:
+            limit = self.config.max_pull_line
+            while start <= last:
+                newline = data.find(b"\n", start, last + 1)
+                if newline - start > limit:
+                    raise RemoteProtocolError(f"line longer than {limit} bytes", status_hint=413)
+                self._count_lines((view[start:newline],), decoded)
+                start = newline + 1
+        if start < end:
+            lines.feed(view[start:end])
+            for _ in lines.lines():  # only checks the bound
+                pass
+
+    def _count_lines(self, lines: Iterable[bytes | memoryview], decoded: list[bytes]) -> None:
+        for line in lines:
+            self._lines_in_response += 1
+            if line:
+                decoded.append(decode_line(line))
+
+    def _emit_pull_lines(self, decoded: list[bytes], count: int) -> None:
+        if decoded:
+            self._events.append(
+                DataReceived(data=decoded[0] if len(decoded) == 1 else b"".join(decoded))
+            )
+        elif count:
+            self._events.append(Heartbeat())
 
     def _receive_pull_data(self, data: bytes | bytearray | memoryview) -> None:
         self._lines.feed(data)
