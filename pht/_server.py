@@ -151,6 +151,8 @@ class ServerConnection:
                 if self._state is ServerConnectionState.IDLE:
                     self._state = ServerConnectionState.RESPONDING
                 return result
+            if isinstance(event, h11.ConnectionClosed):  # h11 would say so forever
+                return NEED_DATA
 
     def _handle(self, event: h11.Event) -> ServerEvent | None:
         if isinstance(event, h11.Request):
