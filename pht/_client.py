@@ -183,10 +183,22 @@ class ClientChannel:
     Use it for one request at a time: a request method is only allowed in
     the ``IDLE`` state, and the channel returns to ``IDLE`` when the answer
     is complete (``CLOSED`` if the server closes the connection then).
+
+    Pushes may be pipelined: with ``push_window=N`` up to ``N`` pushes (or
+    close notifications) may be sent before their acknowledgements arrive.
+    The channel is ``PUSHING`` while at least one is unacknowledged
+    (:attr:`pushes_in_flight`); ``push`` is allowed in ``IDLE`` and, below
+    the window, in ``PUSHING``. Acknowledgements come in request order, one
+    :class:`PushAcknowledged` each; a :class:`Rejected` closes the channel
+    and the pushes behind it are never answered. Other requests still need
+    ``IDLE``.
     """
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, *, push_window: int = 1) -> None:
+        if push_window < 1:
+            raise ValueError("push_window must be at least 1")
         self.config = config
+        self._push_window = push_window
         self._conn = h11.Connection(h11.CLIENT)
         self._state = ChannelState.IDLE
         self._events: deque[ClientEvent] = deque()
@@ -232,6 +244,14 @@ class ClientChannel:
     def state(self) -> ChannelState:
         return self._state
 
+    @property
+    def pushes_in_flight(self) -> int:
+        """Pushes sent whose acknowledgement has not been returned yet."""
+        if self._state is not ChannelState.PUSHING:
+            return 0
+        # In fast mode every unanswered push is deferred; otherwise h11 has one more.
+        return len(self._deferred) + (self._fast_in is None)
+
     # -- requests ---------------------------------------------------------------
 
     def authorize(self) -> bytes:
@@ -275,7 +295,11 @@ class ClientChannel:
         return head + self._send(h11.EndOfMessage())
 
     def _fast_push_allowed(self) -> bool:
-        if self._state is not ChannelState.IDLE or not self._fast_enabled:
+        if not self._fast_enabled:
+            return False
+        if self._state is ChannelState.PUSHING:  # pipelining, within the window
+            return self.pushes_in_flight < self._push_window
+        if self._state is not ChannelState.IDLE:
             return False
         if self._fast_in is None:
             # Back to fast mode only from a clean h11: idle, nothing buffered.
@@ -662,8 +686,15 @@ class ClientChannel:
         self._next_cycle()
 
     def _next_cycle(self) -> None:
-        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
-            self._conn.start_next_cycle()
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
             self._state = ChannelState.IDLE
+            if self._deferred:  # pipelined pushes wait for their answers
+                self._state = ChannelState.PUSHING
+                if conn.trailing_data == (b"", False):
+                    self._fast_in = bytearray()  # h11 is clean: fast mode again
+                else:
+                    self._tell_h11_next_push()
         else:
             self._state = ChannelState.CLOSED

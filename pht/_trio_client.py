@@ -62,9 +62,11 @@ def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str
 class _Connection:
     """One HTTP connection of the client: a transport and its sans-IO channel."""
 
-    def __init__(self, transport: trio.abc.Stream, config: ClientConfig) -> None:
+    def __init__(
+        self, transport: trio.abc.Stream, config: ClientConfig, *, push_window: int = 1
+    ) -> None:
         self.transport = transport
-        self.channel = ClientChannel(config)
+        self.channel = ClientChannel(config, push_window=push_window)
 
     async def send(self, pieces: bytes | list[bytes]) -> None:
         try:
@@ -101,6 +103,7 @@ class _ClientStream(PHTStream):
         pull: _Connection,
         max_push_size: int,
         close_timeout: float,
+        push_window: int = 1,
     ) -> None:
         self.token = token
         self.remote_address = connect.address
@@ -110,6 +113,9 @@ class _ClientStream(PHTStream):
         self._push: _Connection | None = None
         self._max_push_size = max_push_size
         self._close_timeout = close_timeout
+        self._push_window = push_window
+        # Acknowledgements still due for pushes of earlier send_all calls.
+        self._earlier_pushes = 0
         self._pending = b""
         self._pending_offset = 0
         self._eof = False
@@ -134,41 +140,72 @@ class _ClientStream(PHTStream):
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
+            size = self._max_push_size
+            # Within one call two pushes may be in flight even with a window of
+            # 1: the call returns only once all are acknowledged anyway.
+            window = self._push_window if len(view) <= size else max(2, self._push_window)
             try:
-                for start in range(0, len(view), self._max_push_size):
-                    await self._push_once(view[start : start + self._max_push_size])
+                for start in range(0, len(view), size):
+                    await self._push_once(view[start : start + size], window)
+                # A window of N lets this call return with N - 1 unacknowledged.
+                await self._collect_acks(self._push_window - 1)
             except trio.Cancelled:
                 self._broken = "a send_all was cancelled; the stream is broken"
                 raise
+            if self._push is not None:
+                self._earlier_pushes = self._push.channel.pushes_in_flight
         finally:
             self._sending = False
 
-    async def _push_once(self, chunk: memoryview) -> None:
+    async def _push_once(self, chunk: memoryview, window: int) -> None:
+        await self._collect_acks(window - 1)
         connection = await self._push_connection()
         try:
-            pieces = connection.channel.push(self.token, chunk)
-            await connection.send(pieces)
-            event = await connection.next_event()
+            await connection.send(connection.channel.push(self.token, chunk))
         except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            message = f"push to the PHT server failed: {exc}"
+            raise await self._push_failed(connection, message) from exc
+
+    async def _collect_acks(self, keep: int) -> None:
+        """Read acknowledgements until at most ``keep`` pushes are unanswered."""
+        connection = self._push
+        while connection is not None and connection.channel.pushes_in_flight > keep:
+            earlier = self._earlier_pushes > 0
+            try:
+                event = await connection.next_event()
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                message = f"push to the PHT server failed: {exc}"
+                raise await self._push_failed(connection, message) from exc
+            if earlier:
+                self._earlier_pushes -= 1
+            if isinstance(event, Rejected):
+                message = _explain_rejection(
+                    event, self._config.paths, authorize=self._config.authorize
+                )
+                if earlier:
+                    message = f"an earlier push was refused: {message}"
+                cause = TunnelError(message, status=event.status_code)
+                raise await self._push_failed(connection, message) from cause
+            if not isinstance(event, PushAcknowledged):  # pragma: no cover - channel guarantees
+                raise trio.BrokenResourceError(f"unexpected answer to a push: {event}")
+            if connection.channel.state is ChannelState.CLOSED:
+                if connection.channel.pushes_in_flight:
+                    message = "the server closed the push connection with pushes unanswered"
+                    raise await self._push_failed(connection, message)
+                self._push = None
+                await connection.aclose()
+                return
+
+    async def _push_failed(
+        self, connection: _Connection, message: str
+    ) -> trio.BrokenResourceError:
+        """Drop the push connection, mark the stream broken; return the error to raise."""
+        if self._push is connection:
             self._push = None
-            await connection.aclose()
-            self._broken = f"push to the PHT server failed: {exc}"
-            raise trio.BrokenResourceError(self._broken) from exc
-        if isinstance(event, Rejected):
-            self._push = None
-            await connection.aclose()
-            message = _explain_rejection(
-                event, self._config.paths, authorize=self._config.authorize
-            )
-            self._broken = message
-            raise trio.BrokenResourceError(message) from TunnelError(
-                message, status=event.status_code
-            )
-        if not isinstance(event, PushAcknowledged):  # pragma: no cover - channel guarantees
-            raise trio.BrokenResourceError(f"unexpected answer to a push: {event}")
-        if connection.channel.state is ChannelState.CLOSED:
-            self._push = None
-            await connection.aclose()
+        self._earlier_pushes = 0
+        await connection.aclose()
+        self._broken = message
+        return trio.BrokenResourceError(message)
 
     async def _push_connection(self) -> _Connection:
         if self._push is None:
@@ -271,16 +308,37 @@ class _ClientStream(PHTStream):
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        push, self._push = self._push, None
+        refused: trio.BrokenResourceError | None = None
+        push = self._push
         try:
-            if not self._eof and not self._sending:
+            if not self._sending:
+                refused = await self._finish_pushes()
+                push = self._push
+            if not self._eof and not self._sending and refused is None:
                 await self._notify_close(push)
         finally:
+            self._push = None
             try:
                 if push is not None:
                     await push.aclose()
             finally:  # a cancelled close of one still closes the other
                 await self._pull.aclose()
+        if refused is not None:
+            raise refused
+
+    async def _finish_pushes(self) -> trio.BrokenResourceError | None:
+        """Wait (up to ``close_timeout``) for the acknowledgements still due."""
+        if self._push is None or not self._push.channel.pushes_in_flight:
+            return None
+        with trio.move_on_after(self._close_timeout):
+            try:
+                await self._collect_acks(0)
+            except trio.BrokenResourceError as exc:
+                return exc
+            return None
+        message = "timed out waiting for the acknowledgement of earlier pushes"
+        self._broken = message
+        return trio.BrokenResourceError(message)
 
     async def _notify_close(self, push: _Connection | None) -> None:
         """Send the close notification, as modern GOST clients do (best effort)."""
@@ -288,7 +346,6 @@ class _ClientStream(PHTStream):
             try:
                 if push is None or push.channel.state is not ChannelState.IDLE:
                     push = await self._connect.open(self._config)
-                    self._push = None
                     try:
                         await self._send_close(push)
                     finally:
@@ -316,8 +373,11 @@ class _Connector:
         server_hostname: str | None,
         proxy: tuple[str, int] | None,
         connect_timeout: float,
+        push_window: int = 1,
     ) -> None:
         self.host, self.port = host, port
+        # Channels allow two pushes in flight at least: one send_all pipelines its pushes.
+        self.push_window = max(2, push_window)
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or host
         self.proxy = proxy
@@ -352,7 +412,7 @@ class _Connector:
                     "speaking phts, and does the client trust its certificate?"
                 ) from exc
             transport = tls
-        return _Connection(transport, config)
+        return _Connection(transport, config, push_window=self.push_window)
 
 
 async def open_pht_stream(
@@ -373,6 +433,7 @@ async def open_pht_stream(
     max_push_size: int = DEFAULT_MAX_PUSH_SIZE,
     connect_timeout: float = 30.0,
     close_timeout: float = 5.0,
+    push_window: int = 1,
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
@@ -386,6 +447,19 @@ async def open_pht_stream(
     sends every request through a forward HTTP proxy in absolute form,
     without CONNECT. ``max_push_size`` bounds the bytes one POST carries.
 
+    ``push_window`` is how many pushes may await their acknowledgement. With
+    1 (the default, GOST's stop and wait) ``send_all`` returns once the
+    server acknowledged all its bytes. With ``N > 1`` it may return while up
+    to ``N - 1`` pushes are unanswered, so the next write overlaps the
+    server's work: faster uploads. Their answers are read before later
+    pushes exceed the window and in ``aclose`` (up to ``close_timeout``); a
+    refused push then breaks the stream: the next ``send_all`` (or
+    ``aclose``) raises :class:`trio.BrokenResourceError` saying that an
+    earlier push was refused. Pushes stay on one connection, in order (GOST's
+    and ``pht``'s servers answer pipelined requests in order). Within one
+    ``send_all`` larger than ``max_push_size`` two pushes are in flight even
+    with a window of 1.
+
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
@@ -393,6 +467,8 @@ async def open_pht_stream(
         raise ValueError(f"port must be 1-65535, got {port!r}")
     if max_push_size < 1:
         raise ValueError("max_push_size must be at least 1")
+    if push_window < 1:
+        raise ValueError("push_window must be at least 1")
     if not math.isfinite(connect_timeout) or connect_timeout <= 0:
         raise ValueError("connect_timeout must be a positive number of seconds")
     ssl_context: ssl.SSLContext | None
@@ -428,6 +504,7 @@ async def open_pht_stream(
         server_hostname=server_hostname,
         proxy=proxy_address,
         connect_timeout=connect_timeout,
+        push_window=push_window,
     )
     pull = await connector.open(config)
     try:
@@ -443,6 +520,7 @@ async def open_pht_stream(
         pull=pull,
         max_push_size=max_push_size,
         close_timeout=close_timeout,
+        push_window=push_window,
     )
     stream._push = push
     return stream
