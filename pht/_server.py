@@ -13,6 +13,7 @@ passed in).
 from __future__ import annotations
 
 import enum
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,30 @@ _REASONS = {
 _SERVER_HEADERS: list[tuple[bytes, bytes]] = []
 _FORM_TYPES = (b"application/x-www-form-urlencoded", b"multipart/form-data")
 
+# The push fast path. A canonical push (what GOST's and pht's clients send) is
+# parsed without h11, and its acknowledgement written from a template. The
+# grammar below is a strict subset of what h11 accepts (RFC 9112 with CRLF
+# line ends only, no obs-fold, printable ASCII only), so a request it matches
+# means the same to both; anything else goes to h11 byte for byte.
+_HEAD_END = re.compile(rb"\n\r?\n")  # h11's end-of-head rule (it accepts bare LF)
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?"
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
+_CANONICAL_HEAD = re.compile(
+    rb"POST (/[\x21-\x7e]*) HTTP/1\.1\r\n((?:"
+    + _TOKEN
+    + rb":[ \t]*"
+    + _VALUE
+    + rb"[ \t]*\r\n)*)\r\n"
+)
+_POST = b"POST "
+#: Headers that change how h11 reads the request or the connection.
+_H11_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+#: ``send_push_ack``'s bytes, exactly as h11 writes them for a keep-alive request.
+_PUSH_ACK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+#: A request that puts h11 where a fast-path push leaves the connection.
+_SYNC_REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
 
 class ServerConnection:
     """One accepted HTTP connection of a PHT server.
@@ -89,9 +114,11 @@ class ServerConnection:
         *,
         max_push_line: int = DEFAULT_MAX_PUSH_LINE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        _fast_path: bool = True,
     ) -> None:
         self.paths = paths
         self.max_push_line = max_push_line
+        self._max_header_size = max_header_size
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
         self._state = ServerConnectionState.IDLE
         self._routes = {
@@ -99,6 +126,19 @@ class ServerConnection:
             paths.push: RequestKind.PUSH,
             paths.pull: RequestKind.PULL,
         }
+        # Fast path state. While ``_fast`` is set, h11 sits between requests
+        # with an empty buffer and every unread byte is in ``_buffer``.
+        self._fast_enabled = _fast_path
+        self._fast = _fast_path
+        self._buffer = bytearray()
+        self._eof = False
+        self._head_scan = 0
+        self._fast_request = False  # the current request was read without h11
+        self._in_body = False  # a fast request's body is being read
+        self._body_left = 0  # its bytes still to come
+        self._body_pending = 0  # its bytes received since the last next_event()
+        self._content_length = 0
+        self._chunked_pull = True
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -118,11 +158,37 @@ class ServerConnection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection; ``b""`` means the client closed it."""
-        try:
-            self._conn.receive_data(bytes(data) if data else b"")
-        except RuntimeError as exc:
+        if not self._fast:
+            try:
+                self._conn.receive_data(bytes(data) if data else b"")
+            except RuntimeError as exc:
+                self._state = ServerConnectionState.ERROR
+                raise LocalProtocolError(str(exc)) from None
+            return
+        if not data:
+            self._eof = True
+        elif self._eof:
             self._state = ServerConnectionState.ERROR
-            raise LocalProtocolError(str(exc)) from None
+            raise LocalProtocolError("received close, then received more data?")
+        elif self._body_left:
+            # A fast push's body: straight into its line buffer (h11 would
+            # make it one Data event at the next next_event()).
+            left = self._body_left
+            if len(data) > left:
+                with memoryview(data) as view:
+                    self._buffer += view[left:]
+                    self._take_body(view[:left])
+            else:
+                self._take_body(data)
+        else:
+            self._buffer += data
+
+    def _take_body(self, data: bytes | bytearray | memoryview) -> None:
+        size = len(data)
+        self._body_left -= size
+        self._body_pending += size
+        if self._first_line is None and self._lines is not None:
+            self._lines.feed(data)
 
     def next_event(self) -> ServerEvent | NeedData:
         """Return the next complete request, or :data:`NEED_DATA`.
@@ -133,6 +199,13 @@ class ServerConnection:
         """
         if self._state is not ServerConnectionState.IDLE:
             return NEED_DATA
+        if self._fast:
+            fast = self._fast_next_event()
+            if fast is not None:
+                if fast is not NEED_DATA and self._state is ServerConnectionState.IDLE:
+                    self._state = ServerConnectionState.RESPONDING
+                return fast
+            self._hand_over_to_h11()
         while True:
             try:
                 event = self._conn.next_event()
@@ -154,6 +227,107 @@ class ServerConnection:
             if isinstance(event, h11.ConnectionClosed):  # h11 would say so forever
                 return NEED_DATA
 
+    def _fast_next_event(self) -> ServerEvent | NeedData | None:
+        """The next event of a canonical push, or ``None``: let h11 read it."""
+        if self._in_body:
+            return self._fast_body()
+        buffer = self._buffer
+        if self._eof:
+            return None  # h11 knows what an EOF means at every point
+        if not buffer:
+            return NEED_DATA
+        match = _HEAD_END.search(buffer, self._head_scan)
+        if match is None:
+            if len(buffer) > self._max_header_size or not _POST.startswith(buffer[:5]):
+                return None  # h11 refuses it (or reads what this does not)
+            self._head_scan = max(0, len(buffer) - 2)
+            return NEED_DATA
+        self._head_scan = 0
+        end = match.end()
+        if end - match.start() != 3 or end > self._max_header_size:
+            return None  # a bare LF before the blank line, or a head h11 bounds
+        head = _CANONICAL_HEAD.fullmatch(buffer, 0, end)
+        if head is None:
+            return None
+        hosts, content_length, content_type = 0, None, None
+        for name, value in _FIELD.findall(buffer, head.start(2), head.end(2)):
+            name = name.lower()
+            if name == b"content-length":
+                if content_length is not None or not value.isdigit() or len(value) > 18:
+                    return None
+                content_length = value
+            elif name == b"host":
+                hosts += 1
+            elif name == b"content-type":
+                if content_type is None:
+                    content_type = value
+            elif name in _H11_HEADERS:
+                return None
+            elif name == b"connection" and b"close" in {
+                option.strip().lower() for option in value.split(b",")
+            }:
+                return None  # h11 closes after the answer: let it
+        if hosts != 1 or content_length is None:
+            return None
+        target = head.group(1).decode("latin-1")
+        if self._routes.get(target.partition("?")[0]) is not RequestKind.PUSH:
+            return None
+        # From here on this is a push h11 would read exactly so: read it.
+        self._fast_request = True
+        self._begin_request(b"POST", target, content_length, content_type)
+        if self._refusal is not None and self._refusal.status_code == 413:
+            self._must_close = True  # refused before reading the body
+            return self._refusal
+        length = int(content_length)
+        self._in_body = True
+        self._content_length = self._body_left = length
+        size = min(len(buffer) - end, length)
+        if size:
+            with memoryview(buffer) as view, view[end : end + size] as body:
+                self._take_body(body)
+        del buffer[: end + size]
+        return self._fast_body()
+
+    def _fast_body(self) -> ServerEvent | NeedData:
+        """What h11's Data and EndOfMessage events would make of a fast push's body."""
+        pending = self._body_pending
+        if pending:
+            self._body_pending = 0
+            result = self._body_received(pending)
+            if result is not None:
+                self._in_body = False
+                self._body_left = 0
+                return result
+        if not self._body_left:
+            self._in_body = False
+            return self._end_request()
+        if self._eof:
+            self._state = ServerConnectionState.ERROR
+            raise RemoteProtocolError(
+                "malformed request: peer closed connection without sending complete"
+                f" message body (received {self._content_length - self._body_left} bytes,"
+                f" expected {self._content_length})",
+                status_hint=400,
+            )
+        return NEED_DATA
+
+    def _hand_over_to_h11(self) -> None:
+        """Give h11 every byte not read yet: it takes this request (and any after it)."""
+        self._fast = False
+        self._head_scan = 0
+        if self._buffer:
+            self._conn.receive_data(bytes(self._buffer))
+            self._buffer.clear()
+        if self._eof:
+            self._conn.receive_data(b"")
+
+    def _sync_h11(self) -> None:
+        """Bring h11 to where the fast request left the connection, to answer through it."""
+        self._fast_request = False
+        self._conn.receive_data(_SYNC_REQUEST)
+        while not isinstance(self._conn.next_event(), h11.EndOfMessage):
+            pass
+
     def _handle(self, event: h11.Event) -> ServerEvent | None:
         if isinstance(event, h11.Request):
             self._start_request(event)
@@ -161,35 +335,56 @@ class ServerConnection:
                 self._must_close = True  # refused before reading the body
                 return self._refusal
         elif isinstance(event, h11.Data):
-            self._body_size += len(event.data)
             if self._lines is not None and self._first_line is None:
                 self._lines.feed(event.data)
-                try:
-                    self._first_line = next(self._lines.lines(), None)
-                except RemoteProtocolError:
-                    return self._refuse_now(413, "push line too long")
-            elif self._body_size > self.max_push_line:
-                return self._refuse_now(413, "request body too large")
+            return self._body_received(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return self._end_request()
         elif isinstance(event, h11.ConnectionClosed):
             self._state = ServerConnectionState.CLOSED
         return None
 
+    def _body_received(self, size: int) -> ServerEvent | None:
+        """Account for ``size`` more body bytes (already fed to the line buffer)."""
+        self._body_size += size
+        if self._lines is not None and self._first_line is None:
+            try:
+                self._first_line = next(self._lines.lines(), None)
+            except RemoteProtocolError:
+                return self._refuse_now(413, "push line too long")
+        elif self._body_size > self.max_push_line:
+            return self._refuse_now(413, "request body too large")
+        return None
+
     def _start_request(self, request: h11.Request) -> None:
+        self._begin_request(
+            request.method,
+            request.target.decode("latin-1"),
+            _header(request, b"content-length"),
+            _header(request, b"content-type"),
+        )
+
+    def _begin_request(
+        self,
+        method: bytes,
+        target: str,
+        content_length: bytes | None,
+        content_type: bytes | None,
+    ) -> None:
         self._reset_request()
-        target = request.target.decode("latin-1")
         if not target.startswith("/"):  # absolute-form, e.g. through a forward proxy
             scheme, sep, rest = target.partition("://")
             target = "/" + rest.partition("/")[2] if sep and scheme.isalpha() else target
         path, _, query = target.partition("?")
         kind = self._routes.get(path)
         self._kind = kind
-        method = request.method
         if kind is None:
             self._refusal = BadRequest(status_code=404, reason=f"unknown path {path[:64]!r}")
             return
-        tokens = parse_qs(query, keep_blank_values=True).get("token", [])
+        if query.startswith("token=") and not any(c in query for c in "&%+"):
+            tokens = [query[6:]]  # what parse_qs makes of it, quicker
+        else:
+            tokens = parse_qs(query, keep_blank_values=True).get("token", [])
         if len(tokens) > 1 and len(set(tokens)) > 1:
             self._refusal = BadRequest(status_code=400, reason="conflicting token parameters")
             return
@@ -199,13 +394,12 @@ class ServerConnection:
         elif kind is RequestKind.PULL and method != b"GET":
             self._refusal = BadRequest(status_code=400, reason="pull must be a GET")
         elif kind is RequestKind.PUSH:
-            content_length = _header(request, b"content-length")
             if content_length is not None and int(content_length) > self.max_push_line + 1:
                 self._refusal = BadRequest(
                     status_code=413, reason="push body too large", token=self._token or None
                 )
                 return
-            content_type = _header(request, b"content-type") or b""
+            content_type = content_type or b""
             self._is_form = content_type.split(b";")[0].strip().lower() in _FORM_TYPES
             self._lines = LineBuffer(self.max_push_line)
 
@@ -250,6 +444,13 @@ class ServerConnection:
 
     def send_push_ack(self) -> bytes:
         """Acknowledge a push or a close: ``200`` with an empty body."""
+        if (
+            self._fast_request
+            and not self._must_close
+            and self._state is ServerConnectionState.RESPONDING
+        ):
+            self._next_cycle()
+            return _PUSH_ACK
         return self._respond(200, [(b"Content-Length", b"0")], b"")
 
     def send_status(self, status_code: int) -> bytes:
@@ -275,6 +476,8 @@ class ServerConnection:
     def start_pull(self) -> bytes:
         """Open the pull response: headers flushed at once, chunked body."""
         self._expect(ServerConnectionState.RESPONDING, "start_pull")
+        if self._fast_request:
+            self._sync_h11()
         response = h11.Response(
             status_code=200,
             headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
@@ -314,6 +517,16 @@ class ServerConnection:
         if self._must_close:
             headers = [*headers, (b"Connection", b"close")]
         reason = _REASONS.get(status, b"OK" if status == 200 else b"")
+        if self._fast_request:
+            if 200 <= status < 1000:
+                # h11 would write exactly this: a keep-alive HTTP/1.1 request
+                # and a Content-Length body leave it nothing to add.
+                lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+                lines += [b"%s: %s\r\n" % header for header in headers]
+                lines += [b"\r\n", body]
+                self._next_cycle()
+                return b"".join(lines)
+            self._sync_h11()  # let h11 refuse what it refuses
         data = self._send(h11.Response(status_code=status, headers=headers, reason=reason))
         if body:
             data += self._send(h11.Data(data=body))
@@ -333,6 +546,12 @@ class ServerConnection:
             raise LocalProtocolError(str(exc)) from None
 
     def _next_cycle(self) -> None:
+        if self._fast_request:  # h11 never saw this request: it is still between requests
+            self._fast_request = False
+            closed = self._must_close
+            self._state = ServerConnectionState.CLOSED if closed else ServerConnectionState.IDLE
+            self._reset_request()
+            return
         if (
             not self._must_close
             and self._conn.our_state is h11.DONE
@@ -340,6 +559,9 @@ class ServerConnection:
         ):
             self._conn.start_next_cycle()
             self._state = ServerConnectionState.IDLE
+            if self._fast_enabled and not self._fast:
+                pending, closed = self._conn.trailing_data
+                self._fast = not pending and not closed  # h11 has nothing left to read
         else:
             self._state = ServerConnectionState.CLOSED
         self._reset_request()
