@@ -116,6 +116,11 @@ CASES = {
         (400,),
         True,
     ),
+    "unknown transfer coding (501, as RFC 9112 asks)": Case(
+        b"POST /push?token=tok-te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+        (501,),
+        True,
+    ),
     "no Host header": Case(b"GET /authorize HTTP/1.1\r\n\r\n", (400,), True),
     "TLS hello to the plain server": Case(
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", (400,), True
@@ -146,6 +151,23 @@ async def test_malformed_request_gets_4xx_and_the_server_carries_on(
             assert answer.status == 200
             assert answer.body.startswith(b"token=")
         await client.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ServerConnection.send_status(404) raises LocalProtocolError for a HEAD request "
+    "(it writes a body); serve_pht then closes the connection without any answer",
+)
+async def test_head_to_an_unknown_path_gets_404(server: tuple[int, pht.PHTStream]) -> None:
+    port, _ = server
+    with trio.fail_after(GUARD):
+        client = await RawClient.connect(port)
+        await client.send(b"HEAD /nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            response = await client.head()
+        finally:
+            await client.aclose()
+        assert response.status == 404
 
 
 async def test_refused_push_ends_its_session(server: tuple[int, pht.PHTStream]) -> None:

@@ -9,7 +9,8 @@ catch and check.
 Promises checked:
 - only ``pht``'s own protocol errors escape;
 - a refused request is answered with a ``4xx`` (a server error's
-  ``status_hint`` is a ``4xx``, and ``send_status`` still works);
+  ``status_hint`` is a ``4xx``, or ``501`` for an unknown transfer coding,
+  and ``send_status`` still works);
 - no event carries more data than was fed (base64 shrinks it: 3/4);
 - incomplete input held by the core stays within its bounds (the push-line
   and pull-line limits, plus at most one fed piece).
@@ -81,11 +82,20 @@ def drive_server(pieces: Iterable[bytes]) -> list[int]:
     return statuses
 
 
+def refusal_status_ok(status: int) -> bool:
+    """A ``4xx``, or ``501`` for a transfer coding the server does not implement.
+
+    RFC 9112 (6.1) asks for 501 there, and h11 answers it; everything else
+    malformed is the client's fault.
+    """
+    return 400 <= status < 500 or status == 501
+
+
 def _refuse(conn: pht.ServerConnection, status: int) -> int:
     """Answer a request the core could not parse, as serve_pht does."""
-    assert 400 <= status < 500, status
+    assert refusal_status_ok(status), status
     answer = conn.send_status(status)
-    assert answer.startswith(b"HTTP/1.1 4"), answer[:20]
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:20]
     assert conn.state is pht.ServerConnectionState.CLOSED
     return status
 
