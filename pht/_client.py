@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import h11
 
-from ._codec import LineBuffer, decode_line, encode_line
+from ._codec import BASE64_BACKEND, LineBuffer, decode_line, encode_line
 from ._common import DEFAULT_PATHS, Paths
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -44,6 +44,15 @@ __all__ = ["ClientChannel", "ClientConfig"]
 DEFAULT_MAX_PULL_LINE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
 _USER_AGENT = "pht"
+
+if BASE64_BACKEND == "pybase64":  # pragma: no branch - depends on the installation
+    from pybase64 import b64encode as _b64encode
+else:  # pragma: no cover
+    _b64encode = None  # type: ignore[assignment]
+#: From this size on a push body is sent as ``[base64, b"\n"]``: appending the
+#: newline would copy a large line (a fresh allocation: ~1.7 ms per MiB, 30x the
+#: encoding itself).
+_SEPARATE_NEWLINE_FROM = 64 * 1024
 
 #: Whether new channels take the push fast path (below) unless told otherwise.
 #: Tests turn it off to get the pure-h11 reference behaviour.
@@ -271,14 +280,21 @@ class ClientChannel:
     def push(self, token: str, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Return the pieces of one POST carrying ``data``; expect :class:`PushAcknowledged`.
 
-        The body is a single base64 line, sent with ``Content-Length`` and no
+        Write the pieces in order: the head, then the body, which is the line
+        itself or (for large data) its text and its newline. The body is a
+        single base64 line, sent with ``Content-Length`` and no
         ``Content-Type`` (GOST's server would swallow a form body). ``data``
         must not be empty: an empty push is the close notification.
         """
         if not len(data):
             raise LocalProtocolError("push() needs data; use close_session() to close")
-        line = encode_line(data)
         target = self._target(self.config.paths.push, token)
+        large = len(data) >= _SEPARATE_NEWLINE_FROM and _b64encode is not None
+        if large and self._fast_push_allowed():
+            assert _b64encode is not None
+            text: bytes = _b64encode(data)
+            return [self._fast_push_head(target, len(text) + 1), text, b"\n"]
+        line = encode_line(data)
         if self._fast_push_allowed():
             return [self._fast_push_head(target, len(line)), line]
         head = self._request(ChannelState.PUSHING, "POST", target, len(line))

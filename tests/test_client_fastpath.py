@@ -189,9 +189,12 @@ def test_canonical_acknowledgements_take_the_fast_path(response: bytes) -> None:
 def test_push_heads_are_those_h11_writes() -> None:
     config = pht.ClientConfig.build("h:1", headers=[("X-A", "1"), ("x-b", "two words")])
     fast, reference = make_channel(config, fast=True), make_channel(config, fast=False)
-    for size in (1, 2, 100, 5000):
-        data = bytes(size)
-        assert fast.push("t k", data) == reference.push("t k", data)
+    for size in (1, 2, 100, 5000, 64 * 1024, 300_000):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        pieces = fast.push("t k", data)
+        assert b"".join(pieces) == b"".join(reference.push("t k", data))
+        # A large body comes as its text and its newline (no copy of the line).
+        assert len(pieces) == (3 if size >= 64 * 1024 else 2)
         for channel in (fast, reference):
             channel.receive_data(ack())
             assert channel.next_event() == pht.PushAcknowledged()
