@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from ._errors import RemoteProtocolError
 
-__all__ = ["LineBuffer", "decode_line", "encode_line", "encode_lines"]
+__all__ = ["LineBuffer", "decode_line", "encode_chunk", "encode_line", "encode_lines"]
 
 try:  # pragma: no cover - which branch runs depends on the installation
     import pybase64 as _pybase64
@@ -26,6 +26,7 @@ BASE64_BACKEND = "pybase64" if _pybase64 is not None else "binascii"
 if _pybase64 is not None:
     _b64encode = _pybase64.b64encode
     _b64decode = _pybase64.b64decode
+    _b64 = _b64encode
 
     def encode_line(data: bytes | bytearray | memoryview) -> bytes:
         """Return ``base64(data) + b"\\n"``."""
@@ -36,6 +37,9 @@ if _pybase64 is not None:
         return result
 
 else:  # pragma: no cover
+
+    def _b64(data: bytes | bytearray | memoryview) -> bytes:
+        return binascii.b2a_base64(data, newline=False)
 
     def encode_line(data: bytes | bytearray | memoryview) -> bytes:
         """Return ``base64(data) + b"\\n"``."""
@@ -70,6 +74,20 @@ def encode_lines(data: bytes | bytearray | memoryview, max_line_data: int) -> by
         encode_line(view[start : start + max_line_data])
         for start in range(0, len(view), max_line_data)
     )
+
+
+def encode_chunk(data: bytes | bytearray | memoryview, max_line_data: int) -> bytes:
+    """``encode_lines(data, max_line_data)`` as one HTTP/1.1 chunk (size line, lines, CRLF)."""
+    view = memoryview(data)
+    if len(view) <= max_line_data:
+        text = _b64(view)
+        return b"%x\r\n%b\n\r\n" % (len(text) + 1, text)
+    lines = [
+        encode_line(view[start : start + max_line_data])
+        for start in range(0, len(view), max_line_data)
+    ]
+    size = sum(map(len, lines))
+    return b"".join([b"%x\r\n" % size, *lines, b"\r\n"])
 
 
 class LineBuffer:

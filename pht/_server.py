@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import h11
 
-from ._codec import LineBuffer, decode_line, encode_lines
+from ._codec import LineBuffer, decode_line, encode_chunk, encode_lines
 from ._common import DEFAULT_PATHS, Paths
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -92,6 +92,8 @@ _POST = b"POST "
 _H11_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 #: ``send_push_ack``'s bytes, exactly as h11 writes them for a keep-alive request.
 _PUSH_ACK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+#: An empty pull line as one chunk.
+_HEARTBEAT_CHUNK = b"1\r\n\n\r\n"
 #: A request that puts h11 where a fast-path push leaves the connection.
 _SYNC_REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 
@@ -483,6 +485,11 @@ class ServerConnection:
             headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
         )
         data = self._send(response)
+        # h11 chunks the body for an HTTP/1.1 client; for an HTTP/1.0 one (nginx
+        # without proxy_http_version 1.1) it sends it raw and closes at the end.
+        self._chunked_pull = (
+            self._fast_enabled and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
+        )
         self._state = ServerConnectionState.PULLING
         return data
 
@@ -491,11 +498,16 @@ class ServerConnection:
         self._expect(ServerConnectionState.PULLING, "send_pull_data")
         if not len(data):
             raise LocalProtocolError("send_pull_data() needs data; an empty line is a heartbeat")
+        if self._chunked_pull:
+            # One chunk, framed by hand: h11 keeps no state per chunk.
+            return encode_chunk(data, PULL_LINE_DATA)
         return self._send(h11.Data(data=encode_lines(data, PULL_LINE_DATA)))
 
     def send_heartbeat(self) -> bytes:
         """Send an empty pull line, which keeps proxies and the client content."""
         self._expect(ServerConnectionState.PULLING, "send_heartbeat")
+        if self._chunked_pull:
+            return _HEARTBEAT_CHUNK
         return self._send(h11.Data(data=b"\n"))
 
     def end_pull(self) -> bytes:

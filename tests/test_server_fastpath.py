@@ -420,3 +420,44 @@ def test_end_of_file_closes_without_looping(fast: bool) -> None:
     conn.send_push_ack()
     assert conn.next_event() is pht.NEED_DATA
     assert conn.state is pht.ServerConnectionState.CLOSED
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(
+        st.one_of(
+            st.integers(min_value=1, max_value=100),
+            st.sampled_from([32767, 32768, 32769, 65536, 70000]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+    after_push=st.booleans(),
+)
+def test_pull_framing_is_h11s(sizes: list[int], version: bytes, after_push: bool) -> None:
+    """Pull chunks framed by hand are h11's bytes; an HTTP/1.0 pull stays raw."""
+    push = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\neA==\n"
+    pull = b"GET /pull?token=t %s\r\nHost: x\r\n\r\n" % version
+    wires = []
+    for fast in (True, False):
+        conn = pht.ServerConnection(_fast_path=fast)
+        wire = b""
+        if after_push:
+            conn.receive_data(push)
+            assert conn.next_event() == pht.PushRequest(token="t", data=b"x")
+            wire += conn.send_push_ack()
+        conn.receive_data(pull)
+        assert conn.next_event() == pht.PullRequest(token="t")
+        wire += conn.start_pull()
+        for size in sizes:
+            wire += conn.send_pull_data(bytes(range(256)) * (size // 256) + b"\xff" * (size % 256))
+            wire += conn.send_heartbeat()
+        wire += conn.end_pull()
+        wires.append((wire, conn.state))
+    assert wires[0] == wires[1]
+    chunked = version == b"HTTP/1.1"
+    assert (b"Transfer-Encoding: chunked\r\n" in wires[0][0]) is chunked
+    assert wires[0][1] is (
+        pht.ServerConnectionState.IDLE if chunked else pht.ServerConnectionState.CLOSED
+    )
