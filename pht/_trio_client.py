@@ -25,6 +25,7 @@ from ._events import (
     Rejected,
     RequestKind,
 )
+from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import RECEIVE_SIZE, PHTStream, write_pieces
 
@@ -395,11 +396,13 @@ class _Connector:
         except OSError as exc:
             raise TunnelError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
         if self.ssl_context is not None:
-            tls = trio.SSLStream(
+            assert isinstance(transport, trio.SocketStream)
+            # OpenSSL on the socket: about twice trio.SSLStream's throughput.
+            tls = TLSSocketStream.wrap(
                 transport,
                 self.ssl_context,
+                server_side=False,
                 server_hostname=self.server_hostname,
-                https_compatible=True,
             )
             try:
                 with trio.fail_after(self.connect_timeout):
@@ -508,7 +511,15 @@ async def open_pht_stream(
     )
     pull = await connector.open(config)
     try:
-        session_token = await _start_session(pull, config, token, token_source)
+        try:
+            with trio.fail_after(connect_timeout):
+                session_token = await _start_session(pull, config, token, token_source)
+        except trio.TooSlowError:
+            raise TunnelError(
+                f"{connector.address} accepted the connection but did not answer the "
+                f"{'authorize or ' if authorize else ''}pull request within "
+                f"{connect_timeout:g}s; is it a PHT server?"
+            ) from None
         push = await connector.open(config)
     except BaseException:
         await pull.aclose()
