@@ -145,6 +145,7 @@ class ServerConnection:
 
     def _reset_request(self) -> None:
         self._kind: RequestKind | None = None
+        self._method = b""
         self._refusal: BadRequest | None = None
         self._token = ""
         self._is_form = False
@@ -332,6 +333,15 @@ class ServerConnection:
 
     def _handle(self, event: h11.Event) -> ServerEvent | None:
         if isinstance(event, h11.Request):
+            # h11 bounds only a head that arrives in pieces; one that arrives
+            # whole in a single read is measured here.
+            head_size = len(event.method) + len(event.target) + 12
+            head_size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+            if head_size > self._max_header_size:
+                self._state = ServerConnectionState.ERROR
+                raise RemoteProtocolError(
+                    f"request head larger than {self._max_header_size} bytes", status_hint=431
+                )
             self._start_request(event)
             if self._refusal is not None and self._refusal.status_code == 413:
                 self._must_close = True  # refused before reading the body
@@ -374,6 +384,7 @@ class ServerConnection:
         content_type: bytes | None,
     ) -> None:
         self._reset_request()
+        self._method = method
         if not target.startswith("/"):  # absolute-form, e.g. through a forward proxy
             scheme, sep, rest = target.partition("://")
             target = "/" + rest.partition("/")[2] if sep and scheme.isalpha() else target
@@ -467,6 +478,8 @@ class ServerConnection:
                 (b"X-Content-Type-Options", b"nosniff"),
                 (b"Content-Length", str(len(body)).encode()),
             ]
+            if self._method == b"HEAD":
+                body = b""  # the length of the body a GET would get, no body
         else:
             body, headers = b"", [(b"Content-Length", b"0")]
         if self._state is ServerConnectionState.ERROR:

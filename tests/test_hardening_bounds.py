@@ -90,11 +90,6 @@ async def test_oversized_header_sent_in_pieces_is_431(nursery: trio.Nursery) -> 
         await good.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_header_size is only checked by h11 while a head is incomplete: a head "
-    "that arrives in one read (up to 256 KiB) is accepted whole",
-)
 async def test_oversized_header_sent_at_once_is_431(nursery: trio.Nursery) -> None:
     port = await start_server(nursery, max_header_size=2048)
     with trio.fail_after(GUARD):

@@ -56,11 +56,6 @@ def coverage(output: str) -> int:
     return max(int(n) for n in re.findall(r"cov: (\d+)", output))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ServerConnection.send_status(404) after a HEAD request raises LocalProtocolError "
-    "(it writes the 404 body that h11 forbids for HEAD); seed tests/fuzz/seeds/server/head_404",
-)
 def test_server_harness(tmp_path: Path) -> None:
     output = run_harness("server", tmp_path)
     assert coverage(output) > 400  # instrumentation reaches pht and h11
