@@ -18,7 +18,6 @@ import trio
 import trio.testing
 
 import pht
-from pht._token import new_token
 
 from .test_hardening_support import (
     GUARD,
@@ -152,9 +151,9 @@ async def test_strict_mode_accepts_only_issued_tokens(nursery: trio.Nursery) -> 
         with pytest.raises(pht.TunnelError) as info:
             await pht.open_pht_stream("127.0.0.1", port, authorize=False)
         assert info.value.status == 403
-        answer, _ = await exchange(port, push_request(new_token(), b"aGk=\n"))
+        answer, _ = await exchange(port, push_request(pht.new_token(), b"aGk=\n"))
         assert answer.status == 403
-        answer, _ = await exchange(port, pull_request(new_token()))
+        answer, _ = await exchange(port, pull_request(pht.new_token()))
         assert answer.status == 403
         issued = await pht.open_pht_stream("127.0.0.1", port, authorize=True)
         await echo_round_trip(issued)
@@ -166,7 +165,7 @@ async def test_strict_mode_accepts_only_issued_tokens(nursery: trio.Nursery) -> 
 
 def test_new_tokens_carry_at_least_128_random_bits() -> None:
     count = 20_000
-    tokens = [new_token() for _ in range(count)]
+    tokens = [pht.new_token() for _ in range(count)]
     assert len(set(tokens)) == count
     lengths = {len(token) for token in tokens}
     assert len(lengths) == 1
