@@ -173,3 +173,33 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
         while not outcome:
             await trio.sleep(0.001)
     assert outcome == ["broken"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bytes of a push answered 410 stay queued in _ServerStream and the handler "
+    "still receives them: the client was told the write failed",
+)
+async def test_bytes_of_a_push_refused_with_410_are_not_delivered(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """At most once: what the client was told failed must not reach the handler later."""
+    got: list[bytes | bytearray] = []
+    start_reading = trio.Event()
+    done = trio.Event()
+
+    async def late_reader(stream: pht.PHTStream) -> None:
+        await start_reading.wait()  # busy elsewhere until the push timed out
+        while data := await stream.receive_some():
+            got.append(data)
+        done.set()
+
+    port = await start_server(nursery, late_reader, push_timeout=30.0)
+    client = await pht.open_pht_stream("127.0.0.1", port, authorize=False)
+    with pytest.raises(trio.BrokenResourceError, match="410"):
+        await client.send_all(b"the client was told this failed")
+    start_reading.set()
+    with trio.fail_after(60):  # mock time
+        await done.wait()
+    await client.aclose()
+    assert got == []
