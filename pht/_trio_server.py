@@ -61,6 +61,8 @@ class _ServerStream(PHTStream):
     ) -> None:
         self.token = token
         self._waiting_pushes = waiting_pushes
+        self.pull_writer: _PullWriter | None = None
+        self.pull_parked = False
         self.push_deadline = math.inf
         self._push_expired = False
         self.remote_address = remote_address
@@ -142,6 +144,15 @@ class _ServerStream(PHTStream):
             if len(data):
                 self._outbound += data
                 self.bytes_out += len(data)
+                writer = self.pull_writer
+                if writer is not None and self.pull_parked and writer.available:
+                    # The pull is idle: write in this task, at once. That saves
+                    # a task switch, and the bytes leave before the push that
+                    # caused them is acknowledged (the client sees both sooner).
+                    await writer.write(self.take_outbound(_PULL_WRITE_SIZE))
+                    if self._outbound or writer.error is not None or not self.pull_parked:
+                        self._outbound_ready.set()  # the rest, an error, or a waiter
+                    return
                 self._outbound_ready.set()
             await trio.lowlevel.checkpoint()
         finally:
@@ -235,6 +246,11 @@ class _ServerStream(PHTStream):
         if not self._outbound and not self.finished.is_set():
             self._outbound_ready = trio.Event()
             await self._outbound_ready.wait()
+
+    async def wait_writer(self) -> None:
+        """Wait until the handler's own pull write is over."""
+        self._outbound_ready = trio.Event()
+        await self._outbound_ready.wait()
 
     def wake_writer(self) -> None:
         """Wake the pull writer waiting in :meth:`wait_outbound`."""
@@ -504,11 +520,15 @@ class _Server:
             )
             beat = _HeartbeatTimer(stream, self.heartbeat_interval)
             nursery.start_soon(beat.run)
+            writer = _PullWriter(transport, conn, beat)
+            stream.pull_writer = writer
             try:
-                await self._feed_pull(transport, conn, stream, beat)
+                await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 hung_up.set()  # the write failed: the client is gone
             finally:
+                if stream.pull_writer is writer:
+                    stream.pull_writer = None
                 replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
                 if not replaced:
                     del self.pulls[stream.token]
@@ -519,22 +539,21 @@ class _Server:
             log.debug("session %s: pull connection lost", _short(stream.token))
             self.end_session(stream)
 
-    async def _feed_pull(
-        self,
-        transport: trio.abc.Stream,
-        conn: ServerConnection,
-        stream: _ServerStream,
-        beat: _HeartbeatTimer,
-    ) -> None:
+    async def _feed_pull(self, stream: _ServerStream, writer: _PullWriter) -> None:
+        """Write the session's bytes, heartbeats and finally the end of the pull."""
         registry = self.registry
+        transport, conn, beat = writer.transport, writer.conn, writer.beat
         while True:
+            if writer.error is not None:
+                raise trio.BrokenResourceError("pull write failed") from writer.error
+            if writer.busy:  # the handler is writing: wait until it is done
+                await stream.wait_writer()
+                continue
             if stream.has_outbound:
-                data = stream.take_outbound(_PULL_WRITE_SIZE)
-                await transport.send_all(conn.send_pull_data(data))
-                beat.last_write = now = trio.current_time()
+                await writer.write(stream.take_outbound(_PULL_WRITE_SIZE))
                 record = registry.get(stream.token)
                 if record is not None:
-                    registry.touch(record, now)
+                    registry.touch(record, beat.last_write)
                 continue
             if stream.finished.is_set():
                 await transport.send_all(conn.end_pull())
@@ -543,7 +562,11 @@ class _Server:
                 beat.due = False
                 await transport.send_all(conn.send_heartbeat())
                 continue
-            await stream.wait_outbound()
+            stream.pull_parked = True
+            try:
+                await stream.wait_outbound()
+            finally:
+                stream.pull_parked = False
 
     async def _watch_for_hangup(
         self,
@@ -581,6 +604,43 @@ class _Deadline:
         self.deadline = deadline
         self.between_requests = True
         self.scope = trio.CancelScope()
+
+
+class _PullWriter:
+    """The open pull response of a session: its pull task or its handler writes.
+
+    Whoever writes sets ``busy``; a failed or interrupted write is kept in
+    ``error`` for the pull task, which then ends the pull.
+    """
+
+    __slots__ = ("beat", "busy", "conn", "error", "transport")
+
+    def __init__(
+        self, transport: trio.abc.Stream, conn: ServerConnection, beat: _HeartbeatTimer
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.beat = beat
+        self.busy = False
+        self.error: BaseException | None = None
+
+    @property
+    def available(self) -> bool:
+        return not self.busy and self.error is None
+
+    async def write(self, data: bytes) -> None:
+        """Write tunnel bytes; failures are recorded, not raised (except Cancelled)."""
+        self.busy = True
+        try:
+            await self.transport.send_all(self.conn.send_pull_data(data))
+            self.beat.last_write = trio.current_time()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.error = exc
+        except BaseException as exc:  # cancelled mid-write: the chunk may be cut
+            self.error = exc
+            raise
+        finally:
+            self.busy = False
 
 
 class _HeartbeatTimer:
