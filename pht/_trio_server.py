@@ -209,6 +209,13 @@ class _ServerStream(PHTStream):
             self._data_arrived.set()
             while self._consumed < goal:
                 if not await self._wait_consumption():
+                    # Refused (410) or the session ended: the client is told
+                    # the write failed, so what the handler did not take yet
+                    # must not reach it later. Pushes take turns, so all that
+                    # is queued is this push's.
+                    self._inbound.clear()
+                    self._inbound_offset = 0
+                    self._deposited = self._consumed
                     return False
             return True
         finally:

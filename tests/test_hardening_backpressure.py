@@ -175,11 +175,6 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
     assert outcome == ["broken"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bytes of a push answered 410 stay queued in _ServerStream and the handler "
-    "still receives them: the client was told the write failed",
-)
 async def test_bytes_of_a_push_refused_with_410_are_not_delivered(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
