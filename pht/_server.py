@@ -66,6 +66,7 @@ _REASONS = {
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     503: b"Service Unavailable",
 }
 _SERVER_HEADERS: list[tuple[bytes, bytes]] = []

@@ -12,6 +12,11 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     -r requirements-dev.txt -e '.[speedups,cli]'
+# atheris (coverage-guided fuzzing) ships wheels for CPython <= 3.11 on x86_64;
+# elsewhere scripts/fuzz.sh builds it, and the fuzz smoke tests say they skip.
+if .venv/bin/python -c 'import sys, platform; sys.exit(not (sys.version_info < (3, 12) and platform.machine() == "x86_64"))'; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-fuzz.txt
+fi
 
 # System programs the end-to-end tests talk to. Only with --system (the test
 # command passes it); the demo needs none of them.
