@@ -55,6 +55,11 @@ def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str
         return f"{text}: the server has no such path; do the client's and server's paths match?"
     if event.status_code == 429:
         return f"{text}: the server has too many pending sessions; try again later"
+    if event.status_code == 413:
+        return (
+            f"{text}: the request body is too large for the server or a proxy in front of "
+            "it (nginx: client_max_body_size); lower max_push_size"
+        )
     if event.status_code == 410:
         return f"{text}: the session is gone (closed, or its data was not consumed in time)"
     return text
