@@ -111,5 +111,5 @@ async def test_nginx_default_body_limit_needs_smaller_pushes(
         await echo_roundtrip(stream, pattern(2 * 1024 * 1024, seed=1), piece=1024 * 1024)
     refused = await pht.open_pht_stream("127.0.0.1", proxy.port)
     async with refused:
-        with pytest.raises(trio.BrokenResourceError, match="413.*lower max_push_size"):
+        with pytest.raises(trio.BrokenResourceError, match=r"413.*lower max_push_size"):
             await refused.send_all(pattern(1024 * 1024))
