@@ -589,13 +589,16 @@ class _Server:
                 data = await transport.receive_some(RECEIVE_SIZE)
                 if not data:
                     break
+                # A pipelined request is kept for later. Never drop bytes here:
+                # a proxy sends the next request as soon as the pull's end has
+                # gone out, and it may arrive before this task is cancelled.
+                conn.receive_data(data)
                 allowance -= len(data)
                 if allowance < 0:
-                    # No client streams data up a pull connection: drop it
-                    # rather than buffer what it sends.
+                    # No client streams data up an open pull: stop reading
+                    # (at most one read past the bound is buffered).
                     log.debug("pull connection sent more than a request head: dropped")
                     break
-                conn.receive_data(data)  # a pipelined request: kept for later
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
         hung_up.set()
