@@ -125,6 +125,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=8, help="tunnels per client process")
     parser.add_argument("--mib", type=int, default=16, help="MiB echoed per tunnel")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--work",
+        type=int,
+        default=0,
+        help="SHA-256 passes the server handler makes over each echoed chunk (CPU-bound handlers)",
+    )
     parser.add_argument("--client", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -135,7 +141,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="pht-scaleout-") as scratch:
         for count in args.processes:
-            servers = [harness.start_pid_echo_server(Path(scratch)) for _ in range(count)]
+            servers = [
+                harness.start_pid_echo_server(Path(scratch), work=args.work) for _ in range(count)
+            ]
             try:
                 port = harness.free_port()
                 backends = [f"127.0.0.1:{server.port}" for server in servers]
@@ -173,7 +181,16 @@ def main() -> None:
                 f"nginx {busy[0]:.2f}, servers {sum(busy[1:]):.2f}, clients {clients_busy:.2f}",
                 flush=True,
             )
-    print(json.dumps({"clients": args.clients, "sessions": args.sessions, "mb_s": results}))
+    print(
+        json.dumps(
+            {
+                "clients": args.clients,
+                "sessions": args.sessions,
+                "work": args.work,
+                "mb_s": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -355,8 +355,14 @@ def start_squid(directory: Path, rules: str, port: int) -> ManagedProcess:
     return managed
 
 
-def start_pid_echo_server(log_dir: Path, *, heartbeat_interval: float = 10.0) -> ManagedProcess:
-    """Run ``pid_echo_server.py`` in its own process; its port is in ``.port``."""
+def start_pid_echo_server(
+    log_dir: Path, *, heartbeat_interval: float = 10.0, work: int = 0
+) -> ManagedProcess:
+    """Run ``pid_echo_server.py`` in its own process; its port is in ``.port``.
+
+    ``work`` adds that many SHA-256 passes over every chunk echoed (CPU-bound
+    handlers, for the scale-out measurement).
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"server-{time.monotonic_ns()}.log"
     process = subprocess.Popen(
@@ -365,6 +371,8 @@ def start_pid_echo_server(log_dir: Path, *, heartbeat_interval: float = 10.0) ->
             str(HERE / "pid_echo_server.py"),
             "--heartbeat-interval",
             str(heartbeat_interval),
+            "--work",
+            str(work),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

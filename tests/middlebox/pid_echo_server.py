@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import os
 import sys
 
@@ -17,19 +18,25 @@ import trio
 import pht
 
 
-async def pid_echo(stream: pht.PHTStream) -> None:
+async def pid_echo(stream: pht.PHTStream, work: int = 0) -> None:
     try:
         await stream.send_all(f"{os.getpid()}\n".encode())
         while data := await stream.receive_some():
+            for _ in range(work):  # a CPU-bound handler, for scale-out figures
+                hashlib.sha256(data).digest()
             await stream.send_all(data)
     except trio.BrokenResourceError:
         pass
 
 
-async def main(port: int, heartbeat_interval: float) -> None:
+async def main(port: int, heartbeat_interval: float, work: int) -> None:
     async with trio.open_nursery() as nursery:
         serve = functools.partial(
-            pht.serve_pht, pid_echo, port, host="127.0.0.1", heartbeat_interval=heartbeat_interval
+            pht.serve_pht,
+            functools.partial(pid_echo, work=work),
+            port,
+            host="127.0.0.1",
+            heartbeat_interval=heartbeat_interval,
         )
         listeners = await nursery.start(serve)
         bound = listeners[0].socket.getsockname()[1]
@@ -41,8 +48,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
+    parser.add_argument("--work", type=int, default=0, help="SHA-256 passes per echoed chunk")
     args = parser.parse_args()
     try:
-        trio.run(main, args.port, args.heartbeat_interval)
+        trio.run(main, args.port, args.heartbeat_interval, args.work)
     except KeyboardInterrupt:
         pass
