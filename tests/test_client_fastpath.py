@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 import pht
 from pht import _client
 
+from .support import cut
+
 TOKEN = "0jlvkbo4h2ijdbnmiu20"
 
 
@@ -125,15 +127,6 @@ def response_bytes(draw: st.DrawFn) -> bytes:
                 del data[at]
         return bytes(data)
     return base
-
-
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    pieces, offset, i = [], 0, 0
-    while offset < len(data):
-        pieces.append(data[offset : offset + sizes[i % len(sizes)]])
-        offset += sizes[i % len(sizes)]
-        i += 1
-    return pieces
 
 
 @st.composite

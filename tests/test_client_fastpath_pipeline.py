@@ -14,17 +14,10 @@ from hypothesis import strategies as st
 
 import pht
 
+from .support import cut
+
 TOKEN = "0jlvkbo4h2ijdbnmiu20"
 ACK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-
-
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    pieces, offset, i = [], 0, 0
-    while offset < len(data):
-        pieces.append(data[offset : offset + sizes[i % len(sizes)]])
-        offset += sizes[i % len(sizes)]
-        i += 1
-    return pieces
 
 
 def drain(channel: pht.ClientChannel) -> list[object]:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import pht
 from pht import _client
 
+from .support import cut
+
 TOKEN = "0jlvkbo4h2ijdbnmiu20"
 HEAD = b"HTTP/1.1 200 OK\r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -107,15 +109,6 @@ def mutate(draw: st.DrawFn, data: bytes) -> bytes:
         else:
             del buffer[at:]
     return bytes(buffer)
-
-
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    pieces, offset, i = [], 0, 0
-    while offset < len(data):
-        pieces.append(data[offset : offset + sizes[i % len(sizes)]])
-        offset += sizes[i % len(sizes)]
-        i += 1
-    return pieces
 
 
 @st.composite

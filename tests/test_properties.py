@@ -11,19 +11,10 @@ from hypothesis import strategies as st
 
 import pht
 
+from .support import cut
+
 writes = st.lists(st.binary(min_size=1, max_size=5000), min_size=1, max_size=12)
 cuts = st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=50)
-
-
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    """Split ``data`` into pieces of the given sizes, cycling through them."""
-    pieces, offset, i = [], 0, 0
-    while offset < len(data):
-        size = sizes[i % len(sizes)]
-        pieces.append(data[offset : offset + size])
-        offset += size
-        i += 1
-    return pieces
 
 
 def drain(conn: pht.ServerConnection | pht.ClientChannel) -> list[object]:

@@ -21,19 +21,10 @@ from hypothesis import strategies as st
 
 import pht
 
+from .support import cut
+
 Answer = tuple[str, int]  # (how to answer the next event, pieces to wait before answering)
 Step = tuple[Any, ...]
-
-
-def cut(data: bytes, sizes: list[int]) -> list[bytes]:
-    """Split ``data`` into pieces of the given sizes, cycling through them."""
-    pieces, offset, i = [], 0, 0
-    while offset < len(data):
-        size = sizes[i % len(sizes)]
-        pieces.append(data[offset : offset + size])
-        offset += size
-        i += 1
-    return pieces
 
 
 def answer(conn: pht.ServerConnection, event: object, how: str) -> bytes:
