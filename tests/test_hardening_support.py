@@ -10,44 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
 import pht
 
+from .support import echo as echo  # re-exported for the hardening tests
+from .support import receive_exactly
+from .support import start_server as start_server
+
 Handler = Callable[[pht.PHTStream], Awaitable[object]]
 
 #: Real-time guard for anything that could hang on a bug (never reached when all is well).
 GUARD = 20.0
-
-
-async def echo(stream: pht.PHTStream) -> None:
-    try:
-        while data := await stream.receive_some():
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-
-
-async def start_server(nursery: trio.Nursery, handler: Handler = echo, **kwargs: Any) -> int:
-    """Start ``serve_pht`` on 127.0.0.1, port 0, and return the bound port."""
-    listeners = await nursery.start(
-        lambda task_status: pht.serve_pht(
-            handler, 0, host="127.0.0.1", task_status=task_status, **kwargs
-        )
-    )
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 async def echo_round_trip(stream: trio.abc.Stream, size: int = 3000) -> None:

@@ -15,35 +15,9 @@ import trio.testing
 
 import pht
 
+from .support import receive_exactly, start_server
+
 Handler = Callable[[pht.PHTStream], Awaitable[object]]
-
-
-async def echo(stream: pht.PHTStream) -> None:
-    while data := await stream.receive_some():
-        await stream.send_all(data)
-
-
-async def start_server(nursery: trio.Nursery, handler: Handler = echo, **kwargs: Any) -> int:
-    listeners = await nursery.start(
-        lambda task_status: pht.serve_pht(
-            handler, 0, host="127.0.0.1", task_status=task_status, **kwargs
-        )
-    )
-    port: int = (
-        listeners[0].transport_listener.socket.getsockname()[1]
-        if kwargs.get("tls")
-        else listeners[0].socket.getsockname()[1]
-    )
-    return port
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 @pytest.mark.parametrize("authorize", [True, False])
