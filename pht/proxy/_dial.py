@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -112,3 +113,20 @@ async def dial_upstream(
         raise DialFailed(DialFailure.TIMEOUT, f"no connection within {timeout} s") from None
     except Exception as exc:
         raise DialFailed(classify_dial_error(exc), str(exc) or type(exc).__name__) from exc
+
+
+class DialingHandler:
+    """What the proxy handlers share: credentials, how to dial, how long to wait."""
+
+    log: logging.Logger = logging.getLogger("pht.proxy")
+
+    def __init__(
+        self,
+        *,
+        auth: Auth | None = None,
+        dial: Dialer = tcp_dialer,
+        dial_timeout: float | None = DEFAULT_DIAL_TIMEOUT,
+    ) -> None:
+        self.auth = auth
+        self.dial = dial
+        self.dial_timeout = dial_timeout

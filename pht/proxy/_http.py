@@ -17,13 +17,11 @@ import trio
 
 from ._address import AddressError, format_hostport, parse_hostport
 from ._dial import (
-    DEFAULT_DIAL_TIMEOUT,
     Auth,
-    Dialer,
     DialFailed,
     DialFailure,
+    DialingHandler,
     dial_upstream,
-    tcp_dialer,
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
 from ._serve import send_quietly
@@ -162,7 +160,7 @@ class _Upstream:
             raise _UpstreamFailed(f"receiving failed: {exc!r}") from exc
 
 
-class HTTPProxyHandler:
+class HTTPProxyHandler(DialingHandler):
     """An HTTP proxy for one client connection.
 
     ``CONNECT host:port`` opens a tunnel (``200 Connection established``).
@@ -173,19 +171,6 @@ class HTTPProxyHandler:
     else ``407``. Unreachable upstream: ``502``; dial timeout: ``504``;
     malformed request: ``400``. Error responses close the connection.
     """
-
-    log: logging.Logger = logging.getLogger("pht.proxy")
-
-    def __init__(
-        self,
-        *,
-        auth: Auth | None = None,
-        dial: Dialer = tcp_dialer,
-        dial_timeout: float | None = DEFAULT_DIAL_TIMEOUT,
-    ) -> None:
-        self.auth = auth
-        self.dial = dial
-        self.dial_timeout = dial_timeout
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         session = _Session(self, stream)

@@ -22,6 +22,7 @@ from ._dial import (
     Dialer,
     DialFailed,
     DialFailure,
+    DialingHandler,
     dial_upstream,
     tcp_dialer,
 )
@@ -139,7 +140,7 @@ def _response(status: int) -> bytes:
     return encode_message(status)
 
 
-class RelayHandler:
+class RelayHandler(DialingHandler):
     """A GOST relay server for one stream (CONNECT only; no BIND, no UDP).
 
     With ``target`` it forwards every CONNECT there and ignores any address
@@ -152,8 +153,6 @@ class RelayHandler:
     eager client that waits for the response before it sends needs.
     """
 
-    log: logging.Logger = logging.getLogger("pht.proxy")
-
     def __init__(
         self,
         *,
@@ -163,10 +162,8 @@ class RelayHandler:
         dial_timeout: float | None = DEFAULT_DIAL_TIMEOUT,
         lazy_reply: bool = True,
     ) -> None:
-        self.auth = auth
+        super().__init__(auth=auth, dial=dial, dial_timeout=dial_timeout)
         self.target = target
-        self.dial = dial
-        self.dial_timeout = dial_timeout
         self.lazy_reply = lazy_reply
 
     async def __call__(self, stream: trio.abc.Stream) -> None:

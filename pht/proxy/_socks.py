@@ -18,13 +18,11 @@ from ._address import (
     format_hostport,
 )
 from ._dial import (
-    DEFAULT_DIAL_TIMEOUT,
     Auth,
-    Dialer,
     DialFailed,
     DialFailure,
+    DialingHandler,
     dial_upstream,
-    tcp_dialer,
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
 from ._serve import Connected, Reject, serve_handshake
@@ -103,7 +101,7 @@ def _credentials_match(auth: Auth, username: bytes, password: bytes) -> bool:
     return user_ok & pass_ok
 
 
-class Socks5Handler:
+class Socks5Handler(DialingHandler):
     """A SOCKS5 server for one stream: CONNECT only (no BIND, no UDP ASSOCIATE).
 
     Without ``auth`` it offers "no authentication"; with ``auth`` it offers
@@ -111,19 +109,6 @@ class Socks5Handler:
     matching reply code; the success reply carries the upstream socket's
     local address when there is one.
     """
-
-    log: logging.Logger = logging.getLogger("pht.proxy")
-
-    def __init__(
-        self,
-        *,
-        auth: Auth | None = None,
-        dial: Dialer = tcp_dialer,
-        dial_timeout: float | None = DEFAULT_DIAL_TIMEOUT,
-    ) -> None:
-        self.auth = auth
-        self.dial = dial
-        self.dial_timeout = dial_timeout
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         await serve_handshake(self.log, "socks5", stream, self._handshake)
@@ -202,26 +187,13 @@ async def _read_address(reader: HandshakeReader, atyp: int) -> tuple[str, int]:
     return host, port
 
 
-class Socks4Handler:
+class Socks4Handler(DialingHandler):
     """A SOCKS4 / SOCKS4a server for one stream: CONNECT only.
 
     SOCKS4 carries a user id but no password: with ``auth`` set, a request is
     accepted only if its user id is ``auth.username`` and ``auth.password`` is
     empty (as GOST does), so a password-protected server rejects SOCKS4.
     """
-
-    log: logging.Logger = logging.getLogger("pht.proxy")
-
-    def __init__(
-        self,
-        *,
-        auth: Auth | None = None,
-        dial: Dialer = tcp_dialer,
-        dial_timeout: float | None = DEFAULT_DIAL_TIMEOUT,
-    ) -> None:
-        self.auth = auth
-        self.dial = dial
-        self.dial_timeout = dial_timeout
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         await serve_handshake(self.log, "socks4", stream, self._handshake)
