@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Mapping
+from typing import TypeVar
 from urllib.parse import parse_qsl, unquote
 
 from ._meta import Metadata, parse_address
@@ -167,51 +169,58 @@ _GOST_CONNECTORS = frozenset(
 )
 
 
+_Name = TypeVar("_Name", bound=str)
+
+
+def _normalize(
+    name: str,
+    table: Mapping[str, _Name],
+    gost_names: frozenset[str],
+    fallback: _Name,
+    *,
+    role: str,
+    where: str,
+    strict: bool,
+) -> _Name:
+    """GOST's rule: a known name maps to pht's, one GOST has but pht lacks is an
+    error, and any other name falls back to ``fallback`` (unless ``strict``)."""
+    name = name.strip().lower()
+    if name in table:
+        return table[name]
+    if name in gost_names or strict:
+        choices = ", ".join(sorted(set(table)))
+        raise ConfigError(
+            f"{where}: {role} {name!r} is not supported by pht (use one of: {choices})"
+        )
+    return fallback
+
+
 def normalize_handler(name: str, *, where: str, strict: bool = False) -> HandlerType:
     """Map a handler name to pht's; unknown names become ``auto`` unless ``strict``."""
-    name = name.strip().lower()
-    if name in HANDLERS:
-        return HANDLERS[name]
-    if name in _GOST_HANDLERS or strict:
-        raise ConfigError(
-            f"{where}: handler {name!r} is not supported by pht "
-            f"(use one of: {', '.join(sorted(set(HANDLERS)))})"
-        )
-    return "auto"
+    return _normalize(
+        name, HANDLERS, _GOST_HANDLERS, "auto", role="handler", where=where, strict=strict
+    )
 
 
 def normalize_listener(name: str, *, where: str, strict: bool = False) -> ListenerType:
-    name = name.strip().lower()
-    if name in LISTENERS:
-        return LISTENERS[name]
-    if name in _GOST_TRANSPORTS or strict:
-        raise ConfigError(
-            f"{where}: listener {name!r} is not supported by pht (use tcp, pht or phts)"
-        )
-    return "tcp"
+    """Map a listener name to pht's; unknown names become ``tcp`` unless ``strict``."""
+    return _normalize(
+        name, LISTENERS, _GOST_TRANSPORTS, "tcp", role="listener", where=where, strict=strict
+    )
 
 
 def normalize_connector(name: str, *, where: str, strict: bool = False) -> ConnectorType:
-    name = name.strip().lower()
-    if name in CONNECTORS:
-        return CONNECTORS[name]
-    if name in _GOST_CONNECTORS or strict:
-        raise ConfigError(
-            f"{where}: connector {name!r} is not supported by pht "
-            f"(use one of: {', '.join(sorted(set(CONNECTORS)))})"
-        )
-    return "http"
+    """Map a connector name to pht's; unknown names become ``http`` unless ``strict``."""
+    return _normalize(
+        name, CONNECTORS, _GOST_CONNECTORS, "http", role="connector", where=where, strict=strict
+    )
 
 
 def normalize_dialer(name: str, *, where: str, strict: bool = False) -> DialerType:
-    name = name.strip().lower()
-    if name in DIALERS:
-        return DIALERS[name]
-    if name in _GOST_TRANSPORTS or strict:
-        raise ConfigError(
-            f"{where}: dialer {name!r} is not supported by pht (use tcp, pht or phts)"
-        )
-    return "tcp"
+    """Map a dialer name to pht's; unknown names become ``tcp`` unless ``strict``."""
+    return _normalize(
+        name, DIALERS, _GOST_TRANSPORTS, "tcp", role="dialer", where=where, strict=strict
+    )
 
 
 def server_paths(meta: Metadata) -> PHTPaths:
