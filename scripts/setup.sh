@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -r requirements-dev.txt -e '.[speedups,cli]'
+    -r requirements-dev.txt -e '.[cli]'
 # atheris (coverage-guided fuzzing) ships wheels for CPython <= 3.11 on x86_64;
 # elsewhere scripts/fuzz.sh builds it, and the fuzz smoke tests say they skip.
 if .venv/bin/python -c 'import sys, platform; sys.exit(not (sys.version_info < (3, 12) and platform.machine() == "x86_64"))'; then
