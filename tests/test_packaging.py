@@ -96,7 +96,8 @@ def test_sdist_is_the_whole_project(dist: Path) -> None:
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]
         names = {n.removeprefix(top + "/") for n in tar.getnames()}
-    wanted = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml"}
+    wanted = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "mkdocs.yml"}
+    wanted |= {"requirements-dev.txt", "requirements-docs.txt"}
     for folder in ("pht", "tests", "docs", "benchmarks", "scripts"):
         wanted |= project_files(folder)
     wanted = {w for w in wanted if not w.startswith("benchmarks/results")}
