@@ -105,3 +105,17 @@ def test_python_example_runs(block: Block, tmp_path: Path) -> None:
     where = f"{block.document}, the block at line {block.line}"
     assert result.returncode == 0, f"{where} failed:\n{result.stderr}"
     assert "Traceback" not in result.stderr, f"{where}:\n{result.stderr}"
+
+
+def test_install_commands_name_the_distribution() -> None:
+    """``pip install pht`` would install an unrelated project: say pht-tunnel."""
+    commands = [
+        (path.name, line.strip())
+        for path in DOCUMENTS
+        for line in path.read_text().splitlines()
+        if "pip install" in line and "-r requirements" not in line
+    ]
+    assert commands
+    wrong = [(name, line) for name, line in commands if "pht-tunnel" not in line]
+    assert wrong == []
+    assert not [line for _, line in commands if re.search(r"pip install '?pht[\[ ']", line)]
