@@ -74,6 +74,7 @@ def __getattr__(name: str) -> Any:
 
 
 __version__ = "0.1.0.dev0"
+"""The version of this release of ``pht`` (distribution ``pht-tunnel``)."""
 
 __all__ = [
     "BASE64_BACKEND",

@@ -21,6 +21,8 @@ except ImportError:  # pragma: no cover
 
 #: Name of the base64 implementation in use, for benchmarks and bug reports.
 BASE64_BACKEND = "pybase64" if _pybase64 is not None else "binascii"
+"""Which base64 implementation the codec uses: ``"pybase64"`` (SIMD, the
+default dependency) or ``"binascii"`` (the standard library fallback)."""
 
 
 if _pybase64 is not None:
@@ -113,6 +115,7 @@ class LineBuffer:
         return len(self._buffer)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes; complete lines come out of :meth:`lines`."""
         self._buffer += data
 
     def lines(self) -> Iterator[bytes]:

@@ -40,6 +40,8 @@ class NeedData(enum.Enum):
 
 #: Returned by ``next_event()`` when no event can be produced yet.
 NEED_DATA = NeedData.NEED_DATA
+"""Returned by ``next_event()`` when no complete event is buffered yet: call
+``receive_data`` with more bytes from the network, then ask again."""
 
 
 class RequestKind(enum.Enum):
@@ -129,6 +131,7 @@ class Rejected:
 ClientEvent = (
     Authorized | PushAcknowledged | PullStarted | DataReceived | Heartbeat | PullEnded | Rejected
 )
+"""Any event :meth:`ClientChannel.next_event` returns (besides :data:`NEED_DATA`)."""
 
 
 # --- events a server connection produces --------------------------------------
@@ -185,3 +188,4 @@ class BadRequest:
 
 
 ServerEvent = AuthorizeRequest | PushRequest | CloseRequest | PullRequest | BadRequest
+"""Any event :meth:`ServerConnection.next_event` returns (besides :data:`NEED_DATA`)."""

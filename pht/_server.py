@@ -684,6 +684,7 @@ class SessionRegistry(Generic[P]):
         return iter(list(self._sessions.values()))
 
     def get(self, token: str) -> SessionRecord[P] | None:
+        """The record of session ``token``, or ``None`` if it is unknown (or forgotten)."""
         return self._sessions.get(token)
 
     def issue(self, now: float) -> str | None:

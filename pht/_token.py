@@ -20,9 +20,9 @@ TOKEN_LENGTH = 26
 #: Longest token a server accepts in a request; GOST's own are 20 characters.
 MAX_TOKEN_LENGTH = 128
 
-#: A callable returning a fresh token; the core takes one instead of drawing
-#: randomness itself, so tests can pass a deterministic source.
 TokenSource = Callable[[], str]
+"""A callable returning a fresh token; the core takes one instead of drawing
+randomness itself, so tests can pass a deterministic source."""
 
 _TOKEN_ALPHABET = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-_ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 

@@ -43,7 +43,7 @@ def start(args: list[str], name: str) -> tuple[subprocess.Popen[str], str]:
 
 def main() -> int:
     if shutil.which("curl") is None:
-        raise SystemExit("demo: curl is needed (scripts/setup.sh --system installs it)")
+        raise SystemExit("demo: curl is needed (scripts/setup.sh demo installs it)")
     with tempfile.TemporaryDirectory() as folder:
         payload = os.urandom(32 * 1024 * 1024)
         Path(folder, "file.bin").write_bytes(payload)

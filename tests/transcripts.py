@@ -1,7 +1,12 @@
-"""Readers for the golden transcripts in ``../shared/conformance/``.
+"""Readers for the golden transcripts in ``tests/conformance/``.
 
 The captures show bytes with ``\\r\\n`` and ``\\n`` written out literally at
 the end of each line; a line without either had no line ending on the wire.
+``tests/conformance/README.md`` says which GOST commits produced them.
+
+A missing capture fails the test that asked for it (naming the file); the
+readers are only called from inside tests, never at import time, so a missing
+file never turns into a collection error.
 """
 
 from __future__ import annotations
@@ -10,8 +15,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+import pytest
+
+CONFORMANCE = Path(__file__).resolve().parent / "conformance"
 _RULE = "=" * 78
+
+
+def read_capture(name: str) -> str:
+    """The text of capture ``name``; fails the calling test if it is missing."""
+    path = CONFORMANCE / name
+    if not path.is_file():
+        pytest.fail(
+            f"golden transcript {name} is missing: expected {path} "
+            "(see tests/conformance/README.md)",
+            pytrace=False,
+        )
+    return path.read_text()
 
 
 def decode_block(lines: list[str]) -> bytes:
@@ -37,7 +56,7 @@ class Exchange:
 
 
 def raw_http_exchanges(name: str) -> dict[str, Exchange]:
-    text = (CONFORMANCE / name).read_text()
+    text = read_capture(name)
     result: dict[str, Exchange] = {}
     for part in text.split(_RULE):
         match = re.search(r"^## (\w+)\. (.*)$", part, re.MULTILINE)
@@ -73,7 +92,7 @@ def wire_pieces(name: str) -> list[WirePiece]:
     header = re.compile(r"^\[\s*[\d.]+s\] conn#(\d+) (C>S|S>C) \d+ bytes:$")
     current: tuple[int, str] | None = None
     block: list[str] = []
-    for line in (CONFORMANCE / name).read_text().splitlines():
+    for line in read_capture(name).splitlines():
         match = header.match(line)
         if match or line.startswith(("[", "#")):
             if current is not None:

@@ -21,11 +21,13 @@ __all__ = [
     "tcp_dialer",
 ]
 
-#: Opens a stream to ``(host, port)``.
 Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
+"""How handlers reach their targets: ``await dial(host, port)`` returns an open
+stream. :func:`tcp_dialer` is the default; pass another one to chain proxies or
+to restrict where a handler may connect."""
 
-#: Seconds a handler waits for an upstream connection by default.
 DEFAULT_DIAL_TIMEOUT = 10.0
+"""Seconds a handler waits for an upstream connection by default."""
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class ForwardHandler:
         self.dial_timeout = dial_timeout
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Relay ``stream`` to the fixed target until either side closes, then close both."""
         await serve_handshake(self.log, "forward", stream, self._handshake)
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
@@ -78,6 +79,7 @@ class AutoHandler:
         self.http = HTTPProxyHandler(auth=auth, dial=dial, dial_timeout=dial_timeout)
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Look at the first bytes of ``stream`` and serve it as SOCKS5, SOCKS4 or HTTP."""
         try:
             first = await stream.receive_some()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

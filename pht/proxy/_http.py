@@ -173,6 +173,7 @@ class HTTPProxyHandler(DialingHandler):
     """
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Serve one HTTP proxy client (CONNECT or plain requests) on ``stream``, then close it."""
         session = _Session(self, stream)
         try:
             await session.run()

@@ -167,6 +167,7 @@ class RelayHandler(DialingHandler):
         self.lazy_reply = lazy_reply
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Serve one GOST relay client on ``stream``: read its request, dial, relay, close."""
         await serve_handshake(self.log, "relay", stream, self._handshake)
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
@@ -364,6 +365,7 @@ class RelayClientStream(trio.abc.Stream):
             return True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``; the first call carries the relay request with it (lazy connect)."""
         self._check_open()
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
@@ -375,10 +377,12 @@ class RelayClientStream(trio.abc.Stream):
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait on the stream to the relay."""
         self._check_open()
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Read the relay's reply once (raising its refusal), then the target's bytes."""
         self._check_open()
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
@@ -412,5 +416,6 @@ class RelayClientStream(trio.abc.Stream):
             self._receiving = False
 
     async def aclose(self) -> None:
+        """Close the stream to the relay."""
         self._closed = True
         await self.transport_stream.aclose()

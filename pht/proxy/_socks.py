@@ -111,6 +111,7 @@ class Socks5Handler(DialingHandler):
     """
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Serve one SOCKS5 client on ``stream``: negotiate, dial, relay, close."""
         await serve_handshake(self.log, "socks5", stream, self._handshake)
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
@@ -196,6 +197,7 @@ class Socks4Handler(DialingHandler):
     """
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Serve one SOCKS4/4a client on ``stream``: read its request, dial, relay, close."""
         await serve_handshake(self.log, "socks4", stream, self._handshake)
 
     async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:

@@ -43,6 +43,7 @@ class PrefixedStream(trio.abc.Stream):
         return describe_peer(self.transport_stream)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The held prefix first, then what the wrapped stream receives."""
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
         if self._prefix:
@@ -56,16 +57,19 @@ class PrefixedStream(trio.abc.Stream):
         return await self.transport_stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send on the wrapped stream."""
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
         await self.transport_stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
+        """Wait on the wrapped stream."""
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
         await self.transport_stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        """Close the wrapped stream and drop the prefix."""
         self._closed = True
         self._prefix = memoryview(b"")
         await self.transport_stream.aclose()
