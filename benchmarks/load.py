@@ -96,7 +96,7 @@ SIZES = {
     "quick": Size(1.0, 1.0, 200, 2.0, 2.0, 2_000, 200, 2.0, 50, 256 * 1024, 1.0, 16, 30.0),
     "medium": Size(3.0, 3.0, 2_000, 10.0, 8.0, 10_000, 2_000, 5.0, 300, 1 << 20, 3.0, 32, 60.0),
     "full": Size(
-        5.0, 5.0, 10_000, 20.0, 15.0, 20_000, 10_000, 10.0, 1_000, 1 << 20, 5.0, 64, 90.0
+        5.0, 5.0, 10_000, 20.0, 45.0, 20_000, 10_000, 10.0, 1_000, 1 << 20, 5.0, 64, 60.0
     ),
 }
 
@@ -582,7 +582,8 @@ def canary_figures(rig: Rig, start: float, end: float) -> dict[str, float | int 
     echoes = [e for e in rig.canary.get("echoes", []) if start <= e[0] < end]
     latencies = [e[1] for e in echoes if e[1] is not None]
     probes = [p for p in rig.canary.get("probes", []) if start <= p[0] < end]
-    ok = [p[1] for p in probes if p[1] is not None and p[1] <= PROBE_OK]
+    opened = [p[1] for p in probes if p[1] is not None]
+    ok = [value for value in opened if value <= PROBE_OK]
     ms = 1000.0
     return {
         "echoes": len(echoes),
@@ -595,6 +596,7 @@ def canary_figures(rig: Rig, start: float, end: float) -> dict[str, float | int 
         "probes": len(probes),
         "probes_ok_within_1s": len(ok),
         "probe_success": len(ok) / len(probes) if probes else None,
+        "probe_median_ms": statistics.median(opened) * ms if opened else None,
     }
 
 
@@ -682,6 +684,8 @@ class Deadline:
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+#: The junk-push flood stops early after this many 429 answers (sessions full).
+LOCKOUT_SHOWN = 1000
 #: Requests a flooding connection sends ahead of their answers (pipelined).
 PIPELINE = 16
 
@@ -692,6 +696,7 @@ async def flood(
     deadline: Deadline,
     request: Callable[[], bytes],
     statuses: Counter[str],
+    until: Callable[[], bool] = lambda: False,
 ) -> None:
     """``connections`` kept-alive connections send ``request()`` until the deadline, pipelined.
 
@@ -730,7 +735,7 @@ async def flood(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_answers, nursery.cancel_scope)
             try:
-                while deadline.take():
+                while not until() and deadline.take():
                     await window.acquire()
                     outstanding += 1
                     await stream.send_all(request())
@@ -740,12 +745,12 @@ async def flood(
                 while outstanding > 0:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        if outstanding > 0:
-            statuses["closed"] += outstanding
+        if outstanding > 0:  # still unanswered 2 s after the last request
+            statuses["unanswered"] += outstanding
         await trio.aclose_forcefully(stream)
 
     async def worker() -> None:
-        while not deadline.expired():
+        while not deadline.expired() and not until():
             await connection()
 
     async with trio.open_nursery() as nursery:
@@ -853,6 +858,9 @@ async def scenario_idle(size: Size, args: argparse.Namespace) -> dict[str, Any]:
                             statuses[error_key(exc)] += 1
                             await pull.aclose()
                             return
+                        except BaseException:  # cancelled: the opening phase ran out of time
+                            await pull.aclose()
+                            raise
                         statuses["200"] += 1
                         held.append((pull, push, token))
                         readers.start_soon(drain, pull)
@@ -883,15 +891,20 @@ async def scenario_idle(size: Size, args: argparse.Namespace) -> dict[str, Any]:
                     await push.aclose()
                     await pull.aclose()
 
-                async with trio.open_nursery() as nursery:
-                    for pull, push, token in held:
-                        nursery.start_soon(close_one, pull, push, token)
+                with trio.move_on_after(10):
+                    async with trio.open_nursery() as nursery:
+                        for pull, push, token in held:
+                            nursery.start_soon(close_one, pull, push, token)
+                for pull, push, _ in held:  # whatever the bound cut short
+                    await pull.aclose()
+                    if push is not None:
+                        await push.aclose()
                 close_seconds = trio.current_time() - close_started
                 await trio.sleep(2.0)  # the server's work after a mass close shows here
             readers.cancel_scope.cancel()
     opened = len(held)
-    idle = rig.phases[2] if len(rig.phases) > 2 else None
-    idle_cpu = server_figures(rig, idle.start, idle.end)["cpu_pct"] if idle else None
+    idle = next(p for p in rig.phases if p.name == "idle")
+    idle_cpu = server_figures(rig, idle.start, idle.end)["cpu_pct"]
     figures = {
         "tunnels_requested": requested,
         "tunnels_fitting_open_files": fit,
@@ -924,7 +937,12 @@ async def scenario_junk_push(size: Size, args: argparse.Namespace) -> dict[str, 
     statuses: Counter[str] = Counter()
     async with start_rig(size) as rig, rig.phase("attack") as attack:
         deadline = Deadline(seconds, count)
-        await flood(rig.server_port, size.concurrency, deadline, junk_push, statuses)
+
+        def locked_out() -> bool:
+            # The lock-out is shown once new sessions are refused; more adds nothing.
+            return statuses["429"] >= LOCKOUT_SHOWN
+
+        await flood(rig.server_port, size.concurrency, deadline, junk_push, statuses, locked_out)
     sent = sum(statuses.values())
     figures = {
         "pushes_sent": sent,
@@ -932,13 +950,18 @@ async def scenario_junk_push(size: Size, args: argparse.Namespace) -> dict[str, 
         "pushes_per_second": sent / (attack.end - attack.start),
         **attack_figures(rig),
     }
-    settings = {"max_pushes": count, "seconds": seconds, "connections": size.concurrency}
+    settings = {
+        "max_pushes": count,
+        "seconds": seconds,
+        "connections": size.concurrency,
+        "stop_after_429s": LOCKOUT_SHOWN,
+    }
     return scenario_result("junk-push", rig, settings, figures)
 
 
 async def scenario_authorize(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     """``/authorize`` calls at full speed: tokens issued and never used."""
-    seconds = args.duration or size.flood_seconds
+    seconds = args.duration or min(size.flood_seconds, 15.0)  # the backlog fills at once
     statuses: Counter[str] = Counter()
     async with start_rig(size) as rig, rig.phase("attack") as attack:
         deadline = Deadline(seconds, args.count or None)
@@ -964,6 +987,7 @@ def attack_figures(rig: Rig) -> dict[str, Any]:
         figures[f"{phase.name}_echo_p99_ms"] = stats["echo_p99_ms"]
         figures[f"{phase.name}_stalls_over_100ms"] = stats["stalls_over_100ms"]
         figures[f"{phase.name}_fresh_tunnel_success"] = stats["probe_success"]
+        figures[f"{phase.name}_fresh_tunnel_median_ms"] = stats["probe_median_ms"]
     accepted = rig.target.get("accepted")
     opened = rig.canary.get("opened")
     if accepted is not None and opened is not None:
