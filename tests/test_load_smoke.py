@@ -1,9 +1,9 @@
 """The load suite runs end to end in a tiny configuration; no figure is judged.
 
-benchmarks/load.py starts its own target, server (the ``pht`` command line
-and ``serve_pht``) and canary processes on loopback; this only checks that
-every scenario finishes and produces each of its figures, so the suite does
-not rot between the runs that measure.
+``python -m benchmarks.load`` starts its own target, server (the ``pht``
+command line and ``serve_pht``) and canary processes on loopback; this only
+checks that every scenario finishes and produces each of its figures, so the
+suite does not rot between the runs that measure.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_every_scenario_produces_its_figures(tmp_path: Path) -> None:
     output = tmp_path / "load.json"
     # --quick, made smaller still: a few dozen connections, a second or two per phase.
     command = [
-        sys.executable, str(ROOT / "benchmarks" / "load.py"), "--quick", "--json", str(output),
+        sys.executable, "-m", "benchmarks.load", "--quick", "--json", str(output),
         "--tunnels", "40", "--count", "40", "--duration", "1", "--hold-seconds", "1",
         "--line-bytes", "65536", "--keepalive-timeout", "0.5", "--idle-seconds", "1.5",
     ]  # fmt: skip
