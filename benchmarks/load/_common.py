@@ -90,6 +90,7 @@ def raise_nofile(wanted: int = NOFILE) -> int:
 
 
 async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    """``size`` bytes from ``stream``; EOFError if it ends first."""
     data = bytearray()
     while len(data) < size:
         chunk = await stream.receive_some(size - len(data))
@@ -110,11 +111,13 @@ async def wait_stdin_eof() -> None:
 
 
 def describe(exc: BaseException) -> str:
+    """An exception in one short line, for the tables."""
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 160 else text[:157] + "..."
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of ``values`` (not empty)."""
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from ._common import CLK_TCK, HOST, PROBE_OK, ROOT, SESSION_LINE, STALL, Size, p
 
 @dataclass
 class Sample:
+    """One reading of a process's /proc files."""
+
     time: float
     rss_kib: int
     hwm_kib: int
@@ -55,6 +58,8 @@ def read_proc(pid: int) -> Sample | None:
 
 @dataclass
 class Phase:
+    """A named stretch of a scenario, in ``time.monotonic()`` seconds (shared by processes)."""
+
     name: str
     start: float
     end: float = 0.0
@@ -118,8 +123,7 @@ class Rig:
 
 
 def free_port() -> int:
-    import socket
-
+    """A port free on HOST now (for a server that must be told its port)."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
@@ -135,6 +139,7 @@ def pht_command() -> list[str]:
 
 
 async def wait_listening(port: int, process: trio.Process, timeout: float = 20.0) -> None:
+    """Return once ``port`` accepts connections; fail if ``process`` exits first."""
     with trio.fail_after(timeout):
         while True:
             if process.returncode is not None:
@@ -149,6 +154,7 @@ async def wait_listening(port: int, process: trio.Process, timeout: float = 20.0
 
 
 async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> bytes:
+    """One line of a role process's output (``buffer`` keeps what came after it)."""
     while b"\n" not in buffer:
         chunk = await stream.receive_some(65536)
         if not chunk:
@@ -214,7 +220,13 @@ async def start_rig(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rig.sampler)
             await rig.hold("baseline", size.baseline)
-            yield rig
+            try:
+                yield rig
+            except BaseException:
+                # A server that died (or hung) is a finding: show the end of its log.
+                log_tail = rig.server_log.read_bytes()[-4000:].decode(errors="replace")
+                print(f"server log (end):\n{log_tail}", file=sys.stderr, flush=True)
+                raise
             await rig.hold("after", size.after)
             rig.sample()
             nursery.cancel_scope.cancel()
@@ -284,12 +296,8 @@ def server_figures(rig: Rig, start: float, end: float) -> dict[str, float | None
     first = before[-1] if before else (inside[0] if inside else None)
     last = inside[-1] if inside else None
     if first is None or last is None or last.time <= first.time:
-        return {
-            "cpu_pct": None,
-            "harness_cpu_pct": None,
-            "rss_mib_end": None,
-            "rss_mib_peak": None,
-        }
+        keys = ("cpu_pct", "runq_wait_pct", "harness_cpu_pct", "rss_mib_end", "rss_mib_peak")
+        return dict.fromkeys(keys)
     cpu = (last.cpu_seconds - first.cpu_seconds) / (last.time - first.time) * 100
     wait = (last.wait_seconds - first.wait_seconds) / (last.time - first.time) * 100
     harness = [h for h in rig.harness if first.time <= h[0] <= last.time]
@@ -308,6 +316,7 @@ def server_figures(rig: Rig, start: float, end: float) -> dict[str, float | None
 def scenario_result(
     name: str, rig: Rig, settings: dict[str, Any], figures: dict[str, Any]
 ) -> dict[str, Any]:
+    """A scenario's own figures, the canary's and the server's over the whole run, per phase."""
     phases = {}
     for phase in rig.phases:
         phases[phase.name] = {

@@ -30,7 +30,7 @@ class Raw:
         return cls(stream)
 
     async def send(self, method: str, target: str, body: bytes | None = None) -> None:
-        headers = [("Host", f"{HOST}")]
+        headers = [("Host", HOST)]
         if body is not None:
             headers.append(("Content-Length", str(len(body))))
         data = self.h11.send(h11.Request(method=method, target=target, headers=headers))
@@ -78,6 +78,7 @@ class Raw:
 
 
 def status_key(exc_or_status: int | BaseException) -> str:
+    """How an attempt ended, as counted in the figures: a status or what went wrong."""
     if isinstance(exc_or_status, int):
         return str(exc_or_status)
     if isinstance(exc_or_status, (EOFError, trio.BrokenResourceError, h11.RemoteProtocolError)):
@@ -91,6 +92,8 @@ def status_key(exc_or_status: int | BaseException) -> str:
 
 
 class Deadline:
+    """A time limit and an optional count, shared by the workers of a flood."""
+
     def __init__(self, seconds: float, count: int | None = None) -> None:
         self.end = trio.current_time() + seconds
         self.left = count
@@ -99,6 +102,7 @@ class Deadline:
         return trio.current_time() >= self.end or self.left == 0
 
     def take(self) -> bool:
+        """May one more request go? (Counts it.)"""
         if trio.current_time() >= self.end:
             return False
         if self.left is not None:
@@ -193,10 +197,12 @@ def junk_push() -> bytes:
 
 
 def authorize_call() -> bytes:
+    """A token request (never used afterwards)."""
     return f"GET /authorize HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
 def token_from(body: bytes) -> str:
+    """The token of an authorize answer (``token=...``, as GOST writes it)."""
     text = body.decode("ascii", "replace").strip()
     return text.split("=", 1)[1] if text.startswith("token=") else text
 
@@ -220,12 +226,15 @@ async def open_held_pull(port: int, source: str) -> tuple[Raw, str]:
 
 
 class StatusError(Exception):
+    """The server answered a status other than 200 to a step of the load."""
+
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
 
 
 def error_key(exc: BaseException) -> str:
+    """``status_key`` for a failed step, with the status of a StatusError."""
     if isinstance(exc, StatusError):
         return str(exc.status)
     return status_key(exc)
