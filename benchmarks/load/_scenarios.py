@@ -275,7 +275,7 @@ async def scenario_endless_lines(size: Size, args: argparse.Namespace) -> dict[s
     pace = 0.05
     cap_kib = args.rss_cap * 1024
     statuses: Counter[str] = Counter()
-    sent: list[int] = []
+    sent = [0] * count  # base64 bytes each connection got out
     capped = False
     stop = trio.Event()
     streams: list[trio.SocketStream] = []
@@ -313,17 +313,15 @@ async def scenario_endless_lines(size: Size, args: argparse.Namespace) -> dict[s
                 f"POST /push?token={pht.new_token()} HTTP/1.1\r\nHost: {HOST}\r\n"
                 "Transfer-Encoding: chunked\r\n\r\n"
             ).encode()
-            total = 0
             try:
                 await stream.send_all(head)
                 await started.wait()
-                while total < per_connection and not stop.is_set():
+                while sent[index] < per_connection and not stop.is_set():
                     await stream.send_all(piece)
-                    total += 0x2000
+                    sent[index] += 0x2000
                     await trio.sleep(pace)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-            sent.append(total)
 
         async with trio.open_nursery() as readers:
             async with rig.phase("attack"):
@@ -350,7 +348,7 @@ async def scenario_endless_lines(size: Size, args: argparse.Namespace) -> dict[s
     figures = {
         "connections": len(streams),
         "mib_sent": sum(sent) / (1 << 20),
-        "kib_sent_per_connection": sum(sent) / max(1, len(sent)) / 1024,
+        "kib_sent_per_connection": sum(sent) / max(1, len(streams)) / 1024,
         "stopped_at_rss_cap": capped,
         "line_rss_growth_mib": (peak - base.rss_kib) / 1024,
         "rss_mib_while_held": loaded.rss_kib / 1024,
