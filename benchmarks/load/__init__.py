@@ -1,0 +1,1 @@
+"""The load suite (docs/load.md): ``python -m benchmarks.load``."""
