@@ -48,9 +48,7 @@ class ForwardHandler:
                 self.dial, self.target_host, self.target_port, self.dial_timeout
             )
         except DialFailed as exc:
-            raise Reject(
-                b"", f"cannot reach {target}: {exc.failure.value} ({exc})", level=logging.INFO
-            ) from None
+            raise Reject(b"", exc.describe(target), level=logging.WARNING) from None
         return Connected(stream, upstream, target)
 
 
