@@ -259,9 +259,9 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert_one_line_error(result, 2, f"{path}: services[0]", "addr: expected a string")
 
 
-def test_pht_hop_after_the_first_is_refused() -> None:
-    result = run_pht("-L", ":0", "-F", "http://127.0.0.1:1", "-F", "pht://127.0.0.1:2")
-    assert_one_line_error(result, 2, "only the first hop of a chain can be a PHT tunnel")
+def test_pht_hop_after_a_non_http_hop_is_refused() -> None:
+    result = run_pht("-L", ":0", "-F", "socks5://127.0.0.1:1", "-F", "pht://127.0.0.1:2")
+    assert_one_line_error(result, 2, "a PHT hop can only be first, or second after one plain")
 
 
 def test_version() -> None:
@@ -322,13 +322,30 @@ def test_all_interfaces_and_yaml_log_level(tmp_path: Path) -> None:
         child.wait_for(r"tunnel: listening on 127\.0\.0\.1:\d+ \(relay\+phts\)")
         status, output = child.stop()
     assert status == 0
-    # log.level: debug shows GOST-style notes about ignored options.
-    assert "ignoring option 'unknownThing'" in output
+    # An option pht does not know is a WARNING, never silence.
+    assert "WARNING services[0] (tunnel).listener.metadata: unknown option 'unknownThing'" in (
+        output
+    )
+    # log.level: debug shows the DEBUG lines (the versions in use).
+    assert "DEBUG" in output
+
+
+def test_yaml_log_level_warn_hides_info(tmp_path: Path) -> None:
+    config = tmp_path / "gost.yaml"
+    config.write_text(
+        "services:\n- addr: '127.0.0.1:0'\n  listener: {metadata: {unknownThing: 1}}\n"
+        "log: {level: warn}\n"
+    )
+    with PhtProcess("-C", str(config)) as child:
+        child.wait_for("unknown option 'unknownThing'")
+        status, output = child.stop()
+    assert status == 0
+    assert " INFO " not in output
 
 
 def test_debug_flag_overrides_nothing_but_level() -> None:
     with PhtProcess("-D", "-L", "http://127.0.0.1:0?someOption=1") as child:
-        child.wait_for("ignoring option 'someOption'")
+        child.wait_for("WARNING .*unknown option 'someOption': ignored")
         child.port()
         status, _ = child.stop()
     assert status == 0

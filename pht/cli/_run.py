@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import itertools
 import logging
 import os
@@ -19,13 +20,18 @@ import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import IO, NoReturn
+from urllib.parse import quote
 
 import trio
 
 import pht
 from pht import proxy
+from pht._stats import ChainStats, ServiceStats, Stats
 
+from ._log import JSONFormatter, TextFormatter, open_output
+from ._meta import parse_address
+from ._metrics import MetricsServer
 from ._spec import (
     Address,
     ChainSpec,
@@ -34,9 +40,12 @@ from ._spec import (
     ConfigError,
     Credentials,
     DefaultTLS,
+    HopSpec,
+    MetricsSpec,
     NodeSpec,
     ServerTLS,
     ServiceSpec,
+    TLSOptions,
 )
 from ._url import parse_node, parse_service
 
@@ -50,9 +59,6 @@ HandlerFactory = Callable[[proxy.Dialer], Handler]
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-_DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
 
 
 class StartupError(Exception):
@@ -68,8 +74,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
+    """The version and the backends in use: base64 codec, TLS library, trio, Python."""
     python = ".".join(str(part) for part in sys.version_info[:3])
-    return f"pht {pht.__version__} (python {python}, trio {trio.__version__})"
+    return (
+        f"pht {pht.__version__} (base64 {pht.BASE64_BACKEND}, TLS {ssl.OPENSSL_VERSION}, "
+        f"trio {trio.__version__}, python {python})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  pht -L :1080 -F socks5+pht://server:8443  local proxy through the tunnel\n"
             "  pht -L tcp://:2222/10.0.0.5:22 -F pht://server:8443\n"
             "  pht -C gost.yaml\n"
-            "Quote URLs that contain '&'. See docs/cli.md."
+            "Quote URLs that contain '&'. The command line is described in the pht\n"
+            "documentation, chapter 'The pht command line'."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -116,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log level (default: info, or log.level of the -C file)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log format: text (default) or json, one object a line with GOST's field "
+        "names (default: log.format of the -C file)",
+    )
+    parser.add_argument(
+        "--log-output",
+        metavar="WHERE",
+        help="stderr (default), stdout, none, or a file to append to "
+        "(default: log.output of the -C file)",
+    )
+    parser.add_argument(
+        "-metrics",
+        "--metrics",
+        dest="metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics on ADDR (e.g. :9000) at /metrics, as GOST's -metrics; "
+        "needs pip install 'pht[metrics]'",
+    )
     parser.add_argument("-V", "--version", action="version", version=_version())
     return parser
 
@@ -138,7 +169,10 @@ def _load_config(path: str) -> Config:
 
 
 def build_config(
-    services: Sequence[str], nodes: Sequence[str], config_file: str | None = None
+    services: Sequence[str],
+    nodes: Sequence[str],
+    config_file: str | None = None,
+    metrics: str | None = None,
 ) -> Config:
     """Combine ``-C FILE`` with the ``-L`` services and the ``-F`` chain.
 
@@ -162,6 +196,13 @@ def build_config(
         for text in services
     ]
     config = dataclasses.replace(base, services=(*base.services, *parsed), chains=tuple(chains))
+    if metrics is not None:
+        # GOST's -metrics ADDR: the path stays the YAML's, or /metrics.
+        path = base.metrics.path if base.metrics is not None else "/metrics"
+        config = dataclasses.replace(
+            config,
+            metrics=MetricsSpec(addr=parse_address(metrics, where="-metrics"), path=path),
+        )
     if not config.services:
         raise ConfigError("nothing to run: give a service with -L or a configuration file with -C")
     return config
@@ -182,6 +223,39 @@ def _ssl_reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
     return str(exc)
+
+
+_SSL_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def apply_tls_options(context: ssl.SSLContext, options: TLSOptions, where: str) -> None:
+    """GOST's ``minVersion``/``maxVersion``/``cipherSuites``/``alpn`` on ``context``.
+
+    Cipher suites use OpenSSL's names and bound TLS 1.2 and below (Python's
+    ssl module cannot choose TLS 1.3 suites).
+    """
+    try:
+        if options.min_version:
+            context.minimum_version = _SSL_VERSIONS[options.min_version]
+        if options.max_version:
+            context.maximum_version = _SSL_VERSIONS[options.max_version]
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}: TLS version not available: {_ssl_reason(exc)}") from None
+    if options.cipher_suites:
+        try:
+            context.set_ciphers(":".join(options.cipher_suites))
+        except ssl.SSLError:
+            raise ConfigError(
+                f"{where}: cipherSuites {','.join(options.cipher_suites)!r}: no usable cipher "
+                "(use OpenSSL names such as ECDHE-RSA-AES128-GCM-SHA256)"
+            ) from None
+    if options.alpn:
+        context.set_alpn_protocols(list(options.alpn))
 
 
 def server_context(tls: ServerTLS | DefaultTLS, where: str) -> ssl.SSLContext:
@@ -231,6 +305,7 @@ def client_context(tls: ClientTLS, where: str) -> ssl.SSLContext:
             context.load_cert_chain(tls.cert_file, tls.key_file or None)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"{where}: cannot set up TLS: {_ssl_reason(exc)}") from None
+    apply_tls_options(context, tls.options, where)
     return context
 
 
@@ -256,30 +331,145 @@ class _RoundRobin:
         return [(start + offset) % self._count for offset in range(self._count)]
 
 
+_RELAY_FAILURES = {
+    0x04: proxy.DialFailure.TIMEOUT,
+    0x05: proxy.DialFailure.REFUSED,
+    0x06: proxy.DialFailure.HOST_UNREACHABLE,
+    0x07: proxy.DialFailure.NETWORK_UNREACHABLE,
+}
+_SOCKS5_FAILURES = {
+    0x03: proxy.DialFailure.NETWORK_UNREACHABLE,
+    0x04: proxy.DialFailure.HOST_UNREACHABLE,
+    0x05: proxy.DialFailure.REFUSED,
+    0x06: proxy.DialFailure.TIMEOUT,
+}
+
+
+def _target_failure(connector: str, exc: proxy.ProxyError) -> proxy.DialFailure:
+    """What a hop's refusal code says about the target it could not reach."""
+    code = exc.code
+    if code is None:
+        return proxy.DialFailure.OTHER
+    if connector == "relay":
+        return _RELAY_FAILURES.get(code, proxy.DialFailure.OTHER)
+    if connector == "socks5":
+        return _SOCKS5_FAILURES.get(code, proxy.DialFailure.OTHER)
+    if connector == "http" and code == 504:
+        return proxy.DialFailure.TIMEOUT
+    return proxy.DialFailure.OTHER
+
+
+def _cause(exc: BaseException) -> str:
+    """An exception in words for a log line: the OS's text, never a repr."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError):
+        text = exc.strerror or str(exc)
+        if exc.errno is None and exc.__cause__ is not None:
+            inner = exc.__cause__
+            members = getattr(inner, "exceptions", None)
+            if isinstance(members, tuple) and members:
+                inner = members[0]
+            if isinstance(inner, OSError) and inner.strerror:
+                text = inner.strerror
+        return text
+    return str(exc) or type(exc).__name__
+
+
+class _HopErrors(trio.abc.Stream):
+    """Turns a lazy relay hop's refusal (raised on the first read) into a HopError
+    that names the hop, so that the handler's log line and reply say who failed."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, hop: str, connector: str) -> None:
+        self.transport_stream = transport_stream
+        self._hop = hop
+        self._connector = connector
+
+    def _wrap(self, exc: proxy.ProxyError) -> proxy.HopError:
+        if isinstance(exc, proxy.ProxyConnectError):
+            return proxy.HopError(
+                f"{self._hop}: {exc}", target_failure=_target_failure(self._connector, exc)
+            )
+        return proxy.HopError(f"{self._hop}: {exc}")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            return await self.transport_stream.receive_some(max_bytes)
+        except proxy.ProxyError as exc:
+            raise self._wrap(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport_stream.send_all(data)
+        except proxy.ProxyError as exc:
+            raise self._wrap(exc) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 class ChainDialer:
     """Opens a connection to ``(host, port)`` through the hops of a chain.
 
     The first hop is dialled directly (TCP or a PHT tunnel; with several nodes,
     each connection starts at the next one and the others are tried if it
     cannot be reached). Then each hop's connector asks its node to connect to
-    the next hop's node, and the last one to the target. Hops after the first
-    must use the ``tcp`` dialer: a PHT tunnel needs HTTP connections of its
-    own and cannot be opened inside another hop's stream.
+    the next hop's node, and the last one to the target. A PHT hop needs HTTP
+    connections of its own, so it can follow only a plain HTTP proxy hop
+    (``-F http://proxy:3128 -F socks5+pht://server``): its requests then go
+    through that proxy in absolute form, without CONNECT.
+
+    Failures raise :class:`pht.proxy.HopError` naming the hop and the cause,
+    with ``target_failure`` set only when a hop reported that the target
+    (not the hop itself) cannot be reached.
     """
 
-    def __init__(self, chain: ChainSpec) -> None:
+    def __init__(self, chain: ChainSpec, stats: ChainStats | None = None) -> None:
         self.chain = chain
+        self.stats = stats if stats is not None else ChainStats(chain.name)
         where = f"chain {chain.name!r}"
-        for hop in chain.hops[1:]:
-            for node in hop.nodes:
-                if node.dialer != "tcp":
+        hops = list(chain.hops)
+        # An HTTP proxy hop right before a pht hop becomes that hop's proxy=.
+        self._proxies: dict[int, str] = {}
+        merged: list[HopSpec] = []
+        for hop in hops:
+            if merged and any(node.dialer != "tcp" for node in hop.nodes):
+                before = merged[-1]
+                usable = len(merged) == 1 and all(
+                    node.connector == "http" and node.dialer == "tcp" for node in before.nodes
+                )
+                if (
+                    not usable
+                    or len(before.nodes) != 1
+                    or any(node.dialer != "pht" for node in hop.nodes)
+                ):
                     raise ConfigError(
-                        f"{where}: hop {hop.name!r} uses the {node.dialer} dialer; only the "
-                        "first hop of a chain can be a PHT tunnel"
+                        f"{where}: hop {hop.name!r} uses the {hop.nodes[0].dialer} dialer; a "
+                        "PHT hop can only be first, or second after one plain HTTP proxy "
+                        "hop (-F http://proxy:port -F socks5+pht://server:port)"
                     )
-        self._selectors = [_RoundRobin(len(hop.nodes)) for hop in chain.hops]
+                proxy_node = before.nodes[0]
+                credentials = ""
+                if proxy_node.auth is not None:
+                    credentials = (
+                        f"{quote(proxy_node.auth.username, safe='')}:"
+                        f"{quote(proxy_node.auth.password, safe='')}@"
+                    )
+                url = f"http://{credentials}{proxy_node.addr}"
+                for node in hop.nodes:
+                    self._proxies[id(node)] = node.proxy or url
+                merged[-1] = hop
+                continue
+            merged.append(hop)
+        self._hops = tuple(merged)
+        self._selectors = [_RoundRobin(len(hop.nodes)) for hop in self._hops]
         self._contexts: dict[int, ssl.SSLContext] = {}
-        for hop in chain.hops:
+        for hop in self._hops:
             for node in hop.nodes:
                 if node.dialer == "phts":
                     self._contexts[id(node)] = client_context(
@@ -291,6 +481,10 @@ class ChainDialer:
             ",".join(f"{node.scheme}://{node.addr}" for node in hop.nodes)
             for hop in self.chain.hops
         )
+
+    @staticmethod
+    def _label(hop: HopSpec, node: NodeSpec) -> str:
+        return f"{hop.name} ({node.scheme}://{node.addr})"
 
     async def _open(self, node: NodeSpec) -> trio.abc.Stream:
         if node.dialer == "tcp":
@@ -305,51 +499,88 @@ class ChainDialer:
             pull_path=node.paths.pull_path,
             headers=list(node.headers) or None,
             host_header=node.host_header,
+            proxy=self._proxies.get(id(node), node.proxy),
         )
+
+    def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:
+        cause = _cause(exc)
+        hint = ""
+        reset = isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+        if node.dialer == "pht" and (
+            reset or isinstance(exc, (pht.RemoteProtocolError, trio.BrokenResourceError))
+        ):
+            hint = " (is it a phts server? then write phts://)"
+        if node.dialer == "phts" and isinstance(exc, ssl.SSLError):
+            hint = " (is it a plain pht server? then write pht://)"
+        return f"{self._label(hop, node)}: {cause}{hint}"
 
     async def _connect(
         self, node: NodeSpec, stream: trio.abc.Stream, target: Address
     ) -> trio.abc.Stream:
         auth = _auth(node.auth)
-        if node.connector == "http":
-            return await proxy.http_connect(stream, target.host, target.port, auth=auth)
-        if node.connector == "socks5":
-            return await proxy.socks5_connect(stream, target.host, target.port, auth=auth)
-        if node.connector == "relay":
-            return await proxy.relay_connect(stream, target.host, target.port, auth=auth)
+        with trio.fail_after(node.connect_timeout or float("inf")):
+            if node.connector == "http":
+                return await proxy.http_connect(stream, target.host, target.port, auth=auth)
+            if node.connector == "socks5":
+                return await proxy.socks5_connect(stream, target.host, target.port, auth=auth)
+            if node.connector == "relay":
+                return await proxy.relay_connect(
+                    stream, target.host, target.port, auth=auth, lazy=not node.nodelay
+                )
         # forward: the node itself forwards the stream to its own target.
         return stream
 
     async def __call__(self, host: str, port: int) -> trio.abc.Stream:
-        hops = self.chain.hops
-        later = [
-            hop.nodes[sel.order()[0]]
-            for hop, sel in zip(hops[1:], self._selectors[1:], strict=True)
-        ]
-        failure: Exception | None = None
+        hops = self._hops
+        path = [hop.nodes[sel.order()[0]] for hop, sel in zip(hops, self._selectors, strict=True)]
+        failures: list[str] = []
         stream: trio.abc.Stream | None = None
-        first: NodeSpec | None = None
         for index in self._selectors[0].order():
             first = hops[0].nodes[index]
             try:
                 stream = await self._open(first)
+                path[0] = first
                 break
-            except (OSError, pht.PHTError) as exc:
-                log.debug("%s %s://%s: %s", self.chain.name, first.scheme, first.addr, exc)
-                failure = exc
-        if stream is None or first is None:
-            assert failure is not None
-            raise failure
-        path = [first, *later]
+            except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+                self.stats.error(first.name)
+                failures.append(self._open_failure(hops[0], first, exc))
+                log.debug("%s: %s", self.chain.name, failures[-1])
+        if stream is None:
+            raise proxy.HopError("; ".join(failures))
         try:
             for position, node in enumerate(path):
-                target = (
-                    path[position + 1].addr if position + 1 < len(path) else Address(host, port)
-                )
-                stream = await self._connect(node, stream, target)
+                last = position + 1 == len(path)
+                target = Address(host, port) if last else path[position + 1].addr
+                try:
+                    stream = await self._step(hops[position], node, stream, target, last)
+                except proxy.HopError:
+                    self.stats.error(node.name)
+                    raise
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
+        return stream
+
+    async def _step(
+        self, hop: HopSpec, node: NodeSpec, stream: trio.abc.Stream, target: Address, last: bool
+    ) -> trio.abc.Stream:
+        """Run ``node``'s connector; failures become HopError naming the hop."""
+        label = self._label(hop, node)
+        try:
+            stream = await self._connect(node, stream, target)
+        except proxy.ProxyConnectError as exc:
+            # The hop answered: it cannot reach what it was asked for. That is
+            # the target's fault only on the last hop.
+            failure = _target_failure(node.connector, exc) if last else None
+            raise proxy.HopError(f"{label}: {exc}", target_failure=failure) from exc
+        except (proxy.ProxyError, OSError, trio.BrokenResourceError) as exc:
+            raise proxy.HopError(f"{label}: {_cause(exc)}") from exc
+        except trio.TooSlowError:
+            raise proxy.HopError(
+                f"{label}: no answer within connectTimeout={node.connect_timeout or 0:g}s"
+            ) from None
+        if node.connector == "relay" and not node.nodelay:
+            stream = _HopErrors(stream, label, node.connector)
         return stream
 
 
@@ -374,11 +605,14 @@ def _handler_factory(spec: ServiceSpec) -> HandlerFactory:
         return lambda dial: proxy.Socks4Handler(auth=auth, dial=dial)
     if spec.handler == "relay":
         return lambda dial: proxy.RelayHandler(
-            auth=auth, target=next_target() if targets else None, dial=dial
+            auth=auth,
+            target=next_target() if targets else None,
+            dial=dial,
+            lazy_reply=not spec.nodelay,
         )
     # forward / tcp
     if auth is not None:
-        log.debug(
+        log.warning(
             "%s: a %s handler has no authentication: USER:PASS ignored", spec.name, spec.handler
         )
     assert targets, "the parsers guarantee a target"
@@ -423,8 +657,34 @@ def _listener_addresses(listeners: Sequence[object]) -> str:
     return ", ".join(names) or "?"
 
 
+class _CountingStream(trio.abc.Stream):
+    """Counts the bytes read from and written to a client into the service's stats."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, stats: ServiceStats) -> None:
+        self.transport_stream = transport_stream
+        self._stats = stats
+        remote = getattr(transport_stream, "remote_address", None)
+        if isinstance(remote, str):
+            self.remote_address = remote
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport_stream.receive_some(max_bytes)
+        self._stats.transferred(received=len(data))
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+        self._stats.transferred(sent=len(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 class Service:
-    """One listening service: its listener, its handler and its dialer."""
+    """One listening service: its listener, its handler, its dialer and its counters."""
 
     def __init__(
         self,
@@ -434,12 +694,14 @@ class Service:
         dial: proxy.Dialer,
         route: str,
         tls: bool | ssl.SSLContext,
+        stats: ServiceStats | None = None,
     ) -> None:
         self.spec = spec
         self.make_handler = make_handler
         self.dial = dial
         self.route = route
         self.tls = tls
+        self.stats = stats if stats is not None else ServiceStats(spec.name)
 
     def describe(self) -> str:
         details = self.spec.scheme
@@ -479,31 +741,55 @@ class Service:
         """Run one connection; a failing handler is logged, never fatal to the service."""
         peer = _peer(stream)
         name = self.spec.name
+        stats = self.stats
+        failed = False
+        started = trio.current_time()
+        stats.request_started()
 
         async def dial(host: str, port: int) -> trio.abc.Stream:
+            nonlocal failed
             target = Address(host, port)
             try:
                 upstream = await self.dial(host, port)
             except Exception as exc:
-                log.debug("%s: %s -> %s: %s", name, peer, target, exc or type(exc).__name__)
+                # The handler logs the failure (WARNING) and answers it.
+                failed = True
+                log.debug("%s: %s -> %s: %s", name, peer, target, _cause(exc))
                 raise
             log.info("%s: %s -> %s opened", name, peer, target)
             return upstream
 
         try:
-            await self.make_handler(dial)(stream)
+            await self.make_handler(dial)(_CountingStream(stream, stats))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, pht.PHTError) as exc:
+            failed = True
+            log.warning("%s: %s: connection failed: %s", name, peer, _cause(exc))
         except Exception as exc:
-            log.warning("%s: %s: connection failed: %r", name, peer, exc)
+            failed = True
+            # A bug, not a network event: say so, the traceback at DEBUG.
+            log.error(
+                "%s: %s: internal error: %s: %s (run with -D for the traceback)",
+                name,
+                peer,
+                type(exc).__name__,
+                exc,
+            )
             log.debug("%s: traceback", name, exc_info=True)
         finally:
+            stats.request_finished(trio.current_time() - started, failed=failed)
             await trio.aclose_forcefully(stream)
 
 
-def prepare(config: Config) -> list[Service]:
-    """Build every service (handlers, chains, TLS contexts) or raise ConfigError."""
+def prepare(config: Config, stats: Stats | None = None) -> list[Service]:
+    """Build every service (handlers, chains, TLS contexts) or raise ConfigError.
+
+    Their counters go to ``stats`` (a fresh :class:`Stats` if not given).
+    """
+    if stats is None:
+        stats = Stats()
     dialers: dict[str, ChainDialer] = {}
     for chain in config.chains:
-        dialers[chain.name] = ChainDialer(chain)
+        dialers[chain.name] = ChainDialer(chain, stats.chain(chain.name))
     default_tls: bool | ssl.SSLContext | None = None  # made on first use
     services = []
     for spec in config.services:
@@ -512,10 +798,14 @@ def prepare(config: Config) -> list[Service]:
         if spec.listener == "phts":
             if spec.tls is not None:
                 tls = server_context(spec.tls, where)
+            elif spec.tls_options != TLSOptions():
+                tls = _default_server_tls(config.tls, always_context=True)
             else:
                 if default_tls is None:
                     default_tls = _default_server_tls(config.tls)
                 tls = default_tls
+            if isinstance(tls, ssl.SSLContext) and spec.tls_options != TLSOptions():
+                apply_tls_options(tls, spec.tls_options, where)
         if spec.chain is not None:
             if spec.chain not in dialers:
                 raise ConfigError(f"{where}: unknown chain {spec.chain!r}")
@@ -525,14 +815,29 @@ def prepare(config: Config) -> list[Service]:
         else:
             dial, route = proxy.tcp_dialer, ""
         services.append(
-            Service(spec, make_handler=_handler_factory(spec), dial=dial, route=route, tls=tls)
+            Service(
+                spec,
+                make_handler=_handler_factory(spec),
+                dial=dial,
+                route=route,
+                tls=tls,
+                stats=stats.service(spec.name),
+            )
         )
     return services
 
 
-def _default_server_tls(tls: DefaultTLS | None) -> bool | ssl.SSLContext:
-    """The certificate of phts listeners without their own: files, generated, or GOST's."""
+def _default_server_tls(
+    tls: DefaultTLS | None, *, always_context: bool = False
+) -> bool | ssl.SSLContext:
+    """The certificate of phts listeners without their own: files, generated, or GOST's.
+
+    ``True`` lets the server make GOST's certificate; ``always_context`` makes
+    it here instead, so that TLS options can be set on its context.
+    """
     if tls is None:
+        if always_context:
+            return pht.make_self_signed_certificate().server_context()
         return True
     if tls.cert_file:
         return server_context(tls, "tls")
@@ -543,6 +848,8 @@ def _default_server_tls(tls: DefaultTLS | None) -> bool | ssl.SSLContext:
             validity_days=max(1, round(tls.validity_days or 365)),
         )
         return certificate.server_context()
+    if always_context:
+        return pht.make_self_signed_certificate().server_context()
     return True
 
 
@@ -565,12 +872,24 @@ async def _watch_signals(
             return
 
 
-async def serve_all(services: Sequence[Service]) -> None:
-    """Start every service (all or none), then run until a signal arrives."""
+async def serve_all(services: Sequence[Service], metrics: MetricsServer | None = None) -> None:
+    """Start every service (all or none) and the metrics endpoint, then run until a signal."""
     failure: str | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, nursery.cancel_scope)
-        for service in services:
+        if metrics is not None:
+            try:
+                listeners = await nursery.start(metrics.serve)
+            except OSError as exc:
+                failure = f"metrics: cannot listen on {metrics.spec.addr}: {exc.strerror or exc}"
+                nursery.cancel_scope.cancel()
+            else:
+                log.info(
+                    "metrics: listening on %s (path %s)",
+                    _listener_addresses(listeners),
+                    metrics.spec.path,
+                )
+        for service in services if failure is None else ():
             spec = service.spec
             try:
                 listeners = await nursery.start(service.serve)
@@ -599,6 +918,8 @@ async def serve_all(services: Sequence[Service]) -> None:
                 _listener_addresses(listeners),
                 service.describe(),
             )
+        if failure is None:
+            log.info("%s: running", _version())
     if failure is not None:
         raise StartupError(failure)
 
@@ -618,48 +939,65 @@ def _fail(message: str) -> None:
 
 
 class _LogSetup:
-    """Logging to stderr for the ``pht`` loggers, undone when the run ends.
+    """Logging for the ``pht`` loggers, undone when the run ends.
 
-    Until the level is known (it may come from the -C file's ``log.level``),
-    records are kept; :meth:`decide` then shows those at or above the level.
+    Until level, format and output are known (they may come from the -C
+    file's ``log:`` block), records are kept; :meth:`decide` then writes
+    those at or above the level.
     """
 
-    def __init__(self, level: int | None) -> None:
+    def __init__(self) -> None:
         self.logger = logging.getLogger("pht")
         self.previous_level = self.logger.level
-        self.handler = logging.StreamHandler(sys.stderr)
-        self.handler.setFormatter(logging.Formatter(_LOG_FORMAT, _DATE_FORMAT))
+        self.handler: logging.Handler | None = None
+        self.file: IO[str] | None = None
         self.pending: list[logging.LogRecord] = []
-        self.buffer: logging.Handler | None = None
-        if level is None:
-            pending = self.pending
+        pending = self.pending
 
-            class _Keep(logging.Handler):
-                def emit(self, record: logging.LogRecord) -> None:
-                    pending.append(record)
+        class _Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                pending.append(record)
 
-            self.buffer = _Keep(logging.DEBUG)
-            self.logger.addHandler(self.buffer)
-            self.logger.setLevel(logging.DEBUG)
-        else:
-            self.logger.addHandler(self.handler)
-            self.logger.setLevel(level)
+        self.buffer: logging.Handler | None = _Keep(logging.DEBUG)
+        self.logger.addHandler(self.buffer)
+        self.logger.setLevel(logging.DEBUG)
 
-    def decide(self, level: int) -> None:
+    def decide(self, level: int, log_format: str = "text", output: str | None = None) -> None:
+        """Start writing: ``log_format`` ``text`` or ``json``; ``output`` as GOST's
+        ``log.output``. Raises ConfigError if the output file cannot be opened."""
         if self.buffer is None:
             return
+        try:
+            stream = open_output(output)
+        except OSError as exc:
+            stream = sys.stderr
+            output_error: str | None = f"log.output {output}: {exc.strerror or exc}"
+        else:
+            output_error = None
+        if stream is not None and stream not in (sys.stderr, sys.stdout):
+            self.file = stream
         self.logger.removeHandler(self.buffer)
         self.buffer = None
         self.logger.setLevel(level)
-        self.logger.addHandler(self.handler)
+        handler: logging.Handler = (
+            logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
+        )
+        handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+        self.handler = handler
+        self.logger.addHandler(handler)
         for record in self.pending:
             if record.levelno >= level:
-                self.handler.handle(record)
+                handler.handle(record)
         self.pending.clear()
+        if output_error is not None:
+            raise ConfigError(output_error)
 
     def close(self) -> None:
         self.decide(logging.INFO)
-        self.logger.removeHandler(self.handler)
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+        if self.file is not None:
+            self.file.close()
         self.logger.setLevel(self.previous_level)
 
 
@@ -671,18 +1009,31 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     explicit_level = "debug" if args.debug else args.log_level
-    logs = _LogSetup(None if explicit_level is None else getattr(logging, explicit_level.upper()))
+    logs = _LogSetup()
     try:
         try:
-            config = build_config(args.services, args.nodes, args.config)
-            logs.decide(getattr(logging, config.log_level or "INFO"))
-            services = prepare(config)
+            config = build_config(args.services, args.nodes, args.config, args.metrics)
+            level = (explicit_level or config.log_level or "info").upper()
+            logs.decide(
+                getattr(logging, level),
+                args.log_format or config.log_format or "text",
+                args.log_output or config.log_output,
+            )
+            log.debug(
+                "log: level %s, format %s, output %s",
+                level.lower(),
+                args.log_format or config.log_format or "text",
+                args.log_output or config.log_output or "stderr",
+            )
+            stats = Stats()
+            services = prepare(config, stats)
+            metrics = MetricsServer(config.metrics, stats) if config.metrics else None
         except ConfigError as exc:
             logs.decide(logging.INFO)
             _fail(str(exc))
             return EXIT_USAGE
         try:
-            trio.run(serve_all, services)
+            trio.run(serve_all, services, metrics)
         except StartupError as exc:
             _fail(str(exc))
             return EXIT_RUNTIME

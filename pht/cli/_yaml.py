@@ -2,11 +2,12 @@
 
 The subset that matters for PHT: ``services`` (handler, listener, forwarder,
 metadata, TLS files), ``chains`` (hops of nodes with a connector and a
-dialer), the top-level ``tls`` block (default certificate) and ``log.level``.
-Keys are case-insensitive, as in GOST. Keys pht does not know are ignored with
-a DEBUG log, as GOST does; a value of the wrong type is an error, and so is an
-option that would restrict access (``auther``, ``admission``, ``bypass``),
-because ignoring it would leave a service more open than written.
+dialer), the top-level ``tls`` block (default certificate), ``log`` (level,
+format, output) and ``metrics``. Keys are case-insensitive, as in GOST. Keys
+pht does not know are ignored with a WARNING (GOST ignores them silently); a
+value of the wrong type is an error, and so is an option that would restrict
+access (``auther``, ``admission``, ``bypass``), because ignoring it would
+leave a service more open than written.
 """
 
 from __future__ import annotations
@@ -27,18 +28,21 @@ from ._spec import (
     Credentials,
     DefaultTLS,
     HopSpec,
+    MetricsSpec,
     NodeSpec,
     ServiceSpec,
 )
 from ._url import (
     client_tls,
     node_paths,
+    node_proxy,
     normalize_connector,
     normalize_dialer,
     normalize_handler,
     normalize_listener,
     server_paths,
     server_tls,
+    tls_options,
 )
 
 __all__ = ["load_config", "parse_config"]
@@ -88,7 +92,7 @@ class _Section:
             if lowered in _REFUSED:
                 raise ConfigError(f"{where}.{key}: not supported by pht")
             if lowered not in known:
-                log.debug("%s: ignoring unknown key %r", where, key)
+                log.warning("%s: unknown key %r: ignored", where, key)
                 continue
             self.fields[lowered] = item
 
@@ -123,6 +127,22 @@ class _Section:
             raise ConfigError(f"{where}: expected a map, got {_type_name(value)}")
         return Metadata.from_mapping(value, where=where)
 
+    def tls_metadata(self) -> Metadata:
+        """The ``tls:`` map, with GOST's ``options:`` sub-map (versions, ciphers, ALPN) inlined."""
+        value = self.get("tls")
+        where = f"{self.where}.tls"
+        if value is None:
+            return Metadata((), where=where)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a map, got {_type_name(value)}")
+        items = [(key, item) for key, item in value.items() if str(key).lower() != "options"]
+        for key, item in value.items():
+            if str(key).lower() == "options":
+                if not isinstance(item, Mapping):
+                    raise ConfigError(f"{where}.options: expected a map, got {_type_name(item)}")
+                items.extend(item.items())
+        return Metadata(items, where=where)
+
 
 def _fields(*names: str) -> frozenset[str]:
     return frozenset(name.lower() for name in names)
@@ -140,8 +160,9 @@ _NODE_KEYS = _fields("name", "addr", "connector", "dialer", "metadata")
 _CONNECTOR_KEYS = _fields("type", "auth", "metadata")
 _DIALER_KEYS = _fields("type", "metadata", "tls")
 _TLS_KEYS = _fields("certFile", "keyFile", "caFile", "validity", "commonName", "organization")
-_TOP_KEYS = _fields("services", "chains", "tls", "log")
-_LOG_KEYS = _fields("level")
+_TOP_KEYS = _fields("services", "chains", "tls", "log", "metrics")
+_LOG_KEYS = _fields("level", "format", "output")
+_METRICS_KEYS = _fields("addr", "path")
 
 
 def _auth(section: _Section) -> Credentials | None:
@@ -203,16 +224,18 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     paths = server_paths(listener_meta)
     backlog = listener_meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
     listener_meta.report_unused()
-    handler_section.metadata().report_unused()
-    service.metadata().report_unused()
+    handler_meta = handler_section.metadata().merged(service.metadata())
+    nodelay = bool(handler_meta.boolean("nodelay"))
+    handler_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
+    handler_meta.report_unused()
 
     tls = None
-    if listener_section.get("tls") is not None:
-        tls_section = listener_section.metadata("tls")
-        tls = server_tls(tls_section)
-        tls_section.report_unused()
+    tls_section = listener_section.tls_metadata()
+    tls = server_tls(tls_section)
+    options = tls_options(tls_section)
+    tls_section.report_unused()
     if tls is not None and listener != "phts":
-        log.debug("%s: listener.tls is used only by a phts listener: ignored", where)
+        log.warning("%s: listener.tls is used only by a phts listener: ignored", where)
         tls = None
 
     return ServiceSpec(
@@ -225,7 +248,9 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         paths=paths,
         backlog=backlog,
         tls=tls,
+        tls_options=options,
         chain=chain,
+        nodelay=nodelay,
     )
 
 
@@ -247,10 +272,14 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     paths = node_paths(meta)
     host_header = meta.string("host") or None
     headers = meta.headers()
+    proxy = node_proxy(meta, dialer)
     meta.report_unused()
-    connector_section.metadata().report_unused()
-    node.metadata().report_unused()
-    tls_meta = dialer_section.metadata("tls")
+    connector_meta = connector_section.metadata().merged(node.metadata())
+    nodelay = bool(connector_meta.boolean("nodelay"))
+    connect_timeout = connector_meta.seconds("connectTimeout")
+    connector_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
+    connector_meta.report_unused()
+    tls_meta = dialer_section.tls_metadata()
     tls = client_tls(tls_meta)
     tls_meta.report_unused()
     return NodeSpec(
@@ -263,6 +292,9 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
         host_header=host_header,
         headers=headers,
         tls=tls,
+        proxy=proxy,
+        nodelay=nodelay,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -352,18 +384,36 @@ def _config(document: object) -> Config:
         _service(value, index, by_name) for index, value in enumerate(top.items("services"))
     ]
     _unique([service.name for service in services], "services")
-    log_level = None
+    log_level = log_format = log_output = None
     if top.get("log") is not None:
-        level = top.section("log", _LOG_KEYS).string("level")
+        log_section = top.section("log", _LOG_KEYS)
+        level = log_section.string("level")
         if level is not None:
             if level.lower() not in _LOG_LEVELS:
                 raise ConfigError(f"log.level: unknown level {level!r}")
             log_level = _LOG_LEVELS[level.lower()]
+        log_format = log_section.string("format")
+        if log_format is not None:
+            log_format = log_format.strip().lower()
+            if log_format not in ("json", "text"):
+                raise ConfigError(f"log.format: {log_format!r} is not json or text")
+        log_output = log_section.string("output") or None
+    metrics = None
+    if top.get("metrics") is not None:
+        section = top.section("metrics", _METRICS_KEYS)
+        addr = section.string("addr", required=True) or ""
+        path = section.string("path") or "/metrics"
+        if not path.startswith("/"):
+            raise ConfigError(f"metrics.path: {path!r} must start with '/'")
+        metrics = MetricsSpec(addr=parse_address(addr, where="metrics.addr"), path=path)
     return Config(
         services=tuple(services),
         chains=tuple(chains),
         tls=None if top.get("tls") is None else _default_tls(top.get("tls")),
         log_level=log_level,
+        log_format=log_format,
+        log_output=log_output,
+        metrics=metrics,
     )
 
 
