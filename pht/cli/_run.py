@@ -201,7 +201,9 @@ def build_config(
         path = base.metrics.path if base.metrics is not None else "/metrics"
         config = dataclasses.replace(
             config,
-            metrics=MetricsSpec(addr=parse_address(metrics, where="-metrics"), path=path),
+            metrics=MetricsSpec(
+                addr=parse_address(metrics, where="-metrics", allow_zero_port=True), path=path
+            ),
         )
     if not config.services:
         raise ConfigError("nothing to run: give a service with -L or a configuration file with -C")
@@ -359,23 +361,40 @@ def _target_failure(connector: str, exc: proxy.ProxyError) -> proxy.DialFailure:
     return proxy.DialFailure.OTHER
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, ``__context__``, group members)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        members = getattr(current, "exceptions", None)
+        if isinstance(members, tuple):
+            todo.extend(member for member in members if isinstance(member, BaseException))
+        for inner in (current.__cause__, current.__context__):
+            if inner is not None:
+                todo.append(inner)
+
+
 def _cause(exc: BaseException) -> str:
-    """An exception in words for a log line: the OS's text, never a repr."""
+    """An exception in words for a log line: its message, plus the OS's reason
+    found deeper in the chain (``Connection refused``), never a repr."""
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError):
-        text = exc.strerror or str(exc)
-        if exc.errno is None and exc.__cause__ is not None:
-            inner = exc.__cause__
-            members = getattr(inner, "exceptions", None)
-            if isinstance(members, tuple) and members:
-                inner = members[0]
-            if isinstance(inner, OSError) and inner.strerror:
-                text = inner.strerror
-        return text
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        return exc.strerror
+    for inner in _causes(exc):
+        if isinstance(inner, OSError) and inner.strerror and inner.errno is not None:
+            if inner.strerror not in text:
+                text = f"{text} ({inner.strerror})"
+            break
+    return text
 
 
 class _HopErrors(trio.abc.Stream):
@@ -505,12 +524,15 @@ class ChainDialer:
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:
         cause = _cause(exc)
         hint = ""
-        reset = isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
-        if node.dialer == "pht" and (
-            reset or isinstance(exc, (pht.RemoteProtocolError, trio.BrokenResourceError))
-        ):
+        chain = list(_causes(exc))
+        reset = any(
+            isinstance(inner, OSError) and inner.errno in (errno.ECONNRESET, errno.EPIPE)
+            for inner in chain
+        )
+        if node.dialer == "pht" and (reset or "Connection reset" in cause):
+            # A TLS server drops a plain HTTP request.
             hint = " (is it a phts server? then write phts://)"
-        if node.dialer == "phts" and isinstance(exc, ssl.SSLError):
+        if node.dialer == "phts" and any(isinstance(inner, ssl.SSLError) for inner in chain):
             hint = " (is it a plain pht server? then write pht://)"
         return f"{self._label(hop, node)}: {cause}{hint}"
 

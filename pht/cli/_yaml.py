@@ -405,7 +405,9 @@ def _config(document: object) -> Config:
         path = section.string("path") or "/metrics"
         if not path.startswith("/"):
             raise ConfigError(f"metrics.path: {path!r} must start with '/'")
-        metrics = MetricsSpec(addr=parse_address(addr, where="metrics.addr"), path=path)
+        metrics = MetricsSpec(
+            addr=parse_address(addr, where="metrics.addr", allow_zero_port=True), path=path
+        )
     return Config(
         services=tuple(services),
         chains=tuple(chains),

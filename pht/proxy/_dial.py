@@ -143,7 +143,7 @@ async def dial_upstream(
     except trio.TooSlowError:
         raise DialFailed(DialFailure.TIMEOUT, f"no connection within {timeout} s") from None
     except HopError as exc:
-        raise DialFailed(exc.failure, str(exc), hop=True) from exc
+        raise DialFailed(exc.failure, str(exc), hop=exc.target_failure is None) from exc
     except Exception as exc:
         raise DialFailed(classify_dial_error(exc), str(exc) or type(exc).__name__) from exc
 
