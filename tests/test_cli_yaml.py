@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import textwrap
 from pathlib import Path
 
@@ -394,3 +395,15 @@ def test_bad_config(text: str, fragment: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `import yaml` fails as it does where PyYAML is not installed.
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    path = tmp_path / "gost.json"
+    path.write_text('{"services": [{"addr": ":8443", "handler": {"type": "relay"}}]}')
+    (service,) = load_config(str(path)).services
+    assert service.handler == "relay"
+    path.write_text("services:\n- addr: ':8443'\n")
+    with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht\[cli\]'"):
+        load_config(str(path))

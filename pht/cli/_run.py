@@ -161,10 +161,8 @@ def _free_name(prefix: str, taken: set[str]) -> str:
 
 
 def _load_config(path: str) -> Config:
-    try:
-        from ._yaml import load_config
-    except ImportError:
-        raise ConfigError("-C needs PyYAML: install it with pip install 'pht[cli]'") from None
+    from ._yaml import load_config  # PyYAML is imported there only for YAML
+
     return load_config(path)
 
 

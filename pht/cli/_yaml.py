@@ -12,11 +12,10 @@ leave a service more open than written.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
-
-import yaml
 
 from ._meta import Metadata, parse_address
 from ._spec import (
@@ -360,15 +359,30 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def parse_config(text: str, *, source: str = "<config>") -> Config:
-    """Parse the text of a GOST YAML/JSON configuration."""
+def _load_document(text: str, source: str) -> object:
+    """The document in ``text``: YAML with PyYAML, else JSON (which needs nothing)."""
     try:
-        document = yaml.safe_load(text)
+        import yaml
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{source}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}), "
+                "and reading YAML needs PyYAML: pip install 'pht[cli]'"
+            ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: invalid YAML: {problem}{at}") from None
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    """Parse the text of a GOST YAML/JSON configuration (JSON needs no PyYAML)."""
+    document = _load_document(text, source)
     try:
         return _config(document)
     except ConfigError as exc:
