@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import sys
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import IO, NoReturn
 from urllib.parse import quote
@@ -47,7 +48,7 @@ from ._spec import (
     ServiceSpec,
     TLSOptions,
 )
-from ._url import parse_node, parse_service
+from ._url import DIRECT, parse_node, parse_service
 
 __all__ = ["build_config", "build_parser", "run"]
 
@@ -430,6 +431,10 @@ class _HopErrors(trio.abc.Stream):
         await self.transport_stream.aclose()
 
 
+def _proxy_url(proxy: str | None) -> str | None:
+    return None if proxy in (None, DIRECT) else proxy
+
+
 class ChainDialer:
     """Opens a connection to ``(host, port)`` through the hops of a chain.
 
@@ -484,6 +489,7 @@ class ChainDialer:
                 continue
             merged.append(hop)
         self._hops = tuple(merged)
+        self._environment_proxies(merged[0])
         self._selectors = [_RoundRobin(len(hop.nodes)) for hop in self._hops]
         self._contexts: dict[int, ssl.SSLContext] = {}
         for hop in self._hops:
@@ -492,6 +498,30 @@ class ChainDialer:
                     self._contexts[id(node)] = client_context(
                         node.tls, f"{where}, {hop.name}, {node.name}"
                     )
+
+    def _environment_proxies(self, first: HopSpec) -> None:
+        """``http_proxy``/``no_proxy`` for the first hop's pht nodes that name no proxy.
+
+        Like curl and every HTTP client: a PHT tunnel is HTTP, so the proxy
+        the environment names carries it (absolute form, no CONNECT), unless
+        ``no_proxy`` covers the server or the node says ``proxy=direct``.
+        ``https_proxy`` is not used: a phts tunnel would need CONNECT.
+        """
+        url = urllib.request.getproxies_environment().get("http")
+        if not url:
+            return
+        for node in first.nodes:
+            if node.dialer != "pht" or node.proxy is not None or id(node) in self._proxies:
+                continue
+            if urllib.request.proxy_bypass(node.addr.host):
+                continue
+            log.info(
+                "%s: %s://%s goes through the http_proxy of the environment",
+                self.chain.name,
+                node.scheme,
+                node.addr,
+            )
+            self._proxies[id(node)] = url
 
     def describe(self) -> str:
         return " -> ".join(
@@ -516,7 +546,7 @@ class ChainDialer:
             pull_path=node.paths.pull_path,
             headers=list(node.headers) or None,
             host_header=node.host_header,
-            proxy=self._proxies.get(id(node), node.proxy),
+            proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
         )
 
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:

@@ -417,11 +417,21 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     )
 
 
+#: ``proxy=direct``: no forward proxy, whatever ``http_proxy`` says.
+DIRECT = "direct"
+
+
 def node_proxy(meta: Metadata, dialer: DialerType) -> str | None:
-    """``proxy=http://[user:pass@]host:port``: a forward HTTP proxy for a pht dialer."""
+    """``proxy=http://[user:pass@]host:port``: a forward HTTP proxy for a pht dialer.
+
+    ``proxy=direct`` (or ``none``) returns :data:`DIRECT`: connect directly
+    even if the ``http_proxy`` environment variable names a proxy.
+    """
     proxy = meta.string("proxy")
     if not proxy:
         return None
+    if proxy.strip().lower() in (DIRECT, "none"):
+        return DIRECT
     if not proxy.lower().startswith("http://"):
         raise ConfigError(
             f"{meta.where}: proxy={proxy!r} must look like http://[user:pass@]host:port"
