@@ -66,3 +66,11 @@ def test_http_proxy_environment_carries_a_pht_hop(monkeypatch: pytest.MonkeyPatc
     other = "http://127.0.0.1:8080"
     assert _proxies(monkeypatch, f"pht://a.example:1?proxy={other}", http_proxy=url) == [other]
     assert _proxies(monkeypatch, "phts://a.example:1", http_proxy=url) == [None]
+
+
+def test_proxy_hop_credentials_become_the_proxy_url() -> None:
+    config = build_config([":0"], ["http://tunnel:s3cret%3Apass@127.0.0.1:3128", "pht://s:1"])
+    dialer = ChainDialer(config.chains[0])
+    (hop,) = dialer._hops
+    (node,) = hop.nodes
+    assert dialer._proxies[id(node)] == "http://tunnel:s3cret%3Apass@127.0.0.1:3128"

@@ -357,3 +357,11 @@ def test_error_names_the_argument() -> None:
         parse_service("socks5+pht://:x")
     with pytest.raises(ConfigError, match=r"^-F 'pht://server'"):
         parse_node("pht://server")
+
+
+def test_nodelay_elsewhere_than_relay_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        parse_service("socks5+pht://:8443?nodelay=true")
+        parse_node("http+pht://server:8443?nodelay=true")
+    assert "nodelay is a relay handler option" in caplog.text
+    assert "nodelay is a relay connector option" in caplog.text

@@ -407,3 +407,8 @@ def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     path.write_text("services:\n- addr: ':8443'\n")
     with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht\[cli\]'"):
         load_config(str(path))
+
+
+def test_metrics_auth_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.auth: not supported"):
+        parse("metrics: {addr: ':9000', auth: {username: u, password: p}}\nservices: []\n")

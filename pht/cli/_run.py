@@ -431,6 +431,43 @@ class _HopErrors(trio.abc.Stream):
         await self.transport_stream.aclose()
 
 
+def _fold_proxy_hop(chain: ChainSpec, where: str) -> tuple[tuple[HopSpec, ...], dict[int, str]]:
+    """The hops to dial, and the forward proxy of each PHT node that has one.
+
+    A PHT hop cannot run inside another hop's stream. Behind one plain HTTP
+    proxy hop it needs none: the proxy hop becomes the PHT nodes' ``proxy=``
+    (their requests go through it in absolute form) and leaves the chain.
+    """
+    hops = list(chain.hops)
+    proxies: dict[int, str] = {}
+    for index, hop in enumerate(hops[1:], start=1):
+        if all(node.dialer == "tcp" for node in hop.nodes):
+            continue
+        before = hops[index - 1].nodes
+        if (
+            index != 1
+            or len(before) != 1
+            or (before[0].connector, before[0].dialer) != ("http", "tcp")
+            or any(node.dialer != "pht" for node in hop.nodes)
+        ):
+            raise ConfigError(
+                f"{where}: hop {hop.name!r} uses the {hop.nodes[0].dialer} dialer; a "
+                "PHT hop can only be first, or second after one plain HTTP proxy "
+                "hop (-F http://proxy:port -F socks5+pht://server:port)"
+            )
+        credentials = ""
+        if before[0].auth is not None:
+            credentials = (
+                f"{quote(before[0].auth.username, safe='')}:"
+                f"{quote(before[0].auth.password, safe='')}@"
+            )
+        for node in hop.nodes:
+            proxies[id(node)] = node.proxy or f"http://{credentials}{before[0].addr}"
+    if proxies:
+        del hops[0]
+    return tuple(hops), proxies
+
+
 def _proxy_url(proxy: str | None) -> str | None:
     return None if proxy in (None, DIRECT) else proxy
 
@@ -455,41 +492,8 @@ class ChainDialer:
         self.chain = chain
         self.stats = stats if stats is not None else ChainStats(chain.name)
         where = f"chain {chain.name!r}"
-        hops = list(chain.hops)
-        # An HTTP proxy hop right before a pht hop becomes that hop's proxy=.
-        self._proxies: dict[int, str] = {}
-        merged: list[HopSpec] = []
-        for hop in hops:
-            if merged and any(node.dialer != "tcp" for node in hop.nodes):
-                before = merged[-1]
-                usable = len(merged) == 1 and all(
-                    node.connector == "http" and node.dialer == "tcp" for node in before.nodes
-                )
-                if (
-                    not usable
-                    or len(before.nodes) != 1
-                    or any(node.dialer != "pht" for node in hop.nodes)
-                ):
-                    raise ConfigError(
-                        f"{where}: hop {hop.name!r} uses the {hop.nodes[0].dialer} dialer; a "
-                        "PHT hop can only be first, or second after one plain HTTP proxy "
-                        "hop (-F http://proxy:port -F socks5+pht://server:port)"
-                    )
-                proxy_node = before.nodes[0]
-                credentials = ""
-                if proxy_node.auth is not None:
-                    credentials = (
-                        f"{quote(proxy_node.auth.username, safe='')}:"
-                        f"{quote(proxy_node.auth.password, safe='')}@"
-                    )
-                url = f"http://{credentials}{proxy_node.addr}"
-                for node in hop.nodes:
-                    self._proxies[id(node)] = node.proxy or url
-                merged[-1] = hop
-                continue
-            merged.append(hop)
-        self._hops = tuple(merged)
-        self._environment_proxies(merged[0])
+        self._hops, self._proxies = _fold_proxy_hop(chain, where)
+        self._environment_proxies(self._hops[0])
         self._selectors = [_RoundRobin(len(hop.nodes)) for hop in self._hops]
         self._contexts: dict[int, ssl.SSLContext] = {}
         for hop in self._hops:

@@ -400,6 +400,8 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         tls = None
     options = tls_options(meta)
     nodelay = bool(meta.boolean("nodelay"))
+    if nodelay and handler != "relay":
+        log.warning("%s: nodelay is a relay handler option: it has no effect here", where)
     meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     meta.report_unused()
     return ServiceSpec(
@@ -468,6 +470,8 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     tls = client_tls(meta)
     proxy = node_proxy(meta, dialer)
     nodelay = bool(meta.boolean("nodelay"))
+    if nodelay and connector != "relay":
+        log.warning("%s: nodelay is a relay connector option: it has no effect here", where)
     connect_timeout = meta.seconds("connectTimeout")
     meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     meta.report_unused()

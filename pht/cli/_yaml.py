@@ -161,7 +161,7 @@ _DIALER_KEYS = _fields("type", "metadata", "tls")
 _TLS_KEYS = _fields("certFile", "keyFile", "caFile", "validity", "commonName", "organization")
 _TOP_KEYS = _fields("services", "chains", "tls", "log", "metrics")
 _LOG_KEYS = _fields("level", "format", "output")
-_METRICS_KEYS = _fields("addr", "path")
+_METRICS_KEYS = _fields("addr", "path", "auth")
 
 
 def _auth(section: _Section) -> Credentials | None:
@@ -415,6 +415,9 @@ def _config(document: object) -> Config:
     metrics = None
     if top.get("metrics") is not None:
         section = top.section("metrics", _METRICS_KEYS)
+        if section.get("auth") is not None:
+            # Serving the metrics openly would be more open than written.
+            raise ConfigError("metrics.auth: not supported by pht (put the endpoint on loopback)")
         addr = section.string("addr", required=True) or ""
         path = section.string("path") or "/metrics"
         if not path.startswith("/"):
