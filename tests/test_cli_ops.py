@@ -111,6 +111,17 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def scrape_settled(port: int, service: str = "service-0") -> dict[str, float]:
+    """A scrape taken once no request of ``service`` is in flight (bounded wait):
+    a handler logs its last line a moment before its connection is counted done."""
+    for _ in range(300):
+        samples = scrape(port)
+        if sample(samples, "gost_service_requests_in_flight", service) == 0:
+            return samples
+        threading.Event().wait(0.05)
+    pytest.fail(f"{service} still has requests in flight")
+
+
 def sample(samples: dict[str, float], name: str, service: str) -> float:
     for key, value in samples.items():
         if key.startswith(name + "{") and f'service="{service}"' in key:
@@ -220,8 +231,9 @@ def test_metrics_count_a_tunnel(origin: int) -> None:
             assert before['gost_services{host="' + socket.gethostname() + '"}'] == 1
             assert_body(fetch_via(client.port(), "socks5", origin), server, client)
             client.wait_for(r"socks5 .* closed: ")
-            after = scrape(metrics_port(client))
-            served = scrape(metrics_port(server))
+            after = scrape_settled(metrics_port(client))
+            server.wait_for(r"socks5 .* closed: ")
+            served = scrape_settled(metrics_port(server))
     assert sample(after, "gost_service_requests_total", "service-0") == 1
     assert sample(after, "gost_service_transfer_output_bytes_total", "service-0") > len(BODY)
     assert sample(after, "gost_service_transfer_input_bytes_total", "service-0") > 0
