@@ -249,8 +249,10 @@ def test_metrics_count_handler_and_chain_errors() -> None:
     with PhtProcess("-L", "127.0.0.1:0", "-F", hop, "-metrics", "127.0.0.1:0") as client:
         assert http_status_via(client.port(), "http://127.0.0.1:9/").stdout.endswith(b"502")
         client.wait_for("502 Bad Gateway")
-        samples = scrape(metrics_port(client))
-    assert sample(samples, "gost_service_handler_errors_total", "service-0") == 1
+        samples = scrape_settled(metrics_port(client))
+        output = client.output()
+    assert sample(samples, "gost_service_requests_total", "service-0") == 1, output
+    assert sample(samples, "gost_service_handler_errors_total", "service-0") == 1, output
     assert any(
         key.startswith("gost_chain_errors_total{") and 'node="node-0"' in key and value == 1
         for key, value in samples.items()
