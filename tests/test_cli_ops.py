@@ -330,3 +330,22 @@ def test_plain_pht_client_against_phts_server_gets_a_hint() -> None:
             assert socks5_reply(client.port(), "127.0.0.1", 9) == 0x01
             line = client.wait_for(r"WARNING socks5 .*").group(0)
     assert "is it a phts server? then write phts://" in line
+
+
+@pytest.mark.parametrize("scheme", ["http+pht", "socks5+pht"])
+def test_wrong_password_at_a_hop_is_a_general_failure(scheme: str) -> None:
+    with PhtProcess("-L", f"{scheme}://user:secret@127.0.0.1:0") as server:
+        node = f"{scheme}://user:wrong@127.0.0.1:{server.port()}"
+        with (
+            PhtProcess("-L", "socks5://127.0.0.1:0", "-F", node) as socks_client,
+            PhtProcess("-L", "http://127.0.0.1:0", "-F", node) as http_client,
+        ):
+            assert socks5_reply(socks_client.port(), "127.0.0.1", 9) == 0x01
+            result = http_status_via(http_client.port(), "http://127.0.0.1:9/")
+            assert result.stdout.endswith(b"502")
+            for client in (socks_client, http_client):
+                line = client.wait_for(r"WARNING .*").group(0)
+                assert f"no way to 127.0.0.1:9: hop-0 ({scheme}://127.0.0.1:" in line
+                assert "credentials" in line or "407" in line
+                assert "Error(" not in line
+        server.wait_for(r"WARNING .*(wrong credentials|Proxy-Authorization)")

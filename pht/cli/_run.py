@@ -561,11 +561,10 @@ class ChainDialer:
             isinstance(inner, OSError) and inner.errno in (errno.ECONNRESET, errno.EPIPE)
             for inner in chain
         )
+        # (A phts client meeting a plain server gets the library's own hint.)
         if node.dialer == "pht" and (reset or "Connection reset" in cause):
             # A TLS server drops a plain HTTP request.
             hint = " (is it a phts server? then write phts://)"
-        if node.dialer == "phts" and any(isinstance(inner, ssl.SSLError) for inner in chain):
-            hint = " (is it a plain pht server? then write pht://)"
         return f"{self._label(hop, node)}: {cause}{hint}"
 
     async def _connect(
