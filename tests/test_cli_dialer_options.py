@@ -6,7 +6,8 @@ import ssl
 
 import pytest
 
-from pht.cli._run import ChainDialer, _proxy_url, build_config, prepare
+from pht.cli._chain import ChainDialer, _proxy_url
+from pht.cli._run import build_config, prepare
 from pht.cli._spec import ConfigError
 
 
