@@ -289,7 +289,7 @@ def go_duration(value: str, *, where: str) -> float:
     while position < len(text):
         match = _DURATION_PART.match(text, position)
         if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration such as '10s'")
+            raise ConfigError(f"{where}: {value!r} is not a duration such as '10s' or '8760h'")
         seconds += float(match.group(1)) * _SECONDS[match.group(2)]
         position = match.end()
     if not text:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 
-from ._meta import Metadata, parse_address
+from ._meta import Metadata, go_duration, parse_address
 from ._spec import (
     DEFAULT_BACKLOG,
     Address,
@@ -60,8 +59,6 @@ _LOG_LEVELS = {
     "error": "ERROR",
     "fatal": "CRITICAL",
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _type_name(value: object) -> str:
@@ -320,15 +317,7 @@ def _duration_days(value: object, where: str) -> float:
     """A Go duration (``8760h``, ``720h30m``) in days."""
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a duration such as '8760h', got {_type_name(value)}")
-    text = value.strip()
-    position = 0
-    seconds = 0.0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration such as '8760h'")
-        seconds += float(match.group(1)) * _SECONDS[match.group(2)]
-        position = match.end()
+    seconds = go_duration(value, where=where)
     if seconds <= 0:
         raise ConfigError(f"{where}: {value!r} must be a positive duration")
     return seconds / 86400.0
