@@ -6,6 +6,7 @@ The helpers here (:class:`PhtProcess`, :func:`free_port`) are shared with
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -364,3 +365,26 @@ def test_connections_do_not_outlive_a_failing_upstream() -> None:
         status, output = child.stop()
     assert status == 0
     assert "Traceback" not in output
+
+
+def test_log_output_and_format_apply_to_warnings_before_an_error() -> None:
+    result = run_pht(
+        "--log-output",
+        "stdout",
+        "--log-format",
+        "json",
+        "-L",
+        "http://127.0.0.1:0?keepAlive=1&udp=1",
+    )
+    assert result.returncode == 2
+    (line,) = result.stdout.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "warning"
+    assert "unknown option 'keepAlive'" in entry["msg"]
+    assert result.stderr.startswith("pht: error: ")
+    assert "option 'udp' (UDP relay) is not supported by pht" in result.stderr
+
+
+def test_log_output_to_an_unwritable_file_is_an_error(tmp_path: Path) -> None:
+    result = run_pht("--log-output", str(tmp_path / "missing" / "pht.log"), "-L", ":0")
+    assert_one_line_error(result, 2, "log.output")

@@ -647,7 +647,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             services = prepare(config, stats)
             metrics = MetricsServer(config.metrics, stats) if config.metrics else None
         except ConfigError as exc:
-            logs.decide(logging.INFO)
+            # What was logged so far (warnings about options) goes where the
+            # command line said; the -C file's log: block may not have parsed.
+            try:
+                level = getattr(logging, (explicit_level or "info").upper())
+                logs.decide(level, args.log_format or "text", args.log_output)
+            except ConfigError as output_error:
+                _fail(str(output_error))
             _fail(str(exc))
             return EXIT_USAGE
         try:
@@ -662,7 +668,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             if not isinstance(exc, Exception):
                 raise
             log.debug("unexpected failure", exc_info=True)
-            _fail(f"unexpected failure: {leaves[0]!r} (run with -D for details)")
+            leaf = leaves[0]
+            _fail(f"unexpected failure: {type(leaf).__name__}: {leaf} (run with -D for details)")
             return EXIT_RUNTIME
         return EXIT_OK
     finally:
