@@ -332,13 +332,22 @@ def test_all_interfaces_and_yaml_log_level(tmp_path: Path) -> None:
 
 
 def test_yaml_log_level_warn_hides_info(tmp_path: Path) -> None:
+    port = free_port()
     config = tmp_path / "gost.yaml"
     config.write_text(
-        "services:\n- addr: '127.0.0.1:0'\n  listener: {metadata: {unknownThing: 1}}\n"
+        f"services:\n- addr: '127.0.0.1:{port}'\n  listener: {{metadata: {{unknownThing: 1}}}}\n"
         "log: {level: warn}\n"
     )
     with PhtProcess("-C", str(config)) as child:
         child.wait_for("unknown option 'unknownThing'")
+        # No start-up line at this level: wait until it accepts connections,
+        # so that the signal finds it running.
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT).close()
+                break
+            except ConnectionRefusedError:
+                threading.Event().wait(0.1)
         status, output = child.stop()
     assert status == 0
     assert " INFO " not in output
