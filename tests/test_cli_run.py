@@ -397,3 +397,16 @@ def test_log_output_and_format_apply_to_warnings_before_an_error() -> None:
 def test_log_output_to_an_unwritable_file_is_an_error(tmp_path: Path) -> None:
     result = run_pht("--log-output", str(tmp_path / "missing" / "pht.log"), "-L", ":0")
     assert_one_line_error(result, 2, "log.output")
+
+
+def test_ctrl_c_while_checking_the_configuration_is_quiet(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pht.cli._run as run_module
+
+    def interrupted(*args: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "build_config", interrupted)
+    assert main(["-L", ":0"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

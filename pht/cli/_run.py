@@ -629,48 +629,57 @@ def run(argv: Sequence[str] | None = None) -> int:
     explicit_level = "debug" if args.debug else args.log_level
     logs = _LogSetup()
     try:
-        try:
-            config = build_config(args.services, args.nodes, args.config, args.metrics)
-            level = (explicit_level or config.log_level or "info").upper()
-            logs.decide(
-                getattr(logging, level),
-                args.log_format or config.log_format or "text",
-                args.log_output or config.log_output,
-            )
-            log.debug(
-                "log: level %s, format %s, output %s",
-                level.lower(),
-                args.log_format or config.log_format or "text",
-                args.log_output or config.log_output or "stderr",
-            )
-            stats = Stats()
-            services = prepare(config, stats)
-            metrics = MetricsServer(config.metrics, stats) if config.metrics else None
-        except ConfigError as exc:
-            # What was logged so far (warnings about options) goes where the
-            # command line said; the -C file's log: block may not have parsed.
-            try:
-                level = getattr(logging, (explicit_level or "info").upper())
-                logs.decide(level, args.log_format or "text", args.log_output)
-            except ConfigError as output_error:
-                _fail(str(output_error))
-            _fail(str(exc))
-            return EXIT_USAGE
-        try:
-            trio.run(serve_all, services, metrics)
-        except StartupError as exc:
-            _fail(str(exc))
-            return EXIT_RUNTIME
-        except BaseException as exc:
-            leaves = list(_leaves(exc))
-            if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-                return EXIT_OK
-            if not isinstance(exc, Exception):
-                raise
-            log.debug("unexpected failure", exc_info=True)
-            leaf = leaves[0]
-            _fail(f"unexpected failure: {type(leaf).__name__}: {leaf} (run with -D for details)")
-            return EXIT_RUNTIME
+        return _run(args, explicit_level, logs)
+    except KeyboardInterrupt:
+        # Ctrl-C before the services' signal handling started (while
+        # checking the configuration): stop quietly, as later.
         return EXIT_OK
     finally:
         logs.close()
+
+
+def _run(args: argparse.Namespace, explicit_level: str | None, logs: _LogSetup) -> int:
+    """Check the configuration, then serve until a signal; return the exit status."""
+    try:
+        config = build_config(args.services, args.nodes, args.config, args.metrics)
+        level = (explicit_level or config.log_level or "info").upper()
+        logs.decide(
+            getattr(logging, level),
+            args.log_format or config.log_format or "text",
+            args.log_output or config.log_output,
+        )
+        log.debug(
+            "log: level %s, format %s, output %s",
+            level.lower(),
+            args.log_format or config.log_format or "text",
+            args.log_output or config.log_output or "stderr",
+        )
+        stats = Stats()
+        services = prepare(config, stats)
+        metrics = MetricsServer(config.metrics, stats) if config.metrics else None
+    except ConfigError as exc:
+        # What was logged so far (warnings about options) goes where the
+        # command line said; the -C file's log: block may not have parsed.
+        try:
+            level = getattr(logging, (explicit_level or "info").upper())
+            logs.decide(level, args.log_format or "text", args.log_output)
+        except ConfigError as output_error:
+            _fail(str(output_error))
+        _fail(str(exc))
+        return EXIT_USAGE
+    try:
+        trio.run(serve_all, services, metrics)
+    except StartupError as exc:
+        _fail(str(exc))
+        return EXIT_RUNTIME
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return EXIT_OK
+        if not isinstance(exc, Exception):
+            raise
+        log.debug("unexpected failure", exc_info=True)
+        leaf = leaves[0]
+        _fail(f"unexpected failure: {type(leaf).__name__}: {leaf} (run with -D for details)")
+        return EXIT_RUNTIME
+    return EXIT_OK
