@@ -8,6 +8,7 @@ reply code) and a log line that names the hop and the cause in words.
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import json
 import re
 import shutil
@@ -221,7 +222,13 @@ def _wait_json(path: Path, text: str) -> list[dict[str, str]]:
 
 # --- metrics --------------------------------------------------------------------------
 
+needs_prometheus = pytest.mark.skipif(
+    importlib.util.find_spec("prometheus_client") is None,
+    reason="prometheus-client is not installed (pip install 'pht[metrics]')",
+)
 
+
+@needs_prometheus
 def test_metrics_count_a_tunnel(origin: int) -> None:
     with PhtProcess("-L", "socks5+pht://127.0.0.1:0", "-metrics", "127.0.0.1:0") as server:
         node = f"socks5+pht://127.0.0.1:{server.port()}"
@@ -244,6 +251,7 @@ def test_metrics_count_a_tunnel(origin: int) -> None:
     assert sample(served, "gost_service_transfer_output_bytes_total", "service-0") > len(BODY)
 
 
+@needs_prometheus
 def test_metrics_count_handler_and_chain_errors() -> None:
     hop = f"socks5://127.0.0.1:{closed_port()}"
     with PhtProcess("-L", "127.0.0.1:0", "-F", hop, "-metrics", "127.0.0.1:0") as client:
