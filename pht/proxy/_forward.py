@@ -79,7 +79,11 @@ class AutoHandler:
         try:
             first = await stream.receive_some()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.log.debug("auto %s: closed before the first byte: %r", describe_peer(stream), exc)
+            self.log.debug(
+                "auto %s: closed before the first byte: %s",
+                describe_peer(stream),
+                exc or type(exc).__name__,
+            )
             await trio.aclose_forcefully(stream)
             return
         except BaseException:

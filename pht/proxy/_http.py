@@ -197,7 +197,9 @@ class HTTPProxyHandler(DialingHandler):
         try:
             await session.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-            self.log.debug("http %s: connection ended: %r", session.peer, exc)
+            self.log.debug(
+                "http %s: connection ended: %s", session.peer, exc or type(exc).__name__
+            )
         finally:
             await session.close()
 

@@ -168,7 +168,7 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
                 await sink.send_all(data)
                 counts[index] += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            _log.debug("relay direction ended: %r", exc)
+            _log.debug("relay direction ended: %s", exc or type(exc).__name__)
         except (ProxyError, HopError) as exc:
             # A lazy relay client stream finds the proxy's error status only
             # when it reads: that ends the relay like a broken stream, but
