@@ -410,3 +410,10 @@ def test_ctrl_c_while_checking_the_configuration_is_quiet(
     monkeypatch.setattr(run_module, "build_config", interrupted)
     assert main(["-L", ":0"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_log_level_accepts_gosts_warn() -> None:
+    result = run_pht("--log-level", "warn", "-L", "http://127.0.0.1:0?keepAlive=1&udp=1")
+    assert result.returncode == 2
+    assert "WARNING" in result.stderr  # the keepAlive warning is shown at this level
+    assert "option 'udp'" in result.stderr

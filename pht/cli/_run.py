@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-D", dest="debug", action="store_true", help="debug logging")
     parser.add_argument(
         "--log-level",
-        choices=["debug", "info", "warning", "error"],
+        choices=["debug", "info", "warn", "warning", "error"],
         help="log level (default: info, or log.level of the -C file)",
     )
     parser.add_argument(
@@ -141,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on ADDR (e.g. :9000) at /metrics, as GOST's -metrics; "
         "needs pip install 'pht[metrics]'",
     )
-    parser.add_argument("-V", "--version", action="version", version=_version())
+    parser.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the version and the backends in use, and exit",
+    )
     return parser
 
 
@@ -627,6 +633,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     explicit_level = "debug" if args.debug else args.log_level
+    if explicit_level == "warn":  # GOST's spelling
+        explicit_level = "warning"
     logs = _LogSetup()
     try:
         return _run(args, explicit_level, logs)
