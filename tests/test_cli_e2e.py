@@ -387,8 +387,14 @@ def test_mismatched_paths_fail_with_a_message(server_query: str, origin: int) ->
             result = fetch_via(client.port(), "http", origin)
             assert result.returncode != 0
             assert result.stdout == b""
-            line = client.wait_for(r"cannot reach 127\.0\.0\.1:\d+: .*", timeout=START_TIMEOUT)
-            assert "path" in line.group(0)
+            # The hop is at fault, not the target: the line names the hop.
+            line = client.wait_for(
+                r"WARNING .*502 Bad Gateway: no way to 127\.0\.0\.1:\d+: "
+                r"hop-0 \(http\+pht://127\.0\.0\.1:\d+\): .*",
+                timeout=START_TIMEOUT,
+            )
+            assert "paths match" in line.group(0)
+            assert "cannot reach" not in client.output()
 
 
 def test_two_hop_chain(origin: int) -> None:

@@ -6,6 +6,7 @@ The helpers here (:class:`PhtProcess`, :func:`free_port`) are shared with
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -259,9 +260,9 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert_one_line_error(result, 2, f"{path}: services[0]", "addr: expected a string")
 
 
-def test_pht_hop_after_the_first_is_refused() -> None:
-    result = run_pht("-L", ":0", "-F", "http://127.0.0.1:1", "-F", "pht://127.0.0.1:2")
-    assert_one_line_error(result, 2, "only the first hop of a chain can be a PHT tunnel")
+def test_pht_hop_after_a_non_http_hop_is_refused() -> None:
+    result = run_pht("-L", ":0", "-F", "socks5://127.0.0.1:1", "-F", "pht://127.0.0.1:2")
+    assert_one_line_error(result, 2, "a PHT hop can only be first, or second after one plain")
 
 
 def test_version() -> None:
@@ -322,13 +323,39 @@ def test_all_interfaces_and_yaml_log_level(tmp_path: Path) -> None:
         child.wait_for(r"tunnel: listening on 127\.0\.0\.1:\d+ \(relay\+phts\)")
         status, output = child.stop()
     assert status == 0
-    # log.level: debug shows GOST-style notes about ignored options.
-    assert "ignoring option 'unknownThing'" in output
+    # An option pht does not know is a WARNING, never silence.
+    assert "WARNING services[0] (tunnel).listener.metadata: unknown option 'unknownThing'" in (
+        output
+    )
+    # log.level: debug shows the DEBUG lines (the versions in use).
+    assert "DEBUG" in output
+
+
+def test_yaml_log_level_warn_hides_info(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "gost.yaml"
+    config.write_text(
+        f"services:\n- addr: '127.0.0.1:{port}'\n  listener: {{metadata: {{unknownThing: 1}}}}\n"
+        "log: {level: warn}\n"
+    )
+    with PhtProcess("-C", str(config)) as child:
+        child.wait_for("unknown option 'unknownThing'")
+        # No start-up line at this level: wait until it accepts connections,
+        # so that the signal finds it running.
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT).close()
+                break
+            except ConnectionRefusedError:
+                threading.Event().wait(0.1)
+        status, output = child.stop()
+    assert status == 0
+    assert " INFO " not in output
 
 
 def test_debug_flag_overrides_nothing_but_level() -> None:
     with PhtProcess("-D", "-L", "http://127.0.0.1:0?someOption=1") as child:
-        child.wait_for("ignoring option 'someOption'")
+        child.wait_for("WARNING .*unknown option 'someOption': ignored")
         child.port()
         status, _ = child.stop()
     assert status == 0
@@ -347,3 +374,46 @@ def test_connections_do_not_outlive_a_failing_upstream() -> None:
         status, output = child.stop()
     assert status == 0
     assert "Traceback" not in output
+
+
+def test_log_output_and_format_apply_to_warnings_before_an_error() -> None:
+    result = run_pht(
+        "--log-output",
+        "stdout",
+        "--log-format",
+        "json",
+        "-L",
+        "http://127.0.0.1:0?keepAlive=1&udp=1",
+    )
+    assert result.returncode == 2
+    (line,) = result.stdout.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "warning"
+    assert "unknown option 'keepAlive'" in entry["msg"]
+    assert result.stderr.startswith("pht: error: ")
+    assert "option 'udp' (UDP relay) is not supported by pht" in result.stderr
+
+
+def test_log_output_to_an_unwritable_file_is_an_error(tmp_path: Path) -> None:
+    result = run_pht("--log-output", str(tmp_path / "missing" / "pht.log"), "-L", ":0")
+    assert_one_line_error(result, 2, "log.output")
+
+
+def test_ctrl_c_while_checking_the_configuration_is_quiet(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pht.cli._run as run_module
+
+    def interrupted(*args: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "build_config", interrupted)
+    assert main(["-L", ":0"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_log_level_accepts_gosts_warn() -> None:
+    result = run_pht("--log-level", "warn", "-L", "http://127.0.0.1:0?keepAlive=1&udp=1")
+    assert result.returncode == 2
+    assert "WARNING" in result.stderr  # the keepAlive warning is shown at this level
+    assert "option 'udp'" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -164,10 +165,77 @@ def test_path_without_slash_falls_back_to_default(caplog: pytest.LogCaptureFixtu
     assert "does not start with '/'" in caplog.text
 
 
-def test_unknown_option_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="pht.cli"):
+def test_unknown_option_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
         parse_service("http+pht://:8443?keepAlive=true")
-    assert "ignoring option 'keepAlive'" in caplog.text
+    assert "unknown option 'keepAlive': ignored" in caplog.text
+
+
+def test_option_of_another_part_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        parse_service("http+pht://:8443?host=cdn.example")
+    assert "option 'host' is a dialer option: it has no effect here" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("socks5+pht://:8443?udp=true", "udp"),
+        ("http+pht://:8443?probeResistance=code:404", "probeResistance"),
+        ("pht://:8443?mptcp=true", "mptcp"),
+        ("relay+pht://:8443?handler.readTimeout=5s", "handler.readTimeout"),
+    ],
+)
+def test_gost_option_pht_lacks_is_refused_by_name(text: str, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"option '{re.escape(name)}' .* not supported"):
+        parse_service(text)
+
+
+def test_header_dot_name_is_a_request_header() -> None:
+    hop = parse_node("socks5+pht://server:8443?header.ServiceToken=t0k&header=X-A:1")
+    (node,) = hop.nodes
+    assert set(node.headers) == {("ServiceToken", "t0k"), ("X-A", "1")}
+
+
+def test_header_dot_name_with_a_prefix_keeps_its_spelling() -> None:
+    (node,) = parse_node("pht://server:8443?dialer.header.CF-Access-Client-Id=abc").nodes
+    assert node.headers == (("CF-Access-Client-Id", "abc"),)
+
+
+def test_header_dot_name_rejects_a_bad_name() -> None:
+    with pytest.raises(ConfigError, match="not a valid header name"):
+        parse_node("pht://server:8443?header.Bad%20Name=1")
+
+
+def test_nodelay_on_relay_handler_and_connector() -> None:
+    assert parse_service("relay+pht://:8443?nodelay=true").nodelay
+    assert not parse_service("relay+pht://:8443").nodelay
+    (node,) = parse_node("relay+pht://server:8443?nodelay=true").nodes
+    assert node.nodelay
+
+
+def test_connect_timeout_and_proxy_on_a_node() -> None:
+    (node,) = parse_node(
+        "socks5+pht://server:8443?connectTimeout=2.5s&proxy=http://u:p@squid:3128"
+    ).nodes
+    assert node.connect_timeout == 2.5
+    assert node.proxy == "http://u:p@squid:3128"
+
+
+def test_proxy_needs_the_plain_pht_dialer() -> None:
+    with pytest.raises(ConfigError, match="proxy= works with the pht dialer only"):
+        parse_node("socks5+phts://server:8443?proxy=http://squid:3128")
+
+
+def test_tls_options() -> None:
+    spec = parse_service("phts://:8443?minVersion=VersionTLS12&maxVersion=TLSv1.3&alpn=http/1.1")
+    assert spec.tls_options.min_version == "1.2"
+    assert spec.tls_options.max_version == "1.3"
+    assert spec.tls_options.alpn == ("http/1.1",)
+    (node,) = parse_node("phts://s:1?cipherSuites=ECDHE-RSA-AES128-GCM-SHA256").nodes
+    assert node.tls.options.cipher_suites == ("ECDHE-RSA-AES128-GCM-SHA256",)
+    with pytest.raises(ConfigError, match="minVersion='SSLv3' is not a TLS version"):
+        parse_service("phts://:8443?minVersion=SSLv3")
 
 
 # --- -F ------------------------------------------------------------------------------
@@ -289,3 +357,11 @@ def test_error_names_the_argument() -> None:
         parse_service("socks5+pht://:x")
     with pytest.raises(ConfigError, match=r"^-F 'pht://server'"):
         parse_node("pht://server")
+
+
+def test_nodelay_elsewhere_than_relay_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        parse_service("socks5+pht://:8443?nodelay=true")
+        parse_node("http+pht://server:8443?nodelay=true")
+    assert "nodelay is a relay handler option" in caplog.text
+    assert "nodelay is a relay connector option" in caplog.text

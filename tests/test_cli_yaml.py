@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import textwrap
 from pathlib import Path
 
@@ -263,8 +264,8 @@ def test_forwarder_targets_list_and_empty_file() -> None:
     assert parse("") == Config()
 
 
-def test_unknown_keys_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG, logger="pht.cli"):
+def test_unknown_keys_are_warned_about_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
         config = parse(
             """
             api: {addr: ":18080"}
@@ -275,9 +276,58 @@ def test_unknown_keys_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -
             """
         )
     assert len(config.services) == 1
-    assert "ignoring unknown key 'api'" in caplog.text
-    assert "ignoring unknown key 'interface'" in caplog.text
-    assert "ignoring option 'keepAlive'" in caplog.text
+    assert "unknown key 'api': ignored" in caplog.text
+    assert "unknown key 'interface': ignored" in caplog.text
+    assert "unknown option 'keepAlive': ignored" in caplog.text
+
+
+def test_yaml_headers_nodelay_tls_options_metrics_and_log() -> None:
+    config = parse(
+        """
+        services:
+        - addr: ":8443"
+          handler: {type: relay, metadata: {nodelay: true}}
+          listener:
+            type: phts
+            tls: {options: {minVersion: VersionTLS12, alpn: [http/1.1]}}
+        chains:
+        - name: c
+          hops:
+          - nodes:
+            - addr: server:8443
+              connector: {type: relay, metadata: {nodelay: true, connectTimeout: 5s}}
+              dialer:
+                type: pht
+                metadata: {header.ServiceToken: t, header: {X-Key: v}, proxy: "http://sq:3128"}
+        metrics: {addr: ":9000"}
+        log: {level: warn, format: json, output: stdout}
+        """
+    )
+    (service,) = config.services
+    assert service.nodelay
+    assert service.tls_options.min_version == "1.2"
+    assert service.tls_options.alpn == ("http/1.1",)
+    (node,) = config.chains[0].hops[0].nodes
+    assert set(node.headers) == {("ServiceToken", "t"), ("X-Key", "v")}
+    assert node.nodelay
+    assert node.connect_timeout == 5.0
+    assert node.proxy == "http://sq:3128"
+    assert config.metrics is not None
+    assert config.metrics.addr.port == 9000
+    assert config.metrics.path == "/metrics"
+    assert config.log_level == "WARNING"
+    assert (config.log_format, config.log_output) == ("json", "stdout")
+
+
+def test_yaml_refuses_a_gost_option_pht_lacks() -> None:
+    with pytest.raises(ConfigError, match=r"option 'udp' .* not supported"):
+        parse(
+            """
+            services:
+            - addr: ":8443"
+              handler: {type: socks5, metadata: {udp: true}}
+            """
+        )
 
 
 def test_json_config_works_too() -> None:
@@ -345,3 +395,20 @@ def test_bad_config(text: str, fragment: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # `import yaml` fails as it does where PyYAML is not installed.
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    path = tmp_path / "gost.json"
+    path.write_text('{"services": [{"addr": ":8443", "handler": {"type": "relay"}}]}')
+    (service,) = load_config(str(path)).services
+    assert service.handler == "relay"
+    path.write_text("services:\n- addr: ':8443'\n")
+    with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht\[cli\]'"):
+        load_config(str(path))
+
+
+def test_metrics_auth_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.auth: not supported"):
+        parse("metrics: {addr: ':9000', auth: {username: u, password: p}}\nservices: []\n")

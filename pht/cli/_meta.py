@@ -4,7 +4,8 @@ GOST's metadata keys are case-insensitive, may carry a component prefix
 (``listener.pushPath``, ``dialer.host``, ``tls.certFile``), and the TLS file
 keys have short aliases (``cert``, ``key``, ``ca``). This module hides those
 rules behind :class:`Metadata`, which also remembers which keys were read so
-that the unused ones can be reported (GOST ignores them; so do we, at DEBUG).
+that the unused ones can be reported: an option GOST has but ``pht`` refuses
+is an error, any other unused one a WARNING (never silence).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 
+from ._options import lookup
 from ._spec import Address, ConfigError
 
-__all__ = ["Metadata", "parse_address"]
+__all__ = ["Metadata", "go_duration", "parse_address"]
 
 log = logging.getLogger("pht.cli")
 
@@ -61,6 +63,15 @@ class Metadata:
             if not isinstance(raw_key, str):
                 raise ConfigError(f"{where}: option names must be strings, got {raw_key!r}")
             key, prefixed = _normalize(raw_key)
+            if key.startswith("header.") and len(key) > len("header."):
+                # GOST's header.NAME=VALUE: one extra request header, its
+                # name spelled as written (HTTP names are case-insensitive,
+                # but some fronts compare them literally).
+                original = raw_key.strip()
+                name = original[len(original) - len(key) + len("header.") :]
+                self._values.setdefault("header", []).append({name: value})
+                self._original.setdefault("header", original)
+                continue
             if key in _REFUSED:
                 raise ConfigError(f"{where}: option {raw_key!r} is not supported by pht")
             if prefixed and key not in self._prefixed:
@@ -148,6 +159,33 @@ class Metadata:
             raise ConfigError(f"{self.where}: {name} must be at least {minimum}, got {number}")
         return number
 
+    def strings(self, key: str) -> tuple[str, ...]:
+        """A list option: a YAML list, or comma-separated text (``alpn=h2,http/1.1``)."""
+        value = self._first(key)
+        if value is None:
+            return ()
+        name = self._name(key.lower())
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{self.where}: {name} must be a list of strings, got {value!r}")
+        return tuple(item.strip() for item in items if item.strip())
+
+    def seconds(self, key: str) -> float | None:
+        """A duration: a Go duration (``10s``, ``1m30s``) or a number of seconds."""
+        value = self._first(key)
+        if value is None:
+            return None
+        name = self._name(key.lower())
+        if isinstance(value, str) and not re.fullmatch(r"\s*\d+(\.\d*)?\s*", value):
+            number = go_duration(value, where=f"{self.where}: {name}")
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise ConfigError(f"{self.where}: {name} must be a duration (10s), got {value!r}")
+        if number <= 0:
+            raise ConfigError(f"{self.where}: {name} must be a positive duration")
+        return number
+
     def boolean(self, key: str) -> bool | None:
         value = self._first(key)
         if value is None:
@@ -214,10 +252,49 @@ class Metadata:
         return header.strip(), text
 
     def report_unused(self) -> None:
-        """Log (at DEBUG, like GOST) the options nobody read."""
+        """Refuse or warn about the options nobody read.
+
+        GOST ignores them silently; a GOST user moving a command to ``pht``
+        must hear about an option that changes nothing. One that GOST honours
+        and ``pht`` does not implement is an error naming it (the service would
+        not be what was written); any other one is a WARNING.
+        """
         for key in self._values:
-            if key not in self._used:
-                log.debug("%s: ignoring option %r", self.where, self._name(key))
+            if key in self._used:
+                continue
+            name = self._name(key)
+            option = lookup(key)
+            if option is not None and option.status == "refused":
+                raise ConfigError(
+                    f"{self.where}: option {name!r} ({option.meaning}) is not supported by pht"
+                )
+            if option is not None:
+                parts = " or ".join(option.parts)
+                log.warning(
+                    "%s: option %r is a %s option: it has no effect here", self.where, name, parts
+                )
+            else:
+                log.warning("%s: unknown option %r: ignored", self.where, name)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(value: str, *, where: str) -> float:
+    """A Go duration (``8760h``, ``1m30s``, ``250ms``) in seconds."""
+    text = value.strip()
+    position = 0
+    seconds = 0.0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            raise ConfigError(f"{where}: {value!r} is not a duration such as '10s' or '8760h'")
+        seconds += float(match.group(1)) * _SECONDS[match.group(2)]
+        position = match.end()
+    if not text:
+        raise ConfigError(f"{where}: empty duration")
+    return seconds
 
 
 def parse_address(

@@ -1,4 +1,4 @@
-"""The command line's running side: argparse, start-up checks, services, chains.
+"""The command line's running side: argparse, start-up checks, services, logging, metrics.
 
 Everything that can be checked before listening (URLs, YAML, certificate
 files, handler names) is checked first, so a bad command fails at once with
@@ -13,31 +13,34 @@ import argparse
 import dataclasses
 import itertools
 import logging
-import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import trio
 
 import pht
 from pht import proxy
+from pht._stats import ServiceStats, Stats
 
+from ._chain import ChainDialer, RoundRobin, describe_cause, to_auth
+from ._log import JSONFormatter, TextFormatter, open_output
+from ._meta import parse_address
+from ._metrics import MetricsServer
 from ._spec import (
     Address,
     ChainSpec,
-    ClientTLS,
     Config,
     ConfigError,
-    Credentials,
     DefaultTLS,
-    NodeSpec,
-    ServerTLS,
+    MetricsSpec,
     ServiceSpec,
+    TLSOptions,
 )
+from ._tls import apply_tls_options, server_context
 from ._url import parse_node, parse_service
 
 __all__ = ["build_config", "build_parser", "run"]
@@ -50,9 +53,6 @@ HandlerFactory = Callable[[proxy.Dialer], Handler]
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
-_DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
 
 
 class StartupError(Exception):
@@ -68,8 +68,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
+    """The version and the backends in use: base64 codec, TLS library, trio, Python."""
     python = ".".join(str(part) for part in sys.version_info[:3])
-    return f"pht {pht.__version__} (python {python}, trio {trio.__version__})"
+    return (
+        f"pht {pht.__version__} (base64 {pht.BASE64_BACKEND}, TLS {ssl.OPENSSL_VERSION}, "
+        f"trio {trio.__version__}, python {python})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  pht -L :1080 -F socks5+pht://server:8443  local proxy through the tunnel\n"
             "  pht -L tcp://:2222/10.0.0.5:22 -F pht://server:8443\n"
             "  pht -C gost.yaml\n"
-            "Quote URLs that contain '&'. See docs/cli.md."
+            "Quote URLs that contain '&'. The command line is described in the pht\n"
+            "documentation, chapter 'The pht command line'."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -113,10 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-D", dest="debug", action="store_true", help="debug logging")
     parser.add_argument(
         "--log-level",
-        choices=["debug", "info", "warning", "error"],
+        choices=["debug", "info", "warn", "warning", "error"],
         help="log level (default: info, or log.level of the -C file)",
     )
-    parser.add_argument("-V", "--version", action="version", version=_version())
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log format: text (default) or json, one object a line with GOST's field "
+        "names (default: log.format of the -C file)",
+    )
+    parser.add_argument(
+        "--log-output",
+        metavar="WHERE",
+        help="stderr (default), stdout, none, or a file to append to "
+        "(default: log.output of the -C file)",
+    )
+    parser.add_argument(
+        "-metrics",
+        "--metrics",
+        dest="metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics on ADDR (e.g. :9000) at /metrics, as GOST's -metrics; "
+        "needs pip install 'pht-tunnel[metrics]'",
+    )
+    parser.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the version and the backends in use, and exit",
+    )
     return parser
 
 
@@ -130,15 +161,16 @@ def _free_name(prefix: str, taken: set[str]) -> str:
 
 
 def _load_config(path: str) -> Config:
-    try:
-        from ._yaml import load_config
-    except ImportError:
-        raise ConfigError("-C needs PyYAML: install it with pip install 'pht[cli]'") from None
+    from ._yaml import load_config  # PyYAML is imported there only for YAML
+
     return load_config(path)
 
 
 def build_config(
-    services: Sequence[str], nodes: Sequence[str], config_file: str | None = None
+    services: Sequence[str],
+    nodes: Sequence[str],
+    config_file: str | None = None,
+    metrics: str | None = None,
 ) -> Config:
     """Combine ``-C FILE`` with the ``-L`` services and the ``-F`` chain.
 
@@ -162,204 +194,27 @@ def build_config(
         for text in services
     ]
     config = dataclasses.replace(base, services=(*base.services, *parsed), chains=tuple(chains))
+    if metrics is not None:
+        # GOST's -metrics ADDR: the path stays the YAML's, or /metrics.
+        path = base.metrics.path if base.metrics is not None else "/metrics"
+        config = dataclasses.replace(
+            config,
+            metrics=MetricsSpec(
+                addr=parse_address(metrics, where="-metrics", allow_zero_port=True), path=path
+            ),
+        )
     if not config.services:
         raise ConfigError("nothing to run: give a service with -L or a configuration file with -C")
     return config
-
-
-# --- TLS ---------------------------------------------------------------------------------
-
-
-def _require_file(path: str, what: str, where: str) -> None:
-    if not os.path.isfile(path):
-        reason = "not found" if not os.path.exists(path) else "not a file"
-        raise ConfigError(f"{where}: {what} {path!r}: {reason}")
-
-
-def _ssl_reason(exc: Exception) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
-
-
-def server_context(tls: ServerTLS | DefaultTLS, where: str) -> ssl.SSLContext:
-    """A server context from certificate files; ``ca_file`` asks clients for certificates."""
-    assert tls.cert_file is not None
-    _require_file(tls.cert_file, "certificate file", where)
-    if tls.key_file:
-        _require_file(tls.key_file, "key file", where)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(tls.cert_file, tls.key_file or None)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"{where}: cannot load certificate {tls.cert_file!r}: {_ssl_reason(exc)}"
-        ) from None
-    if tls.ca_file:
-        _require_file(tls.ca_file, "CA file", where)
-        try:
-            context.load_verify_locations(cafile=tls.ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
-                f"{where}: cannot load CA file {tls.ca_file!r}: {_ssl_reason(exc)}"
-            ) from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def client_context(tls: ClientTLS, where: str) -> ssl.SSLContext:
-    """A client context, with GOST's rules.
-
-    ``secure=false`` (the default) checks nothing, unless a ``caFile`` is
-    given: then the chain must lead to that CA, but the name is not checked.
-    ``secure=true`` checks chain and name (against ``caFile`` or the system's CAs).
-    """
-    if tls.ca_file:
-        _require_file(tls.ca_file, "CA file", where)
-    try:
-        if tls.verify:
-            context = ssl.create_default_context(cafile=tls.ca_file)
-            context.check_hostname = tls.secure
-        else:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if tls.cert_file:
-            _require_file(tls.cert_file, "certificate file", where)
-            context.load_cert_chain(tls.cert_file, tls.key_file or None)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"{where}: cannot set up TLS: {_ssl_reason(exc)}") from None
-    return context
-
-
-# --- chains ------------------------------------------------------------------------------
-
-
-def _auth(credentials: Credentials | None) -> proxy.Auth | None:
-    if credentials is None:
-        return None
-    return proxy.Auth(credentials.username, credentials.password)
-
-
-class _RoundRobin:
-    """GOST's default node selector: each use starts one further along."""
-
-    def __init__(self, count: int) -> None:
-        self._count = count
-        self._next = 0
-
-    def order(self) -> list[int]:
-        start = self._next
-        self._next = (start + 1) % self._count
-        return [(start + offset) % self._count for offset in range(self._count)]
-
-
-class ChainDialer:
-    """Opens a connection to ``(host, port)`` through the hops of a chain.
-
-    The first hop is dialled directly (TCP or a PHT tunnel; with several nodes,
-    each connection starts at the next one and the others are tried if it
-    cannot be reached). Then each hop's connector asks its node to connect to
-    the next hop's node, and the last one to the target. Hops after the first
-    must use the ``tcp`` dialer: a PHT tunnel needs HTTP connections of its
-    own and cannot be opened inside another hop's stream.
-    """
-
-    def __init__(self, chain: ChainSpec) -> None:
-        self.chain = chain
-        where = f"chain {chain.name!r}"
-        for hop in chain.hops[1:]:
-            for node in hop.nodes:
-                if node.dialer != "tcp":
-                    raise ConfigError(
-                        f"{where}: hop {hop.name!r} uses the {node.dialer} dialer; only the "
-                        "first hop of a chain can be a PHT tunnel"
-                    )
-        self._selectors = [_RoundRobin(len(hop.nodes)) for hop in chain.hops]
-        self._contexts: dict[int, ssl.SSLContext] = {}
-        for hop in chain.hops:
-            for node in hop.nodes:
-                if node.dialer == "phts":
-                    self._contexts[id(node)] = client_context(
-                        node.tls, f"{where}, {hop.name}, {node.name}"
-                    )
-
-    def describe(self) -> str:
-        return " -> ".join(
-            ",".join(f"{node.scheme}://{node.addr}" for node in hop.nodes)
-            for hop in self.chain.hops
-        )
-
-    async def _open(self, node: NodeSpec) -> trio.abc.Stream:
-        if node.dialer == "tcp":
-            return await trio.open_tcp_stream(node.addr.host, node.addr.port)
-        return await pht.open_pht_stream(
-            node.addr.host,
-            node.addr.port,
-            tls=self._contexts.get(id(node), False),
-            server_hostname=node.tls.server_name,
-            authorize_path=node.paths.authorize_path,
-            push_path=node.paths.push_path,
-            pull_path=node.paths.pull_path,
-            headers=list(node.headers) or None,
-            host_header=node.host_header,
-        )
-
-    async def _connect(
-        self, node: NodeSpec, stream: trio.abc.Stream, target: Address
-    ) -> trio.abc.Stream:
-        auth = _auth(node.auth)
-        if node.connector == "http":
-            return await proxy.http_connect(stream, target.host, target.port, auth=auth)
-        if node.connector == "socks5":
-            return await proxy.socks5_connect(stream, target.host, target.port, auth=auth)
-        if node.connector == "relay":
-            return await proxy.relay_connect(stream, target.host, target.port, auth=auth)
-        # forward: the node itself forwards the stream to its own target.
-        return stream
-
-    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
-        hops = self.chain.hops
-        later = [
-            hop.nodes[sel.order()[0]]
-            for hop, sel in zip(hops[1:], self._selectors[1:], strict=True)
-        ]
-        failure: Exception | None = None
-        stream: trio.abc.Stream | None = None
-        first: NodeSpec | None = None
-        for index in self._selectors[0].order():
-            first = hops[0].nodes[index]
-            try:
-                stream = await self._open(first)
-                break
-            except (OSError, pht.PHTError) as exc:
-                log.debug("%s %s://%s: %s", self.chain.name, first.scheme, first.addr, exc)
-                failure = exc
-        if stream is None or first is None:
-            assert failure is not None
-            raise failure
-        path = [first, *later]
-        try:
-            for position, node in enumerate(path):
-                target = (
-                    path[position + 1].addr if position + 1 < len(path) else Address(host, port)
-                )
-                stream = await self._connect(node, stream, target)
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream
 
 
 # --- services ----------------------------------------------------------------------------
 
 
 def _handler_factory(spec: ServiceSpec) -> HandlerFactory:
-    auth = _auth(spec.auth)
+    auth = to_auth(spec.auth)
     targets = [(target.host, target.port) for target in spec.targets]
-    selector = _RoundRobin(max(1, len(targets)))
+    selector = RoundRobin(max(1, len(targets)))
 
     def next_target() -> tuple[str, int]:
         return targets[selector.order()[0]]
@@ -374,11 +229,14 @@ def _handler_factory(spec: ServiceSpec) -> HandlerFactory:
         return lambda dial: proxy.Socks4Handler(auth=auth, dial=dial)
     if spec.handler == "relay":
         return lambda dial: proxy.RelayHandler(
-            auth=auth, target=next_target() if targets else None, dial=dial
+            auth=auth,
+            target=next_target() if targets else None,
+            dial=dial,
+            lazy_reply=not spec.nodelay,
         )
     # forward / tcp
     if auth is not None:
-        log.debug(
+        log.warning(
             "%s: a %s handler has no authentication: USER:PASS ignored", spec.name, spec.handler
         )
     assert targets, "the parsers guarantee a target"
@@ -423,8 +281,34 @@ def _listener_addresses(listeners: Sequence[object]) -> str:
     return ", ".join(names) or "?"
 
 
+class _CountingStream(trio.abc.Stream):
+    """Counts the bytes read from and written to a client into the service's stats."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, stats: ServiceStats) -> None:
+        self.transport_stream = transport_stream
+        self._stats = stats
+        remote = getattr(transport_stream, "remote_address", None)
+        if isinstance(remote, str):
+            self.remote_address = remote
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.transport_stream.receive_some(max_bytes)
+        self._stats.transferred(received=len(data))
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+        self._stats.transferred(sent=len(data))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 class Service:
-    """One listening service: its listener, its handler and its dialer."""
+    """One listening service: its listener, its handler, its dialer and its counters."""
 
     def __init__(
         self,
@@ -434,12 +318,14 @@ class Service:
         dial: proxy.Dialer,
         route: str,
         tls: bool | ssl.SSLContext,
+        stats: ServiceStats | None = None,
     ) -> None:
         self.spec = spec
         self.make_handler = make_handler
         self.dial = dial
         self.route = route
         self.tls = tls
+        self.stats = stats if stats is not None else ServiceStats(spec.name)
 
     def describe(self) -> str:
         details = self.spec.scheme
@@ -479,31 +365,55 @@ class Service:
         """Run one connection; a failing handler is logged, never fatal to the service."""
         peer = _peer(stream)
         name = self.spec.name
+        stats = self.stats
+        failed = False
+        started = trio.current_time()
+        stats.request_started()
 
         async def dial(host: str, port: int) -> trio.abc.Stream:
+            nonlocal failed
             target = Address(host, port)
             try:
                 upstream = await self.dial(host, port)
             except Exception as exc:
-                log.debug("%s: %s -> %s: %s", name, peer, target, exc or type(exc).__name__)
+                # The handler logs the failure (WARNING) and answers it.
+                failed = True
+                log.debug("%s: %s -> %s: %s", name, peer, target, describe_cause(exc))
                 raise
             log.info("%s: %s -> %s opened", name, peer, target)
             return upstream
 
         try:
-            await self.make_handler(dial)(stream)
+            await self.make_handler(dial)(_CountingStream(stream, stats))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, pht.PHTError) as exc:
+            failed = True
+            log.warning("%s: %s: connection failed: %s", name, peer, describe_cause(exc))
         except Exception as exc:
-            log.warning("%s: %s: connection failed: %r", name, peer, exc)
+            failed = True
+            # A bug, not a network event: say so, the traceback at DEBUG.
+            log.error(
+                "%s: %s: internal error: %s: %s (run with -D for the traceback)",
+                name,
+                peer,
+                type(exc).__name__,
+                exc,
+            )
             log.debug("%s: traceback", name, exc_info=True)
         finally:
+            stats.request_finished(trio.current_time() - started, failed=failed)
             await trio.aclose_forcefully(stream)
 
 
-def prepare(config: Config) -> list[Service]:
-    """Build every service (handlers, chains, TLS contexts) or raise ConfigError."""
+def prepare(config: Config, stats: Stats | None = None) -> list[Service]:
+    """Build every service (handlers, chains, TLS contexts) or raise ConfigError.
+
+    Their counters go to ``stats`` (a fresh :class:`Stats` if not given).
+    """
+    if stats is None:
+        stats = Stats()
     dialers: dict[str, ChainDialer] = {}
     for chain in config.chains:
-        dialers[chain.name] = ChainDialer(chain)
+        dialers[chain.name] = ChainDialer(chain, stats.chain(chain.name))
     default_tls: bool | ssl.SSLContext | None = None  # made on first use
     services = []
     for spec in config.services:
@@ -512,10 +422,14 @@ def prepare(config: Config) -> list[Service]:
         if spec.listener == "phts":
             if spec.tls is not None:
                 tls = server_context(spec.tls, where)
+            elif spec.tls_options != TLSOptions():
+                tls = _default_server_tls(config.tls, always_context=True)
             else:
                 if default_tls is None:
                     default_tls = _default_server_tls(config.tls)
                 tls = default_tls
+            if isinstance(tls, ssl.SSLContext) and spec.tls_options != TLSOptions():
+                apply_tls_options(tls, spec.tls_options, where)
         if spec.chain is not None:
             if spec.chain not in dialers:
                 raise ConfigError(f"{where}: unknown chain {spec.chain!r}")
@@ -525,14 +439,29 @@ def prepare(config: Config) -> list[Service]:
         else:
             dial, route = proxy.tcp_dialer, ""
         services.append(
-            Service(spec, make_handler=_handler_factory(spec), dial=dial, route=route, tls=tls)
+            Service(
+                spec,
+                make_handler=_handler_factory(spec),
+                dial=dial,
+                route=route,
+                tls=tls,
+                stats=stats.service(spec.name),
+            )
         )
     return services
 
 
-def _default_server_tls(tls: DefaultTLS | None) -> bool | ssl.SSLContext:
-    """The certificate of phts listeners without their own: files, generated, or GOST's."""
+def _default_server_tls(
+    tls: DefaultTLS | None, *, always_context: bool = False
+) -> bool | ssl.SSLContext:
+    """The certificate of phts listeners without their own: files, generated, or GOST's.
+
+    ``True`` lets the server make GOST's certificate; ``always_context`` makes
+    it here instead, so that TLS options can be set on its context.
+    """
     if tls is None:
+        if always_context:
+            return pht.make_self_signed_certificate().server_context()
         return True
     if tls.cert_file:
         return server_context(tls, "tls")
@@ -543,6 +472,8 @@ def _default_server_tls(tls: DefaultTLS | None) -> bool | ssl.SSLContext:
             validity_days=max(1, round(tls.validity_days or 365)),
         )
         return certificate.server_context()
+    if always_context:
+        return pht.make_self_signed_certificate().server_context()
     return True
 
 
@@ -565,12 +496,24 @@ async def _watch_signals(
             return
 
 
-async def serve_all(services: Sequence[Service]) -> None:
-    """Start every service (all or none), then run until a signal arrives."""
+async def serve_all(services: Sequence[Service], metrics: MetricsServer | None = None) -> None:
+    """Start every service (all or none) and the metrics endpoint, then run until a signal."""
     failure: str | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, nursery.cancel_scope)
-        for service in services:
+        if metrics is not None:
+            try:
+                listeners = await nursery.start(metrics.serve)
+            except OSError as exc:
+                failure = f"metrics: cannot listen on {metrics.spec.addr}: {exc.strerror or exc}"
+                nursery.cancel_scope.cancel()
+            else:
+                log.info(
+                    "metrics: listening on %s (path %s)",
+                    _listener_addresses(listeners),
+                    metrics.spec.path,
+                )
+        for service in services if failure is None else ():
             spec = service.spec
             try:
                 listeners = await nursery.start(service.serve)
@@ -599,6 +542,8 @@ async def serve_all(services: Sequence[Service]) -> None:
                 _listener_addresses(listeners),
                 service.describe(),
             )
+        if failure is None:
+            log.info("%s: running", _version())
     if failure is not None:
         raise StartupError(failure)
 
@@ -618,48 +563,65 @@ def _fail(message: str) -> None:
 
 
 class _LogSetup:
-    """Logging to stderr for the ``pht`` loggers, undone when the run ends.
+    """Logging for the ``pht`` loggers, undone when the run ends.
 
-    Until the level is known (it may come from the -C file's ``log.level``),
-    records are kept; :meth:`decide` then shows those at or above the level.
+    Until level, format and output are known (they may come from the -C
+    file's ``log:`` block), records are kept; :meth:`decide` then writes
+    those at or above the level.
     """
 
-    def __init__(self, level: int | None) -> None:
+    def __init__(self) -> None:
         self.logger = logging.getLogger("pht")
         self.previous_level = self.logger.level
-        self.handler = logging.StreamHandler(sys.stderr)
-        self.handler.setFormatter(logging.Formatter(_LOG_FORMAT, _DATE_FORMAT))
+        self.handler: logging.Handler | None = None
+        self.file: IO[str] | None = None
         self.pending: list[logging.LogRecord] = []
-        self.buffer: logging.Handler | None = None
-        if level is None:
-            pending = self.pending
+        pending = self.pending
 
-            class _Keep(logging.Handler):
-                def emit(self, record: logging.LogRecord) -> None:
-                    pending.append(record)
+        class _Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                pending.append(record)
 
-            self.buffer = _Keep(logging.DEBUG)
-            self.logger.addHandler(self.buffer)
-            self.logger.setLevel(logging.DEBUG)
-        else:
-            self.logger.addHandler(self.handler)
-            self.logger.setLevel(level)
+        self.buffer: logging.Handler | None = _Keep(logging.DEBUG)
+        self.logger.addHandler(self.buffer)
+        self.logger.setLevel(logging.DEBUG)
 
-    def decide(self, level: int) -> None:
+    def decide(self, level: int, log_format: str = "text", output: str | None = None) -> None:
+        """Start writing: ``log_format`` ``text`` or ``json``; ``output`` as GOST's
+        ``log.output``. Raises ConfigError if the output file cannot be opened."""
         if self.buffer is None:
             return
+        try:
+            stream = open_output(output)
+        except OSError as exc:
+            stream = sys.stderr
+            output_error: str | None = f"log.output {output}: {exc.strerror or exc}"
+        else:
+            output_error = None
+        if stream is not None and stream not in (sys.stderr, sys.stdout):
+            self.file = stream
         self.logger.removeHandler(self.buffer)
         self.buffer = None
         self.logger.setLevel(level)
-        self.logger.addHandler(self.handler)
+        handler: logging.Handler = (
+            logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
+        )
+        handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+        self.handler = handler
+        self.logger.addHandler(handler)
         for record in self.pending:
             if record.levelno >= level:
-                self.handler.handle(record)
+                handler.handle(record)
         self.pending.clear()
+        if output_error is not None:
+            raise ConfigError(output_error)
 
     def close(self) -> None:
         self.decide(logging.INFO)
-        self.logger.removeHandler(self.handler)
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+        if self.file is not None:
+            self.file.close()
         self.logger.setLevel(self.previous_level)
 
 
@@ -671,30 +633,61 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     explicit_level = "debug" if args.debug else args.log_level
-    logs = _LogSetup(None if explicit_level is None else getattr(logging, explicit_level.upper()))
+    if explicit_level == "warn":  # GOST's spelling
+        explicit_level = "warning"
+    logs = _LogSetup()
     try:
-        try:
-            config = build_config(args.services, args.nodes, args.config)
-            logs.decide(getattr(logging, config.log_level or "INFO"))
-            services = prepare(config)
-        except ConfigError as exc:
-            logs.decide(logging.INFO)
-            _fail(str(exc))
-            return EXIT_USAGE
-        try:
-            trio.run(serve_all, services)
-        except StartupError as exc:
-            _fail(str(exc))
-            return EXIT_RUNTIME
-        except BaseException as exc:
-            leaves = list(_leaves(exc))
-            if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
-                return EXIT_OK
-            if not isinstance(exc, Exception):
-                raise
-            log.debug("unexpected failure", exc_info=True)
-            _fail(f"unexpected failure: {leaves[0]!r} (run with -D for details)")
-            return EXIT_RUNTIME
+        return _run(args, explicit_level, logs)
+    except KeyboardInterrupt:
+        # Ctrl-C before the services' signal handling started (while
+        # checking the configuration): stop quietly, as later.
         return EXIT_OK
     finally:
         logs.close()
+
+
+def _run(args: argparse.Namespace, explicit_level: str | None, logs: _LogSetup) -> int:
+    """Check the configuration, then serve until a signal; return the exit status."""
+    try:
+        config = build_config(args.services, args.nodes, args.config, args.metrics)
+        level = (explicit_level or config.log_level or "info").upper()
+        logs.decide(
+            getattr(logging, level),
+            args.log_format or config.log_format or "text",
+            args.log_output or config.log_output,
+        )
+        log.debug(
+            "log: level %s, format %s, output %s",
+            level.lower(),
+            args.log_format or config.log_format or "text",
+            args.log_output or config.log_output or "stderr",
+        )
+        stats = Stats()
+        services = prepare(config, stats)
+        metrics = MetricsServer(config.metrics, stats) if config.metrics else None
+    except ConfigError as exc:
+        # What was logged so far (warnings about options) goes where the
+        # command line said; the -C file's log: block may not have parsed.
+        try:
+            level = getattr(logging, (explicit_level or "info").upper())
+            logs.decide(level, args.log_format or "text", args.log_output)
+        except ConfigError as output_error:
+            _fail(str(output_error))
+        _fail(str(exc))
+        return EXIT_USAGE
+    try:
+        trio.run(serve_all, services, metrics)
+    except StartupError as exc:
+        _fail(str(exc))
+        return EXIT_RUNTIME
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if leaves and all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return EXIT_OK
+        if not isinstance(exc, Exception):
+            raise
+        log.debug("unexpected failure", exc_info=True)
+        leaf = leaves[0]
+        _fail(f"unexpected failure: {type(leaf).__name__}: {leaf} (run with -D for details)")
+        return EXIT_RUNTIME
+    return EXIT_OK

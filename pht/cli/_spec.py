@@ -26,10 +26,12 @@ __all__ = [
     "HandlerType",
     "HopSpec",
     "ListenerType",
+    "MetricsSpec",
     "NodeSpec",
     "PHTPaths",
     "ServerTLS",
     "ServiceSpec",
+    "TLSOptions",
 ]
 
 DEFAULT_AUTHORIZE_PATH = "/authorize"
@@ -82,6 +84,16 @@ class PHTPaths:
 
 
 @dataclass(frozen=True)
+class TLSOptions:
+    """GOST's TLS ``options``: version bounds, TLS 1.2 cipher suites, ALPN."""
+
+    min_version: str | None = None
+    max_version: str | None = None
+    cipher_suites: tuple[str, ...] = ()
+    alpn: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServerTLS:
     """Certificate of a ``phts`` listener. ``ca_file`` asks for client certificates."""
 
@@ -105,6 +117,7 @@ class ClientTLS:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    options: TLSOptions = TLSOptions()
 
     @property
     def verify(self) -> bool:
@@ -140,7 +153,9 @@ class ServiceSpec:
     paths: PHTPaths = PHTPaths()
     backlog: int = DEFAULT_BACKLOG
     tls: ServerTLS | None = None
+    tls_options: TLSOptions = TLSOptions()
     chain: str | None = None
+    nodelay: bool = False
 
     @property
     def scheme(self) -> str:
@@ -161,6 +176,9 @@ class NodeSpec:
     host_header: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     tls: ClientTLS = ClientTLS()
+    proxy: str | None = None
+    nodelay: bool = False
+    connect_timeout: float | None = None
 
     @property
     def scheme(self) -> str:
@@ -188,6 +206,14 @@ class ChainSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSpec:
+    """GOST's ``metrics:`` block (``-metrics ADDR``): a Prometheus endpoint."""
+
+    addr: Address
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything `pht` runs: services, the chains they use, the default TLS."""
 
@@ -195,6 +221,9 @@ class Config:
     chains: tuple[ChainSpec, ...] = ()
     tls: DefaultTLS | None = None
     log_level: str | None = None
+    log_format: str | None = None
+    log_output: str | None = None
+    metrics: MetricsSpec | None = None
 
     def chain(self, name: str) -> ChainSpec:
         for chain in self.chains:

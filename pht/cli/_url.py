@@ -38,6 +38,7 @@ from ._spec import (
     PHTPaths,
     ServerTLS,
     ServiceSpec,
+    TLSOptions,
 )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "parse_service",
     "server_paths",
     "server_tls",
+    "tls_options",
 ]
 
 log = logging.getLogger("pht.cli")
@@ -248,6 +250,48 @@ def server_tls(meta: Metadata) -> ServerTLS | None:
     return ServerTLS(cert_file=cert_file, key_file=key_file or None, ca_file=ca_file or None)
 
 
+_TLS_VERSIONS = {
+    "versiontls10": "1.0",
+    "versiontls11": "1.1",
+    "versiontls12": "1.2",
+    "versiontls13": "1.3",
+    "tls1.0": "1.0",
+    "tls1.1": "1.1",
+    "tls1.2": "1.2",
+    "tls1.3": "1.3",
+    "1.0": "1.0",
+    "1.1": "1.1",
+    "1.2": "1.2",
+    "1.3": "1.3",
+}
+
+
+def _tls_version(meta: Metadata, key: str) -> str | None:
+    value = meta.string(key)
+    if not value:
+        return None
+    text = value.strip().lower()
+    if text.startswith("tlsv"):  # TLSv1.2, OpenSSL's spelling
+        text = "tls" + text[4:]
+    version = _TLS_VERSIONS.get(text)
+    if version is None:
+        raise ConfigError(
+            f"{meta.where}: {key}={value!r} is not a TLS version "
+            "(VersionTLS10, VersionTLS11, VersionTLS12 or VersionTLS13)"
+        )
+    return version
+
+
+def tls_options(meta: Metadata) -> TLSOptions:
+    """GOST's TLS ``options``: ``minVersion``, ``maxVersion``, ``cipherSuites``, ``alpn``."""
+    return TLSOptions(
+        min_version=_tls_version(meta, "minVersion"),
+        max_version=_tls_version(meta, "maxVersion"),
+        cipher_suites=meta.strings("cipherSuites"),
+        alpn=meta.strings("alpn"),
+    )
+
+
 def client_tls(meta: Metadata) -> ClientTLS:
     key_file = meta.string("keyFile")
     cert_file = meta.string("certFile")
@@ -259,6 +303,7 @@ def client_tls(meta: Metadata) -> ClientTLS:
         ca_file=meta.string("caFile") or None,
         cert_file=cert_file or None,
         key_file=key_file or None,
+        options=tls_options(meta),
     )
 
 
@@ -351,8 +396,13 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     backlog = meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
     tls = server_tls(meta)
     if tls is not None and listener != "phts":
-        log.debug("%s: TLS files are used only by a phts listener: ignored", where)
+        log.warning("%s: TLS files are used only by a phts listener: ignored", where)
         tls = None
+    options = tls_options(meta)
+    nodelay = bool(meta.boolean("nodelay"))
+    if nodelay and handler != "relay":
+        log.warning("%s: nodelay is a relay handler option: it has no effect here", where)
+    meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     meta.report_unused()
     return ServiceSpec(
         name=name,
@@ -364,7 +414,36 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         paths=paths,
         backlog=backlog,
         tls=tls,
+        tls_options=options,
+        nodelay=nodelay,
     )
+
+
+#: ``proxy=direct``: no forward proxy, whatever ``http_proxy`` says.
+DIRECT = "direct"
+
+
+def node_proxy(meta: Metadata, dialer: DialerType) -> str | None:
+    """``proxy=http://[user:pass@]host:port``: a forward HTTP proxy for a pht dialer.
+
+    ``proxy=direct`` (or ``none``) returns :data:`DIRECT`: connect directly
+    even if the ``http_proxy`` environment variable names a proxy.
+    """
+    proxy = meta.string("proxy")
+    if not proxy:
+        return None
+    if proxy.strip().lower() in (DIRECT, "none"):
+        return DIRECT
+    if not proxy.lower().startswith("http://"):
+        raise ConfigError(
+            f"{meta.where}: proxy={proxy!r} must look like http://[user:pass@]host:port"
+        )
+    if dialer != "pht":
+        raise ConfigError(
+            f"{meta.where}: proxy= works with the pht dialer only (the proxy sees plain "
+            f"HTTP requests; a {dialer} dialer cannot use it)"
+        )
+    return proxy
 
 
 def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
@@ -382,13 +461,19 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     connector = normalize_connector(connector_name, where=where)
     dialer = normalize_dialer(dialer_name, where=where)
     if path.strip("/"):
-        log.debug("%s: a path on a -F node is ignored", where)
+        log.warning("%s: a path on a -F node is ignored", where)
     meta = _metadata(query, where=where)
     auth = _credentials(userinfo, meta)
     paths = node_paths(meta)
     host_header = meta.string("host") or None
     headers = meta.headers()
     tls = client_tls(meta)
+    proxy = node_proxy(meta, dialer)
+    nodelay = bool(meta.boolean("nodelay"))
+    if nodelay and connector != "relay":
+        log.warning("%s: nodelay is a relay connector option: it has no effect here", where)
+    connect_timeout = meta.seconds("connectTimeout")
+    meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     meta.report_unused()
 
     addresses = [item for item in hostport.split(",") if item]
@@ -405,6 +490,9 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
             host_header=host_header,
             headers=headers,
             tls=tls,
+            proxy=proxy,
+            nodelay=nodelay,
+            connect_timeout=connect_timeout,
         )
         for index, item in enumerate(addresses)
     )

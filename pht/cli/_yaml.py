@@ -2,22 +2,21 @@
 
 The subset that matters for PHT: ``services`` (handler, listener, forwarder,
 metadata, TLS files), ``chains`` (hops of nodes with a connector and a
-dialer), the top-level ``tls`` block (default certificate) and ``log.level``.
-Keys are case-insensitive, as in GOST. Keys pht does not know are ignored with
-a DEBUG log, as GOST does; a value of the wrong type is an error, and so is an
-option that would restrict access (``auther``, ``admission``, ``bypass``),
-because ignoring it would leave a service more open than written.
+dialer), the top-level ``tls`` block (default certificate), ``log`` (level,
+format, output) and ``metrics``. Keys are case-insensitive, as in GOST. Keys
+pht does not know are ignored with a WARNING (GOST ignores them silently); a
+value of the wrong type is an error, and so is an option that would restrict
+access (``auther``, ``admission``, ``bypass``), because ignoring it would
+leave a service more open than written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 from collections.abc import Mapping
 
-import yaml
-
-from ._meta import Metadata, parse_address
+from ._meta import Metadata, go_duration, parse_address
 from ._spec import (
     DEFAULT_BACKLOG,
     Address,
@@ -27,18 +26,21 @@ from ._spec import (
     Credentials,
     DefaultTLS,
     HopSpec,
+    MetricsSpec,
     NodeSpec,
     ServiceSpec,
 )
 from ._url import (
     client_tls,
     node_paths,
+    node_proxy,
     normalize_connector,
     normalize_dialer,
     normalize_handler,
     normalize_listener,
     server_paths,
     server_tls,
+    tls_options,
 )
 
 __all__ = ["load_config", "parse_config"]
@@ -57,8 +59,6 @@ _LOG_LEVELS = {
     "error": "ERROR",
     "fatal": "CRITICAL",
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _type_name(value: object) -> str:
@@ -88,7 +88,7 @@ class _Section:
             if lowered in _REFUSED:
                 raise ConfigError(f"{where}.{key}: not supported by pht")
             if lowered not in known:
-                log.debug("%s: ignoring unknown key %r", where, key)
+                log.warning("%s: unknown key %r: ignored", where, key)
                 continue
             self.fields[lowered] = item
 
@@ -123,6 +123,22 @@ class _Section:
             raise ConfigError(f"{where}: expected a map, got {_type_name(value)}")
         return Metadata.from_mapping(value, where=where)
 
+    def tls_metadata(self) -> Metadata:
+        """The ``tls:`` map, with GOST's ``options:`` sub-map (versions, ciphers, ALPN) inlined."""
+        value = self.get("tls")
+        where = f"{self.where}.tls"
+        if value is None:
+            return Metadata((), where=where)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a map, got {_type_name(value)}")
+        items = [(key, item) for key, item in value.items() if str(key).lower() != "options"]
+        for key, item in value.items():
+            if str(key).lower() == "options":
+                if not isinstance(item, Mapping):
+                    raise ConfigError(f"{where}.options: expected a map, got {_type_name(item)}")
+                items.extend(item.items())
+        return Metadata(items, where=where)
+
 
 def _fields(*names: str) -> frozenset[str]:
     return frozenset(name.lower() for name in names)
@@ -140,8 +156,9 @@ _NODE_KEYS = _fields("name", "addr", "connector", "dialer", "metadata")
 _CONNECTOR_KEYS = _fields("type", "auth", "metadata")
 _DIALER_KEYS = _fields("type", "metadata", "tls")
 _TLS_KEYS = _fields("certFile", "keyFile", "caFile", "validity", "commonName", "organization")
-_TOP_KEYS = _fields("services", "chains", "tls", "log")
-_LOG_KEYS = _fields("level")
+_TOP_KEYS = _fields("services", "chains", "tls", "log", "metrics")
+_LOG_KEYS = _fields("level", "format", "output")
+_METRICS_KEYS = _fields("addr", "path", "auth")
 
 
 def _auth(section: _Section) -> Credentials | None:
@@ -203,16 +220,18 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     paths = server_paths(listener_meta)
     backlog = listener_meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
     listener_meta.report_unused()
-    handler_section.metadata().report_unused()
-    service.metadata().report_unused()
+    handler_meta = handler_section.metadata().merged(service.metadata())
+    nodelay = bool(handler_meta.boolean("nodelay"))
+    handler_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
+    handler_meta.report_unused()
 
     tls = None
-    if listener_section.get("tls") is not None:
-        tls_section = listener_section.metadata("tls")
-        tls = server_tls(tls_section)
-        tls_section.report_unused()
+    tls_section = listener_section.tls_metadata()
+    tls = server_tls(tls_section)
+    options = tls_options(tls_section)
+    tls_section.report_unused()
     if tls is not None and listener != "phts":
-        log.debug("%s: listener.tls is used only by a phts listener: ignored", where)
+        log.warning("%s: listener.tls is used only by a phts listener: ignored", where)
         tls = None
 
     return ServiceSpec(
@@ -225,7 +244,9 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         paths=paths,
         backlog=backlog,
         tls=tls,
+        tls_options=options,
         chain=chain,
+        nodelay=nodelay,
     )
 
 
@@ -247,10 +268,14 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     paths = node_paths(meta)
     host_header = meta.string("host") or None
     headers = meta.headers()
+    proxy = node_proxy(meta, dialer)
     meta.report_unused()
-    connector_section.metadata().report_unused()
-    node.metadata().report_unused()
-    tls_meta = dialer_section.metadata("tls")
+    connector_meta = connector_section.metadata().merged(node.metadata())
+    nodelay = bool(connector_meta.boolean("nodelay"))
+    connect_timeout = connector_meta.seconds("connectTimeout")
+    connector_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
+    connector_meta.report_unused()
+    tls_meta = dialer_section.tls_metadata()
     tls = client_tls(tls_meta)
     tls_meta.report_unused()
     return NodeSpec(
@@ -263,6 +288,9 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
         host_header=host_header,
         headers=headers,
         tls=tls,
+        proxy=proxy,
+        nodelay=nodelay,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -289,15 +317,7 @@ def _duration_days(value: object, where: str) -> float:
     """A Go duration (``8760h``, ``720h30m``) in days."""
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a duration such as '8760h', got {_type_name(value)}")
-    text = value.strip()
-    position = 0
-    seconds = 0.0
-    while position < len(text):
-        match = _DURATION_PART.match(text, position)
-        if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration such as '8760h'")
-        seconds += float(match.group(1)) * _SECONDS[match.group(2)]
-        position = match.end()
+    seconds = go_duration(value, where=where)
     if seconds <= 0:
         raise ConfigError(f"{where}: {value!r} must be a positive duration")
     return seconds / 86400.0
@@ -328,15 +348,30 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
-def parse_config(text: str, *, source: str = "<config>") -> Config:
-    """Parse the text of a GOST YAML/JSON configuration."""
+def _load_document(text: str, source: str) -> object:
+    """The document in ``text``: YAML with PyYAML, else JSON (which needs nothing)."""
     try:
-        document = yaml.safe_load(text)
+        import yaml
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{source}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}), "
+                "and reading YAML needs PyYAML: pip install 'pht-tunnel[cli]'"
+            ) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{source}: invalid YAML: {problem}{at}") from None
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    """Parse the text of a GOST YAML/JSON configuration (JSON needs no PyYAML)."""
+    document = _load_document(text, source)
     try:
         return _config(document)
     except ConfigError as exc:
@@ -352,18 +387,41 @@ def _config(document: object) -> Config:
         _service(value, index, by_name) for index, value in enumerate(top.items("services"))
     ]
     _unique([service.name for service in services], "services")
-    log_level = None
+    log_level = log_format = log_output = None
     if top.get("log") is not None:
-        level = top.section("log", _LOG_KEYS).string("level")
+        log_section = top.section("log", _LOG_KEYS)
+        level = log_section.string("level")
         if level is not None:
             if level.lower() not in _LOG_LEVELS:
                 raise ConfigError(f"log.level: unknown level {level!r}")
             log_level = _LOG_LEVELS[level.lower()]
+        log_format = log_section.string("format")
+        if log_format is not None:
+            log_format = log_format.strip().lower()
+            if log_format not in ("json", "text"):
+                raise ConfigError(f"log.format: {log_format!r} is not json or text")
+        log_output = log_section.string("output") or None
+    metrics = None
+    if top.get("metrics") is not None:
+        section = top.section("metrics", _METRICS_KEYS)
+        if section.get("auth") is not None:
+            # Serving the metrics openly would be more open than written.
+            raise ConfigError("metrics.auth: not supported by pht (put the endpoint on loopback)")
+        addr = section.string("addr", required=True) or ""
+        path = section.string("path") or "/metrics"
+        if not path.startswith("/"):
+            raise ConfigError(f"metrics.path: {path!r} must start with '/'")
+        metrics = MetricsSpec(
+            addr=parse_address(addr, where="metrics.addr", allow_zero_port=True), path=path
+        )
     return Config(
         services=tuple(services),
         chains=tuple(chains),
         tls=None if top.get("tls") is None else _default_tls(top.get("tls")),
         log_level=log_level,
+        log_format=log_format,
+        log_output=log_output,
+        metrics=metrics,
     )
 
 

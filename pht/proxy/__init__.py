@@ -13,7 +13,7 @@ Not imported by ``import pht``: use ``import pht.proxy``.
 
 from __future__ import annotations
 
-from ._dial import DEFAULT_DIAL_TIMEOUT, Auth, Dialer, tcp_dialer
+from ._dial import DEFAULT_DIAL_TIMEOUT, Auth, Dialer, DialFailure, HopError, tcp_dialer
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyError, ProxyProtocolError
 from ._forward import AutoHandler, ForwardHandler
 from ._http import HTTPProxyHandler, http_connect
@@ -25,9 +25,11 @@ __all__ = [
     "DEFAULT_DIAL_TIMEOUT",
     "Auth",
     "AutoHandler",
+    "DialFailure",
     "Dialer",
     "ForwardHandler",
     "HTTPProxyHandler",
+    "HopError",
     "PrefixedStream",
     "ProxyAuthError",
     "ProxyConnectError",

@@ -17,6 +17,7 @@ __all__ = [
     "DialFailed",
     "DialFailure",
     "Dialer",
+    "HopError",
     "dial_upstream",
     "tcp_dialer",
 ]
@@ -53,15 +54,43 @@ class DialFailure(enum.Enum):
     NETWORK_UNREACHABLE = "network unreachable"
     HOST_UNREACHABLE = "host unreachable"
     TIMEOUT = "timed out"
+    HOP = "a proxy of the chain failed"
     OTHER = "failed"
+
+
+class HopError(Exception):
+    """A hop of a proxy chain failed; the message names the hop and the cause.
+
+    ``target_failure`` is set when the hop was reached and reported that it
+    cannot reach what it was asked for (then the handler's reply tells that
+    cause, e.g. SOCKS5 ``connection refused``); without it the hop itself
+    failed (unreachable, wrong credentials, wrong paths), which handlers
+    answer as a general failure / ``502`` and never as "cannot reach" the
+    target. A dialer that runs a chain raises it.
+    """
+
+    def __init__(self, message: str, *, target_failure: DialFailure | None = None) -> None:
+        super().__init__(message)
+        self.target_failure = target_failure
+
+    @property
+    def failure(self) -> DialFailure:
+        return self.target_failure or DialFailure.HOP
 
 
 class DialFailed(Exception):
     """An upstream dial failed; ``failure`` classifies it, the message tells why."""
 
-    def __init__(self, failure: DialFailure, message: str) -> None:
+    def __init__(self, failure: DialFailure, message: str, *, hop: bool = False) -> None:
         super().__init__(message)
         self.failure = failure
+        self.hop = hop
+
+    def describe(self, target: str) -> str:
+        """The cause in words for a log line: "cannot reach" only when the target is at fault."""
+        if self.hop:
+            return f"no way to {target}: {self}"
+        return f"cannot reach {target}: {self.failure.value} ({self})"
 
 
 _ERRNO_FAILURES = {
@@ -80,6 +109,8 @@ def classify_dial_error(exc: BaseException) -> DialFailure:
     ``trio.open_tcp_stream`` wraps the per-address errors in an exception
     group attached as ``__cause__``; the first one with an ``errno`` decides.
     """
+    if isinstance(exc, HopError):
+        return exc.failure
     if isinstance(exc, trio.TooSlowError):
         return DialFailure.TIMEOUT
     if isinstance(exc, socket.gaierror):
@@ -113,6 +144,8 @@ async def dial_upstream(
             return await dialer(host, port)
     except trio.TooSlowError:
         raise DialFailed(DialFailure.TIMEOUT, f"no connection within {timeout} s") from None
+    except HopError as exc:
+        raise DialFailed(exc.failure, str(exc), hop=exc.target_failure is None) from exc
     except Exception as exc:
         raise DialFailed(classify_dial_error(exc), str(exc) or type(exc).__name__) from exc
 

@@ -49,9 +49,7 @@ class ForwardHandler:
                 self.dial, self.target_host, self.target_port, self.dial_timeout
             )
         except DialFailed as exc:
-            raise Reject(
-                b"", f"cannot reach {target}: {exc.failure.value} ({exc})", level=logging.INFO
-            ) from None
+            raise Reject(b"", exc.describe(target), level=logging.WARNING) from None
         return Connected(stream, upstream, target)
 
 
@@ -83,7 +81,11 @@ class AutoHandler:
         try:
             first = await stream.receive_some()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.log.debug("auto %s: closed before the first byte: %r", describe_peer(stream), exc)
+            self.log.debug(
+                "auto %s: closed before the first byte: %s",
+                describe_peer(stream),
+                exc or type(exc).__name__,
+            )
             await trio.aclose_forcefully(stream)
             return
         except BaseException:

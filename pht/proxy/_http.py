@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from pht._errors import PHTError
+
 from ._address import AddressError, format_hostport, parse_hostport
 from ._dial import (
     Auth,
     DialFailed,
     DialFailure,
     DialingHandler,
+    HopError,
     dial_upstream,
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
@@ -113,6 +116,23 @@ class _UpstreamFailed(Exception):
     """The upstream connection broke, closed, or sent malformed HTTP."""
 
 
+# A chained proxy (a lazy relay hop) reports its refusal on the first read.
+_UPSTREAM_ERRORS = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    h11.ProtocolError,
+    PHTError,
+    HopError,
+)
+
+
+def _reason(what: str, exc: BaseException) -> str:
+    """``what`` and the cause in words (a proxy's refusal speaks for itself)."""
+    if isinstance(exc, (PHTError, HopError)):
+        return str(exc)
+    return f"{what}: {exc or type(exc).__name__}"
+
+
 @dataclass
 class _Upstream:
     """One keep-alive connection to an origin server."""
@@ -140,8 +160,8 @@ class _Upstream:
             if data:
                 await self.stream.send_all(data)
                 self.sent += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-            raise _UpstreamFailed(f"sending failed: {exc!r}") from exc
+        except _UPSTREAM_ERRORS as exc:
+            raise _UpstreamFailed(_reason("sending failed", exc)) from exc
 
     async def next_event(self) -> h11.Event:
         try:
@@ -156,8 +176,8 @@ class _Upstream:
                     raise _UpstreamFailed("the server closed the connection")
                 assert isinstance(event, h11.Event)
                 return event
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-            raise _UpstreamFailed(f"receiving failed: {exc!r}") from exc
+        except _UPSTREAM_ERRORS as exc:
+            raise _UpstreamFailed(_reason("receiving failed", exc)) from exc
 
 
 class HTTPProxyHandler(DialingHandler):
@@ -178,7 +198,9 @@ class HTTPProxyHandler(DialingHandler):
         try:
             await session.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-            self.log.debug("http %s: connection ended: %r", session.peer, exc)
+            self.log.debug(
+                "http %s: connection ended: %s", session.peer, exc or type(exc).__name__
+            )
         finally:
             await session.close()
 
@@ -259,6 +281,7 @@ class _Session:
                     "Proxy Authentication Required",
                     "missing or wrong Proxy-Authorization",
                     headers=[("Proxy-Authenticate", f'Basic realm="{REALM}"')],
+                    level=logging.WARNING,
                 )
                 return
             if event.method == b"CONNECT":
@@ -276,11 +299,11 @@ class _Session:
         try:
             return await dial_upstream(self.handler.dial, host, port, self.handler.dial_timeout)
         except DialFailed as exc:
-            why = f"cannot reach {format_hostport(host, port)}: {exc.failure.value} ({exc})"
+            why = exc.describe(format_hostport(host, port))
             if exc.failure is DialFailure.TIMEOUT:
-                await self._error(504, "Gateway Timeout", why, level=logging.INFO)
+                await self._error(504, "Gateway Timeout", why, level=logging.WARNING)
             else:
-                await self._error(502, "Bad Gateway", why, level=logging.INFO)
+                await self._error(502, "Bad Gateway", why, level=logging.WARNING)
             return None
 
     async def _tunnel(self, request: h11.Request) -> None:
@@ -376,7 +399,7 @@ class _Session:
                     # The server closed the idle keep-alive connection: retry once.
                     self.log.debug("http %s: retrying on a new connection: %s", self.peer, exc)
                     continue
-                await self._error(502, "Bad Gateway", f"{target}: {exc}", level=logging.INFO)
+                await self._error(502, "Bad Gateway", f"{target}: {exc}", level=logging.WARNING)
                 return False
             break
         else:  # pragma: no cover - the loop always breaks or returns
@@ -399,7 +422,7 @@ class _Session:
                     await self._send_client(h11.EndOfMessage())
                     break
         except _UpstreamFailed as exc:
-            self.log.info(
+            self.log.warning(
                 "http %s: %s broke in the middle of a response: %s", self.peer, target, exc
             )
             return False

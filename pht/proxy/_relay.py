@@ -60,17 +60,20 @@ STATUS_MESSAGES = {
     STATUS_UNAUTHORIZED: "unauthorized",
     STATUS_FORBIDDEN: "forbidden",
     STATUS_TIMEOUT: "timeout",
-    STATUS_SERVICE_UNAVAILABLE: "service unavailable",
+    STATUS_SERVICE_UNAVAILABLE: "connection refused (service unavailable)",
     STATUS_HOST_UNREACHABLE: "host unreachable",
     STATUS_NETWORK_UNREACHABLE: "network unreachable",
     STATUS_INTERNAL_SERVER_ERROR: "internal server error",
 }
 
 _DIAL_STATUSES = {
-    DialFailure.REFUSED: STATUS_HOST_UNREACHABLE,
+    # The relay protocol has no "refused": no service on the port is what
+    # "service unavailable" says (pht's relay client reads it back as refused).
+    DialFailure.REFUSED: STATUS_SERVICE_UNAVAILABLE,
     DialFailure.NETWORK_UNREACHABLE: STATUS_NETWORK_UNREACHABLE,
     DialFailure.HOST_UNREACHABLE: STATUS_HOST_UNREACHABLE,
     DialFailure.TIMEOUT: STATUS_TIMEOUT,
+    DialFailure.HOP: STATUS_HOST_UNREACHABLE,
     DialFailure.OTHER: STATUS_HOST_UNREACHABLE,
 }
 
@@ -197,8 +200,16 @@ class RelayHandler(DialingHandler):
             raise Reject(bad_request, str(exc)) from None
 
         if self.auth is not None and not _credentials_ok(self.auth, credentials):
-            who = repr(credentials[0]) if credentials else "no credentials"
-            raise Reject(_response(STATUS_UNAUTHORIZED), f"unauthorized ({who})")
+            who = (
+                "user " + credentials[0].decode("utf-8", "backslashreplace")
+                if credentials
+                else "no credentials"
+            )
+            raise Reject(
+                _response(STATUS_UNAUTHORIZED),
+                f"wrong credentials ({who})",
+                level=logging.WARNING,
+            )
         if command & FLAG_UDP or command & CMD_MASK not in (0, CMD_CONNECT):
             raise Reject(bad_request, f"command 0x{command:02x} is not supported (only CONNECT)")
         if self.target is not None:
@@ -214,8 +225,8 @@ class RelayHandler(DialingHandler):
         except DialFailed as exc:
             raise Reject(
                 _response(_DIAL_STATUSES[exc.failure]),
-                f"cannot reach {target}: {exc.failure.value} ({exc})",
-                level=logging.INFO,
+                exc.describe(target),
+                level=logging.WARNING,
             ) from None
         client = reader.stream()
         ok = _response(STATUS_OK)

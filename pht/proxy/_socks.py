@@ -64,6 +64,7 @@ _DIAL_REPLIES = {
     DialFailure.NETWORK_UNREACHABLE: REP_NETWORK_UNREACHABLE,
     DialFailure.HOST_UNREACHABLE: REP_HOST_UNREACHABLE,
     DialFailure.TIMEOUT: REP_HOST_UNREACHABLE,
+    DialFailure.HOP: REP_GENERAL_FAILURE,
     DialFailure.OTHER: REP_GENERAL_FAILURE,
 }
 
@@ -92,6 +93,11 @@ def local_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
             return None
         return str(address[0]), int(address[1])
     return None
+
+
+def _printable(name: bytes) -> str:
+    """A user name for a log line: text, control characters escaped, no quotes or b''."""
+    return name.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii")
 
 
 def _credentials_match(auth: Auth, username: bytes, password: bytes) -> bool:
@@ -152,8 +158,8 @@ class Socks5Handler(DialingHandler):
         except DialFailed as exc:
             raise Reject(
                 socks5_reply(_DIAL_REPLIES[exc.failure]),
-                f"cannot reach {target}: {exc.failure.value} ({exc})",
-                level=logging.INFO,
+                exc.describe(target),
+                level=logging.WARNING,
             ) from None
         try:
             await stream.send_all(socks5_reply(REP_SUCCEEDED, local_address(upstream)))
@@ -173,7 +179,11 @@ class Socks5Handler(DialingHandler):
         (password_length,) = await reader.read_exactly(1)
         password = await reader.read_exactly(password_length)
         if not _credentials_match(auth, username, password):
-            raise Reject(failure, f"wrong credentials for user {username!r}")
+            raise Reject(
+                failure,
+                f"wrong credentials for user {_printable(username)}",
+                level=logging.WARNING,
+            )
         await stream.send_all(bytes([USERPASS_VERSION, 0x00]))
 
 
@@ -233,8 +243,8 @@ class Socks4Handler(DialingHandler):
         except DialFailed as exc:
             raise Reject(
                 rejected,
-                f"cannot reach {target}: {exc.failure.value} ({exc})",
-                level=logging.INFO,
+                exc.describe(target),
+                level=logging.WARNING,
             ) from None
         try:
             await stream.send_all(bytes([0x00, SOCKS4_GRANTED]) + bytes(6))

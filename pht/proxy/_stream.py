@@ -7,6 +7,7 @@ import socket
 
 import trio
 
+from ._dial import HopError
 from ._errors import ProxyError
 
 __all__ = [
@@ -171,11 +172,12 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
                 await sink.send_all(data)
                 counts[index] += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            _log.debug("relay direction ended: %r", exc)
-        except ProxyError as exc:
+            _log.debug("relay direction ended: %s", exc or type(exc).__name__)
+        except (ProxyError, HopError) as exc:
             # A lazy relay client stream finds the proxy's error status only
-            # when it reads: that ends the relay like a broken stream.
-            _log.info("relay ended: %s", exc)
+            # when it reads: that ends the relay like a broken stream, but
+            # the tunnel failed: a WARNING.
+            _log.warning("relay ended: %s", exc)
         finally:
             scope.cancel()
 

@@ -1,0 +1,353 @@
+"""The client side of a chain: hops of nodes, each dialled or asked through the one before.
+
+:class:`ChainDialer` opens a connection to a target through the ``-F`` hops
+(or a YAML chain); its failures are :class:`pht.proxy.HopError`, which names
+the hop and the cause, so that handlers answer and log them correctly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+import urllib.request
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import trio
+
+import pht
+from pht import proxy
+from pht._stats import ChainStats
+
+from ._spec import Address, ChainSpec, ConfigError, Credentials, HopSpec, NodeSpec
+from ._tls import client_context
+from ._url import DIRECT
+
+__all__ = ["ChainDialer", "RoundRobin", "describe_cause", "to_auth"]
+
+log = logging.getLogger("pht.cli")
+
+
+def to_auth(credentials: Credentials | None) -> proxy.Auth | None:
+    if credentials is None:
+        return None
+    return proxy.Auth(credentials.username, credentials.password)
+
+
+class RoundRobin:
+    """GOST's default node selector: each use starts one further along."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._next = 0
+
+    def order(self) -> list[int]:
+        start = self._next
+        self._next = (start + 1) % self._count
+        return [(start + offset) % self._count for offset in range(self._count)]
+
+
+_RELAY_FAILURES = {
+    0x04: proxy.DialFailure.TIMEOUT,
+    0x05: proxy.DialFailure.REFUSED,
+    0x06: proxy.DialFailure.HOST_UNREACHABLE,
+    0x07: proxy.DialFailure.NETWORK_UNREACHABLE,
+}
+_SOCKS5_FAILURES = {
+    0x03: proxy.DialFailure.NETWORK_UNREACHABLE,
+    0x04: proxy.DialFailure.HOST_UNREACHABLE,
+    0x05: proxy.DialFailure.REFUSED,
+    0x06: proxy.DialFailure.TIMEOUT,
+}
+
+
+def _target_failure(connector: str, exc: proxy.ProxyError) -> proxy.DialFailure:
+    """What a hop's refusal code says about the target it could not reach."""
+    code = exc.code
+    if code is None:
+        return proxy.DialFailure.OTHER
+    if connector == "relay":
+        return _RELAY_FAILURES.get(code, proxy.DialFailure.OTHER)
+    if connector == "socks5":
+        return _SOCKS5_FAILURES.get(code, proxy.DialFailure.OTHER)
+    if connector == "http" and code == 504:
+        return proxy.DialFailure.TIMEOUT
+    return proxy.DialFailure.OTHER
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it (``__cause__``, ``__context__``, group members)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        members = getattr(current, "exceptions", None)
+        if isinstance(members, tuple):
+            todo.extend(member for member in members if isinstance(member, BaseException))
+        for inner in (current.__cause__, current.__context__):
+            if inner is not None:
+                todo.append(inner)
+
+
+def describe_cause(exc: BaseException) -> str:
+    """An exception in words for a log line: its message, plus the OS's reason
+    found deeper in the chain (``Connection refused``), never a repr."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        return exc.strerror
+    for inner in _causes(exc):
+        if isinstance(inner, OSError) and inner.strerror and inner.errno is not None:
+            if inner.strerror not in text:
+                text = f"{text} ({inner.strerror})"
+            break
+    return text
+
+
+class _HopErrors(trio.abc.Stream):
+    """Turns a lazy relay hop's refusal (raised on the first read) into a HopError
+    that names the hop, so that the handler's log line and reply say who failed."""
+
+    def __init__(self, transport_stream: trio.abc.Stream, hop: str, connector: str) -> None:
+        self.transport_stream = transport_stream
+        self._hop = hop
+        self._connector = connector
+
+    def _wrap(self, exc: proxy.ProxyError) -> proxy.HopError:
+        if isinstance(exc, proxy.ProxyConnectError):
+            return proxy.HopError(
+                f"{self._hop}: {exc}", target_failure=_target_failure(self._connector, exc)
+            )
+        return proxy.HopError(f"{self._hop}: {exc}")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            return await self.transport_stream.receive_some(max_bytes)
+        except proxy.ProxyError as exc:
+            raise self._wrap(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport_stream.send_all(data)
+        except proxy.ProxyError as exc:
+            raise self._wrap(exc) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
+def _fold_proxy_hop(chain: ChainSpec, where: str) -> tuple[tuple[HopSpec, ...], dict[int, str]]:
+    """The hops to dial, and the forward proxy of each PHT node that has one.
+
+    A PHT hop cannot run inside another hop's stream. Behind one plain HTTP
+    proxy hop it needs none: the proxy hop becomes the PHT nodes' ``proxy=``
+    (their requests go through it in absolute form) and leaves the chain.
+    """
+    hops = list(chain.hops)
+    proxies: dict[int, str] = {}
+    for index, hop in enumerate(hops[1:], start=1):
+        if all(node.dialer == "tcp" for node in hop.nodes):
+            continue
+        before = hops[index - 1].nodes
+        if (
+            index != 1
+            or len(before) != 1
+            or (before[0].connector, before[0].dialer) != ("http", "tcp")
+            or any(node.dialer != "pht" for node in hop.nodes)
+        ):
+            raise ConfigError(
+                f"{where}: hop {hop.name!r} uses the {hop.nodes[0].dialer} dialer; a "
+                "PHT hop can only be first, or second after one plain HTTP proxy "
+                "hop (-F http://proxy:port -F socks5+pht://server:port)"
+            )
+        credentials = ""
+        if before[0].auth is not None:
+            credentials = (
+                f"{quote(before[0].auth.username, safe='')}:"
+                f"{quote(before[0].auth.password, safe='')}@"
+            )
+        for node in hop.nodes:
+            proxies[id(node)] = node.proxy or f"http://{credentials}{before[0].addr}"
+    if proxies:
+        del hops[0]
+    return tuple(hops), proxies
+
+
+def _proxy_url(proxy: str | None) -> str | None:
+    return None if proxy in (None, DIRECT) else proxy
+
+
+class ChainDialer:
+    """Opens a connection to ``(host, port)`` through the hops of a chain.
+
+    The first hop is dialled directly (TCP or a PHT tunnel; with several nodes,
+    each connection starts at the next one and the others are tried if it
+    cannot be reached). Then each hop's connector asks its node to connect to
+    the next hop's node, and the last one to the target. A PHT hop needs HTTP
+    connections of its own, so it can follow only a plain HTTP proxy hop
+    (``-F http://proxy:3128 -F socks5+pht://server``): its requests then go
+    through that proxy in absolute form, without CONNECT.
+
+    Failures raise :class:`pht.proxy.HopError` naming the hop and the cause,
+    with ``target_failure`` set only when a hop reported that the target
+    (not the hop itself) cannot be reached.
+    """
+
+    def __init__(self, chain: ChainSpec, stats: ChainStats | None = None) -> None:
+        self.chain = chain
+        self.stats = stats if stats is not None else ChainStats(chain.name)
+        where = f"chain {chain.name!r}"
+        self._hops, self._proxies = _fold_proxy_hop(chain, where)
+        self._environment_proxies(self._hops[0])
+        self._selectors = [RoundRobin(len(hop.nodes)) for hop in self._hops]
+        self._contexts: dict[int, ssl.SSLContext] = {}
+        for hop in self._hops:
+            for node in hop.nodes:
+                if node.dialer == "phts":
+                    self._contexts[id(node)] = client_context(
+                        node.tls, f"{where}, {hop.name}, {node.name}"
+                    )
+
+    def _environment_proxies(self, first: HopSpec) -> None:
+        """``http_proxy``/``no_proxy`` for the first hop's pht nodes that name no proxy.
+
+        Like curl and every HTTP client: a PHT tunnel is HTTP, so the proxy
+        the environment names carries it (absolute form, no CONNECT), unless
+        ``no_proxy`` covers the server or the node says ``proxy=direct``.
+        ``https_proxy`` is not used: a phts tunnel would need CONNECT.
+        """
+        url = urllib.request.getproxies_environment().get("http")
+        if not url:
+            return
+        for node in first.nodes:
+            if node.dialer != "pht" or node.proxy is not None or id(node) in self._proxies:
+                continue
+            if urllib.request.proxy_bypass(node.addr.host):
+                continue
+            log.info(
+                "%s: %s://%s goes through the http_proxy of the environment",
+                self.chain.name,
+                node.scheme,
+                node.addr,
+            )
+            self._proxies[id(node)] = url
+
+    def describe(self) -> str:
+        return " -> ".join(
+            ",".join(f"{node.scheme}://{node.addr}" for node in hop.nodes)
+            for hop in self.chain.hops
+        )
+
+    @staticmethod
+    def _label(hop: HopSpec, node: NodeSpec) -> str:
+        return f"{hop.name} ({node.scheme}://{node.addr})"
+
+    async def _open(self, node: NodeSpec) -> trio.abc.Stream:
+        if node.dialer == "tcp":
+            return await trio.open_tcp_stream(node.addr.host, node.addr.port)
+        return await pht.open_pht_stream(
+            node.addr.host,
+            node.addr.port,
+            tls=self._contexts.get(id(node), False),
+            server_hostname=node.tls.server_name,
+            authorize_path=node.paths.authorize_path,
+            push_path=node.paths.push_path,
+            pull_path=node.paths.pull_path,
+            headers=list(node.headers) or None,
+            host_header=node.host_header,
+            proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
+        )
+
+    def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:
+        cause = describe_cause(exc)
+        hint = ""
+        chain = list(_causes(exc))
+        reset = any(
+            isinstance(inner, OSError) and inner.errno in (errno.ECONNRESET, errno.EPIPE)
+            for inner in chain
+        )
+        # (A phts client meeting a plain server gets the library's own hint.)
+        if node.dialer == "pht" and (reset or "Connection reset" in cause):
+            # A TLS server drops a plain HTTP request.
+            hint = " (is it a phts server? then write phts://)"
+        return f"{self._label(hop, node)}: {cause}{hint}"
+
+    async def _connect(
+        self, node: NodeSpec, stream: trio.abc.Stream, target: Address
+    ) -> trio.abc.Stream:
+        auth = to_auth(node.auth)
+        with trio.fail_after(node.connect_timeout or float("inf")):
+            if node.connector == "http":
+                return await proxy.http_connect(stream, target.host, target.port, auth=auth)
+            if node.connector == "socks5":
+                return await proxy.socks5_connect(stream, target.host, target.port, auth=auth)
+            if node.connector == "relay":
+                return await proxy.relay_connect(
+                    stream, target.host, target.port, auth=auth, lazy=not node.nodelay
+                )
+        # forward: the node itself forwards the stream to its own target.
+        return stream
+
+    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
+        hops = self._hops
+        path = [hop.nodes[sel.order()[0]] for hop, sel in zip(hops, self._selectors, strict=True)]
+        failures: list[str] = []
+        stream: trio.abc.Stream | None = None
+        for index in self._selectors[0].order():
+            first = hops[0].nodes[index]
+            try:
+                stream = await self._open(first)
+                path[0] = first
+                break
+            except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+                self.stats.error(first.name)
+                failures.append(self._open_failure(hops[0], first, exc))
+                log.debug("%s: %s", self.chain.name, failures[-1])
+        if stream is None:
+            raise proxy.HopError("; ".join(failures))
+        try:
+            for position, node in enumerate(path):
+                last = position + 1 == len(path)
+                target = Address(host, port) if last else path[position + 1].addr
+                try:
+                    stream = await self._step(hops[position], node, stream, target, last)
+                except proxy.HopError:
+                    self.stats.error(node.name)
+                    raise
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _step(
+        self, hop: HopSpec, node: NodeSpec, stream: trio.abc.Stream, target: Address, last: bool
+    ) -> trio.abc.Stream:
+        """Run ``node``'s connector; failures become HopError naming the hop."""
+        label = self._label(hop, node)
+        try:
+            stream = await self._connect(node, stream, target)
+        except proxy.ProxyConnectError as exc:
+            # The hop answered: it cannot reach what it was asked for. That is
+            # the target's fault only on the last hop.
+            failure = _target_failure(node.connector, exc) if last else None
+            raise proxy.HopError(f"{label}: {exc}", target_failure=failure) from exc
+        except (proxy.ProxyError, OSError, trio.BrokenResourceError) as exc:
+            raise proxy.HopError(f"{label}: {describe_cause(exc)}") from exc
+        except trio.TooSlowError:
+            raise proxy.HopError(
+                f"{label}: no answer within connectTimeout={node.connect_timeout or 0:g}s"
+            ) from None
+        if node.connector == "relay" and not node.nodelay:
+            stream = _HopErrors(stream, label, node.connector)
+        return stream

@@ -1,0 +1,77 @@
+"""GOST's TLS options and the http_proxy environment reach the dialers and listeners."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from pht.cli._chain import ChainDialer, _proxy_url
+from pht.cli._run import build_config, prepare
+from pht.cli._spec import ConfigError
+
+
+def test_listener_options_on_the_generated_certificate() -> None:
+    config = build_config(["phts://127.0.0.1:0?minVersion=VersionTLS13&alpn=http/1.1"], [])
+    (service,) = prepare(config)
+    assert isinstance(service.tls, ssl.SSLContext)
+    assert service.tls.minimum_version is ssl.TLSVersion.TLSv1_3
+
+
+def test_listener_without_options_keeps_the_servers_default() -> None:
+    (service,) = prepare(build_config(["phts://127.0.0.1:0"], []))
+    assert service.tls is True
+
+
+def test_dialer_options() -> None:
+    config = build_config(
+        [":0"], ["phts://127.0.0.1:1?maxVersion=1.2&cipherSuites=ECDHE-RSA-AES128-GCM-SHA256"]
+    )
+    dialer = ChainDialer(config.chains[0])
+    (context,) = dialer._contexts.values()
+    assert context.maximum_version is ssl.TLSVersion.TLSv1_2
+    names = {cipher["name"] for cipher in context.get_ciphers() if cipher["protocol"] != "TLSv1.3"}
+    assert names == {"ECDHE-RSA-AES128-GCM-SHA256"}
+
+
+def test_unknown_cipher_is_a_config_error() -> None:
+    config = build_config([":0"], ["phts://127.0.0.1:1?cipherSuites=NOPE"])
+    with pytest.raises(ConfigError, match="cipherSuites 'NOPE': no usable cipher"):
+        ChainDialer(config.chains[0])
+
+
+# --- http_proxy / no_proxy (here for the same in-process ChainDialer checks) ----------
+
+
+def _proxies(monkeypatch: pytest.MonkeyPatch, node: str, **env: str) -> list[str | None]:
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    dialer = ChainDialer(build_config([":0"], [node]).chains[0])
+    return [
+        _proxy_url(dialer._proxies.get(id(item), item.proxy))
+        for item in dialer.chain.hops[0].nodes
+    ]
+
+
+def test_http_proxy_environment_carries_a_pht_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "http://u:p@127.0.0.1:3128"
+    assert _proxies(monkeypatch, "pht://a.example:1", http_proxy=url) == [url]
+    assert _proxies(monkeypatch, "pht://a.example:1") == [None]
+    # no_proxy, the proxy= option and phts (which would need CONNECT) win.
+    assert _proxies(
+        monkeypatch, "pht://a.example:1,b.example:1", http_proxy=url, no_proxy="a.example"
+    ) == [None, url]
+    assert _proxies(monkeypatch, "pht://a.example:1?proxy=direct", http_proxy=url) == [None]
+    other = "http://127.0.0.1:8080"
+    assert _proxies(monkeypatch, f"pht://a.example:1?proxy={other}", http_proxy=url) == [other]
+    assert _proxies(monkeypatch, "phts://a.example:1", http_proxy=url) == [None]
+
+
+def test_proxy_hop_credentials_become_the_proxy_url() -> None:
+    config = build_config([":0"], ["http://tunnel:s3cret%3Apass@127.0.0.1:3128", "pht://s:1"])
+    dialer = ChainDialer(config.chains[0])
+    (hop,) = dialer._hops
+    (node,) = hop.nodes
+    assert dialer._proxies[id(node)] == "http://tunnel:s3cret%3Apass@127.0.0.1:3128"
