@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import select
 import ssl
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +38,36 @@ DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
 #: pull path (socket read, h11's buffer, line reassembly) in cache and below
 #: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
 _CLIENT_RECEIVE_SIZE = 64 * 1024
+#: Unacknowledged pushes of a push connection unused this long are collected
+#: before the next push, so the connection's idleness can be checked.
+_SETTLE_ACKS = 1.0
+
+
+def _readable_now(fileno: int) -> bool:
+    """Whether a read on ``fileno`` would not block (data, EOF or an error)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fileno], [], [], 0)[0])  # pragma: no cover - Windows
+
+
+async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
+    """What ``transport`` has delivered, without waiting: ``None`` if nothing.
+
+    ``b""`` stands for an EOF and for a broken connection alike.
+    """
+    try:
+        if isinstance(transport, TLSSocketStream):
+            return transport.receive_nowait(_CLIENT_RECEIVE_SIZE)
+        sock = getattr(transport, "socket", None)
+        if sock is None:  # pragma: no cover - pht opens socket streams only
+            return None
+        if not _readable_now(sock.fileno()):
+            return None
+        return await transport.receive_some(_CLIENT_RECEIVE_SIZE)
+    except (trio.BrokenResourceError, OSError):
+        return b""
 
 
 def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str:
@@ -73,8 +104,35 @@ class _Connection:
     ) -> None:
         self.transport = transport
         self.channel = ClientChannel(config, push_window=push_window)
+        self.last_used = trio.current_time()
+        #: How long the connection was idle before its latest request.
+        self.idle_for = 0.0
+
+    async def reusable(self) -> bool:
+        """Whether a request may be written here (:meth:`ClientChannel.reusable`)."""
+        channel = self.channel
+        if channel.state is not ChannelState.IDLE:
+            return False
+        data = await _read_ready(self.transport)
+        if data is not None:
+            try:
+                channel.receive_data(data)
+            except LocalProtocolError:  # bytes after an EOF: unusable all the same
+                pass
+        self.idle_for = trio.current_time() - self.last_used
+        return channel.reusable(self.idle_for)
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """``exc`` as a message, with the idle time when the server closed or reset."""
+        text = str(exc)
+        if self.idle_for >= 1.0 and any(
+            word in text for word in ("closed the connection", "reset", "Broken pipe")
+        ):
+            text += f" (it had been idle for {self.idle_for:.0f} s before this request)"
+        return text
 
     async def send(self, pieces: bytes | list[bytes]) -> None:
+        self.last_used = trio.current_time()
         try:
             if isinstance(pieces, bytes):
                 await self.transport.send_all(pieces)
@@ -89,6 +147,7 @@ class _Connection:
         while True:
             event = channel.next_event()
             if event is not NEED_DATA:
+                self.last_used = trio.current_time()
                 return event
             if channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
                 raise trio.BrokenResourceError("connection to the PHT server is closed")
@@ -151,6 +210,7 @@ class _ClientStream(PHTStream):
             # 1: the call returns only once all are acknowledged anyway.
             window = self._push_window if len(view) <= size else max(2, self._push_window)
             try:
+                await self._settle_idle_pushes()
                 for start in range(0, len(view), size):
                     await self._push_once(view[start : start + size], window)
                 # A window of N lets this call return with N - 1 unacknowledged.
@@ -169,8 +229,24 @@ class _ClientStream(PHTStream):
         try:
             await connection.send(connection.channel.push(self.token, chunk))
         except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            message = f"push to the PHT server failed: {exc}"
+            message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
             raise await self._push_failed(connection, message) from exc
+
+    async def _settle_idle_pushes(self) -> None:
+        """Collect the answers to pushes left unacknowledged on an idle connection.
+
+        With ``push_window > 1`` a ``send_all`` may return with pushes in
+        flight; their answers have long arrived when the connection has been
+        unused for a while, and only a connection with nothing in flight can
+        be checked for a close (see :meth:`_push_connection`).
+        """
+        connection = self._push
+        if (
+            connection is not None
+            and connection.channel.pushes_in_flight
+            and trio.current_time() - connection.last_used >= _SETTLE_ACKS
+        ):
+            await self._collect_acks(0)
 
     async def _collect_acks(self, keep: int) -> None:
         """Read acknowledgements until at most ``keep`` pushes are unanswered."""
@@ -180,7 +256,7 @@ class _ClientStream(PHTStream):
             try:
                 event = await connection.next_event()
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                message = f"push to the PHT server failed: {exc}"
+                message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
                 raise await self._push_failed(connection, message) from exc
             if earlier:
                 self._earlier_pushes -= 1
@@ -214,6 +290,18 @@ class _ClientStream(PHTStream):
         return trio.BrokenResourceError(message)
 
     async def _push_connection(self) -> _Connection:
+        """The push connection; a new one if the current one ended while idle.
+
+        Replacing it is safe: nothing of the next push was written to it.
+        """
+        connection = self._push
+        if (
+            connection is not None
+            and connection.channel.state is ChannelState.IDLE
+            and not await connection.reusable()
+        ):
+            self._push = None
+            await connection.aclose()
         if self._push is None:
             try:
                 self._push = await self._connect.open(self._config)
@@ -262,10 +350,9 @@ class _ClientStream(PHTStream):
         return data
 
     async def _receive(self, max_bytes: int) -> bytes:
-        pull = self._pull
         while True:
             try:
-                event = await pull.next_event()
+                event = await self._pull.next_event()  # _poll_again may replace it
             except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
@@ -291,7 +378,9 @@ class _ClientStream(PHTStream):
                 raise trio.BrokenResourceError(f"unexpected event on the pull: {event}")
 
     async def _poll_again(self) -> None:
-        if self._pull.channel.state is ChannelState.CLOSED:
+        # The previous response ended cleanly: a new GET on a new connection is
+        # safe when the old one ended (or aged) while idle.
+        if not await self._pull.reusable():
             await self._pull.aclose()
             self._pull = await self._connect.open(self._config)
         self._polls += 1
@@ -350,7 +439,7 @@ class _ClientStream(PHTStream):
         """Send the close notification, as modern GOST clients do (best effort)."""
         with trio.move_on_after(self._close_timeout) as scope:
             try:
-                if push is None or push.channel.state is not ChannelState.IDLE:
+                if push is None or not await push.reusable():
                     push = await self._connect.open(self._config)
                     try:
                         await self._send_close(push)
