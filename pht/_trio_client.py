@@ -70,13 +70,23 @@ async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
         return b""
 
 
-def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str:
+def _explain_rejection(
+    event: Rejected, paths: Paths, *, authorize: bool, session_ended: str | None = None
+) -> str:
+    """A rejection as a message with a hint that fits the situation.
+
+    ``session_ended`` is set once the session was established: a ``403``
+    then means the server has forgotten it (the paths did match), and says
+    how, when the client knows.
+    """
     path = {
         RequestKind.AUTHORIZE: paths.authorize,
         RequestKind.PUSH: paths.push,
         RequestKind.PULL: paths.pull,
     }[event.kind]
     text = f"server answered {event.status_code} {event.reason} to {path}"
+    if event.status_code == 403 and session_ended is not None:
+        return f"{text}: the server no longer knows this session; it ended ({session_ended})"
     if event.status_code == 403:
         hint = "the token is unknown to the server; do the client's and server's paths match?"
         if not authorize:
@@ -186,6 +196,11 @@ class _ClientStream(PHTStream):
         self._eof = False
         self._closed = False
         self._broken: str | None = None
+        # Why the pull failed, and what a failed push may have lost: the end
+        # of the session is then no clean EOF.
+        self._pull_failure: str | None = None
+        self._push_loss: str | None = None
+        self._truncated: str | None = None  # the session ended with data lost
         self._sending = False
         self._receiving = False
         self._polls = 1
@@ -262,7 +277,10 @@ class _ClientStream(PHTStream):
                 self._earlier_pushes -= 1
             if isinstance(event, Rejected):
                 message = _explain_rejection(
-                    event, self._config.paths, authorize=self._config.authorize
+                    event,
+                    self._config.paths,
+                    authorize=self._config.authorize,
+                    session_ended=self._how_session_ended(),
                 )
                 if earlier:
                     message = f"an earlier push was refused: {message}"
@@ -287,6 +305,7 @@ class _ClientStream(PHTStream):
         self._earlier_pushes = 0
         await connection.aclose()
         self._broken = message
+        self._push_loss = message
         return trio.BrokenResourceError(message)
 
     async def _push_connection(self) -> _Connection:
@@ -332,6 +351,8 @@ class _ClientStream(PHTStream):
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 return b""
+            if self._truncated is not None:
+                raise trio.BrokenResourceError(self._truncated)
             return await self._receive(max_bytes)
         finally:
             self._receiving = False
@@ -356,6 +377,7 @@ class _ClientStream(PHTStream):
             except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
+                self._pull_failure = f"its pull was cut: {exc}"
                 raise trio.BrokenResourceError(f"pull from the PHT server failed: {exc}") from exc
             if isinstance(event, DataReceived):
                 self._pending, self._pending_offset = event.data, 0
@@ -365,11 +387,15 @@ class _ClientStream(PHTStream):
                     return await self._end_of_session()
                 await self._poll_again()
             elif isinstance(event, Rejected):
-                if self._polls > 1 and event.status_code in (403, 410):
+                if self._polls > 1 and event.status_code == 403:
                     # A legacy server forgets a closed session's token: EOF.
+                    # (410 is no such end: it says that data was not consumed.)
                     return await self._end_of_session()
                 message = _explain_rejection(
-                    event, self._config.paths, authorize=self._config.authorize
+                    event,
+                    self._config.paths,
+                    authorize=self._config.authorize,
+                    session_ended=self._how_session_ended(),
                 )
                 raise trio.BrokenResourceError(message) from TunnelError(
                     message, status=event.status_code
@@ -386,7 +412,20 @@ class _ClientStream(PHTStream):
         self._polls += 1
         await self._pull.send(self._pull.channel.pull(self.token))
 
+    def _how_session_ended(self) -> str:
+        """What the client knows of how its (established) session ended."""
+        if self._pull_failure is not None:
+            return self._pull_failure
+        if self._eof:
+            return "the server closed it"
+        return "closed by the server, its pull connection was cut, or it expired"
+
     async def _end_of_session(self) -> bytes:
+        """The server ended the session: EOF, unless data was lost on the way."""
+        if self._push_loss is not None:
+            message = f"the PHT session ended after a push failed: {self._push_loss}"
+            self._broken = self._truncated = message
+            raise trio.BrokenResourceError(message)
         await trio.lowlevel.checkpoint()
         self._eof = True
         self._broken = self._broken or "the PHT session is over"

@@ -206,16 +206,25 @@ class ScriptedServer:
     a FIN or (``reset=True``) an RST. With ``legacy_pull`` each pull response
     ends after one line, so the client re-polls. ``drop_push`` makes the
     server read a push and close without answering: the client cannot tell
-    whether it was delivered.
+    whether it was delivered. ``repoll_status`` answers the pulls after the
+    first with that status.
     """
 
     def __init__(
-        self, *, idle_close: float, reset: bool, legacy_pull: bool = False, drop_push: int = -1
+        self,
+        *,
+        idle_close: float,
+        reset: bool,
+        legacy_pull: bool = False,
+        drop_push: int = -1,
+        repoll_status: int | None = None,
     ) -> None:
         self.idle_close = idle_close
         self.reset = reset
         self.legacy_pull = legacy_pull
         self.drop_push = drop_push
+        self.repoll_status = repoll_status
+        self.pulls = 0
         self.pushed: list[bytes] = []
         self.connections = 0
         self._echo_in, self._echo_out = trio.open_memory_channel[bytes](100)
@@ -278,6 +287,13 @@ class ScriptedServer:
             self.pushed.append(body)
             await self._echo_in.send(base64.b64decode(body))
             answer = h11.Response(status_code=200, headers=[("Content-Length", "0")])
+            await stream.send_all(conn.send(answer) + (conn.send(h11.EndOfMessage()) or b""))
+            return
+        self.pulls += 1
+        if self.pulls > 1 and self.repoll_status is not None:
+            answer = h11.Response(
+                status_code=self.repoll_status, headers=[("Content-Length", "0")]
+            )
             await stream.send_all(conn.send(answer) + (conn.send(h11.EndOfMessage()) or b""))
             return
         head = h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])
