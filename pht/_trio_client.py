@@ -133,13 +133,10 @@ class _Connection:
         return channel.reusable(self.idle_for)
 
     def describe_failure(self, exc: BaseException) -> str:
-        """``exc`` as a message, with the idle time when the server closed or reset."""
-        text = str(exc)
-        if self.idle_for >= 1.0 and any(
-            word in text for word in ("closed the connection", "reset", "Broken pipe")
-        ):
-            text += f" (it had been idle for {self.idle_for:.0f} s before this request)"
-        return text
+        """``exc`` as a message; with the idle time before the request, when there was one."""
+        if self.idle_for >= 1.0:
+            return f"{exc} (the connection had been idle for {self.idle_for:.0f} s)"
+        return str(exc)
 
     async def send(self, pieces: bytes | list[bytes]) -> None:
         self.last_used = trio.current_time()
@@ -385,7 +382,13 @@ class _ClientStream(PHTStream):
             if isinstance(event, PullEnded):
                 if event.session_over:
                     return await self._end_of_session()
-                await self._poll_again()
+                try:
+                    await self._poll_again()
+                except (TunnelError, trio.BrokenResourceError, OSError) as exc:
+                    self._pull_failure = f"it could not be polled again: {exc}"
+                    raise trio.BrokenResourceError(
+                        f"pull from the PHT server failed: {exc}"
+                    ) from exc
             elif isinstance(event, Rejected):
                 if self._polls > 1 and event.status_code == 403:
                     # A legacy server forgets a closed session's token: EOF.

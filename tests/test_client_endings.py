@@ -132,3 +132,21 @@ async def test_a_push_after_a_cut_pull_says_the_session_ended(nursery: trio.Nurs
     assert "paths match" not in message
     assert "no longer knows this session; it ended (its pull was cut" in message
     await stream.aclose()
+
+
+async def test_a_re_poll_that_cannot_connect_is_a_broken_stream(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The stream contract: receive_some fails with trio.BrokenResourceError, not TunnelError."""
+    server = ScriptedServer(idle_close=1.0, reset=False, legacy_pull=True)
+    async with trio.open_nursery() as serving:
+        port = await _scripted(serving, server)
+        stream = await pht.open_pht_stream("127.0.0.1", port, authorize=True)
+        await trio.sleep(10)  # the first pull ends (heartbeat), its connection closes
+        serving.cancel_scope.cancel()  # and the server goes away
+    with trio.fail_after(60), pytest.raises(trio.BrokenResourceError) as caught:
+        await stream.receive_some()
+    assert isinstance(caught.value.__cause__, pht.TunnelError)
+    assert "could not be polled again" not in str(caught.value)
+    assert "cannot connect" in str(caught.value)
+    await stream.aclose()
