@@ -374,7 +374,7 @@ class _ClientStream(PHTStream):
             except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
-                self._pull_failure = f"its pull was cut: {exc}"
+                self._pull_failure = f"its pull failed: {exc}"
                 raise trio.BrokenResourceError(f"pull from the PHT server failed: {exc}") from exc
             if isinstance(event, DataReceived):
                 self._pending, self._pending_offset = event.data, 0

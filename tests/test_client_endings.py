@@ -130,7 +130,7 @@ async def test_a_push_after_a_cut_pull_says_the_session_ended(nursery: trio.Nurs
     message = str(caught.value)
     assert "403" in message
     assert "paths match" not in message
-    assert "no longer knows this session; it ended (its pull was cut" in message
+    assert "no longer knows this session; it ended (its pull failed" in message
     await stream.aclose()
 
 
