@@ -679,8 +679,8 @@ class ClientChannel:
             if self._chunk_eof:
                 if self._chunk_left or self._chunk_footer:
                     raise RemoteProtocolError(
-                        "malformed HTTP from server: peer closed connection without "
-                        "sending complete message body (incomplete chunked read)"
+                        "the server closed the connection in the middle of its answer "
+                        "to the pull (within a chunk)"
                     )
                 self._chunk_to_h11(b"")
         count = self._lines_in_response - lines_before

@@ -374,8 +374,15 @@ class _ClientStream(PHTStream):
             except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
-                self._pull_failure = f"its pull failed: {exc}"
-                raise trio.BrokenResourceError(f"pull from the PHT server failed: {exc}") from exc
+                quiet = trio.current_time() - self._pull.last_used
+                if quiet >= 1.0:  # tells a proxy's read timeout from a sudden cut
+                    exc_text = f"{exc} ({quiet:.0f} s after the server last sent anything)"
+                else:
+                    exc_text = str(exc)
+                self._pull_failure = f"its pull failed: {exc_text}"
+                raise trio.BrokenResourceError(
+                    f"pull from the PHT server failed: {exc_text}"
+                ) from exc
             if isinstance(event, DataReceived):
                 self._pending, self._pending_offset = event.data, 0
                 return self._take(max_bytes)

@@ -150,3 +150,18 @@ async def test_a_re_poll_that_cannot_connect_is_a_broken_stream(
     assert "could not be polled again" not in str(caught.value)
     assert "cannot connect" in str(caught.value)
     await stream.aclose()
+
+
+async def test_a_cut_pull_says_closed_by_the_server_and_when(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = ScriptedServer(idle_close=3600.0, reset=False, cut_pull_after=75.0)
+    port = await _scripted(nursery, server)
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False)
+    with trio.fail_after(600), pytest.raises(trio.BrokenResourceError) as caught:
+        await stream.receive_some()
+    message = str(caught.value)
+    assert "the server closed the connection in the middle of its answer to the pull" in message
+    assert "(75 s after the server last sent anything)" in message
+    assert "malformed" not in message
+    await stream.aclose()

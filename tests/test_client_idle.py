@@ -207,7 +207,8 @@ class ScriptedServer:
     ends after one line, so the client re-polls. ``drop_push`` makes the
     server read a push and close without answering: the client cannot tell
     whether it was delivered. ``repoll_status`` answers the pulls after the
-    first with that status.
+    first with that status; ``cut_pull_after`` closes a pull's connection
+    that many seconds into its response.
     """
 
     def __init__(
@@ -218,12 +219,14 @@ class ScriptedServer:
         legacy_pull: bool = False,
         drop_push: int = -1,
         repoll_status: int | None = None,
+        cut_pull_after: float | None = None,
     ) -> None:
         self.idle_close = idle_close
         self.reset = reset
         self.legacy_pull = legacy_pull
         self.drop_push = drop_push
         self.repoll_status = repoll_status
+        self.cut_pull_after = cut_pull_after
         self.pulls = 0
         self.pushed: list[bytes] = []
         self.connections = 0
@@ -298,6 +301,9 @@ class ScriptedServer:
             return
         head = h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])
         await stream.send_all(conn.send(head) or b"")
+        if self.cut_pull_after is not None:
+            await trio.sleep(self.cut_pull_after)
+            raise trio.ClosedResourceError  # the connection closes mid-response
         while True:
             with trio.move_on_after(5):
                 data = await self._echo_out.receive()
@@ -403,3 +409,25 @@ async def test_cli_tunnel_idle_past_the_server_keepalive(nursery: trio.Nursery) 
             await connection.send_all(b"after idling")
             assert await receive_exactly(connection, 12) == b"after idling"
         await connection.aclose()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "h11"])
+@pytest.mark.parametrize("cut_at", [0, 3, 6, 10], ids=["between", "size", "data", "footer"])
+def test_a_pull_cut_mid_response_is_closed_not_malformed(fast: bool, cut_at: int) -> None:
+    channel = _channel(fast)
+    channel.pull("token")
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    channel.receive_data(head + b"5\r\nAA==\n\r\n")  # one full line, one chunk
+    assert isinstance(channel.next_event(), pht.PullStarted)
+    assert isinstance(channel.next_event(), pht.DataReceived)
+    channel.receive_data(b"9\r\nQkJCQg==\n\r\n"[:cut_at])
+    channel.receive_data(b"")
+
+    def drain() -> None:
+        for _ in range(10):  # bounded: the EOF must surface within a few events
+            channel.next_event()
+
+    with pytest.raises(pht.RemoteProtocolError) as caught:
+        drain()
+    message = str(caught.value)
+    assert "the server closed the connection in the middle of its answer to the pull" in message
