@@ -15,6 +15,7 @@ import trio
 
 import pht
 
+from ..test_cli_run import PhtProcess
 from . import harness
 from .conftest import NginxFactory
 from .tunnel_checks import HANG_BOUND, echo, pattern, receive_exactly
@@ -50,3 +51,36 @@ async def test_idle_tunnel_behind_nginx_echoes_after_nginx_keepalive(
         with trio.fail_after(HANG_BOUND):
             await stream.send_all(b"after idling")
             assert await receive_exactly(stream, 12) == b"after idling"
+
+
+async def test_cli_tunnel_behind_nginx_echoes_after_nginx_keepalive(
+    nursery: trio.Nursery, start_nginx: NginxFactory
+) -> None:
+    """Every party as users run it: ``pht`` client and server processes, nginx between."""
+
+    async def echo_target(stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    target = await nursery.start(
+        functools.partial(trio.serve_tcp, echo_target, 0, host="127.0.0.1")
+    )
+    target_port = target[0].socket.getsockname()[1]
+    with PhtProcess("-L", f"forward+pht://127.0.0.1:0/127.0.0.1:{target_port}") as server:
+        backend = f"127.0.0.1:{await trio.to_thread.run_sync(server.port)}"
+        proxy = start_nginx(lambda listen: _site_with_short_keepalive(listen, backend))
+        node = f"forward+pht://127.0.0.1:{proxy.port}"
+        with PhtProcess("-L", "tcp://127.0.0.1:0/127.0.0.1:1", "-F", node) as client:
+            local = await trio.to_thread.run_sync(client.port)
+            connection = await trio.open_tcp_stream("127.0.0.1", local)
+            async with connection:
+                with trio.fail_after(HANG_BOUND):
+                    await connection.send_all(b"before idling")
+                    assert await receive_exactly(connection, 13) == b"before idling"
+                await trio.sleep(KEEPALIVE * 2.5)  # nginx closes the idle push connection
+                with trio.fail_after(HANG_BOUND):
+                    await connection.send_all(b"after idling")
+                    assert await receive_exactly(connection, 12) == b"after idling"
