@@ -6,6 +6,20 @@ pushes. Each is a :class:`ClientChannel`: call a request method (it returns
 the bytes to write), feed what the socket reads to :meth:`receive_data`
 (``b""`` at EOF) and take events from :meth:`next_event` until it returns
 :data:`NEED_DATA`. No sockets, clock or randomness are touched here.
+
+Keep-alive connections end while idle: the server's keep-alive timeout, a
+proxy's (nginx: 75 s) or a NAT's. Before sending a request on a connection
+that is not busy, ask :meth:`ClientChannel.reusable`; when it says no, send
+the request on a new connection. That is the only retry, and why it is safe:
+
+- A request is sent again on a new connection only if **not one byte of it
+  was written** to the old one (the old one was seen ended, or too old to
+  trust, before the write). The server cannot have seen it.
+- Once any byte of a push may have left, the push is **never replayed**: the
+  server may have taken its data before the connection broke, and PHT has no
+  sequence numbers, so a replay could deliver it twice. The same holds for a
+  pull (the server may have written data into the lost response) and for the
+  close notification. Such a failure is an error for the application.
 """
 
 from __future__ import annotations
@@ -43,6 +57,10 @@ __all__ = ["ClientChannel", "ClientConfig"]
 #: most 32 KiB of data; ``pht``'s server never sends more than 64 KiB.
 DEFAULT_MAX_PULL_LINE = 4 * 1024 * 1024
 _MAX_SMALL_BODY = 64 * 1024
+#: Seconds after which an idle connection is not reused: below nginx's default
+#: ``keepalive_timeout`` (75 s) and ``pht``'s (120 s), so such a close cannot
+#: race a request, and short enough for most NATs to still know the connection.
+DEFAULT_KEEPALIVE_EXPIRY = 50.0
 _USER_AGENT = "pht"
 
 if BASE64_BACKEND == "pybase64":  # pragma: no branch - depends on the installation
@@ -150,7 +168,9 @@ class ClientConfig:
     ``True`` asks the server for a token first (legacy GOST), ``False``
     uses a self-made token (modern GOST). ``proxy_authority`` makes requests
     absolute-form (``POST http://host/push?...``), for a forward HTTP proxy;
-    ``proxy_authorization`` is then sent as ``Proxy-Authorization``.
+    ``proxy_authorization`` is then sent as ``Proxy-Authorization``. A
+    connection idle for ``keepalive_expiry`` seconds is not reused (see
+    :meth:`ClientChannel.reusable`).
     """
 
     host: str
@@ -162,6 +182,7 @@ class ClientConfig:
     proxy_authorization: str | None = field(default=None, repr=False)
     scheme: str = "http"
     max_pull_line: int = DEFAULT_MAX_PULL_LINE
+    keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY
 
     @classmethod
     def build(
@@ -401,8 +422,37 @@ class ClientChannel:
             self._state = ChannelState.ERROR
             raise LocalProtocolError(str(exc)) from None
 
+    def reusable(self, idle_for: float) -> bool:
+        """Whether the next request may be written on this connection.
+
+        Ask before a request on a connection with nothing in flight, after
+        feeding :meth:`receive_data` whatever the connection delivered while
+        idle (``b""`` for an EOF or a reset). A server sends nothing between
+        answers, so anything received means that the server, or a proxy on
+        the way, ended the connection; one idle for ``idle_for`` seconds, at
+        least ``config.keepalive_expiry``, may have ended unseen (a NAT forgot
+        it, or a close is on its way and would race the request). ``False``
+        closes the channel: write the request on a new connection instead, as
+        nothing of it was written here (see the module docstring).
+        """
+        if self._state is not ChannelState.IDLE:
+            return False
+        fast_in = self._fast_in
+        if fast_in is not None:
+            quiet = not fast_in and not self._fast_eof
+        else:
+            quiet = self._conn.trailing_data == (b"", False)
+        if quiet and idle_for < self.config.keepalive_expiry:
+            return True
+        self._state = ChannelState.CLOSED
+        return False
+
     def send_failed(self) -> None:
-        """Tell the channel that writing its request failed: it is unusable now."""
+        """Tell the channel that writing its request failed: it is unusable now.
+
+        Some of the request may have reached the server: do not send it again
+        (see the module docstring).
+        """
         self._conn.send_failed()
         self._deferred.clear()
         self._state = ChannelState.ERROR
@@ -458,8 +508,9 @@ class ClientChannel:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
+                message = self._explain_h11_error(exc)
                 self._state = ChannelState.ERROR
-                raise RemoteProtocolError(f"malformed HTTP from server: {exc}") from None
+                raise RemoteProtocolError(message) from None
             if not isinstance(event, h11.Event):  # NEED_DATA (or PAUSED, never reached)
                 return NEED_DATA
             try:
@@ -468,6 +519,20 @@ class ClientChannel:
                 self._state = ChannelState.ERROR
                 raise
         return self._events.popleft()
+
+    def _explain_h11_error(self, exc: h11.RemoteProtocolError) -> str:
+        """Say "closed by the server" for an early EOF, not "malformed HTTP"."""
+        buffered, closed = self._conn.trailing_data
+        if closed:
+            what = {
+                ChannelState.AUTHORIZING: "authorize request",
+                ChannelState.PUSHING: "push",
+                ChannelState.PULLING: "pull",
+            }.get(self._state, "request")
+            if not self._status and not buffered:  # not a byte of the answer came
+                return f"the server closed the connection without answering the {what}"
+            return f"the server closed the connection in the middle of its answer to the {what}"
+        return f"malformed HTTP from server: {exc}"
 
     def _fast_next(self) -> bool:
         """One step in fast mode; ``False`` means more data is needed."""
@@ -614,8 +679,8 @@ class ClientChannel:
             if self._chunk_eof:
                 if self._chunk_left or self._chunk_footer:
                     raise RemoteProtocolError(
-                        "malformed HTTP from server: peer closed connection without "
-                        "sending complete message body (incomplete chunked read)"
+                        "the server closed the connection in the middle of its answer "
+                        "to the pull (within a chunk)"
                     )
                 self._chunk_to_h11(b"")
         count = self._lines_in_response - lines_before

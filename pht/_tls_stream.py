@@ -137,6 +137,23 @@ class TLSSocketStream(trio.abc.Stream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:
+        """What has arrived, without waiting: ``None`` if nothing, ``b""`` at EOF.
+
+        TLS records that carry no data (session tickets) are consumed and
+        give ``None``. ``trio.BrokenResourceError`` if the connection broke.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        try:
+            return self.socket.recv(max_bytes)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(f"TLS connection broken: {exc}") from exc
+
     def _read_more(self, first: bytes, size: int) -> bytes:
         """Add whatever else is readable now, up to ``size`` bytes.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import select
 import ssl
 from urllib.parse import unquote, urlsplit
 
@@ -37,15 +38,55 @@ DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
 #: pull path (socket read, h11's buffer, line reassembly) in cache and below
 #: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
 _CLIENT_RECEIVE_SIZE = 64 * 1024
+#: Unacknowledged pushes of a push connection unused this long are collected
+#: before the next push, so the connection's idleness can be checked.
+_SETTLE_ACKS = 1.0
 
 
-def _explain_rejection(event: Rejected, paths: Paths, *, authorize: bool) -> str:
+def _readable_now(fileno: int) -> bool:
+    """Whether a read on ``fileno`` would not block (data, EOF or an error)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fileno], [], [], 0)[0])  # pragma: no cover - Windows
+
+
+async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
+    """What ``transport`` has delivered, without waiting: ``None`` if nothing.
+
+    ``b""`` stands for an EOF and for a broken connection alike.
+    """
+    try:
+        if isinstance(transport, TLSSocketStream):
+            return transport.receive_nowait(_CLIENT_RECEIVE_SIZE)
+        sock = getattr(transport, "socket", None)
+        if sock is None:  # pragma: no cover - pht opens socket streams only
+            return None
+        if not _readable_now(sock.fileno()):
+            return None
+        return await transport.receive_some(_CLIENT_RECEIVE_SIZE)
+    except (trio.BrokenResourceError, OSError):
+        return b""
+
+
+def _explain_rejection(
+    event: Rejected, paths: Paths, *, authorize: bool, session_ended: str | None = None
+) -> str:
+    """A rejection as a message with a hint that fits the situation.
+
+    ``session_ended`` is set once the session was established: a ``403``
+    then means the server has forgotten it (the paths did match), and says
+    how, when the client knows.
+    """
     path = {
         RequestKind.AUTHORIZE: paths.authorize,
         RequestKind.PUSH: paths.push,
         RequestKind.PULL: paths.pull,
     }[event.kind]
     text = f"server answered {event.status_code} {event.reason} to {path}"
+    if event.status_code == 403 and session_ended is not None:
+        return f"{text}: the server no longer knows this session; it ended ({session_ended})"
     if event.status_code == 403:
         hint = "the token is unknown to the server; do the client's and server's paths match?"
         if not authorize:
@@ -73,8 +114,32 @@ class _Connection:
     ) -> None:
         self.transport = transport
         self.channel = ClientChannel(config, push_window=push_window)
+        self.last_used = trio.current_time()
+        #: How long the connection was idle before its latest request.
+        self.idle_for = 0.0
+
+    async def reusable(self) -> bool:
+        """Whether a request may be written here (:meth:`ClientChannel.reusable`)."""
+        channel = self.channel
+        if channel.state is not ChannelState.IDLE:
+            return False
+        data = await _read_ready(self.transport)
+        if data is not None:
+            try:
+                channel.receive_data(data)
+            except LocalProtocolError:  # bytes after an EOF: unusable all the same
+                pass
+        self.idle_for = trio.current_time() - self.last_used
+        return channel.reusable(self.idle_for)
+
+    def describe_failure(self, exc: BaseException) -> str:
+        """``exc`` as a message; with the idle time before the request, when there was one."""
+        if self.idle_for >= 1.0:
+            return f"{exc} (the connection had been idle for {self.idle_for:.0f} s)"
+        return str(exc)
 
     async def send(self, pieces: bytes | list[bytes]) -> None:
+        self.last_used = trio.current_time()
         try:
             if isinstance(pieces, bytes):
                 await self.transport.send_all(pieces)
@@ -89,6 +154,7 @@ class _Connection:
         while True:
             event = channel.next_event()
             if event is not NEED_DATA:
+                self.last_used = trio.current_time()
                 return event
             if channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
                 raise trio.BrokenResourceError("connection to the PHT server is closed")
@@ -127,6 +193,11 @@ class _ClientStream(PHTStream):
         self._eof = False
         self._closed = False
         self._broken: str | None = None
+        # Why the pull failed, and what a failed push may have lost: the end
+        # of the session is then no clean EOF.
+        self._pull_failure: str | None = None
+        self._push_loss: str | None = None
+        self._truncated: str | None = None  # the session ended with data lost
         self._sending = False
         self._receiving = False
         self._polls = 1
@@ -151,6 +222,7 @@ class _ClientStream(PHTStream):
             # 1: the call returns only once all are acknowledged anyway.
             window = self._push_window if len(view) <= size else max(2, self._push_window)
             try:
+                await self._settle_idle_pushes()
                 for start in range(0, len(view), size):
                     await self._push_once(view[start : start + size], window)
                 # A window of N lets this call return with N - 1 unacknowledged.
@@ -169,8 +241,24 @@ class _ClientStream(PHTStream):
         try:
             await connection.send(connection.channel.push(self.token, chunk))
         except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            message = f"push to the PHT server failed: {exc}"
+            message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
             raise await self._push_failed(connection, message) from exc
+
+    async def _settle_idle_pushes(self) -> None:
+        """Collect the answers to pushes left unacknowledged on an idle connection.
+
+        With ``push_window > 1`` a ``send_all`` may return with pushes in
+        flight; their answers have long arrived when the connection has been
+        unused for a while, and only a connection with nothing in flight can
+        be checked for a close (see :meth:`_push_connection`).
+        """
+        connection = self._push
+        if (
+            connection is not None
+            and connection.channel.pushes_in_flight
+            and trio.current_time() - connection.last_used >= _SETTLE_ACKS
+        ):
+            await self._collect_acks(0)
 
     async def _collect_acks(self, keep: int) -> None:
         """Read acknowledgements until at most ``keep`` pushes are unanswered."""
@@ -180,13 +268,16 @@ class _ClientStream(PHTStream):
             try:
                 event = await connection.next_event()
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                message = f"push to the PHT server failed: {exc}"
+                message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
                 raise await self._push_failed(connection, message) from exc
             if earlier:
                 self._earlier_pushes -= 1
             if isinstance(event, Rejected):
                 message = _explain_rejection(
-                    event, self._config.paths, authorize=self._config.authorize
+                    event,
+                    self._config.paths,
+                    authorize=self._config.authorize,
+                    session_ended=self._how_session_ended(),
                 )
                 if earlier:
                     message = f"an earlier push was refused: {message}"
@@ -211,9 +302,22 @@ class _ClientStream(PHTStream):
         self._earlier_pushes = 0
         await connection.aclose()
         self._broken = message
+        self._push_loss = message
         return trio.BrokenResourceError(message)
 
     async def _push_connection(self) -> _Connection:
+        """The push connection; a new one if the current one ended while idle.
+
+        Replacing it is safe: nothing of the next push was written to it.
+        """
+        connection = self._push
+        if (
+            connection is not None
+            and connection.channel.state is ChannelState.IDLE
+            and not await connection.reusable()
+        ):
+            self._push = None
+            await connection.aclose()
         if self._push is None:
             try:
                 self._push = await self._connect.open(self._config)
@@ -244,6 +348,8 @@ class _ClientStream(PHTStream):
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 return b""
+            if self._truncated is not None:
+                raise trio.BrokenResourceError(self._truncated)
             return await self._receive(max_bytes)
         finally:
             self._receiving = False
@@ -262,27 +368,44 @@ class _ClientStream(PHTStream):
         return data
 
     async def _receive(self, max_bytes: int) -> bytes:
-        pull = self._pull
         while True:
             try:
-                event = await pull.next_event()
+                event = await self._pull.next_event()  # _poll_again may replace it
             except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed") from None
-                raise trio.BrokenResourceError(f"pull from the PHT server failed: {exc}") from exc
+                quiet = trio.current_time() - self._pull.last_used
+                if quiet >= 1.0:  # tells a proxy's read timeout from a sudden cut
+                    exc_text = f"{exc} ({quiet:.0f} s after the server last sent anything)"
+                else:
+                    exc_text = str(exc)
+                self._pull_failure = f"its pull failed: {exc_text}"
+                raise trio.BrokenResourceError(
+                    f"pull from the PHT server failed: {exc_text}"
+                ) from exc
             if isinstance(event, DataReceived):
                 self._pending, self._pending_offset = event.data, 0
                 return self._take(max_bytes)
             if isinstance(event, PullEnded):
                 if event.session_over:
                     return await self._end_of_session()
-                await self._poll_again()
+                try:
+                    await self._poll_again()
+                except (TunnelError, trio.BrokenResourceError, OSError) as exc:
+                    self._pull_failure = f"it could not be polled again: {exc}"
+                    raise trio.BrokenResourceError(
+                        f"pull from the PHT server failed: {exc}"
+                    ) from exc
             elif isinstance(event, Rejected):
-                if self._polls > 1 and event.status_code in (403, 410):
+                if self._polls > 1 and event.status_code == 403:
                     # A legacy server forgets a closed session's token: EOF.
+                    # (410 is no such end: it says that data was not consumed.)
                     return await self._end_of_session()
                 message = _explain_rejection(
-                    event, self._config.paths, authorize=self._config.authorize
+                    event,
+                    self._config.paths,
+                    authorize=self._config.authorize,
+                    session_ended=self._how_session_ended(),
                 )
                 raise trio.BrokenResourceError(message) from TunnelError(
                     message, status=event.status_code
@@ -291,13 +414,28 @@ class _ClientStream(PHTStream):
                 raise trio.BrokenResourceError(f"unexpected event on the pull: {event}")
 
     async def _poll_again(self) -> None:
-        if self._pull.channel.state is ChannelState.CLOSED:
+        # The previous response ended cleanly: a new GET on a new connection is
+        # safe when the old one ended (or aged) while idle.
+        if not await self._pull.reusable():
             await self._pull.aclose()
             self._pull = await self._connect.open(self._config)
         self._polls += 1
         await self._pull.send(self._pull.channel.pull(self.token))
 
+    def _how_session_ended(self) -> str:
+        """What the client knows of how its (established) session ended."""
+        if self._pull_failure is not None:
+            return self._pull_failure
+        if self._eof:
+            return "the server closed it"
+        return "closed by the server, its pull connection was cut, or it expired"
+
     async def _end_of_session(self) -> bytes:
+        """The server ended the session: EOF, unless data was lost on the way."""
+        if self._push_loss is not None:
+            message = f"the PHT session ended after a push failed: {self._push_loss}"
+            self._broken = self._truncated = message
+            raise trio.BrokenResourceError(message)
         await trio.lowlevel.checkpoint()
         self._eof = True
         self._broken = self._broken or "the PHT session is over"
@@ -350,7 +488,7 @@ class _ClientStream(PHTStream):
         """Send the close notification, as modern GOST clients do (best effort)."""
         with trio.move_on_after(self._close_timeout) as scope:
             try:
-                if push is None or push.channel.state is not ChannelState.IDLE:
+                if push is None or not await push.reusable():
                     push = await self._connect.open(self._config)
                     try:
                         await self._send_close(push)
