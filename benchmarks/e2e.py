@@ -612,17 +612,17 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
     panels = [
         ("throughput, MB/s (log)", ["upload", "download"], True),
         ("latency (log)", ["rtt_median", "rtt_p99", "setup"], True),
-        ("CPU-s per GiB, both tunnel processes", ["cpu_upload", "cpu_download"], False),
+        ("CPU-s per GiB moved, both tunnel processes", ["cpu_upload", "cpu_download"], False),
     ]
     backends = list(results["backends"])
-    series = [(backend, kind) for backend in backends for kind in KINDS]
+    series = [("installed", "raw")] + [(b, k) for b in backends for k in KINDS[1:]]
+    palette = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:red"]
+    colours = dict(zip(series, palette, strict=False))
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     for axis, (title, metrics, log) in zip(axes, panels, strict=True):
         width = 0.8 / len(series)
         for index, (backend, kind) in enumerate(series):
-            if kind == "raw" and backend != backends[0]:
-                continue
-            figures = results["backends"][backend]["figures"]
+            figures = results["backends"][backends[0] if kind == "raw" else backend]["figures"]
             xs, ys, low, high = [], [], [], []
             for position, metric in enumerate(metrics):
                 stats = figures[metric].get(kind)
@@ -634,23 +634,26 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                 high.append(stats["max"] - stats["median"])
             if not xs:
                 continue
-            label = "raw TCP" if kind == "raw" else f"{kind} ({backend})"
-            if len(backends) == 1 and kind != "raw":
-                label = kind
-            axis.bar(xs, ys, width, yerr=[low, high], label=label)
-        for position, metric in enumerate(metrics):
-            for kind, style in (("pht", "k--"), ("phts", "k:")):
+            if kind == "raw":
+                label = "raw TCP"
+            else:
+                base64 = results["backends"][backend]["versions"]["base64"]
+                label = f"{kind} ({base64})"
+            axis.bar(xs, ys, width, yerr=[low, high], label=label, color=colours[backend, kind])
+        for kind, style in (("pht", "k--"), ("phts", "k:")):
+            legend: str | None = f"GOST {kind}"
+            for position, metric in enumerate(metrics):
                 gost = GOST_REFERENCE[kind][metric]
                 if gost is not None:
-                    axis.plot([position - 0.45, position + 0.45], [gost, gost], style)
+                    ends = [position - 0.45, position + 0.45]
+                    axis.plot(ends, [gost, gost], style, label=legend)
+                    legend = None  # one legend entry per line style
         units = {m: METRICS[m][0] for m in metrics}
         axis.set_xticks(range(len(metrics)), [f"{m}\n({units[m]})" for m in metrics])
         if log:
             axis.set_yscale("log")
         axis.set_title(title)
         axis.legend(fontsize=8)
-    axes[0].text(0.01, 0.01, "GOST, same machine kind: dashed pht, dotted phts",
-                 transform=axes[0].transAxes, fontsize=8)  # fmt: skip
     load = results["load_average"]["end"][0]
     fig.suptitle(
         f"pht command line, end to end on loopback, {os.cpu_count()} CPUs "
