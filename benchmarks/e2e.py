@@ -392,6 +392,11 @@ def measure_once(processes: Processes, kind: str, settings: Settings) -> dict[st
 def measure(processes: Processes, settings: Settings) -> dict[str, dict[str, list[float]]]:
     """``runs`` rounds of raw, pht and phts, in a rotating order; kind -> metric -> runs."""
     runs: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
+    for kind in KINDS:  # warm-up, not recorded: first connections, imports, caches
+        port, pids = processes.port(kind), processes.pids(kind)
+        setups(port, 3)
+        upload(port, 2**20, pids)
+        download(port, 2**20, pids)
     for run in range(settings.runs):
         order = KINDS[run % len(KINDS) :] + KINDS[: run % len(KINDS)]
         for kind in order:
