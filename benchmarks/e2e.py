@@ -273,14 +273,16 @@ class Processes:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far, from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK  # utime, stime
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of processes so far, from ``/proc/PID/stat``."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
+    """User + system CPU seconds of processes so far."""
+    return sum(sum(cpu_times(pid)) for pid in pids)
 
 
 # --- the driver --------------------------------------------------------------------------
@@ -456,14 +458,23 @@ def profile(processes: Processes, settings: Settings, folder: Path) -> dict[str,
     for workload, run in workloads.items():
         recorders = []
         for role, pid in zip(("client", "server"), pids, strict=True):
-            output = folder / f"profile-{processes.backend}-{workload}-{role}.txt"
-            command = [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--rate",
-                       "250", "--nonblocking", "--output", str(output)]  # fmt: skip
-            recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            recorders.append((role, output, recorder))
+            # Two views: every sample of a running thread, and only those holding the
+            # GIL (Python code running: no socket call, no epoll wait).
+            for view, extra in (("busy", []), ("gil", ["--gil"])):
+                output = folder / f"profile-{processes.backend}-{workload}-{role}-{view}.txt"
+                command = [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--rate",
+                           "250", "--nonblocking", *extra, "--output", str(output)]  # fmt: skip
+                recorder = subprocess.Popen(
+                    command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
+                recorders.append((role, view, output, recorder))
         time.sleep(1.0)  # py-spy attaches
+        before = dict(zip(("client", "server"), [cpu_times(pid) for pid in pids], strict=True))
+        start = time.perf_counter()
         run()
-        for role, output, recorder in recorders:
+        wall = time.perf_counter() - start
+        after = dict(zip(("client", "server"), [cpu_times(pid) for pid in pids], strict=True))
+        for role, view, output, recorder in recorders:
             recorder.send_signal(signal.SIGINT)
             try:
                 _, error = recorder.communicate(timeout=30)
@@ -472,7 +483,12 @@ def profile(processes: Processes, settings: Settings, folder: Path) -> dict[str,
                 _, error = recorder.communicate()
             if not output.exists():
                 raise RuntimeError(f"py-spy wrote no profile: {error.decode(errors='replace')}")
-            summary[f"{workload}/{role}"] = top_functions(output.read_text())
+            entry = summary.setdefault(f"{workload}/{role}", {})
+            entry[view] = top_functions(output.read_text())
+            old, new = before[role], after[role]
+            # py-spy counts a runnable thread that waits for a CPU as busy: the
+            # process's own CPU time says how much of the wall time it really ran.
+            entry["cpu"] = {"user": new[0] - old[0], "system": new[1] - old[1], "wall": wall}
     return summary
 
 
@@ -494,8 +510,10 @@ def top_functions(collapsed: str, count: int = 12) -> dict[str, Any]:
         name, path = frames[-1]
         own[f"{name} ({path})"] += int(number)
         areas[_area(name, path)] += int(number)
-        # pht's own functions, each counted once per sample however deep it recurses.
-        for caller in {f"{n} ({p})" for n, p in frames if p.startswith("pht/")}:
+        # pht's functions below the command line's entry points, each counted once
+        # per sample however deep it recurses.
+        callers = {f"{n} ({p})" for n, p in frames if p.startswith("pht/")}
+        for caller in {c for c in callers if "(pht/cli/" not in c}:
             inclusive[caller] += int(number)
         total += int(number)
     return {
@@ -594,15 +612,21 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append("")
     load = ", ".join(f"{value:.2f}" for value in results["load_average"]["end"])
     lines.append(f"load average at the end: {load}")
-    for name, profile_summary in results.get("profile", {}).items():
-        lines.append(f"profile {name}: {profile_summary['busy_samples']} busy samples")
-        areas = ", ".join(f"{a} {v * 100:.0f} %" for a, v in profile_summary["areas"].items())
-        lines.append(f"  by area: {areas}")
-        for item in profile_summary["top"][:8]:
-            lines.append(f"  {item['share'] * 100:5.1f} %  {item['function']}")
-        lines.append("  pht functions, inclusive:")
-        for item in profile_summary["pht_inclusive"][:6]:
-            lines.append(f"  {item['share'] * 100:5.1f} %  {item['function']}")
+    for name, entry in results.get("profile", {}).items():
+        cpu = entry["cpu"]
+        lines.append(
+            f"profile {name}: CPU user {cpu['user']:.2f} s + system {cpu['system']:.2f} s "
+            f"in {cpu['wall']:.2f} s"
+        )
+        for view, label in (("busy", "running"), ("gil", "holding the GIL")):
+            summary = entry[view]
+            areas = ", ".join(f"{a} {v * 100:.0f} %" for a, v in summary["areas"].items())
+            lines.append(f"  {summary['busy_samples']} samples {label}: {areas}")
+            for item in summary["top"][:6]:
+                lines.append(f"    {item['share'] * 100:5.1f} %  {item['function']}")
+        lines.append("  pht functions, inclusive (running):")
+        for item in entry["busy"]["pht_inclusive"][:6]:
+            lines.append(f"    {item['share'] * 100:5.1f} %  {item['function']}")
     return "\n".join(lines)
 
 

@@ -106,7 +106,8 @@ def test_e2e_profile_summary_adds_up_samples() -> None:
     """py-spy's collapsed stacks become own and inclusive shares per function."""
     e2e = _load_e2e()
     collapsed = (
-        "main (pht:6);run (trio/_core/_run.py:2535);_push (pht/_trio_server.py:10);"
+        "main (pht/cli/__init__.py:21);run (trio/_core/_run.py:2535);"
+        "_push (pht/_trio_server.py:10);"
         "send (trio/_socket.py:5) 6\n"
         "main (pht:6);_push (pht/_trio_server.py:12);_push (pht/_trio_server.py:14) 2\n"
         "main (pht:6);get_events (/x/site-packages/trio/_core/_io_epoll.py:243) 2\n"
