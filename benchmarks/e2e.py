@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _server_arguments(kind: str, target: str, port: int) -> list[str]:
+    return ["-L", f"{kind}://{HOST}:{port}/{target}"]
+
+
+def _client_arguments(kind: str, target: str, server: int, port: int) -> list[str]:
+    return ["-L", f"tcp://{HOST}:{port}/{target}", "-F", f"forward+{kind}://{HOST}:{server}"]
+
+
 class Processes:
     """The target and, per PHT kind, a server and a client ``pht`` process."""
 
@@ -219,37 +228,42 @@ class Processes:
         self.children.append(sink)
         assert sink.stdout is not None
         self.target_port = int(sink.stdout.readline())
+        target = f"{HOST}:{self.target_port}"
         for kind in KINDS[1:]:
-            server_port, client_port = _free_port(), _free_port()
-            target = f"{HOST}:{self.target_port}"
-            server = self._start_pht(
-                f"{kind}-server", ["-L", f"{kind}://{HOST}:{server_port}/{target}"]
+            server_port, server = self._start_pht(
+                f"{kind}-server", partial(_server_arguments, kind, target)
             )
-            client = self._start_pht(
-                f"{kind}-client",
-                [
-                    "-L",
-                    f"tcp://{HOST}:{client_port}/{target}",
-                    "-F",
-                    f"forward+{kind}://{HOST}:{server_port}",
-                ],
+            client_port, client = self._start_pht(
+                f"{kind}-client", partial(_client_arguments, kind, target, server_port)
             )
             self.tunnels[kind] = (client_port, [client.pid, server.pid])
 
-    def _start_pht(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _start_pht(
+        self, name: str, arguments: Callable[[int], list[str]]
+    ) -> tuple[int, subprocess.Popen[bytes]]:
+        """Start ``pht`` on a free port; another port if someone took that one meanwhile."""
         # Logging stays at its default (info, one line per connection): what users run.
         log = self.logs / f"{self.backend}-{name}.log"
-        with open(log, "wb") as output:
-            process = subprocess.Popen(
-                _pht_command(self.backend, args), stdout=output, stderr=subprocess.STDOUT
-            )
-        self.children.append(process)
-        deadline = time.monotonic() + 30
-        while b"listening on" not in log.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pht {' '.join(args)} did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        return process
+        for _ in range(5):
+            port = _free_port()
+            args = arguments(port)
+            with open(log, "wb") as output:
+                process = subprocess.Popen(
+                    _pht_command(self.backend, args), stdout=output, stderr=subprocess.STDOUT
+                )
+            deadline = time.monotonic() + 30
+            while b"listening on" not in log.read_bytes():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                self.children.append(process)
+                return port, process
+            process.kill()
+            process.wait()
+            if b"Address already in use" not in log.read_bytes():
+                break
+        raise RuntimeError(f"pht {' '.join(args)} did not start:\n{log.read_text()}")
 
     def stop(self) -> None:
         for child in self.children:
