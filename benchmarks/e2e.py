@@ -19,7 +19,10 @@ max, next to raw TCP and to GOST's figures (``GOST_REFERENCE``).
 
 ``--base64 binascii`` starts the tunnel processes with pybase64 hidden, as a
 ``pip install`` without it would run; ``--profile`` adds ``py-spy record``
-profiles of both tunnel processes during an upload and a round-trip run.
+profiles of both tunnel processes during an upload, a download and a
+round-trip run; ``--gost PATH`` also measures GOST's own pairs (pht and phts)
+and pht with a GOST server or client, in the same runs, and then compares
+with those instead of ``GOST_REFERENCE``.
 """
 
 from __future__ import annotations
@@ -52,7 +55,26 @@ _HEADER = struct.Struct("!cQ")  # command, size (the same framing as run.py)
 BLOCK = 256 * 1024
 #: Every socket operation gives up after this long: a stuck tunnel fails the run.
 TIMEOUT = 60.0
-KINDS = ("raw", "pht", "phts")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A tunnel: which program is the client, which the server, over which scheme."""
+
+    client: str  # "pht" or "gost"
+    server: str
+    scheme: str  # "pht" or "phts"
+
+
+#: The tunnels measured in every run (raw TCP is measured too, as "raw").
+PHT_PAIRS = {"pht": Pair("pht", "pht", "pht"), "phts": Pair("pht", "pht", "phts")}
+#: With ``--gost PATH``: GOST's pairs and the mixed ones, in the same runs.
+GOST_PAIRS = {
+    "gost": Pair("gost", "gost", "pht"),
+    "gosts": Pair("gost", "gost", "phts"),
+    "pht-to-gost": Pair("pht", "gost", "pht"),
+    "gost-to-pht": Pair("gost", "pht", "pht"),
+}
 GIB = 2**30
 
 #: GOST's own PHT code (a reference build of its PHT client and server), measured
@@ -196,10 +218,24 @@ def describe_backends(backend: str) -> dict[str, str]:
     return result
 
 
+def _gost_version(path: str) -> str:
+    """What ``gost -V`` prints (GOST's version line), to record next to the figures."""
+    completed = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=60)
+    return (completed.stdout or completed.stderr).strip().splitlines()[0]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _server_arguments(kind: str, target: str, port: int) -> list[str]:
@@ -211,15 +247,23 @@ def _client_arguments(kind: str, target: str, server: int, port: int) -> list[st
 
 
 class Processes:
-    """The target and, per PHT kind, a server and a client ``pht`` process."""
+    """The target and, per tunnel (``Pair``), a server and a client process."""
 
-    def __init__(self, backend: str, logs: Path) -> None:
+    def __init__(
+        self, backend: str, logs: Path, pairs: dict[str, Pair], gost: str | None = None
+    ) -> None:
         self.backend = backend
         self.logs = logs
+        self.pairs = pairs
+        self.gost = gost
         self.children: list[subprocess.Popen[bytes]] = []
         self.target_port = 0
         #: kind -> (client port, [client pid, server pid])
         self.tunnels: dict[str, tuple[int, list[int]]] = {}
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["raw", *self.pairs]
 
     def start(self) -> None:
         sink = subprocess.Popen(
@@ -229,30 +273,39 @@ class Processes:
         assert sink.stdout is not None
         self.target_port = int(sink.stdout.readline())
         target = f"{HOST}:{self.target_port}"
-        for kind in KINDS[1:]:
-            server_port, server = self._start_pht(
-                f"{kind}-server", partial(_server_arguments, kind, target)
+        for kind, pair in self.pairs.items():
+            server_port, server = self._start_tunnel_end(
+                f"{kind}-server", pair.server, partial(_server_arguments, pair.scheme, target)
             )
-            client_port, client = self._start_pht(
-                f"{kind}-client", partial(_client_arguments, kind, target, server_port)
+            client_port, client = self._start_tunnel_end(
+                f"{kind}-client",
+                pair.client,
+                partial(_client_arguments, pair.scheme, target, server_port),
             )
             self.tunnels[kind] = (client_port, [client.pid, server.pid])
 
-    def _start_pht(
-        self, name: str, arguments: Callable[[int], list[str]]
+    def _start_tunnel_end(
+        self, name: str, program: str, arguments: Callable[[int], list[str]]
     ) -> tuple[int, subprocess.Popen[bytes]]:
-        """Start ``pht`` on a free port; another port if someone took that one meanwhile."""
+        """Start ``pht`` or GOST on a free port; another port if that one was taken meanwhile.
+
+        Both take the same command line; GOST is ready once its port accepts.
+        """
         # Logging stays at its default (info, one line per connection): what users run.
         log = self.logs / f"{self.backend}-{name}.log"
         for _ in range(5):
             port = _free_port()
             args = arguments(port)
+            if program == "gost" and self.gost is not None:
+                command = [self.gost, *args]
+            else:
+                command = _pht_command(self.backend, args)
             with open(log, "wb") as output:
-                process = subprocess.Popen(
-                    _pht_command(self.backend, args), stdout=output, stderr=subprocess.STDOUT
-                )
+                process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 30
-            while b"listening on" not in log.read_bytes():
+            while not (
+                b"listening on" in log.read_bytes() or (program == "gost" and _accepts(port))
+            ):
                 if process.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
@@ -261,7 +314,7 @@ class Processes:
                 return port, process
             process.kill()
             process.wait()
-            if b"Address already in use" not in log.read_bytes():
+            if b"address already in use" not in log.read_bytes().lower():
                 break
         raise RuntimeError(f"pht {' '.join(args)} did not start:\n{log.read_text()}")
 
@@ -406,15 +459,19 @@ def measure_once(processes: Processes, kind: str, settings: Settings) -> dict[st
 
 
 def measure(processes: Processes, settings: Settings) -> dict[str, dict[str, list[float]]]:
-    """``runs`` rounds of raw, pht and phts, in a rotating order; kind -> metric -> runs."""
-    runs: dict[str, dict[str, list[float]]] = {kind: {} for kind in KINDS}
-    for kind in KINDS:  # warm-up, not recorded: first connections, imports, caches
+    """``runs`` rounds of raw TCP and every tunnel, in a rotating order.
+
+    Returns kind -> metric -> one value per run.
+    """
+    kinds = processes.kinds
+    runs: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}
+    for kind in kinds:  # warm-up, not recorded: first connections, imports, caches
         port, pids = processes.port(kind), processes.pids(kind)
         setups(port, 3)
         upload(port, 2**20, pids)
         download(port, 2**20, pids)
     for run in range(settings.runs):
-        order = KINDS[run % len(KINDS) :] + KINDS[: run % len(KINDS)]
+        order = kinds[run % len(kinds) :] + kinds[: run % len(kinds)]
         for kind in order:
             print(f"... {processes.backend} run {run + 1}: {kind}", file=sys.stderr, flush=True)
             for metric, value in measure_once(processes, kind, settings).items():
@@ -423,14 +480,25 @@ def measure(processes: Processes, settings: Settings) -> dict[str, dict[str, lis
     return runs
 
 
-def summarize(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
-    """metric -> kind -> {min, median, max, runs, ratio to raw, GOST, ratio to GOST}."""
+def summarize(
+    runs: dict[str, dict[str, list[float]]], pairs: dict[str, Pair]
+) -> dict[str, dict[str, Any]]:
+    """metric -> kind -> {min, median, max, runs, ratio to raw, GOST, ratio to GOST}.
+
+    GOST is its pair measured in the same run when there is one (``--gost``),
+    else ``GOST_REFERENCE``.
+    """
+    gost_pairs = {
+        pair.scheme: kind
+        for kind, pair in pairs.items()
+        if pair.client == "gost" and pair.server == "gost"
+    }
     figures: dict[str, dict[str, Any]] = {}
     for metric, (unit, higher, description) in METRICS.items():
         entry: dict[str, Any] = {"unit": unit, "higher_is_better": higher, "note": description}
         raw = runs["raw"].get(metric)
         raw_median = statistics.median(raw) if raw else None
-        for kind in KINDS:
+        for kind in runs:
             values = runs[kind].get(metric)
             if not values:
                 continue
@@ -442,7 +510,14 @@ def summarize(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, An
                 "runs": values,
             }
             if kind != "raw":
-                gost = GOST_REFERENCE[kind][metric]
+                scheme = pairs[kind].scheme
+                measured = runs.get(gost_pairs.get(scheme, ""), {}).get(metric)
+                if measured and gost_pairs[scheme] != kind:
+                    gost: float | None = statistics.median(measured)
+                    stats["gost_source"] = "measured in this run"
+                else:
+                    gost = GOST_REFERENCE[scheme][metric]
+                    stats["gost_source"] = "reference"
                 stats["ratio_to_raw"] = median / raw_median if raw_median else None
                 stats["gost"] = gost
                 stats["ratio_to_gost"] = median / gost if gost else None
@@ -601,29 +676,36 @@ def render_table(results: dict[str, Any]) -> str:
             f"tunnel processes: base64 {info['base64']} ({backend}), {info['ssl']}, "
             f"trio {info['trio']}, Python {info['python']}"
         )
-        rows = [["figure", "unit", "raw TCP", "pht (min-max)", "/raw", "/GOST",
-                 "phts (min-max)", "/raw", "/GOST"]]  # fmt: skip
+        rows = [["figure", "unit", "path", "median (min-max)", "raw TCP", "/raw", "GOST",
+                 "/GOST"]]  # fmt: skip
         for metric, entry in group["figures"].items():
-            row = [metric, entry["unit"]]
             raw = entry.get("raw")
-            row.append(_format(raw["median"]) if raw else "-")
-            for kind in KINDS[1:]:
+            for kind in results["kinds"]:
                 stats = entry.get(kind)
                 if stats is None:
-                    row += ["-", "-", "-"]
                     continue
+                row = [metric, entry["unit"], kind]
                 row.append(
                     f"{_format(stats['median'])} ({_format(stats['min'])}-{_format(stats['max'])})"
                 )
-                for key in ("ratio_to_raw", "ratio_to_gost"):
-                    row.append(f"{stats[key]:.2f}" if stats[key] is not None else "-")
-            rows.append(row)
+                if kind == "raw":
+                    rows.append([*row, "", "", "", ""])
+                    continue
+                row.append(_format(raw["median"]) if raw else "-")
+                row.append(f"{stats['ratio_to_raw']:.2f}" if stats["ratio_to_raw"] else "-")
+                gost = stats["gost"]
+                source = "" if stats["gost_source"] == "reference" else " (this run)"
+                row.append(f"{_format(gost)}{source}" if gost else "-")
+                row.append(f"{stats['ratio_to_gost']:.2f}" if stats["ratio_to_gost"] else "-")
+                rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for index, row in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
             if index == 0:
                 lines.append("  ".join("-" * w for w in widths))
         lines.append("")
+    if results["gost_version"]:
+        lines.append(f"GOST: {results['gost_version']}")
     load = ", ".join(f"{value:.2f}" for value in results["load_average"]["end"])
     lines.append(f"load average at the end: {load}")
     for name, entry in results.get("profile", {}).items():
@@ -645,7 +727,7 @@ def render_table(results: dict[str, Any]) -> str:
 
 
 def write_plot(results: dict[str, Any], path: Path) -> bool:
-    """Bars per path (raw, pht, phts) with min-max whiskers; GOST's figures as dashes."""
+    """Bars per path (raw TCP, each tunnel) with min-max whiskers; GOST's reference as lines."""
     try:
         matplotlib: Any = importlib.import_module("matplotlib")
     except ImportError:
@@ -658,9 +740,10 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
         ("CPU-s per GiB moved, both tunnel processes", ["cpu_upload", "cpu_download"], False),
     ]
     backends = list(results["backends"])
-    series = [("installed", "raw")] + [(b, k) for b in backends for k in KINDS[1:]]
-    palette = ["tab:gray", "tab:blue", "tab:orange", "tab:cyan", "tab:red"]
-    colours = dict(zip(series, palette, strict=False))
+    tunnels = [kind for kind in results["kinds"] if kind != "raw"]
+    series = [(backends[0], "raw")] + [(b, k) for b in backends for k in tunnels]
+    colours = {key: f"C{index}" for index, key in enumerate(series[1:])}
+    colours[series[0]] = "tab:gray"
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     for axis, (title, metrics, log) in zip(axes, panels, strict=True):
         width = 0.8 / len(series)
@@ -679,12 +762,14 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                 continue
             if kind == "raw":
                 label = "raw TCP"
-            else:
+            elif "pht" in results["pairs"][kind].values():  # a pht end: its base64 matters
                 base64 = results["backends"][backend]["versions"]["base64"]
                 label = f"{kind} ({base64})"
+            else:
+                label = f"{kind} ({backend} run)"
             axis.bar(xs, ys, width, yerr=[low, high], label=label, color=colours[backend, kind])
         for kind, style in (("pht", "k--"), ("phts", "k:")):
-            legend: str | None = f"GOST {kind}"
+            legend: str | None = f"GOST {kind} (reference)"
             for position, metric in enumerate(metrics):
                 gost = GOST_REFERENCE[kind][metric]
                 if gost is not None:
@@ -725,6 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "both (the default in full mode when pybase64 is installed)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy profiles (plain pht)")
+    parser.add_argument(
+        "--gost",
+        metavar="PATH",
+        help="a GOST binary: also measure GOST's pairs and pht with a GOST end, same runs",
+    )
     parser.add_argument("--output", type=Path, default=_ROOT / "results", help="result folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
@@ -744,6 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = ["installed", "binascii"] if choice == "both" else [choice]
     args.output.mkdir(parents=True, exist_ok=True)
 
+    pairs = PHT_PAIRS | (GOST_PAIRS if args.gost else {})
     results: dict[str, Any] = {
         "command": " ".join(["benchmarks/e2e.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": asdict(settings),
@@ -751,6 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Other work on the machine skews every figure: recorded, not hidden.
         "load_average": {"start": list(os.getloadavg())},
         "gost_reference": GOST_REFERENCE,
+        "kinds": ["raw", *pairs],
+        "gost_version": _gost_version(args.gost) if args.gost else None,
+        "pairs": {kind: asdict(pair) for kind, pair in pairs.items()},
         "backends": {},
     }
     started = time.monotonic()
@@ -760,13 +854,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             installed = results["backends"].get("installed")
             if installed and installed["versions"]["base64"] == versions["base64"]:
                 continue  # pybase64 is not installed: it would be the same run again
-            processes = Processes(backend, Path(logs))
+            processes = Processes(backend, Path(logs), pairs, args.gost)
             try:
                 processes.start()
                 runs = measure(processes, settings)
                 results["backends"][backend] = {
                     "versions": versions,
-                    "figures": summarize(runs),
+                    "figures": summarize(runs, pairs),
                 }
                 if args.profile and backend == backends[0]:
                     print("... profiles", file=sys.stderr, flush=True)

@@ -102,6 +102,41 @@ def test_quick_e2e_benchmark_produces_every_figure(tmp_path: Path) -> None:
     assert "/GOST" in completed.stdout  # the table was printed
 
 
+def test_quick_e2e_benchmark_with_a_gost_binary(tmp_path: Path) -> None:
+    """``--gost PATH`` adds GOST's pairs and the mixed ones, and compares with them.
+
+    No GOST build here: ``pht`` stands in, since it takes GOST's command line.
+    """
+    stand_in = tmp_path / "gost"
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom pht.cli import main\nsys.exit(main())\n"
+    )
+    stand_in.chmod(0o755)
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--no-plot",
+         "--gost", str(stand_in), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "e2e.json").read_text())
+    kinds = ["raw", "pht", "phts", "gost", "gosts", "pht-to-gost", "gost-to-pht"]
+    assert results["kinds"] == kinds
+    assert results["pairs"]["pht-to-gost"] == {"client": "pht", "server": "gost", "scheme": "pht"}
+    assert results["gost_version"]
+    figures = results["backends"]["installed"]["figures"]
+    for metric in E2E_METRICS | TUNNEL_CPU:
+        for kind in kinds[1:]:
+            assert figures[metric][kind]["median"] > 0, (metric, kind)
+    upload = figures["upload"]
+    assert upload["phts"]["gost_source"] == "measured in this run"
+    assert upload["phts"]["gost"] == upload["gosts"]["median"]
+    assert upload["pht-to-gost"]["gost"] == upload["gost"]["median"]
+    assert upload["gost"]["gost_source"] == "reference"  # GOST itself: against the reference
+
+
 def test_e2e_profile_summary_adds_up_samples() -> None:
     """py-spy's collapsed stacks become own and inclusive shares per function."""
     e2e = _load_e2e()
