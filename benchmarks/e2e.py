@@ -11,7 +11,7 @@ This script starts exactly that (and the same with ``phts``), a target
 process (``e2e.py --target``: a TCP sink, source or echo, chosen by a 9-byte
 header) and drives it from this process with blocking sockets, through the
 client's port and, as the baseline, straight to the target (raw TCP). Per run
-and per path (raw, pht, phts, interleaved): upload and download MB/s, 1-byte
+and per path (raw, pht, phts, in a rotating order): upload and download MB/s, 1-byte
 round trip median and p99, tunnel setup (connect to the first echoed byte),
 and CPU seconds of both tunnel processes per GiB moved, from
 ``/proc/PID/stat``. Figures are medians over ``--runs`` runs with min and
@@ -79,7 +79,8 @@ GIB = 2**30
 
 #: GOST's own PHT code (a reference build of its PHT client and server), measured
 #: end to end on this kind of machine (2 vCPUs) with the same workloads: 64 MiB
-#: each way, 1-byte echo, medians of 3 runs. ``None``: not measured.
+#: each way, 1-byte echo, medians of 3 runs. The phts MB/s are approximate (half
+#: of the "2x GOST's phts" targets). ``None``: not measured.
 GOST_REFERENCE: dict[str, dict[str, float | None]] = {
     "pht": {
         "upload": 102.0,
