@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import binascii
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -745,7 +746,8 @@ def render_table(results: dict[str, Any]) -> str:
     load = ", ".join(f"{value:.2f}" for value in machine["load_average_at_end"])
     header = (
         f"{machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"base64: {machine['base64']}, load average at end: {load}\n"
+        f"base64: {machine['base64']}, {machine['ssl']}, trio {machine['trio']}, "
+        f"h11 {machine['h11']}, load average at end: {load}\n"
     )
     rows = [("figure", "unit", "PHT min / median / max", "baseline median", "PHT/baseline")]
     for name, figure in results["figures"].items():
@@ -847,7 +849,10 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "trio": trio.__version__,
         "pht": pht.__version__,
+        # The backends pht runs with (the end-to-end benchmark reports the same).
         "base64": pht.BASE64_BACKEND,
+        "ssl": ssl.OPENSSL_VERSION,
+        "h11": importlib.metadata.version("h11"),
         # Other work on the machine skews every figure: recorded, not hidden.
         "load_average_at_end": list(os.getloadavg()),
     }

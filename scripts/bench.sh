@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# The benchmarks: set the machine up, then run benchmarks/run.py.
-# Arguments go to run.py (e.g. --quick, --only bulk, --runs 5).
+# The benchmarks: set the machine up, then run the library benchmark
+# (benchmarks/run.py) and the end-to-end command-line benchmark (benchmarks/e2e.py).
+#   scripts/bench.sh [--quick]       both (--quick: small sizes, the smoke-test mode)
+#   scripts/bench.sh library ARGS    only run.py with ARGS (e.g. --only bulk, --runs 5)
+#   scripts/bench.sh e2e ARGS        only e2e.py with ARGS (e.g. --runs 7, --profile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# The plot needs matplotlib; profiles use pyinstrument / py-spy (see docs/performance.md).
+# The plots need matplotlib; profiles use pyinstrument / py-spy (see docs/performance.md).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
-exec .venv/bin/python benchmarks/run.py "$@"
+case "${1:-}" in
+    library) shift; exec .venv/bin/python benchmarks/run.py "$@" ;;
+    e2e) shift; exec .venv/bin/python benchmarks/e2e.py "$@" ;;
+esac
+.venv/bin/python benchmarks/run.py "$@"
+quick=()
+for argument in "$@"; do
+    if [[ $argument == --quick ]]; then quick=(--quick); fi
+done
+exec .venv/bin/python benchmarks/e2e.py "${quick[@]}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +63,114 @@ def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
         assert figures[name]["baseline"] is not None, name
     assert "targets" in results
     assert "figure" in completed.stdout  # the table was printed
+
+
+E2E_METRICS = {"upload", "download", "rtt_median", "rtt_p99", "setup"}
+TUNNEL_CPU = {"cpu_upload", "cpu_download"}
+
+
+def test_quick_e2e_benchmark_produces_every_figure(tmp_path: Path) -> None:
+    """The command-line benchmark: raw TCP, pht and phts, every figure, the backends."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--no-plot",
+         "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "e2e.json").read_text())
+    assert list(results["backends"]) == ["installed"]
+    group = results["backends"]["installed"]
+    assert group["versions"]["base64"] in {"pybase64", "binascii"}
+    assert group["versions"]["ssl"].startswith("OpenSSL")
+    figures = group["figures"]
+    assert set(figures) == E2E_METRICS | TUNNEL_CPU
+    runs = results["settings"]["runs"]
+    for metric in E2E_METRICS:
+        for kind in ("raw", "pht", "phts"):
+            assert len(figures[metric][kind]["runs"]) == runs, (metric, kind)
+    for metric in E2E_METRICS | TUNNEL_CPU:
+        for kind in ("pht", "phts"):
+            stats = figures[metric][kind]
+            assert stats["median"] > 0, (metric, kind)
+            if metric in E2E_METRICS:
+                assert stats["ratio_to_raw"] is not None, (metric, kind)
+    assert "raw" not in figures["cpu_upload"]  # no tunnel processes on the raw path
+    assert len(results["load_average"]["end"]) == 3
+    assert "/GOST" in completed.stdout  # the table was printed
+
+
+def test_quick_e2e_benchmark_with_a_gost_binary(tmp_path: Path) -> None:
+    """``--gost PATH`` adds GOST's pairs and the mixed ones, and compares with them.
+
+    No GOST build here: ``pht`` stands in, since it takes GOST's command line.
+    """
+    stand_in = tmp_path / "gost"
+    stand_in.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom pht.cli import main\nsys.exit(main())\n"
+    )
+    stand_in.chmod(0o755)
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--no-plot",
+         "--gost", str(stand_in), "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "e2e.json").read_text())
+    kinds = ["raw", "pht", "phts", "gost", "gosts", "pht-to-gost", "gost-to-pht"]
+    assert results["kinds"] == kinds
+    assert results["pairs"]["pht-to-gost"] == {"client": "pht", "server": "gost", "scheme": "pht"}
+    assert results["gost_version"]
+    figures = results["backends"]["installed"]["figures"]
+    for metric in E2E_METRICS | TUNNEL_CPU:
+        for kind in kinds[1:]:
+            assert figures[metric][kind]["median"] > 0, (metric, kind)
+    upload = figures["upload"]
+    assert upload["phts"]["gost_source"] == "measured in this run"
+    assert upload["phts"]["gost"] == upload["gosts"]["median"]
+    assert upload["pht-to-gost"]["gost"] == upload["gost"]["median"]
+    assert upload["gost"]["gost_source"] == "reference"  # GOST itself: against the reference
+
+
+def test_e2e_profile_summary_adds_up_samples() -> None:
+    """py-spy's collapsed stacks become own and inclusive shares per function."""
+    e2e = _load_e2e()
+    collapsed = (
+        "main (pht/cli/__init__.py:21);run (trio/_core/_run.py:2535);"
+        "_push (pht/_trio_server.py:10);"
+        "send (trio/_socket.py:5) 6\n"
+        "main (pht:6);_push (pht/_trio_server.py:12);_push (pht/_trio_server.py:14) 2\n"
+        "main (pht:6);get_events (/x/site-packages/trio/_core/_io_epoll.py:243) 2\n"
+        "not a sample line\n"
+    )
+    summary = e2e.top_functions(collapsed)
+    assert summary["busy_samples"] == 10
+    own = {item["function"]: item["share"] for item in summary["top"]}
+    assert own == {
+        "send (trio/_socket.py)": 0.6,
+        "_push (pht/_trio_server.py)": 0.2,
+        "get_events (trio/_core/_io_epoll.py)": 0.2,
+    }
+    inclusive = {item["function"]: item["share"] for item in summary["pht_inclusive"]}
+    assert inclusive == {"_push (pht/_trio_server.py)": 0.8}  # recursion counted once
+    assert summary["areas"] == {
+        "socket and TLS calls": 0.6,
+        "pht": 0.2,
+        "trio scheduler and epoll": 0.2,
+    }
+
+
+def _load_e2e() -> Any:
+    name = "pht_benchmarks_e2e"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "e2e.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
