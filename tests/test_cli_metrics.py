@@ -76,5 +76,5 @@ def test_metrics_without_prometheus_client_name_the_extra(
     config = build_config(["socks5://127.0.0.1:0"], [], None, "127.0.0.1:0")
     assert config.metrics is not None
     prepare(config)
-    with pytest.raises(ConfigError, match=r"pip install 'pht\[metrics\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'pht-tunnel\[metrics\]'"):
         MetricsServer(config.metrics, Stats())

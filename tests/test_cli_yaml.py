@@ -405,7 +405,7 @@ def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     (service,) = load_config(str(path)).services
     assert service.handler == "relay"
     path.write_text("services:\n- addr: ':8443'\n")
-    with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht\[cli\]'"):
+    with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht-tunnel\[cli\]'"):
         load_config(str(path))
 
 
