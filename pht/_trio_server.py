@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import math
 import operator
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,12 @@ log = logging.getLogger("pht.server")
 
 Handler = Callable[[PHTStream], Awaitable[object]]
 
+#: Sessions one client address may hold (issue 9: one party must not take all).
+DEFAULT_MAX_SESSIONS_PER_ADDRESS = 256
+#: Tokens issued by ``/authorize`` and not used yet, per client address.
+DEFAULT_MAX_PENDING_PER_ADDRESS = 16
+#: Open connections per client address (a tunnel uses two).
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
 #: Bytes a handler may queue for the client before ``send_all`` waits.
 DEFAULT_MAX_BUFFERED = 1024 * 1024
 #: Raw bytes written per pull write.
@@ -60,6 +68,7 @@ class _ServerStream(PHTStream):
         waiting_pushes: set[_ServerStream],
     ) -> None:
         self.token = token
+        self.started = False  # whether the handler runs (see _Server.start_handler)
         self._waiting_pushes = waiting_pushes
         self.pull_writer: _PullWriter | None = None
         self.pull_parked = False
@@ -296,6 +305,9 @@ class _Server:
         request_timeout: float,
         keepalive_timeout: float,
         ssl_context: ssl.SSLContext | None,
+        pull_write_timeout: float = 60.0,
+        trusted_proxies: tuple[_Network, ...] = (),
+        max_connections_per_address: int | None = None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
@@ -313,27 +325,70 @@ class _Server:
         self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.pull_write_timeout = pull_write_timeout
+        self.trusted_proxies = trusted_proxies
+        self.max_connections_per_address = max_connections_per_address
+        self.connections_per_address: dict[str, int] = {}
+        self.pull_writers: set[_PullWriter] = set()
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
 
     # -- sessions -----------------------------------------------------------------
 
-    def session_for(self, token: str, peer: str | None) -> _ServerStream | int:
+    def client_of(self, peer: str | None, conn: ServerConnection) -> tuple[str | None, str | None]:
+        """``(owner, remote_address)`` of the current request of ``conn``.
+
+        The owner (what admission budgets count against) is the client's
+        host; behind a trusted proxy, the address the proxy reports.
+        """
+        host = _host_of(peer)
+        forwarded = conn.forwarded_for
+        if forwarded is None or host is None or not _trusted(host, self.trusted_proxies):
+            return host, peer
+        real = _client_from_forwarded(forwarded, self.trusted_proxies)
+        return (real, real) if real is not None else (host, peer)
+
+    def session_for(
+        self, token: str, peer: str | None, conn: ServerConnection
+    ) -> _ServerStream | int:
         """The session a push or pull for ``token`` goes to, or the status to answer."""
         now = trio.current_time()
         if self.draining:
             existing = self.registry.get(token)
             if existing is None or existing.payload is None:
                 return 503  # shutting down: no new sessions
-        record = self.registry.lookup(token, now)
+        owner, remote_address = self.client_of(peer, conn)
+        record = self.registry.lookup(token, now, owner)
         if isinstance(record, LookupResult):
+            if record is LookupResult.OVER_BUDGET:
+                log.debug("refused a new session for %s: over its budget", owner)
             return record.status_code
         if record.payload is None:
-            stream = _ServerStream(record.token, peer, self.max_buffered, self.waiting_pushes)
-            record.payload = stream
-            self.nursery.start_soon(self._run_handler, record, stream)
+            record.payload = _ServerStream(
+                record.token, remote_address, self.max_buffered, self.waiting_pushes
+            )
         return record.payload
+
+    def start_handler(self, stream: _ServerStream, *, pulled: bool) -> None:
+        """Run the handler of ``stream``'s session: it carried a byte or has a pull.
+
+        Not before: a refused request, an empty push, a close, or an
+        authorize never starts a handler (a forward handler would dial its
+        target for each). Not later either: a protocol where the server
+        speaks first (SMTP, an SSH banner) needs the handler running while
+        the client only pulls, and GOST's modern client may push its first
+        bytes before its pull arrives. Only a pull is a sign of life that
+        keeps a session past ``lazy_timeout``: a GOST client always pulls.
+        """
+        record = self.registry.get(stream.token)
+        if record is None or record.payload is not stream:
+            return
+        if pulled and not record.alive:
+            self.registry.mark_alive(record, trio.current_time())
+        if not stream.started:
+            stream.started = True
+            self.nursery.start_soon(self._run_handler, record, stream)
 
     async def _run_handler(
         self, record: SessionRecord[_ServerStream], stream: _ServerStream
@@ -377,18 +432,28 @@ class _Server:
         take longer than ``request_timeout`` to send a request, or idle longer
         than ``keepalive_timeout`` between requests, are closed.
         """
-        interval = min(self.push_timeout / 8, self.request_timeout / 8, 1.0)
+        interval = min(
+            self.push_timeout / 8, self.request_timeout / 8, self.pull_write_timeout / 8, 1.0
+        )
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for stream in list(self.waiting_pushes):
                 stream.expire_push(now)
+            for writer in self.pull_writers:
+                if now - writer.since >= self.pull_write_timeout:
+                    writer.timed_out = True
+                    writer.scope.cancel()
             for connection in self.connections:
                 if now >= connection.deadline:
                     connection.scope.cancel()
 
     async def reap(self) -> None:
-        interval = max(1.0, min(self.registry.issued_timeout, self.heartbeat_interval))
+        registry = self.registry
+        interval = max(
+            1.0,
+            min(registry.issued_timeout, self.heartbeat_interval, registry.lazy_timeout / 2),
+        )
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
@@ -405,6 +470,27 @@ class _Server:
 
     async def handle_connection(self, transport: trio.abc.Stream) -> None:
         peer = _peer_of(transport)
+        host = _host_of(peer)
+        budget = self.max_connections_per_address
+        if host is not None and budget is not None and not _trusted(host, self.trusted_proxies):
+            count = self.connections_per_address.get(host, 0)
+            if count >= budget:
+                log.debug("refused a connection from %s: over its budget", peer)
+                await trio.aclose_forcefully(transport)
+                return
+            self.connections_per_address[host] = count + 1
+            try:
+                await self._handle_connection(transport, peer)
+            finally:
+                count = self.connections_per_address[host] - 1
+                if count:
+                    self.connections_per_address[host] = count
+                else:
+                    del self.connections_per_address[host]
+        else:
+            await self._handle_connection(transport, peer)
+
+    async def _handle_connection(self, transport: trio.abc.Stream, peer: str | None) -> None:
         conn = ServerConnection(
             self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
         )
@@ -444,6 +530,8 @@ class _Server:
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
                     return
+                if conn.expects_continue:
+                    await transport.send_all(conn.send_continue())
                 data = await transport.receive_some(RECEIVE_SIZE)
                 conn.receive_data(data)
                 if not data:
@@ -464,7 +552,8 @@ class _Server:
                 self.close_token(event.token)
                 await transport.send_all(conn.send_push_ack())
             elif isinstance(event, AuthorizeRequest):
-                token = None if self.draining else self.registry.issue(trio.current_time())
+                owner = self.client_of(peer, conn)[0]
+                token = None if self.draining else self.registry.issue(trio.current_time(), owner)
                 if token is not None:
                     answer = conn.send_token(token)
                 else:
@@ -493,10 +582,12 @@ class _Server:
         event: PushRequest,
         peer: str | None,
     ) -> None:
-        stream = self.session_for(event.token, peer)
+        stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(stream))
             return
+        if event.data and not stream.started:
+            self.start_handler(stream, pulled=False)
         if await stream.deposit(event.data, self.push_timeout):
             await transport.send_all(conn.send_push_ack())
         else:
@@ -511,35 +602,44 @@ class _Server:
         event: PullRequest,
         peer: str | None,
     ) -> None:
-        stream = self.session_for(event.token, peer)
+        stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(stream))
             return
         previous = self.pulls.get(stream.token)
         if previous is not None:
             previous.cancel()  # a newer long poll replaces a stale one
-        await transport.send_all(conn.start_pull())
         hung_up = trio.Event()
         async with trio.open_nursery() as nursery:
-            self.pulls[stream.token] = nursery.cancel_scope
-            nursery.start_soon(
-                self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
-            )
             beat = _HeartbeatTimer(stream, self.heartbeat_interval)
-            nursery.start_soon(beat.run)
-            writer = _PullWriter(transport, conn, beat)
-            stream.pull_writer = writer
+            writer = _PullWriter(transport, conn, beat, nursery.cancel_scope)
+            self.pulls[stream.token] = nursery.cancel_scope
+            self.pull_writers.add(writer)
             try:
+                await writer.send(conn.start_pull())
+                self.start_handler(stream, pulled=True)
+                nursery.start_soon(
+                    self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
+                )
+                nursery.start_soon(beat.run)
+                stream.pull_writer = writer
                 await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 hung_up.set()  # the write failed: the client is gone
             finally:
+                self.pull_writers.discard(writer)
                 if stream.pull_writer is writer:
                     stream.pull_writer = None
                 replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
                 if not replaced:
                     del self.pulls[stream.token]
                 nursery.cancel_scope.cancel()
+        if writer.timed_out:
+            # The client stopped reading: what the pull holds cannot be
+            # delivered, and nothing else frees it (see pull_write_timeout).
+            log.info("session %s: pull write timed out", _short(stream.token))
+            self.end_session(stream)
+            raise trio.BrokenResourceError("pull write timed out")
         if hung_up.is_set() and not replaced:
             # The client went away mid-pull and no newer pull took over: the
             # session cannot deliver anything any more (PROTOCOL.md defect 6).
@@ -549,7 +649,7 @@ class _Server:
     async def _feed_pull(self, stream: _ServerStream, writer: _PullWriter) -> None:
         """Write the session's bytes, heartbeats and finally the end of the pull."""
         registry = self.registry
-        transport, conn, beat = writer.transport, writer.conn, writer.beat
+        conn, beat = writer.conn, writer.beat
         while True:
             if writer.error is not None:
                 raise trio.BrokenResourceError("pull write failed") from writer.error
@@ -563,11 +663,11 @@ class _Server:
                     registry.touch(record, beat.last_write)
                 continue
             if stream.finished.is_set():
-                await transport.send_all(conn.end_pull())
+                await writer.send(conn.end_pull())
                 return
             if beat.due:
                 beat.due = False
-                await transport.send_all(conn.send_heartbeat())
+                await writer.send(conn.send_heartbeat())
                 continue
             stream.pull_parked = True
             try:
@@ -623,16 +723,31 @@ class _PullWriter:
     ``error`` for the pull task, which then ends the pull.
     """
 
-    __slots__ = ("beat", "busy", "conn", "error", "transport")
+    __slots__ = ("beat", "busy", "conn", "error", "scope", "since", "timed_out", "transport")
 
     def __init__(
-        self, transport: trio.abc.Stream, conn: ServerConnection, beat: _HeartbeatTimer
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        beat: _HeartbeatTimer,
+        scope: trio.CancelScope,
     ) -> None:
         self.transport = transport
         self.conn = conn
         self.beat = beat
+        self.scope = scope  # the pull's: cancelled when a write takes too long
+        self.since = math.inf  # when the write in progress began
+        self.timed_out = False
         self.busy = False
         self.error: BaseException | None = None
+
+    async def send(self, data: bytes) -> None:
+        """Write response bytes, under the server's pull write timeout."""
+        self.since = trio.current_time()
+        try:
+            await self.transport.send_all(data)
+        finally:
+            self.since = math.inf
 
     @property
     def available(self) -> bool:
@@ -642,7 +757,7 @@ class _PullWriter:
         """Write tunnel bytes; failures are recorded, not raised (except Cancelled)."""
         self.busy = True
         try:
-            await self.transport.send_all(self.conn.send_pull_data(data))
+            await self.send(self.conn.send_pull_data(data))
             self.beat.last_write = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.error = exc
@@ -700,6 +815,114 @@ def _peer_of(transport: trio.abc.Stream) -> str | None:
     return None
 
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _host_of(peer: str | None) -> str | None:
+    """The host part of ``host:port`` or ``[host]:port``."""
+    if peer is None:
+        return None
+    host = peer.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _parse_networks(
+    trusted: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> tuple[_Network, ...]:
+    if isinstance(trusted, str):
+        raise TypeError("trusted_proxies must be a list of addresses or networks, not a str")
+    networks = []
+    for entry in trusted:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+    return tuple(networks)
+
+
+def _trusted(host: str, networks: tuple[_Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def _client_from_forwarded(value: bytes, trusted: tuple[_Network, ...]) -> str | None:
+    """The client address in an ``X-Forwarded-For`` (or ``X-Real-IP``) value.
+
+    The rightmost entry that is not a trusted proxy: entries left of it
+    were written by the client itself and prove nothing.
+    """
+    entries = value.decode("latin-1").split(",")
+    for entry in reversed(entries):
+        entry = entry.strip()
+        if entry.startswith("[") and "]" in entry:  # [v6]:port
+            entry = entry[1 : entry.index("]")]
+        elif entry.count(":") == 1:  # v4:port
+            entry = entry.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(entry)
+        except ValueError:
+            return None  # garbage: fall back to the proxy's own address
+        if not any(address in network for network in trusted):
+            return str(address)
+    return None
+
+
+#: accept() errors that mean "out of resources", not "listener broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    code
+    for code in (
+        getattr(errno, "EMFILE", None),
+        getattr(errno, "ENFILE", None),
+        getattr(errno, "ENOMEM", None),
+        getattr(errno, "ENOBUFS", None),
+    )
+    if code is not None
+)
+#: Seconds between two "out of file descriptors" warnings.
+_ACCEPT_WARNING_INTERVAL = 10.0
+#: Seconds accept() waits after running out of file descriptors.
+_ACCEPT_BACKOFF = 0.1
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[Any],
+    handle: Callable[[Any], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Accept connections until cancelled.
+
+    At the file descriptor limit (and other resource errors) accept backs
+    off briefly and logs one warning per interval with the count since the
+    last one, instead of an error with a traceback per attempt.
+    """
+    failures = 0
+    warned_at = -math.inf
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            failures += 1
+            now = trio.current_time()
+            if now - warned_at >= _ACCEPT_WARNING_INTERVAL:
+                log.warning(
+                    "cannot accept connections: %s (%d times since the last warning);"
+                    " raise the file descriptor limit (ulimit -n) or lower max_sessions",
+                    exc.strerror or exc,
+                    failures,
+                )
+                warned_at, failures = now, 0
+            await trio.sleep(_ACCEPT_BACKOFF)
+            continue
+        nursery.start_soon(handle, stream)
+
+
 def _short(token: str) -> str:
     return token[:8] + "…" if len(token) > 10 else token
 
@@ -714,12 +937,19 @@ async def serve_pht(
     push_path: str = "/push",
     pull_path: str = "/pull",
     backlog: int = 128,
+    listen_backlog: int | None = None,
     heartbeat_interval: float = 10.0,
     strict: bool = False,
     max_sessions: int = 10_000,
+    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
+    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    trusted_proxies: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     idle_timeout: float | None = 600.0,
     issued_timeout: float = 60.0,
+    lazy_timeout: float = 10.0,
     push_timeout: float = 30.0,
+    pull_write_timeout: float = 60.0,
     request_timeout: float = 60.0,
     keepalive_timeout: float = 120.0,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
@@ -745,7 +975,9 @@ async def serve_pht(
     Tokens issued by ``authorize_path`` and tokens that modern GOST clients
     make themselves are both accepted (``strict=True`` accepts only issued
     ones). ``backlog`` bounds tokens issued but not used yet (``429``
-    beyond), ``max_sessions`` the session table. Pulls stay open and carry a
+    beyond), ``max_sessions`` the session table; ``listen_backlog`` is the
+    kernel's queue of connections not accepted yet (``None``: the OS
+    maximum). Pulls stay open and carry a
     heartbeat line every ``heartbeat_interval`` seconds. A push is
     acknowledged once the handler took its bytes; if it does not within
     ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
@@ -753,7 +985,20 @@ async def serve_pht(
     ``issued_timeout``) are closed. A connection must deliver each request
     within ``request_timeout`` seconds of its first byte (slow-header
     clients are cut) and is closed after ``keepalive_timeout`` idle seconds
-    between requests.
+    between requests. A pull write that takes longer than
+    ``pull_write_timeout`` (the client stopped reading) ends its session.
+
+    Admission: one client address holds at most ``max_sessions_per_address``
+    sessions, ``max_pending_per_address`` issued-but-unused tokens and
+    ``max_connections_per_address`` connections (``None``: no budget), so
+    that one anonymous party cannot lock others out. Sessions a client made
+    by pushing or pulling a token of its own are closed after
+    ``lazy_timeout`` seconds unless a pull attaches to them; a session's
+    handler starts only once a pull is attached. Behind a reverse proxy,
+    list it in ``trusted_proxies`` (addresses or networks): the client's
+    address is then taken from ``X-Forwarded-For`` / ``X-Real-IP`` of its
+    requests, for the budgets, the logs and the stream's ``remote_address``.
+    See ``docs/security.md``.
 
     Without ``shutdown`` it serves until cancelled. When the ``shutdown``
     event is set, it shuts down gracefully: it stops accepting connections,
@@ -765,6 +1010,8 @@ async def serve_pht(
         raise ValueError("heartbeat_interval must be a positive number of seconds")
     for name, value in (
         ("push_timeout", push_timeout),
+        ("pull_write_timeout", pull_write_timeout),
+        ("lazy_timeout", lazy_timeout),
         ("request_timeout", request_timeout),
         ("keepalive_timeout", keepalive_timeout),
     ):
@@ -779,8 +1026,14 @@ async def serve_pht(
         backlog=backlog,
         idle_timeout=idle_timeout,
         issued_timeout=issued_timeout,
+        lazy_timeout=lazy_timeout,
+        max_sessions_per_owner=max_sessions_per_address,
+        max_issued_per_owner=max_pending_per_address,
         token_source=token_source,
     )
+    if max_connections_per_address is not None and max_connections_per_address < 1:
+        raise ValueError("max_connections_per_address must be at least 1 (or None)")
+    networks = _parse_networks(trusted_proxies)
     ssl_context: ssl.SSLContext | None
     if tls is True:
         ssl_context = make_self_signed_certificate().server_context()
@@ -794,10 +1047,10 @@ async def serve_pht(
         raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
     listeners: list[Any]
     if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=listen_backlog)
     else:
         listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True, backlog=backlog
+            port, ssl_context, host=host, https_compatible=True, backlog=listen_backlog
         )
     async with trio.open_nursery() as nursery:
         server = _Server(
@@ -813,23 +1066,31 @@ async def serve_pht(
             request_timeout=request_timeout,
             keepalive_timeout=keepalive_timeout,
             ssl_context=ssl_context,
+            pull_write_timeout=pull_write_timeout,
+            trusted_proxies=networks,
+            max_connections_per_address=max_connections_per_address,
         )
         nursery.start_soon(server.reap)
         nursery.start_soon(server.watchdog)
         accepting = trio.CancelScope()
 
-        async def accept(task_status: trio.TaskStatus[object]) -> None:
-            with accepting:
-                await trio.serve_listeners(
-                    server.handle_connection,
-                    # TLS listeners are reported (as trio.serve_ssl_over_tcp
-                    # does), but the TLS layer is pht's own: see _tls_stream.
-                    [getattr(listener, "transport_listener", listener) for listener in listeners],
-                    handler_nursery=nursery,
-                    task_status=task_status,
-                )
+        # TLS listeners are reported (as trio.serve_ssl_over_tcp does), but
+        # the TLS layer is pht's own: see _tls_stream.
+        sockets = [getattr(listener, "transport_listener", listener) for listener in listeners]
 
-        await nursery.start(accept)
+        async def accept() -> None:
+            with accepting:
+                try:
+                    async with trio.open_nursery() as accepters:
+                        for listener in sockets:
+                            accepters.start_soon(
+                                _accept_loop, listener, server.handle_connection, nursery
+                            )
+                finally:
+                    for listener in sockets:
+                        await trio.aclose_forcefully(listener)
+
+        nursery.start_soon(accept)
         task_status.started(listeners)
         if shutdown is None:
             await trio.sleep_forever()

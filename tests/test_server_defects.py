@@ -1,0 +1,239 @@
+"""Server defects found by load and fuzz runs (issue 9), each pinned by a test.
+
+Sans-IO checks for what the core decides; real loopback sockets where a
+client would meet the behaviour.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import pht
+from pht._trio_server import _accept_loop
+
+from .test_hardening_support import (
+    GUARD,
+    RawClient,
+    exchange,
+    pull_request,
+    push_request,
+    start_server,
+)
+
+AUTHORIZE = b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n"
+HELLO = b"aGVsbG8=\n"  # base64("hello") and its newline
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+# --- CONNECT and HEAD on the authorize path -----------------------------------------
+
+
+def test_connect_is_refused_with_405_and_the_connection_stays_usable() -> None:
+    conn = pht.ServerConnection()
+    conn.receive_data(b"CONNECT /authorize HTTP/1.1\r\nHost: x\r\n\r\n")
+    event = conn.next_event()
+    assert isinstance(event, pht.BadRequest)
+    assert event.status_code == 405
+    answer = conn.send_status(405)
+    assert answer.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nAllow: GET, HEAD, POST\r\n" in answer
+    conn.receive_data(AUTHORIZE)
+    assert isinstance(conn.next_event(), pht.AuthorizeRequest)
+    assert conn.send_token("t0ken").endswith(b"\r\n\r\ntoken=t0ken")
+
+
+def test_head_authorize_gets_headers_only() -> None:
+    conn = pht.ServerConnection()
+    conn.receive_data(b"HEAD /authorize HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(conn.next_event(), pht.AuthorizeRequest)
+    answer = conn.send_token("t0ken")
+    assert answer.endswith(b"\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n")
+    assert b"\r\nContent-Length: 11\r\n" in answer
+    assert conn.state is pht.ServerConnectionState.IDLE
+
+
+async def test_connect_authorize_issues_no_token(nursery: trio.Nursery) -> None:
+    port = await start_server(nursery, backlog=1)
+    with trio.fail_after(GUARD):
+        answer, _ = await exchange(port, b"CONNECT /authorize HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.status == 405
+        # Had the CONNECT taken the only backlog slot, this would be 429.
+        answer, _ = await exchange(port, AUTHORIZE)
+        assert answer.status == 200
+        assert answer.body.startswith(b"token=")
+
+
+# --- the no-resurrection table --------------------------------------------------------
+
+
+def test_junk_closes_do_not_evict_closed_sessions() -> None:
+    registry: pht.SessionRegistry[object] = pht.SessionRegistry(max_sessions=10)
+    assert isinstance(registry.lookup("a-real-session-token", 0), pht.SessionRecord)
+    registry.close("a-real-session-token", 1)
+    for number in range(20_000):  # close notifications for tokens never seen
+        registry.close(f"junk-{number}", 2)
+    assert registry.lookup("a-real-session-token", 3) is pht.LookupResult.CLOSED
+    # The junk is remembered too, within its own bound.
+    assert registry.lookup("junk-19999", 3) is pht.LookupResult.CLOSED
+
+
+# --- request framing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_content_length_with_chunked_closes_after_the_answer(fast: bool) -> None:
+    conn = pht.ServerConnection(_fast_path=fast)
+    smuggled = b"GET /pull?token=victim HTTP/1.1\r\nHost: x\r\n\r\n"
+    conn.receive_data(
+        b"POST /push?token=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nQUJD\n\r\n0\r\n\r\n" + smuggled
+    )
+    event = conn.next_event()
+    assert event == pht.PushRequest(token="abc", data=b"ABC")
+    answer = conn.send_push_ack()
+    assert b"\r\nConnection: close\r\n" in answer
+    assert conn.state is pht.ServerConnectionState.CLOSED
+    assert conn.next_event() is pht.NEED_DATA  # the smuggled pull is never served
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /push?token=abc HTTP/1.1\nHost: x\nContent-Length: 5\n\n",
+        b"POST /push?token=abc HTTP/1.1\r\nHost: x\nContent-Length: 5\r\n\r\n",
+        b"GET /pull?token=abc HTTP/1.1\r\nHost: x\r\n\n",
+    ],
+)
+def test_bare_lf_in_a_request_head_is_400(fast: bool, head: bytes) -> None:
+    conn = pht.ServerConnection(_fast_path=fast)
+    conn.receive_data(head + b"QUJD\n")
+    with pytest.raises(pht.RemoteProtocolError) as info:
+        conn.next_event()
+    assert info.value.status_hint == 400
+    assert b"Connection: close" in conn.send_status(400)
+    assert conn.state is pht.ServerConnectionState.CLOSED
+
+
+def test_bare_lf_is_refused_in_a_pipelined_request_too() -> None:
+    conn = pht.ServerConnection()
+    conn.receive_data(
+        b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /push?token=abc HTTP/1.1\nHost: x\nContent-Length: 5\n\nQUJD\n"
+    )
+    assert isinstance(conn.next_event(), pht.AuthorizeRequest)
+    conn.send_token("t0ken")
+    with pytest.raises(pht.RemoteProtocolError):
+        conn.next_event()
+
+
+async def test_expect_100_continue_is_answered(nursery: trio.Nursery) -> None:
+    port = await start_server(nursery)
+    with trio.fail_after(GUARD):
+        client = await RawClient.connect(port)
+        await client.send(
+            b"POST /push?token=expecting-token-000001 HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 9\r\nExpect: 100-continue\r\n\r\n"
+        )
+        interim = await client.head()  # sent before the body, as RFC 9110 asks
+        assert interim.status == 100
+        await client.send(HELLO)
+        answer = await client.response()
+        assert answer.status == 200
+        await client.aclose()
+
+
+# --- a pull that stops reading ----------------------------------------------------------
+
+
+async def test_pull_that_stops_reading_ends_its_session(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    outcome: list[str] = []
+
+    async def flood(stream: pht.PHTStream) -> None:
+        try:
+            while True:
+                await stream.send_all(b"x" * 65536)
+        except trio.BrokenResourceError:
+            outcome.append("broken")
+
+    port = await start_server(nursery, flood, pull_write_timeout=60.0, idle_timeout=None)
+    token = "stalled-reader-token-0001"
+    client = await RawClient.connect(port)
+    await client.send(pull_request(token))
+    assert (await client.head()).status == 200
+    # The client reads nothing more: kernel buffers fill, the pull write blocks.
+    with trio.fail_after(3600):  # mock time
+        while not outcome:
+            await trio.sleep(1)
+    assert outcome == ["broken"]
+    answer, _ = await exchange(port, push_request(token, HELLO))
+    assert answer.status == 403  # the session is over, not resurrected
+    await client.aclose()
+
+
+# --- listening and accepting -------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize(("options", "at_least"), [({}, 129), ({"listen_backlog": 300}, 300)])
+async def test_listen_queue_is_not_the_session_backlog(
+    nursery: trio.Nursery, options: dict[str, Any], at_least: int
+) -> None:
+    port = await start_server(nursery, backlog=128, **options)
+    shown = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    queue = int(shown[2])  # Send-Q of a listening socket: its accept queue length
+    if "listen_backlog" in options:
+        assert queue == at_least
+    else:
+        assert queue >= at_least
+
+
+class _ExhaustedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose process is out of file descriptors."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def accept(self) -> trio.abc.Stream:
+        self.attempts += 1
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_fd_exhaustion_logs_one_warning_per_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    listener = _ExhaustedListener()
+
+    async def never(stream: trio.abc.Stream) -> None:
+        raise AssertionError("nothing is accepted")
+
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(25):  # mock time
+            await _accept_loop(listener, never, nursery)
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 3  # at 0 s, 10 s and 20 s
+    assert all(record.exc_info is None for record in caplog.records)
+    assert "Too many open files" in warnings[0].getMessage()
+    assert "ulimit" in warnings[0].getMessage()
+    assert 100 <= listener.attempts <= 300  # backed off, not spinning
