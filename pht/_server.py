@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import h11
 
-from ._codec import LineBuffer, decode_line, encode_chunk, encode_lines
+from ._codec import LineDecoder, encode_chunk, encode_lines
 from ._common import DEFAULT_PATHS, Paths
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -32,6 +32,7 @@ from ._events import (
     CloseRequest,
     NeedData,
     PullRequest,
+    PushData,
     PushRequest,
     RequestKind,
     ServerConnectionState,
@@ -53,6 +54,10 @@ __all__ = [
 DEFAULT_MAX_PUSH_LINE = 8 * 1024 * 1024
 #: Longest request head (request line and headers) the server reads.
 DEFAULT_MAX_HEADER_SIZE = 16 * 1024
+#: Base64 characters of a push line decoded at a time (48 KiB of data): a
+#: longer line reaches the session as :class:`PushData` events, so no
+#: connection holds more than about this much of it.
+PUSH_PIECE = 64 * 1024
 #: Raw bytes per pull line, as GOST's 32 KiB ``readBufferSize``.
 PULL_LINE_DATA = 32 * 1024
 
@@ -120,6 +125,7 @@ class ServerConnection:
         max_push_line: int = DEFAULT_MAX_PUSH_LINE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         _fast_path: bool = True,
+        _push_piece: int = PUSH_PIECE,
     ) -> None:
         self.paths = paths
         self.max_push_line = max_push_line
@@ -133,6 +139,7 @@ class ServerConnection:
         }
         # Fast path state. While ``_fast`` is set, h11 sits between requests
         # with an empty buffer and every unread byte is in ``_buffer``.
+        self._push_piece = _push_piece
         self._fast_enabled = _fast_path
         self._fast = True
         self._buffer = bytearray()
@@ -159,8 +166,8 @@ class ServerConnection:
         self._refusal: BadRequest | None = None
         self._token = ""
         self._is_form = False
-        self._lines: LineBuffer | None = None
-        self._first_line: bytes | None = None
+        self._decoder: LineDecoder | None = None  # a push's line
+        self._line_done = False  # its newline arrived (or it grew too long)
         self._body_size = 0
 
     @property
@@ -200,8 +207,8 @@ class ServerConnection:
         size = len(data)
         self._body_left -= size
         self._body_pending += size
-        if self._first_line is None and self._lines is not None:
-            self._lines.feed(data)
+        if self._decoder is not None:
+            self._decoder.feed(data)
 
     def next_event(self) -> ServerEvent | NeedData:
         """Return the next complete request, or :data:`NEED_DATA`.
@@ -215,7 +222,11 @@ class ServerConnection:
         if self._fast:
             fast = self._fast_next_event()
             if fast is not None:
-                if fast is not NEED_DATA and self._state is ServerConnectionState.IDLE:
+                if (
+                    fast is not NEED_DATA
+                    and type(fast) is not PushData
+                    and self._state is ServerConnectionState.IDLE
+                ):
                     self._state = ServerConnectionState.RESPONDING
                 return fast
             self._hand_over_to_h11()
@@ -234,7 +245,7 @@ class ServerConnection:
                 return NEED_DATA
             result = self._handle(event)
             if result is not None:
-                if self._state is ServerConnectionState.IDLE:
+                if type(result) is not PushData and self._state is ServerConnectionState.IDLE:
                     self._state = ServerConnectionState.RESPONDING
                 return result
             if isinstance(event, h11.ConnectionClosed):  # h11 would say so forever
@@ -329,6 +340,8 @@ class ServerConnection:
         if pending:
             self._body_pending = 0
             result = self._body_received(pending)
+            if type(result) is PushData:
+                return result  # the body goes on
             if result is not None:
                 self._in_body = False
                 self._body_left = 0
@@ -386,8 +399,8 @@ class ServerConnection:
                 self._must_close = True  # refused before reading the body
                 return self._refusal
         elif isinstance(event, h11.Data):
-            if self._lines is not None and self._first_line is None:
-                self._lines.feed(event.data)
+            if self._decoder is not None:
+                self._decoder.feed(event.data)
             return self._body_received(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return self._end_request()
@@ -395,14 +408,22 @@ class ServerConnection:
             self._state = ServerConnectionState.CLOSED
         return None
 
-    def _body_received(self, size: int) -> ServerEvent | None:
-        """Account for ``size`` more body bytes (already fed to the line buffer)."""
+    def _body_received(self, size: int) -> ServerEvent | PushData | None:
+        """Account for ``size`` more body bytes (already fed to the line decoder)."""
         self._body_size += size
-        if self._lines is not None and self._first_line is None:
-            try:
-                self._first_line = next(self._lines.lines(), None)
-            except RemoteProtocolError:
+        decoder = self._decoder
+        if decoder is not None and not self._line_done:
+            if decoder.too_long:
                 return self._refuse_now(413, "push line too long")
+            if decoder.complete:
+                self._line_done = True
+                return None
+            try:
+                data = decoder.take_pieces()
+            except RemoteProtocolError as exc:
+                return self._refuse_now(400, str(exc))
+            if data:
+                return PushData(token=self._token, data=data)
         elif self._body_size > self.max_push_line:
             return self._refuse_now(413, "request body too large")
         return None
@@ -462,7 +483,8 @@ class ServerConnection:
                 return
             content_type = content_type or b""
             self._is_form = content_type.split(b";")[0].strip().lower() in _FORM_TYPES
-            self._lines = LineBuffer(self.max_push_line)
+            if not self._is_form:
+                self._decoder = LineDecoder(self.max_push_line, self._push_piece)
 
     def _refuse_now(self, status: int, reason: str) -> BadRequest:
         """Refuse before the body has been read: the connection closes afterwards."""
@@ -482,12 +504,12 @@ class ServerConnection:
         # A push. GOST reads the body's first line and ignores the rest.
         if self._is_form:
             return CloseRequest(token=token, reason="form-encoded body")
-        line = self._first_line
-        if line is None:
+        decoder = self._decoder
+        if decoder is None or not decoder.complete:
             reason = "empty push" if self._body_size == 0 else "push without newline"
             return CloseRequest(token=token, reason=reason)
         try:
-            data = decode_line(line)
+            data = decoder.take_rest()
         except RemoteProtocolError as exc:
             return BadRequest(status_code=400, reason=str(exc), token=token or None)
         return PushRequest(token=token, data=data)
@@ -535,6 +557,23 @@ class ServerConnection:
             return _PUSH_ACK
         return self._respond(200, [(b"Content-Length", b"0")], b"")
 
+    def discard_push(self, status_code: int, reason: str = "push refused") -> None:
+        """Refuse a push whose body is still arriving (after :class:`PushData`).
+
+        The rest of the body is read and dropped (answering before it was
+        read would make the client's kernel reset the connection, and the
+        answer would be lost); then :meth:`next_event` returns a
+        :class:`BadRequest` with ``status_code``: answer that.
+        """
+        if (
+            self._kind is not RequestKind.PUSH
+            or self._decoder is None
+            or self._state is not ServerConnectionState.IDLE
+        ):
+            raise LocalProtocolError("discard_push() is for a push whose PushData was delivered")
+        self._decoder = None
+        self._refusal = BadRequest(status_code=status_code, reason=reason)
+
     def send_status(self, status_code: int) -> bytes:
         """Refuse the current request with ``status_code`` and an empty body.
 
@@ -572,7 +611,10 @@ class ServerConnection:
         # h11 chunks the body for an HTTP/1.1 client; for an HTTP/1.0 one (nginx
         # without proxy_http_version 1.1) it sends it raw and closes at the end.
         self._chunked_pull = (
-            self._fast_enabled and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
+            self._fast_enabled
+            and self._method != b"HEAD"  # h11 sends no body at all then
+            and self._conn.our_state is h11.SEND_BODY  # not after a CONNECT's 200
+            and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
         )
         self._state = ServerConnectionState.PULLING
         return data

@@ -23,6 +23,7 @@ from ._events import (
     BadRequest,
     CloseRequest,
     PullRequest,
+    PushData,
     PushRequest,
     ServerConnectionState,
 )
@@ -543,6 +544,11 @@ class _Server:
                     watch.deadline = trio.current_time() + self.request_timeout
                 continue
             watch.deadline = math.inf  # answering: push_timeout etc. apply
+            if type(event) is PushData:
+                # A piece of a long push line: deliver it, read on.
+                await self._push_data(event, conn, peer)
+                watch.deadline = trio.current_time() + self.request_timeout
+                continue
             if isinstance(event, PushRequest):
                 await self._push(transport, conn, event, peer)
             elif isinstance(event, PullRequest):
@@ -594,6 +600,19 @@ class _Server:
             # GOST answers 410 when the bytes were not taken in time; the session ends.
             self.end_session(stream)
             await transport.send_all(conn.send_status(410))
+
+    async def _push_data(self, event: PushData, conn: ServerConnection, peer: str | None) -> None:
+        """Deliver a piece of a long push (or have the rest dropped and refused)."""
+        stream = self.session_for(event.token, peer, conn)
+        if isinstance(stream, int):
+            conn.discard_push(stream)
+            return
+        if not stream.started:
+            self.start_handler(stream, pulled=False)
+        if not await stream.deposit(event.data, self.push_timeout):
+            # GOST answers 410 when the bytes were not taken in time; the session ends.
+            self.end_session(stream)
+            conn.discard_push(410, "push not consumed in time")
 
     async def _pull(
         self,

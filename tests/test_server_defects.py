@@ -6,10 +6,13 @@ client would meet the behaviour.
 
 from __future__ import annotations
 
+import base64
 import errno
 import logging
+import os
 import shutil
 import subprocess
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -17,8 +20,10 @@ import trio
 import trio.testing
 
 import pht
+from pht._server import DEFAULT_MAX_PUSH_LINE
 from pht._trio_server import _accept_loop
 
+from .support import cut
 from .test_hardening_support import (
     GUARD,
     RawClient,
@@ -237,3 +242,103 @@ async def test_fd_exhaustion_logs_one_warning_per_interval(
     assert "Too many open files" in warnings[0].getMessage()
     assert "ulimit" in warnings[0].getMessage()
     assert 100 <= listener.attempts <= 300  # backed off, not spinning
+
+
+# --- memory per connection ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_endless_push_line_is_held_in_pieces_not_whole(fast: bool) -> None:
+    conn = pht.ServerConnection(_fast_path=fast)
+    conn.receive_data(
+        b"POST /push?token=endless HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        % (DEFAULT_MAX_PUSH_LINE + 1)
+    )
+    assert conn.next_event() is pht.NEED_DATA
+    text = base64.b64encode(os.urandom(48 * 1024))  # 64 KiB of base64 per read
+    delivered = 0
+    tracemalloc.start()
+    try:
+        for _ in range(64):  # a 4 MiB line, no newline in sight
+            conn.receive_data(text)
+            while (event := conn.next_event()) is not pht.NEED_DATA:
+                assert isinstance(event, pht.PushData)
+                assert event.token == "endless"
+                delivered += len(event.data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert delivered == 64 * 48 * 1024
+    assert peak < 512 * 1024  # was the whole line: 4 MiB and growing
+    # Past max_push_line the push is refused all the same.
+    while True:
+        conn.receive_data(text)
+        event = conn.next_event()
+        if isinstance(event, pht.BadRequest):
+            break
+        assert isinstance(event, pht.PushData)
+    assert event.status_code == 413
+
+
+def test_long_push_line_arrives_whole_and_in_order_in_pieces() -> None:
+    data = os.urandom(300_000)
+    conn = pht.ServerConnection()
+    body = base64.b64encode(data) + b"\n"
+    request = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    received = bytearray()
+    for piece in cut(request + body, [1000, 70_000, 3]):
+        conn.receive_data(piece)
+        while (event := conn.next_event()) is not pht.NEED_DATA:
+            received += event.data  # type: ignore[union-attr]
+            if isinstance(event, pht.PushRequest):
+                conn.send_push_ack()
+    assert received == data
+
+
+def test_bad_base64_in_a_long_line_is_400_at_once() -> None:
+    conn = pht.ServerConnection()
+    conn.receive_data(
+        b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+        + b"!" * 70_000
+    )
+    event = conn.next_event()
+    assert isinstance(event, pht.BadRequest)
+    assert (event.status_code, event.token) == (400, "t")
+    assert b"Connection: close" in conn.send_status(400)
+
+
+async def test_long_pushes_reach_the_handler_in_order(nursery: trio.Nursery) -> None:
+    received = bytearray()
+    done = trio.Event()
+
+    async def collect(stream: pht.PHTStream) -> None:
+        while data := await stream.receive_some():
+            received.extend(data)
+            if len(received) >= 2 * 3_000_000:
+                done.set()
+
+    port = await start_server(nursery, collect)
+    payload = os.urandom(2 * 3_000_000)
+    with trio.fail_after(GUARD):
+        for start in (0, 3_000_000):  # two 4 MB lines on one keep-alive connection
+            line = base64.b64encode(payload[start : start + 3_000_000]) + b"\n"
+            answer, _ = await exchange(port, push_request("long-lines-token-0001", line))
+            assert answer.status == 200
+        await done.wait()
+    assert received == payload
+
+
+def test_a_long_push_refused_midway_is_read_to_its_end_then_answered() -> None:
+    conn = pht.ServerConnection()
+    body = base64.b64encode(os.urandom(300_000)) + b"\n"
+    request = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    conn.receive_data((request + body)[: len(request) + 100_000])
+    assert isinstance(conn.next_event(), pht.PushData)
+    conn.discard_push(403)  # e.g. the token turned out to be closed
+    assert conn.next_event() is pht.NEED_DATA  # the rest is read, not decoded
+    conn.receive_data((request + body)[len(request) + 100_000 :])
+    event = conn.next_event()
+    assert event == pht.BadRequest(status_code=403, reason="push refused")
+    assert b"Connection: close" not in conn.send_status(403)  # the answer is not lost
+    conn.receive_data(AUTHORIZE)
+    assert isinstance(conn.next_event(), pht.AuthorizeRequest)
