@@ -211,7 +211,9 @@ class LineDecoder:
         size = len(text) - len(text) % self._piece
         with memoryview(text) as view:
             data = decode_line(view[:size])
-        del text[:size]
+            # A fresh buffer for the remainder (under a piece): deleting the
+            # front would keep the whole allocation for as long as the line.
+            self._text = bytearray(view[size:])
         self._taken += size
         return data
 

@@ -30,6 +30,7 @@ from ._events import (
 from ._server import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PUSH_LINE,
+    PUSH_PIECE,
     LookupResult,
     ServerConnection,
     SessionRecord,
@@ -54,6 +55,8 @@ DEFAULT_MAX_PENDING_PER_ADDRESS = 16
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
 #: Bytes a handler may queue for the client before ``send_all`` waits.
 DEFAULT_MAX_BUFFERED = 1024 * 1024
+#: Bytes a handler may queue before the session's first pull attaches.
+_UNPULLED_ROOM = 16 * 1024
 #: Raw bytes written per pull write.
 _PULL_WRITE_SIZE = 1024 * 1024
 
@@ -76,7 +79,11 @@ class _ServerStream(PHTStream):
         self.push_deadline = math.inf
         self._push_expired = False
         self.remote_address = remote_address
-        self._max_buffered = max_buffered
+        # Until a pull attaches, nothing can leave: a handler may queue
+        # only a little (a greeting), so that pushes to sessions nobody
+        # pulls cannot make the server hold max_buffered each.
+        self._full_room = max_buffered
+        self._max_buffered = min(max_buffered, _UNPULLED_ROOM)
         # client -> handler
         self._inbound: deque[bytes] = deque()
         self._inbound_offset = 0
@@ -273,6 +280,12 @@ class _ServerStream(PHTStream):
         """Wake the pull writer waiting in :meth:`wait_outbound`."""
         self._outbound_ready.set()
 
+    def pull_attached(self) -> None:
+        """A pull is attached: the handler may queue up to ``max_buffered`` now."""
+        if self._max_buffered < self._full_room:
+            self._max_buffered = self._full_room
+            self._outbound_drained.set()
+
     def close_from_client(self) -> None:
         """The session ended on the client's side (or was reaped): EOF for the handler."""
         if not self._client_closed:
@@ -387,6 +400,7 @@ class _Server:
             return
         if pulled and not record.alive:
             self.registry.mark_alive(record, trio.current_time())
+            stream.pull_attached()
         if not stream.started:
             stream.started = True
             self.nursery.start_soon(self._run_handler, record, stream)
@@ -521,6 +535,7 @@ class _Server:
         watch: _Deadline,
     ) -> None:
         """Answer the requests of one connection until it closes."""
+        streaming = False
         while True:
             try:
                 event = conn.next_event()
@@ -533,10 +548,13 @@ class _Server:
                     return
                 if conn.expects_continue:
                     await transport.send_all(conn.send_continue())
-                data = await transport.receive_some(RECEIVE_SIZE)
+                # In a long push line, read a piece at a time: what is read
+                # is held until the handler took it.
+                data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
                 conn.receive_data(data)
                 if not data:
                     return
+                del data  # the core has it: not kept alive while a push waits
                 if watch.between_requests:
                     # A request has begun: all of it must arrive in time
                     # (slowloris), whatever the keep-alive allowance was.
@@ -546,9 +564,11 @@ class _Server:
             watch.deadline = math.inf  # answering: push_timeout etc. apply
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
+                streaming = True
                 await self._push_data(event, conn, peer)
                 watch.deadline = trio.current_time() + self.request_timeout
                 continue
+            streaming = False
             if isinstance(event, PushRequest):
                 await self._push(transport, conn, event, peer)
             elif isinstance(event, PullRequest):

@@ -8,6 +8,7 @@ flooding address would take all of them.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 from typing import Any
@@ -229,3 +230,33 @@ async def test_trusted_proxies_must_be_addresses(nursery: trio.Nursery) -> None:
         await start_server(nursery, trusted_proxies=["not an address"])
     with pytest.raises(TypeError, match="list"):
         await start_server(nursery, trusted_proxies="127.0.0.1")
+
+
+async def test_a_session_nobody_pulls_cannot_queue_max_buffered(nursery: trio.Nursery) -> None:
+    queued = trio.Event()
+    piece = b"x" * (16 * 1024)
+
+    async def talker(stream: pht.PHTStream) -> None:
+        assert await stream.receive_some() == b"hello"
+        for _ in range(4):  # 256 KiB for the client, more than may wait for a pull
+            await stream.send_all(piece)
+        queued.set()
+        await echo(stream)
+
+    port = await start_server(nursery, talker, max_buffered=1024 * 1024)
+    token = "unpulled-session-token-01"
+    with trio.fail_after(GUARD):
+        answer = await exchange_from(ATTACKER, port, push_request(token, HELLO))
+        assert answer.status == 200  # the handler took the bytes ...
+        await trio.testing.wait_all_tasks_blocked()
+        assert not queued.is_set()  # ... and waits: no pull to take its answer
+        client = await connect_from(ATTACKER, port)
+        await client.send(pull_request(token))
+        assert (await client.head()).status == 200
+        received = b""
+        while len(received) < 4 * len(piece):
+            lines = (await client.chunk()).split(b"\n")
+            received += b"".join(base64.b64decode(line) for line in lines)
+        assert received == piece * 4
+        await queued.wait()
+        await client.aclose()
