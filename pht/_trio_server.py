@@ -344,6 +344,7 @@ class _Server:
         self.max_connections_per_address = max_connections_per_address
         self.connections_per_address: dict[str, int] = {}
         self.pull_writers: set[_PullWriter] = set()
+        self.wheel = _HeartbeatWheel(heartbeat_interval)
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
@@ -650,7 +651,7 @@ class _Server:
             previous.cancel()  # a newer long poll replaces a stale one
         hung_up = trio.Event()
         async with trio.open_nursery() as nursery:
-            beat = _HeartbeatTimer(stream, self.heartbeat_interval)
+            beat = _HeartbeatTimer(stream)
             writer = _PullWriter(transport, conn, beat, nursery.cancel_scope)
             self.pulls[stream.token] = nursery.cancel_scope
             self.pull_writers.add(writer)
@@ -660,12 +661,13 @@ class _Server:
                 nursery.start_soon(
                     self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
                 )
-                nursery.start_soon(beat.run)
+                self.wheel.add(beat)
                 stream.pull_writer = writer
                 await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 hung_up.set()  # the write failed: the client is gone
             finally:
+                self.wheel.discard(beat)
                 self.pull_writers.discard(writer)
                 if stream.pull_writer is writer:
                     stream.pull_writer = None
@@ -808,25 +810,71 @@ class _PullWriter:
 
 
 class _HeartbeatTimer:
-    """Marks a heartbeat due when a pull has been quiet for ``interval``.
+    """When a pull last carried something, and whether a heartbeat is due on it."""
 
-    A sleeping task per pull is cheaper than a cancel scope per pull write.
-    """
+    __slots__ = ("due", "last_write", "slot", "stream")
 
-    def __init__(self, stream: _ServerStream, interval: float) -> None:
+    def __init__(self, stream: _ServerStream) -> None:
         self.stream = stream
-        self.interval = interval
         self.last_write = trio.current_time()
         self.due = False
+        self.slot = 0  # the wheel's slot it is filed under
+
+
+class _HeartbeatWheel:
+    """Marks heartbeats due on every pull that has been quiet for ``interval``.
+
+    One task for all pulls, filed by due time in slots of ``interval / 8``:
+    it wakes when the earliest slot is due, and an idle server (or an idle
+    pull between two heartbeats) costs nothing. Data written on a pull
+    moves ``last_write`` only; the pull is re-filed when its slot comes up.
+    A heartbeat goes out between ``interval`` and ``interval * 9 / 8`` after
+    the last write.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.tick = interval / 8
+        self.slots: dict[int, set[_HeartbeatTimer]] = {}
+        self._added = trio.Event()
+
+    def add(self, beat: _HeartbeatTimer) -> None:
+        self._file(beat, beat.last_write + self.interval)
+        self._added.set()
+
+    def discard(self, beat: _HeartbeatTimer) -> None:
+        bucket = self.slots.get(beat.slot)
+        if bucket is not None:
+            bucket.discard(beat)
+            if not bucket:
+                del self.slots[beat.slot]
+
+    def _file(self, beat: _HeartbeatTimer, due: float) -> None:
+        beat.slot = slot = math.ceil(due / self.tick)
+        bucket = self.slots.get(slot)
+        if bucket is None:
+            self.slots[slot] = {beat}
+        else:
+            bucket.add(beat)
 
     async def run(self) -> None:
         while True:
-            await trio.sleep_until(self.last_write + self.interval)
+            if not self.slots:
+                self._added = trio.Event()
+                await self._added.wait()
+                continue
+            await trio.sleep_until(min(self.slots) * self.tick)
             now = trio.current_time()
-            if now >= self.last_write + self.interval:
-                self.due = True
-                self.last_write = now
-                self.stream.wake_writer()
+            interval = self.interval
+            for slot in [slot for slot in self.slots if slot * self.tick <= now]:
+                for beat in self.slots.pop(slot):
+                    due = beat.last_write + interval
+                    if now >= due:
+                        beat.due = True
+                        beat.last_write = now
+                        beat.stream.wake_writer()
+                        due = now + interval
+                    self._file(beat, due)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1110,6 +1158,7 @@ async def serve_pht(
             max_connections_per_address=max_connections_per_address,
         )
         nursery.start_soon(server.reap)
+        nursery.start_soon(server.wheel.run)
         nursery.start_soon(server.watchdog)
         accepting = trio.CancelScope()
 

@@ -342,3 +342,29 @@ def test_a_long_push_refused_midway_is_read_to_its_end_then_answered() -> None:
     assert b"Connection: close" not in conn.send_status(403)  # the answer is not lost
     conn.receive_data(AUTHORIZE)
     assert isinstance(conn.next_event(), pht.AuthorizeRequest)
+
+
+# --- heartbeats --------------------------------------------------------------------------
+
+
+async def test_heartbeats_keep_their_interval_and_data_postpones_them(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    port = await start_server(nursery, heartbeat_interval=10.0, idle_timeout=None)
+    token = "heartbeat-wheel-token-01"
+    client = await RawClient.connect(port)
+    await client.send(pull_request(token))
+    assert (await client.head()).status == 200
+    last = trio.current_time()
+    for _ in range(5):
+        assert await client.chunk() == b"\n"
+        now = trio.current_time()
+        assert 10.0 <= now - last <= 10.0 * 9 / 8
+        last = now
+    await trio.sleep(6)
+    assert (await exchange(port, push_request(token, HELLO)))[0].status == 200
+    assert await client.chunk() == HELLO  # echoed at once: the pull wrote at +6 s
+    echoed = trio.current_time()
+    assert await client.chunk() == b"\n"
+    assert 10.0 <= trio.current_time() - echoed <= 10.0 * 9 / 8
+    await client.aclose()
