@@ -47,7 +47,7 @@ log = logging.getLogger("pht.server")
 
 Handler = Callable[[PHTStream], Awaitable[object]]
 
-#: Sessions one client address may hold (issue 9: one party must not take all).
+#: Sessions one client address may hold, so that one party cannot take them all.
 DEFAULT_MAX_SESSIONS_PER_ADDRESS = 256
 #: Tokens issued by ``/authorize`` and not used yet, per client address.
 DEFAULT_MAX_PENDING_PER_ADDRESS = 16

@@ -1,4 +1,4 @@
-"""Admission: one client address cannot lock the others out (issue 9).
+"""Admission: one client address cannot lock the others out.
 
 Real loopback sockets; 127.0.0.2 and 127.0.0.3 are other client addresses
 than 127.0.0.1 (Linux routes all of 127.0.0.0/8 to the loopback interface).

@@ -1,4 +1,4 @@
-"""Server defects found by load and fuzz runs (issue 9), each pinned by a test.
+"""Server defects found by load and fuzz runs, each pinned by a test.
 
 Sans-IO checks for what the core decides; real loopback sockets where a
 client would meet the behaviour.
