@@ -57,6 +57,8 @@ DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
 DEFAULT_MAX_BUFFERED = 1024 * 1024
 #: Bytes a handler may queue before the session's first pull attaches.
 _UNPULLED_ROOM = 16 * 1024
+#: Sessions that start ending per scheduler batch (see _Server.teardown).
+_TEARDOWN_BATCH = 32
 #: Raw bytes written per pull write.
 _PULL_WRITE_SIZE = 1024 * 1024
 
@@ -345,6 +347,12 @@ class _Server:
         self.connections_per_address: dict[str, int] = {}
         self.pull_writers: set[_PullWriter] = set()
         self.wheel = _HeartbeatWheel(heartbeat_interval)
+        # Ending a session wakes its handler, its pull and their clean-up:
+        # when thousands end at once (a client or proxy closing everything),
+        # that work would all land in one scheduler batch and stall every
+        # other tunnel. Ends take turns through this gate instead, a few
+        # dozen per batch.
+        self.teardown = trio.CapacityLimiter(_TEARDOWN_BATCH)
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
@@ -576,7 +584,8 @@ class _Server:
                 await self._pull(transport, conn, event, peer)
             elif isinstance(event, CloseRequest):
                 log.debug("session %s: %s", _short(event.token), event.reason)
-                self.close_token(event.token)
+                async with self.teardown:
+                    self.close_token(event.token)
                 await transport.send_all(conn.send_push_ack())
             elif isinstance(event, AuthorizeRequest):
                 owner = self.client_of(peer, conn)[0]
@@ -743,7 +752,8 @@ class _Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
         hung_up.set()
-        scope.cancel()
+        async with self.teardown:  # see _Server.teardown
+            scope.cancel()
 
 
 class _Deadline:

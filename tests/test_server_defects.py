@@ -7,10 +7,12 @@ client would meet the behaviour.
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tracemalloc
 from typing import Any
@@ -368,3 +370,61 @@ async def test_heartbeats_keep_their_interval_and_data_postpones_them(
     assert await client.chunk() == b"\n"
     assert 10.0 <= trio.current_time() - echoed <= 10.0 * 9 / 8
     await client.aclose()
+
+
+# --- mass closes ---------------------------------------------------------------------------
+
+
+class _Batches(trio.abc.Instrument):
+    """Counts the scheduler's batches: one I/O wait between two batches."""
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.number += 1
+
+
+async def test_sessions_ending_at_once_take_turns(nursery: trio.Nursery) -> None:
+    sessions = 100
+    batches = _Batches()
+    ended_in: list[int] = []
+    started = trio.Event()
+    all_ended = trio.Event()
+    running = 0
+
+    async def handler(stream: pht.PHTStream) -> None:
+        nonlocal running
+        running += 1
+        if running == sessions:
+            started.set()
+        while await stream.receive_some():
+            pass
+        ended_in.append(batches.number)
+        if len(ended_in) == sessions:
+            all_ended.set()
+
+    port = await start_server(nursery, handler, heartbeat_interval=60.0)
+    tokens = [f"mass-close-token-{number:04d}" for number in range(sessions)]
+    # Plain blocking sockets: the test writes to all of them without a
+    # checkpoint in between, so the server reads them in one batch.
+    pulls, pushes = [], []
+    with trio.fail_after(GUARD):
+        for token in tokens:
+            pull = socket.create_connection(("127.0.0.1", port))
+            pull.sendall(pull_request(token))
+            pulls.append(pull)
+        await started.wait()
+        pushes = [socket.create_connection(("127.0.0.1", port)) for _ in tokens]
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(batches)
+        try:
+            for push, token in zip(pushes, tokens, strict=True):
+                push.sendall(push_request(token, b""))  # close notifications
+            await all_ended.wait()
+        finally:
+            trio.lowlevel.remove_instrument(batches)
+            for sock in pulls + pushes:
+                sock.close()
+    per_batch = collections.Counter(ended_in)
+    assert max(per_batch.values()) <= 32  # without the gate: all 100 in one batch
