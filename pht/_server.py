@@ -954,18 +954,18 @@ class SessionRegistry(Generic[P]):
 
     def expired(self, now: float) -> list[SessionRecord[P]]:
         """Sessions that have been idle for too long (close them)."""
-        result = []
-        for record in self._sessions.values():
-            idle = now - record.last_active
-            if record.state is SessionState.ISSUED:
-                if idle >= self.issued_timeout:
-                    result.append(record)
-            elif not record.alive:
-                if idle >= self.lazy_timeout:
-                    result.append(record)
-            elif self.idle_timeout is not None and idle >= self.idle_timeout:
-                result.append(record)
-        return result
+        return [record for record in self._sessions.values() if self.is_expired(record, now)]
+
+    def is_expired(self, record: SessionRecord[P], now: float) -> bool:
+        """Whether ``record`` is a live session idle for longer than its timeout."""
+        if self._sessions.get(record.token) is not record:
+            return False  # closed already
+        idle = now - record.last_active
+        if record.state is SessionState.ISSUED:
+            return idle >= self.issued_timeout
+        if not record.alive:
+            return idle >= self.lazy_timeout
+        return self.idle_timeout is not None and idle >= self.idle_timeout
 
     def _forget_closed(self, now: float) -> None:
         for closed in (self._closed, self._closed_unseen):

@@ -481,7 +481,14 @@ class _Server:
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for record in self.registry.expired(now):
+            for number, record in enumerate(self.registry.expired(now), 1):
+                if number % _TEARDOWN_BATCH == 0:
+                    # Thousands expiring at once (a flood's junk) end a few
+                    # dozen per scheduler batch, as in _Server.teardown.
+                    await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
+                if not registry.is_expired(record, now):
+                    continue  # ended or active again meanwhile
                 if record.payload is not None and record.token in self.pulls:
                     self.registry.touch(record, now)  # a pull is attached: alive
                     continue

@@ -428,3 +428,31 @@ async def test_sessions_ending_at_once_take_turns(nursery: trio.Nursery) -> None
                 sock.close()
     per_batch = collections.Counter(ended_in)
     assert max(per_batch.values()) <= 32  # without the gate: all 100 in one batch
+
+
+async def test_sessions_expiring_at_once_take_turns(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    sessions = 100
+    batches = _Batches()
+    ended_in: list[int] = []
+    all_ended = trio.Event()
+
+    async def handler(stream: pht.PHTStream) -> None:
+        while await stream.receive_some():
+            pass
+        ended_in.append(batches.number)
+        if len(ended_in) == sessions:
+            all_ended.set()
+
+    port = await start_server(nursery, handler, lazy_timeout=10.0)
+    for number in range(sessions):  # pushed to, never pulled: all expire together
+        answer, _ = await exchange(port, push_request(f"expiring-together-{number:04d}", HELLO))
+        assert answer.status == 200
+    trio.lowlevel.add_instrument(batches)
+    try:
+        with trio.fail_after(60):  # mock time
+            await all_ended.wait()
+    finally:
+        trio.lowlevel.remove_instrument(batches)
+    assert max(collections.Counter(ended_in).values()) <= 32
