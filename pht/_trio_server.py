@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
 import math
 import operator
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -59,6 +61,13 @@ DEFAULT_MAX_BUFFERED = 1024 * 1024
 _UNPULLED_ROOM = 16 * 1024
 #: Sessions that start ending per scheduler batch (see _Server.teardown).
 _TEARDOWN_BATCH = 32
+#: TCP_NOTSENT_LOWAT where the platform has it (Linux, macOS).
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+#: Bytes a pull write must get through within pull_write_timeout. With
+#: twice this much unsent allowed in the kernel, a client reading at least
+#: 3 * _PULL_PROGRESS per pull_write_timeout (3.2 KiB/s by default) keeps
+#: its pull.
+_PULL_PROGRESS = 64 * 1024
 #: Raw bytes written per pull write.
 _PULL_WRITE_SIZE = 1024 * 1024
 
@@ -522,6 +531,13 @@ class _Server:
             await self._handle_connection(transport, peer)
 
     async def _handle_connection(self, transport: trio.abc.Stream, peer: str | None) -> None:
+        if _NOTSENT_LOWAT is not None and isinstance(transport, trio.SocketStream):
+            # The kernel holds at most this much not yet sent (beyond what is
+            # in flight): a pull that stopped reading shows as a stalled write
+            # at once, and one that reads slowly shows progress with every
+            # window update, instead of after megabytes of send buffer drain.
+            with contextlib.suppress(OSError):
+                transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * _PULL_PROGRESS)
         conn = ServerConnection(
             self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
         )
@@ -800,10 +816,22 @@ class _PullWriter:
         self.error: BaseException | None = None
 
     async def send(self, data: bytes) -> None:
-        """Write response bytes, under the server's pull write timeout."""
-        self.since = trio.current_time()
+        """Write response bytes, under the server's pull write timeout.
+
+        The timeout bounds each piece of ``_PULL_PROGRESS`` bytes, not the
+        whole write: a slow client that keeps reading is not cut, one that
+        stopped is.
+        """
+        transport = self.transport
         try:
-            await self.transport.send_all(data)
+            if len(data) <= _PULL_PROGRESS:
+                self.since = trio.current_time()
+                await transport.send_all(data)
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), _PULL_PROGRESS):
+                    self.since = trio.current_time()
+                    await transport.send_all(view[start : start + _PULL_PROGRESS])
         finally:
             self.since = math.inf
 

@@ -456,3 +456,40 @@ async def test_sessions_expiring_at_once_take_turns(
     finally:
         trio.lowlevel.remove_instrument(batches)
     assert max(collections.Counter(ended_in).values()) <= 32
+
+
+async def test_a_slow_reader_keeps_its_pull(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """pull_write_timeout cuts a pull that stopped, not one that reads slowly."""
+    size = 8 * 1024 * 1024  # more than the kernel buffers hold
+    payload = os.urandom(size)
+    outcome: list[str] = []
+
+    async def download(stream: pht.PHTStream) -> None:
+        try:
+            await stream.send_all(payload)
+            outcome.append("sent")
+            await stream.receive_some()  # stay: returning would end the session
+        except trio.BrokenResourceError:
+            outcome.append("broken")
+
+    port = await start_server(nursery, download, pull_write_timeout=60.0, idle_timeout=None)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    await sock.connect(("127.0.0.1", port))
+    client = RawClient(trio.SocketStream(sock))
+    await client.send(pull_request("slow-reader-token-0001"))
+    assert (await client.head()).status == 200
+    text_size = (size // (32 * 1024)) * (len(base64.b64encode(bytes(32 * 1024))) + 1)
+    with trio.fail_after(100_000):  # mock time
+        while len(client.buffer) < text_size:
+            await trio.sleep(2.5)  # 16 KiB per 2.5 s: slow, but reading
+            client.buffer += await client.stream.receive_some(16 * 1024)
+        received = bytearray()
+        while len(received) < size:
+            for line in (await client.chunk()).split(b"\n"):
+                received += base64.b64decode(line)
+    assert bytes(received) == payload
+    assert outcome == ["sent"]
+    await client.aclose()
