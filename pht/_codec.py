@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 from ._errors import RemoteProtocolError
 
-__all__ = ["LineBuffer", "decode_line", "encode_chunk", "encode_line", "encode_lines"]
+__all__ = [
+    "LineBuffer",
+    "LineDecoder",
+    "decode_line",
+    "encode_chunk",
+    "encode_line",
+    "encode_lines",
+]
 
 try:  # pragma: no cover - which branch runs depends on the installation
     import pybase64 as _pybase64
@@ -143,3 +150,80 @@ class LineBuffer:
                     f"line longer than {self._max_line} bytes", status_hint=413
                 )
             yield line
+
+
+class LineDecoder:
+    """Decodes the first line of a body as it arrives, in pieces of ``piece`` characters.
+
+    A push's line can be megabytes long; assembling it whole before decoding
+    would let every connection hold that much. Bytes go in with :meth:`feed`;
+    :meth:`take_pieces` returns the data of every whole ``piece`` characters
+    of base64 text received so far (``piece`` is a multiple of 4, so a piece
+    decodes on its own), and :meth:`take_rest` the data of the rest once the
+    newline arrived. Anything after the newline is ignored, as GOST does. At
+    most ``piece`` characters plus one fed buffer are held. A line longer
+    than ``max_line`` characters sets :attr:`too_long` (answer 413); feeding
+    never raises, decoding raises :class:`RemoteProtocolError` (400) for
+    anything but canonical base64.
+    """
+
+    __slots__ = ("_max_line", "_piece", "_taken", "_text", "complete", "too_long")
+
+    def __init__(self, max_line: int, piece: int = 64 * 1024) -> None:
+        if piece < 4 or piece % 4:
+            raise ValueError("piece must be a positive multiple of 4")
+        self._text = bytearray()
+        self._max_line = max_line
+        self._piece = piece
+        self._taken = 0  # characters of the line decoded and handed out already
+        #: Whether the line's newline arrived (the rest of the body is ignored).
+        self.complete = False
+        #: Whether the line grew past ``max_line`` (its text was dropped).
+        self.too_long = False
+
+    @property
+    def pending(self) -> int:
+        """Characters of the line held, not decoded yet."""
+        return len(self._text)
+
+    @property
+    def length(self) -> int:
+        """Characters of the line received so far (its newline excluded)."""
+        return self._taken + len(self._text)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.complete:
+            return
+        text = self._text
+        start = len(text)
+        text += data
+        end = text.find(b"\n", start)
+        if end >= 0:
+            del text[end:]
+            self.complete = True
+        if self._taken + len(text) > self._max_line:
+            self.too_long = True
+            self.complete = True  # nothing more is read into it
+            text.clear()
+
+    def take_pieces(self) -> bytes:
+        """The data of the whole pieces received (``b""`` if none), before the newline."""
+        text = self._text
+        if self.complete or len(text) < self._piece:
+            return b""
+        size = len(text) - len(text) % self._piece
+        with memoryview(text) as view:
+            data = decode_line(view[:size])
+            # A fresh buffer for the remainder (under a piece): deleting the
+            # front would keep the whole allocation for as long as the line.
+            self._text = bytearray(view[size:])
+        self._taken += size
+        return data
+
+    def take_rest(self) -> bytes:
+        """The data of what is left of the line, once it is :attr:`complete`."""
+        text = self._text
+        data = decode_line(text)
+        self._taken += len(text)
+        text.clear()
+        return data

@@ -24,6 +24,7 @@ __all__ = [
     "PullRequest",
     "PullStarted",
     "PushAcknowledged",
+    "PushData",
     "PushRequest",
     "Rejected",
     "RequestKind",
@@ -156,6 +157,23 @@ class PushRequest:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PushData:
+    """The first part of a long push line's data for session ``token``.
+
+    A push line longer than a piece (64 KiB of base64) is decoded as it
+    arrives, so that the server never holds the whole line: deliver
+    ``data`` (waiting until it is consumed is the back-pressure) and do not
+    answer. The request goes on: more ``PushData``, then the
+    :class:`PushRequest` with the rest (answer that one), or a
+    :class:`BadRequest` / :class:`CloseRequest` if the line turns out
+    broken (the data delivered so far stays delivered; the session ends).
+    """
+
+    token: str
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class CloseRequest:
     """The client closed session ``token``; answer with ``send_push_ack``.
 
@@ -187,5 +205,5 @@ class BadRequest:
     token: str | None = None
 
 
-ServerEvent = AuthorizeRequest | PushRequest | CloseRequest | PullRequest | BadRequest
+ServerEvent = AuthorizeRequest | PushRequest | PushData | CloseRequest | PullRequest | BadRequest
 """Any event :meth:`ServerConnection.next_event` returns (besides :data:`NEED_DATA`)."""

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import h11
 
-from ._codec import LineBuffer, decode_line, encode_chunk, encode_lines
+from ._codec import LineDecoder, encode_chunk, encode_lines
 from ._common import DEFAULT_PATHS, Paths
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -32,6 +32,7 @@ from ._events import (
     CloseRequest,
     NeedData,
     PullRequest,
+    PushData,
     PushRequest,
     RequestKind,
     ServerConnectionState,
@@ -53,6 +54,10 @@ __all__ = [
 DEFAULT_MAX_PUSH_LINE = 8 * 1024 * 1024
 #: Longest request head (request line and headers) the server reads.
 DEFAULT_MAX_HEADER_SIZE = 16 * 1024
+#: Base64 characters of a push line decoded at a time (48 KiB of data): a
+#: longer line reaches the session as :class:`PushData` events, so no
+#: connection holds more than about this much of it.
+PUSH_PIECE = 64 * 1024
 #: Raw bytes per pull line, as GOST's 32 KiB ``readBufferSize``.
 PULL_LINE_DATA = 32 * 1024
 
@@ -89,6 +94,8 @@ _CANONICAL_HEAD = re.compile(
     + rb"[ \t]*\r\n)*)\r\n"
 )
 _POST = b"POST "
+#: Headers by which a proxy in front reports the client's address.
+_FORWARDED_HEADERS = frozenset((b"x-forwarded-for", b"x-real-ip"))
 #: Headers that change how h11 reads the request or the connection.
 _H11_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 #: ``send_push_ack``'s bytes, exactly as h11 writes them for a keep-alive request.
@@ -118,11 +125,12 @@ class ServerConnection:
         max_push_line: int = DEFAULT_MAX_PUSH_LINE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         _fast_path: bool = True,
+        _push_piece: int = PUSH_PIECE,
     ) -> None:
         self.paths = paths
         self.max_push_line = max_push_line
         self._max_header_size = max_header_size
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
+        self._conn = self._new_h11()
         self._state = ServerConnectionState.IDLE
         self._routes = {
             paths.authorize: RequestKind.AUTHORIZE,
@@ -131,8 +139,9 @@ class ServerConnection:
         }
         # Fast path state. While ``_fast`` is set, h11 sits between requests
         # with an empty buffer and every unread byte is in ``_buffer``.
+        self._push_piece = _push_piece
         self._fast_enabled = _fast_path
-        self._fast = _fast_path
+        self._fast = True
         self._buffer = bytearray()
         self._eof = False
         self._head_scan = 0
@@ -144,14 +153,21 @@ class ServerConnection:
         self._chunked_pull = True
         self._reset_request()
 
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_size)
+
     def _reset_request(self) -> None:
         self._kind: RequestKind | None = None
         self._method = b""
+        #: The client address a proxy in front reported for the current
+        #: request (``X-Forwarded-For``, else ``X-Real-IP``), raw; whether to
+        #: believe it is the caller's decision (trust only your own proxies).
+        self.forwarded_for: bytes | None = None
         self._refusal: BadRequest | None = None
         self._token = ""
         self._is_form = False
-        self._lines: LineBuffer | None = None
-        self._first_line: bytes | None = None
+        self._decoder: LineDecoder | None = None  # a push's line
+        self._line_done = False  # its newline arrived (or it grew too long)
         self._body_size = 0
 
     @property
@@ -191,8 +207,8 @@ class ServerConnection:
         size = len(data)
         self._body_left -= size
         self._body_pending += size
-        if self._first_line is None and self._lines is not None:
-            self._lines.feed(data)
+        if self._decoder is not None:
+            self._decoder.feed(data)
 
     def next_event(self) -> ServerEvent | NeedData:
         """Return the next complete request, or :data:`NEED_DATA`.
@@ -206,7 +222,11 @@ class ServerConnection:
         if self._fast:
             fast = self._fast_next_event()
             if fast is not None:
-                if fast is not NEED_DATA and self._state is ServerConnectionState.IDLE:
+                if (
+                    fast is not NEED_DATA
+                    and type(fast) is not PushData
+                    and self._state is ServerConnectionState.IDLE
+                ):
                     self._state = ServerConnectionState.RESPONDING
                 return fast
             self._hand_over_to_h11()
@@ -225,38 +245,59 @@ class ServerConnection:
                 return NEED_DATA
             result = self._handle(event)
             if result is not None:
-                if self._state is ServerConnectionState.IDLE:
+                if type(result) is not PushData and self._state is ServerConnectionState.IDLE:
                     self._state = ServerConnectionState.RESPONDING
                 return result
             if isinstance(event, h11.ConnectionClosed):  # h11 would say so forever
                 return NEED_DATA
 
     def _fast_next_event(self) -> ServerEvent | NeedData | None:
-        """The next event of a canonical push, or ``None``: let h11 read it."""
+        """The next event of a canonical push, or ``None``: let h11 read it.
+
+        Every request head passes through here whole (both with and without
+        the fast path), so that a head with a bare LF line end is refused
+        with 400 before h11, which accepts them, reads it.
+        """
         if self._in_body:
             return self._fast_body()
         buffer = self._buffer
-        if self._eof:
-            return None  # h11 knows what an EOF means at every point
         if not buffer:
-            return NEED_DATA
+            return None if self._eof else NEED_DATA
+        if buffer[0] < 0x21:
+            return None  # h11 refuses this at once ("illegal request line")
         match = _HEAD_END.search(buffer, self._head_scan)
         if match is None:
-            if len(buffer) > self._max_header_size or not _POST.startswith(buffer[:5]):
-                return None  # h11 refuses it (or reads what this does not)
+            if self._eof or len(buffer) > self._max_header_size:
+                return None  # h11 knows what an EOF means, and refuses too long a head
             self._head_scan = max(0, len(buffer) - 2)
             return NEED_DATA
         self._head_scan = 0
         end = match.end()
+        if buffer.count(b"\n", 0, end) != buffer.count(b"\r\n", 0, end):
+            # RFC 9112 lets a server accept a bare LF; pht does not: a front
+            # proxy that reads such a head differently would smuggle requests.
+            self._state = ServerConnectionState.ERROR
+            raise RemoteProtocolError(
+                "malformed request: bare LF line end in the request head", status_hint=400
+            )
+        if self._eof or not self._fast_enabled or not _POST.startswith(buffer[:5]):
+            return None  # h11 knows what an EOF means; this reads only pushes
         if end - match.start() != 3 or end > self._max_header_size:
-            return None  # a bare LF before the blank line, or a head h11 bounds
+            return None  # a head h11 bounds
         head = _CANONICAL_HEAD.fullmatch(buffer, 0, end)
         if head is None:
             return None
         hosts, content_length, content_type = 0, None, None
+        forwarded: list[bytes] = []
+        real_ip = None
         for name, value in _FIELD.findall(buffer, head.start(2), head.end(2)):
             name = name.lower()
-            if name == b"content-length":
+            if name in _FORWARDED_HEADERS:
+                if name == b"x-forwarded-for":
+                    forwarded.append(value)
+                elif real_ip is None:
+                    real_ip = value
+            elif name == b"content-length":
                 if content_length is not None or not value.isdigit() or len(value) > 18:
                     return None
                 content_length = value
@@ -279,6 +320,7 @@ class ServerConnection:
         # From here on this is a push h11 would read exactly so: read it.
         self._fast_request = True
         self._begin_request(b"POST", target, content_length, content_type)
+        self.forwarded_for = b",".join(forwarded) if forwarded else real_ip
         if self._refusal is not None and self._refusal.status_code == 413:
             self._must_close = True  # refused before reading the body
             return self._refusal
@@ -298,6 +340,8 @@ class ServerConnection:
         if pending:
             self._body_pending = 0
             result = self._body_received(pending)
+            if type(result) is PushData:
+                return result  # the body goes on
             if result is not None:
                 self._in_body = False
                 self._body_left = 0
@@ -343,13 +387,20 @@ class ServerConnection:
                 raise RemoteProtocolError(
                     f"request head larger than {self._max_header_size} bytes", status_hint=431
                 )
+            if _header(event, b"transfer-encoding") is not None and (
+                _header(event, b"content-length") is not None
+            ):
+                # RFC 9112 section 6.3: h11 reads such a request by its
+                # Transfer-Encoding; the connection must close after the
+                # answer, or a request smuggled after it would be served.
+                self._must_close = True
             self._start_request(event)
             if self._refusal is not None and self._refusal.status_code == 413:
                 self._must_close = True  # refused before reading the body
                 return self._refusal
         elif isinstance(event, h11.Data):
-            if self._lines is not None and self._first_line is None:
-                self._lines.feed(event.data)
+            if self._decoder is not None:
+                self._decoder.feed(event.data)
             return self._body_received(len(event.data))
         elif isinstance(event, h11.EndOfMessage):
             return self._end_request()
@@ -357,14 +408,22 @@ class ServerConnection:
             self._state = ServerConnectionState.CLOSED
         return None
 
-    def _body_received(self, size: int) -> ServerEvent | None:
-        """Account for ``size`` more body bytes (already fed to the line buffer)."""
+    def _body_received(self, size: int) -> ServerEvent | PushData | None:
+        """Account for ``size`` more body bytes (already fed to the line decoder)."""
         self._body_size += size
-        if self._lines is not None and self._first_line is None:
-            try:
-                self._first_line = next(self._lines.lines(), None)
-            except RemoteProtocolError:
+        decoder = self._decoder
+        if decoder is not None and not self._line_done:
+            if decoder.too_long:
                 return self._refuse_now(413, "push line too long")
+            if decoder.complete:
+                self._line_done = True
+                return None
+            try:
+                data = decoder.take_pieces()
+            except RemoteProtocolError as exc:
+                return self._refuse_now(400, str(exc))
+            if data:
+                return PushData(token=self._token, data=data)
         elif self._body_size > self.max_push_line:
             return self._refuse_now(413, "request body too large")
         return None
@@ -376,6 +435,11 @@ class ServerConnection:
             _header(request, b"content-length"),
             _header(request, b"content-type"),
         )
+        forwarded = [value for name, value in request.headers if name == b"x-forwarded-for"]
+        if forwarded:
+            self.forwarded_for = b",".join(forwarded)
+        else:
+            self.forwarded_for = _header(request, b"x-real-ip")
 
     def _begin_request(
         self,
@@ -392,6 +456,10 @@ class ServerConnection:
         path, _, query = target.partition("?")
         kind = self._routes.get(path)
         self._kind = kind
+        if method == b"CONNECT":
+            # h11 would switch protocols after a 2xx answer; nothing here tunnels by CONNECT.
+            self._refusal = BadRequest(status_code=405, reason="CONNECT is not supported")
+            return
         if kind is None:
             self._refusal = BadRequest(status_code=404, reason=f"unknown path {path[:64]!r}")
             return
@@ -415,7 +483,8 @@ class ServerConnection:
                 return
             content_type = content_type or b""
             self._is_form = content_type.split(b";")[0].strip().lower() in _FORM_TYPES
-            self._lines = LineBuffer(self.max_push_line)
+            if not self._is_form:
+                self._decoder = LineDecoder(self.max_push_line, self._push_piece)
 
     def _refuse_now(self, status: int, reason: str) -> BadRequest:
         """Refuse before the body has been read: the connection closes afterwards."""
@@ -435,12 +504,12 @@ class ServerConnection:
         # A push. GOST reads the body's first line and ignores the rest.
         if self._is_form:
             return CloseRequest(token=token, reason="form-encoded body")
-        line = self._first_line
-        if line is None:
+        decoder = self._decoder
+        if decoder is None or not decoder.complete:
             reason = "empty push" if self._body_size == 0 else "push without newline"
             return CloseRequest(token=token, reason=reason)
         try:
-            data = decode_line(line)
+            data = decoder.take_rest()
         except RemoteProtocolError as exc:
             return BadRequest(status_code=400, reason=str(exc), token=token or None)
         return PushRequest(token=token, data=data)
@@ -454,7 +523,28 @@ class ServerConnection:
             (b"Content-Length", str(len(body)).encode()),
             (b"Content-Type", b"text/plain; charset=utf-8"),
         ]
+        if self._method == b"HEAD":
+            body = b""  # the length of the body a GET would get, no body
         return self._respond(200, headers, body)
+
+    @property
+    def expects_continue(self) -> bool:
+        """Whether the client waits for ``100 Continue`` before sending the body.
+
+        Send :meth:`send_continue` then (``Expect: 100-continue``); a client
+        that waits in vain only sends its body after a delay of its own.
+        """
+        return (
+            self._state is ServerConnectionState.IDLE
+            and not self._fast
+            and self._conn.they_are_waiting_for_100_continue
+        )
+
+    def send_continue(self) -> bytes:
+        """``100 Continue``, for a client that :attr:`expects_continue`."""
+        if not self.expects_continue:
+            raise LocalProtocolError("no client is waiting for 100 Continue")
+        return self._send(h11.InformationalResponse(status_code=100, headers=[]))
 
     def send_push_ack(self) -> bytes:
         """Acknowledge a push or a close: ``200`` with an empty body."""
@@ -466,6 +556,23 @@ class ServerConnection:
             self._next_cycle()
             return _PUSH_ACK
         return self._respond(200, [(b"Content-Length", b"0")], b"")
+
+    def discard_push(self, status_code: int, reason: str = "push refused") -> None:
+        """Refuse a push whose body is still arriving (after :class:`PushData`).
+
+        The rest of the body is read and dropped (answering before it was
+        read would make the client's kernel reset the connection, and the
+        answer would be lost); then :meth:`next_event` returns a
+        :class:`BadRequest` with ``status_code``: answer that.
+        """
+        if (
+            self._kind is not RequestKind.PUSH
+            or self._decoder is None
+            or self._state is not ServerConnectionState.IDLE
+        ):
+            raise LocalProtocolError("discard_push() is for a push whose PushData was delivered")
+        self._decoder = None
+        self._refusal = BadRequest(status_code=status_code, reason=reason)
 
     def send_status(self, status_code: int) -> bytes:
         """Refuse the current request with ``status_code`` and an empty body.
@@ -483,6 +590,8 @@ class ServerConnection:
                 body = b""  # the length of the body a GET would get, no body
         else:
             body, headers = b"", [(b"Content-Length", b"0")]
+            if status_code == 405:
+                headers.append((b"Allow", b"GET, HEAD, POST"))
         if self._state is ServerConnectionState.ERROR:
             # The request could not be parsed: answer and close.
             self._state = ServerConnectionState.RESPONDING
@@ -502,7 +611,10 @@ class ServerConnection:
         # h11 chunks the body for an HTTP/1.1 client; for an HTTP/1.0 one (nginx
         # without proxy_http_version 1.1) it sends it raw and closes at the end.
         self._chunked_pull = (
-            self._fast_enabled and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
+            self._fast_enabled
+            and self._method != b"HEAD"  # h11 sends no body at all then
+            and self._conn.our_state is h11.SEND_BODY  # not after a CONNECT's 200
+            and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
         )
         self._state = ServerConnectionState.PULLING
         return data
@@ -585,9 +697,16 @@ class ServerConnection:
         ):
             self._conn.start_next_cycle()
             self._state = ServerConnectionState.IDLE
-            if self._fast_enabled and not self._fast:
+            if not self._fast:
+                # The next head goes through _fast_next_event's checks too:
+                # a fresh h11 connection between requests is the same as the
+                # old one, and what the old one had not read yet is moved over.
                 pending, closed = self._conn.trailing_data
-                self._fast = not pending and not closed  # h11 has nothing left to read
+                if pending or closed:
+                    self._conn = self._new_h11()
+                    self._buffer += pending
+                    self._eof = closed
+                self._fast = True
         else:
             self._state = ServerConnectionState.CLOSED
         self._reset_request()
@@ -623,6 +742,10 @@ class SessionRecord(Generic[P]):
     created_at: float
     last_active: float
     payload: P | None = field(default=None, repr=False)
+    #: Who the session counts against (a client address), ``None`` for nobody.
+    owner: str | None = None
+    #: Whether the session showed a sign of life (a pull attached, a byte carried).
+    alive: bool = False
 
 
 class LookupResult(enum.Enum):
@@ -631,11 +754,12 @@ class LookupResult(enum.Enum):
     UNKNOWN = "unknown"  #: never issued (strict mode) or malformed token
     CLOSED = "closed"  #: closed earlier; it is not resurrected
     FULL = "full"  #: a new session would exceed ``max_sessions``
+    OVER_BUDGET = "over budget"  #: its owner holds ``max_sessions_per_owner`` already
 
     @property
     def status_code(self) -> int:
         """The status to answer: 403 as GOST legacy for unknown (and closed) tokens."""
-        return 429 if self is LookupResult.FULL else 403
+        return 403 if self in (LookupResult.UNKNOWN, LookupResult.CLOSED) else 429
 
 
 class SessionRegistry(Generic[P]):
@@ -650,7 +774,14 @@ class SessionRegistry(Generic[P]):
     - ``close(token, now)`` ends a session; its token is remembered for
       ``closed_ttl`` seconds so late requests are refused, not re-opened.
     - ``expired(now)`` lists sessions idle for longer than ``idle_timeout``
-      (issued ones after ``issued_timeout``).
+      (issued ones after ``issued_timeout``, and sessions that never showed
+      a sign of life, see :meth:`mark_alive`, after ``lazy_timeout``).
+
+    Admission budgets: ``issue`` and ``lookup`` take the ``owner`` a new
+    session counts against (the client's address); one owner holds at most
+    ``max_sessions_per_owner`` sessions, of which at most
+    ``max_issued_per_owner`` issued but unused, so that one party cannot
+    take the whole ``max_sessions`` or ``backlog`` from everyone else.
     """
 
     def __init__(
@@ -661,21 +792,36 @@ class SessionRegistry(Generic[P]):
         backlog: int = 128,
         idle_timeout: float | None = 600.0,
         issued_timeout: float = 60.0,
+        lazy_timeout: float = 10.0,
         closed_ttl: float = 600.0,
+        max_sessions_per_owner: int | None = None,
+        max_issued_per_owner: int | None = None,
         token_source: TokenSource = new_token,
     ) -> None:
         if max_sessions < 1 or backlog < 1:
             raise LocalProtocolError("max_sessions and backlog must be at least 1")
+        for name, budget in (
+            ("max_sessions_per_owner", max_sessions_per_owner),
+            ("max_issued_per_owner", max_issued_per_owner),
+        ):
+            if budget is not None and budget < 1:
+                raise LocalProtocolError(f"{name} must be at least 1 (or None: no budget)")
         self.strict = strict
         self.max_sessions = max_sessions
         self.backlog = backlog
         self.idle_timeout = idle_timeout
         self.issued_timeout = issued_timeout
+        self.lazy_timeout = lazy_timeout
         self.closed_ttl = closed_ttl
+        self.max_sessions_per_owner = max_sessions_per_owner
+        self.max_issued_per_owner = max_issued_per_owner
         self._token_source = token_source
         self._sessions: dict[str, SessionRecord[P]] = {}
         self._issued = 0
-        self._closed: OrderedDict[str, float] = OrderedDict()
+        # owner -> [sessions, issued-but-unused sessions]
+        self._owners: dict[str, list[int]] = {}
+        self._closed: OrderedDict[str, float] = OrderedDict()  # sessions that existed
+        self._closed_unseen: OrderedDict[str, float] = OrderedDict()  # closes of no session
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -687,39 +833,90 @@ class SessionRegistry(Generic[P]):
         """The record of session ``token``, or ``None`` if it is unknown (or forgotten)."""
         return self._sessions.get(token)
 
-    def issue(self, now: float) -> str | None:
-        """A new token for ``/authorize``, or ``None`` when full (answer 429)."""
+    def owned_by(self, owner: str) -> tuple[int, int]:
+        """``(sessions, issued but unused)`` that count against ``owner``."""
+        counts = self._owners.get(owner)
+        return (counts[0], counts[1]) if counts else (0, 0)
+
+    def _over_budget(self, owner: str | None, issued: bool) -> bool:
+        if owner is None:
+            return False
+        counts = self._owners.get(owner)
+        if counts is None:
+            return False
+        limit = self.max_sessions_per_owner
+        if limit is not None and counts[0] >= limit:
+            return True
+        limit = self.max_issued_per_owner
+        return issued and limit is not None and counts[1] >= limit
+
+    def _add(self, record: SessionRecord[P]) -> None:
+        self._sessions[record.token] = record
+        if record.owner is not None:
+            counts = self._owners.setdefault(record.owner, [0, 0])
+            counts[0] += 1
+            if record.state is SessionState.ISSUED:
+                counts[1] += 1
+                self._issued += 1
+        elif record.state is SessionState.ISSUED:
+            self._issued += 1
+
+    def _used(self, record: SessionRecord[P]) -> None:
+        """An issued session was used (or ended): it leaves the backlog."""
+        self._issued -= 1
+        if record.owner is not None:
+            self._owners[record.owner][1] -= 1
+
+    def issue(self, now: float, owner: str | None = None) -> str | None:
+        """A new token for ``/authorize``, or ``None`` when full (answer 429).
+
+        ``owner`` is who the token counts against until it is used or expires.
+        """
         if self._issued >= self.backlog or len(self._sessions) >= self.max_sessions:
+            return None
+        if self._over_budget(owner, issued=True):
             return None
         for _ in range(8):
             token = self._token_source()
             if token not in self._sessions and token not in self._closed:
+                self._closed_unseen.pop(token, None)
                 break
         else:
             raise LocalProtocolError("token source keeps returning tokens already in use")
-        self._sessions[token] = SessionRecord(token, SessionState.ISSUED, now, now)
-        self._issued += 1
+        self._add(SessionRecord(token, SessionState.ISSUED, now, now, owner=owner))
         return token
 
-    def lookup(self, token: str, now: float) -> SessionRecord[P] | LookupResult:
-        """The session a push or pull for ``token`` refers to (see class doc)."""
+    def lookup(
+        self, token: str, now: float, owner: str | None = None
+    ) -> SessionRecord[P] | LookupResult:
+        """The session a push or pull for ``token`` refers to (see class doc).
+
+        A session created lazily here counts against ``owner``.
+        """
         self._forget_closed(now)
         record = self._sessions.get(token)
         if record is not None:
             if record.state is SessionState.ISSUED:
                 record.state = SessionState.OPEN
-                self._issued -= 1
+                self._used(record)
             record.last_active = now
             return record
-        if token in self._closed:
+        if token in self._closed or token in self._closed_unseen:
             return LookupResult.CLOSED
         if self.strict or not is_plausible_token(token):
             return LookupResult.UNKNOWN
         if len(self._sessions) >= self.max_sessions:
             return LookupResult.FULL
-        record = SessionRecord(token, SessionState.OPEN, now, now)
-        self._sessions[token] = record
+        if self._over_budget(owner, issued=False):
+            return LookupResult.OVER_BUDGET
+        record = SessionRecord(token, SessionState.OPEN, now, now, owner=owner)
+        self._add(record)
         return record
+
+    def mark_alive(self, record: SessionRecord[P], now: float) -> None:
+        """The session showed a sign of life: ``idle_timeout`` applies from now on."""
+        record.alive = True
+        record.last_active = now
 
     def touch(self, record: SessionRecord[P], now: float) -> None:
         """Note activity on a session (data moved), postponing its expiry."""
@@ -730,34 +927,51 @@ class SessionRegistry(Generic[P]):
         record = self._sessions.pop(token, None)
         if record is not None:
             if record.state is SessionState.ISSUED:
-                self._issued -= 1
+                self._used(record)
+            if record.owner is not None:
+                counts = self._owners[record.owner]
+                counts[0] -= 1
+                if not counts[0]:
+                    del self._owners[record.owner]
             record.state = SessionState.CLOSED
         elif not is_plausible_token(token):
             return None
-        # Even a token never seen is remembered: a modern client that closed
-        # (or broke) its session must not get a fresh one by a late request.
+        elif token not in self._closed:
+            # Even a token never seen is remembered: a modern client that
+            # closed (or broke) its session must not get a fresh one by a
+            # late request. These go in a table of their own, so that a flood
+            # of junk closes evicts only junk, never a session that existed.
+            table = self._closed_unseen
+            table[token] = now
+            table.move_to_end(token)
+            while len(table) > self.max_sessions:
+                table.popitem(last=False)
+            return None
         self._closed[token] = now
         self._closed.move_to_end(token)
-        while len(self._closed) > 2 * self.max_sessions:
+        while len(self._closed) > 4 * self.max_sessions:
             self._closed.popitem(last=False)
         return record
 
     def expired(self, now: float) -> list[SessionRecord[P]]:
         """Sessions that have been idle for too long (close them)."""
-        result = []
-        for record in self._sessions.values():
-            idle = now - record.last_active
-            if record.state is SessionState.ISSUED:
-                if idle >= self.issued_timeout:
-                    result.append(record)
-            elif self.idle_timeout is not None and idle >= self.idle_timeout:
-                result.append(record)
-        return result
+        return [record for record in self._sessions.values() if self.is_expired(record, now)]
+
+    def is_expired(self, record: SessionRecord[P], now: float) -> bool:
+        """Whether ``record`` is a live session idle for longer than its timeout."""
+        if self._sessions.get(record.token) is not record:
+            return False  # closed already
+        idle = now - record.last_active
+        if record.state is SessionState.ISSUED:
+            return idle >= self.issued_timeout
+        if not record.alive:
+            return idle >= self.lazy_timeout
+        return self.idle_timeout is not None and idle >= self.idle_timeout
 
     def _forget_closed(self, now: float) -> None:
-        closed = self._closed
-        while closed:
-            when = next(iter(closed.values()))
-            if now - when < self.closed_ttl:
-                break
-            closed.popitem(last=False)
+        for closed in (self._closed, self._closed_unseen):
+            while closed:
+                when = next(iter(closed.values()))
+                if now - when < self.closed_ttl:
+                    break
+                closed.popitem(last=False)

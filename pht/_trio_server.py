@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import logging
 import math
 import operator
+import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +25,14 @@ from ._events import (
     BadRequest,
     CloseRequest,
     PullRequest,
+    PushData,
     PushRequest,
     ServerConnectionState,
 )
 from ._server import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PUSH_LINE,
+    PUSH_PIECE,
     LookupResult,
     ServerConnection,
     SessionRecord,
@@ -43,8 +49,25 @@ log = logging.getLogger("pht.server")
 
 Handler = Callable[[PHTStream], Awaitable[object]]
 
+#: Sessions one client address may hold, so that one party cannot take them all.
+DEFAULT_MAX_SESSIONS_PER_ADDRESS = 256
+#: Tokens issued by ``/authorize`` and not used yet, per client address.
+DEFAULT_MAX_PENDING_PER_ADDRESS = 16
+#: Open connections per client address (a tunnel uses two).
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
 #: Bytes a handler may queue for the client before ``send_all`` waits.
 DEFAULT_MAX_BUFFERED = 1024 * 1024
+#: Bytes a handler may queue before the session's first pull attaches.
+_UNPULLED_ROOM = 16 * 1024
+#: Sessions that start ending per scheduler batch (see _Server.teardown).
+_TEARDOWN_BATCH = 32
+#: TCP_NOTSENT_LOWAT where the platform has it (Linux, macOS).
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+#: Bytes a pull write must get through within pull_write_timeout. With
+#: twice this much unsent allowed in the kernel, a client reading at least
+#: 3 * _PULL_PROGRESS per pull_write_timeout (3.2 KiB/s by default) keeps
+#: its pull.
+_PULL_PROGRESS = 64 * 1024
 #: Raw bytes written per pull write.
 _PULL_WRITE_SIZE = 1024 * 1024
 
@@ -60,13 +83,18 @@ class _ServerStream(PHTStream):
         waiting_pushes: set[_ServerStream],
     ) -> None:
         self.token = token
+        self.started = False  # whether the handler runs (see _Server.start_handler)
         self._waiting_pushes = waiting_pushes
         self.pull_writer: _PullWriter | None = None
         self.pull_parked = False
         self.push_deadline = math.inf
         self._push_expired = False
         self.remote_address = remote_address
-        self._max_buffered = max_buffered
+        # Until a pull attaches, nothing can leave: a handler may queue
+        # only a little (a greeting), so that pushes to sessions nobody
+        # pulls cannot make the server hold max_buffered each.
+        self._full_room = max_buffered
+        self._max_buffered = min(max_buffered, _UNPULLED_ROOM)
         # client -> handler
         self._inbound: deque[bytes] = deque()
         self._inbound_offset = 0
@@ -263,6 +291,12 @@ class _ServerStream(PHTStream):
         """Wake the pull writer waiting in :meth:`wait_outbound`."""
         self._outbound_ready.set()
 
+    def pull_attached(self) -> None:
+        """A pull is attached: the handler may queue up to ``max_buffered`` now."""
+        if self._max_buffered < self._full_room:
+            self._max_buffered = self._full_room
+            self._outbound_drained.set()
+
     def close_from_client(self) -> None:
         """The session ended on the client's side (or was reaped): EOF for the handler."""
         if not self._client_closed:
@@ -296,6 +330,9 @@ class _Server:
         request_timeout: float,
         keepalive_timeout: float,
         ssl_context: ssl.SSLContext | None,
+        pull_write_timeout: float = 60.0,
+        trusted_proxies: tuple[_Network, ...] = (),
+        max_connections_per_address: int | None = None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
@@ -313,27 +350,78 @@ class _Server:
         self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.pull_write_timeout = pull_write_timeout
+        self.trusted_proxies = trusted_proxies
+        self.max_connections_per_address = max_connections_per_address
+        self.connections_per_address: dict[str, int] = {}
+        self.pull_writers: set[_PullWriter] = set()
+        self.wheel = _HeartbeatWheel(heartbeat_interval)
+        # Ending a session wakes its handler, its pull and their clean-up:
+        # when thousands end at once (a client or proxy closing everything),
+        # that work would all land in one scheduler batch and stall every
+        # other tunnel. Ends take turns through this gate instead, a few
+        # dozen per batch.
+        self.teardown = trio.CapacityLimiter(_TEARDOWN_BATCH)
         self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
 
     # -- sessions -----------------------------------------------------------------
 
-    def session_for(self, token: str, peer: str | None) -> _ServerStream | int:
+    def client_of(self, peer: str | None, conn: ServerConnection) -> tuple[str | None, str | None]:
+        """``(owner, remote_address)`` of the current request of ``conn``.
+
+        The owner (what admission budgets count against) is the client's
+        host; behind a trusted proxy, the address the proxy reports.
+        """
+        host = _host_of(peer)
+        forwarded = conn.forwarded_for
+        if forwarded is None or host is None or not _trusted(host, self.trusted_proxies):
+            return host, peer
+        real = _client_from_forwarded(forwarded, self.trusted_proxies)
+        return (real, real) if real is not None else (host, peer)
+
+    def session_for(
+        self, token: str, peer: str | None, conn: ServerConnection
+    ) -> _ServerStream | int:
         """The session a push or pull for ``token`` goes to, or the status to answer."""
         now = trio.current_time()
         if self.draining:
             existing = self.registry.get(token)
             if existing is None or existing.payload is None:
                 return 503  # shutting down: no new sessions
-        record = self.registry.lookup(token, now)
+        owner, remote_address = self.client_of(peer, conn)
+        record = self.registry.lookup(token, now, owner)
         if isinstance(record, LookupResult):
+            if record is LookupResult.OVER_BUDGET:
+                log.debug("refused a new session for %s: over its budget", owner)
             return record.status_code
         if record.payload is None:
-            stream = _ServerStream(record.token, peer, self.max_buffered, self.waiting_pushes)
-            record.payload = stream
-            self.nursery.start_soon(self._run_handler, record, stream)
+            record.payload = _ServerStream(
+                record.token, remote_address, self.max_buffered, self.waiting_pushes
+            )
         return record.payload
+
+    def start_handler(self, stream: _ServerStream, *, pulled: bool) -> None:
+        """Run the handler of ``stream``'s session: it carried a byte or has a pull.
+
+        Not before: a refused request, an empty push, a close, or an
+        authorize never starts a handler (a forward handler would dial its
+        target for each). Not later either: a protocol where the server
+        speaks first (SMTP, an SSH banner) needs the handler running while
+        the client only pulls, and GOST's modern client may push its first
+        bytes before its pull arrives. Only a pull is a sign of life that
+        keeps a session past ``lazy_timeout``: a GOST client always pulls.
+        """
+        record = self.registry.get(stream.token)
+        if record is None or record.payload is not stream:
+            return
+        if pulled and not record.alive:
+            self.registry.mark_alive(record, trio.current_time())
+            stream.pull_attached()
+        if not stream.started:
+            stream.started = True
+            self.nursery.start_soon(self._run_handler, record, stream)
 
     async def _run_handler(
         self, record: SessionRecord[_ServerStream], stream: _ServerStream
@@ -377,22 +465,39 @@ class _Server:
         take longer than ``request_timeout`` to send a request, or idle longer
         than ``keepalive_timeout`` between requests, are closed.
         """
-        interval = min(self.push_timeout / 8, self.request_timeout / 8, 1.0)
+        interval = min(
+            self.push_timeout / 8, self.request_timeout / 8, self.pull_write_timeout / 8, 1.0
+        )
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for stream in list(self.waiting_pushes):
                 stream.expire_push(now)
+            for writer in self.pull_writers:
+                if now - writer.since >= self.pull_write_timeout:
+                    writer.timed_out = True
+                    writer.scope.cancel()
             for connection in self.connections:
                 if now >= connection.deadline:
                     connection.scope.cancel()
 
     async def reap(self) -> None:
-        interval = max(1.0, min(self.registry.issued_timeout, self.heartbeat_interval))
+        registry = self.registry
+        interval = max(
+            1.0,
+            min(registry.issued_timeout, self.heartbeat_interval, registry.lazy_timeout / 2),
+        )
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for record in self.registry.expired(now):
+            for number, record in enumerate(self.registry.expired(now), 1):
+                if number % _TEARDOWN_BATCH == 0:
+                    # Thousands expiring at once (a flood's junk) end a few
+                    # dozen per scheduler batch, as in _Server.teardown.
+                    await trio.lowlevel.checkpoint()
+                    now = trio.current_time()
+                if not registry.is_expired(record, now):
+                    continue  # ended or active again meanwhile
                 if record.payload is not None and record.token in self.pulls:
                     self.registry.touch(record, now)  # a pull is attached: alive
                     continue
@@ -405,6 +510,34 @@ class _Server:
 
     async def handle_connection(self, transport: trio.abc.Stream) -> None:
         peer = _peer_of(transport)
+        host = _host_of(peer)
+        budget = self.max_connections_per_address
+        if host is not None and budget is not None and not _trusted(host, self.trusted_proxies):
+            count = self.connections_per_address.get(host, 0)
+            if count >= budget:
+                log.debug("refused a connection from %s: over its budget", peer)
+                await _close_transport(transport)
+                return
+            self.connections_per_address[host] = count + 1
+            try:
+                await self._handle_connection(transport, peer)
+            finally:
+                count = self.connections_per_address[host] - 1
+                if count:
+                    self.connections_per_address[host] = count
+                else:
+                    del self.connections_per_address[host]
+        else:
+            await self._handle_connection(transport, peer)
+
+    async def _handle_connection(self, transport: trio.abc.Stream, peer: str | None) -> None:
+        if _NOTSENT_LOWAT is not None and isinstance(transport, trio.SocketStream):
+            # The kernel holds at most this much not yet sent (beyond what is
+            # in flight): a pull that stopped reading shows as a stalled write
+            # at once, and one that reads slowly shows progress with every
+            # window update, instead of after megabytes of send buffer drain.
+            with contextlib.suppress(OSError):
+                transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * _PULL_PROGRESS)
         conn = ServerConnection(
             self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
         )
@@ -424,7 +557,7 @@ class _Server:
             log.debug("connection from %s ended: %s", peer, exc)
         finally:
             self.connections.discard(watch)
-            await trio.aclose_forcefully(transport)
+            await _close_transport(transport)
 
     async def _serve_requests(
         self,
@@ -434,6 +567,7 @@ class _Server:
         watch: _Deadline,
     ) -> None:
         """Answer the requests of one connection until it closes."""
+        streaming = False
         while True:
             try:
                 event = conn.next_event()
@@ -444,10 +578,15 @@ class _Server:
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
                     return
-                data = await transport.receive_some(RECEIVE_SIZE)
+                if conn.expects_continue:
+                    await transport.send_all(conn.send_continue())
+                # In a long push line, read a piece at a time: what is read
+                # is held until the handler took it.
+                data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
                 conn.receive_data(data)
                 if not data:
                     return
+                del data  # the core has it: not kept alive while a push waits
                 if watch.between_requests:
                     # A request has begun: all of it must arrive in time
                     # (slowloris), whatever the keep-alive allowance was.
@@ -455,16 +594,25 @@ class _Server:
                     watch.deadline = trio.current_time() + self.request_timeout
                 continue
             watch.deadline = math.inf  # answering: push_timeout etc. apply
+            if type(event) is PushData:
+                # A piece of a long push line: deliver it, read on.
+                streaming = True
+                await self._push_data(event, conn, peer)
+                watch.deadline = trio.current_time() + self.request_timeout
+                continue
+            streaming = False
             if isinstance(event, PushRequest):
                 await self._push(transport, conn, event, peer)
             elif isinstance(event, PullRequest):
                 await self._pull(transport, conn, event, peer)
             elif isinstance(event, CloseRequest):
                 log.debug("session %s: %s", _short(event.token), event.reason)
-                self.close_token(event.token)
+                async with self.teardown:
+                    self.close_token(event.token)
                 await transport.send_all(conn.send_push_ack())
             elif isinstance(event, AuthorizeRequest):
-                token = None if self.draining else self.registry.issue(trio.current_time())
+                owner = self.client_of(peer, conn)[0]
+                token = None if self.draining else self.registry.issue(trio.current_time(), owner)
                 if token is not None:
                     answer = conn.send_token(token)
                 else:
@@ -493,16 +641,31 @@ class _Server:
         event: PushRequest,
         peer: str | None,
     ) -> None:
-        stream = self.session_for(event.token, peer)
+        stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(stream))
             return
+        if event.data and not stream.started:
+            self.start_handler(stream, pulled=False)
         if await stream.deposit(event.data, self.push_timeout):
             await transport.send_all(conn.send_push_ack())
         else:
             # GOST answers 410 when the bytes were not taken in time; the session ends.
             self.end_session(stream)
             await transport.send_all(conn.send_status(410))
+
+    async def _push_data(self, event: PushData, conn: ServerConnection, peer: str | None) -> None:
+        """Deliver a piece of a long push (or have the rest dropped and refused)."""
+        stream = self.session_for(event.token, peer, conn)
+        if isinstance(stream, int):
+            conn.discard_push(stream)
+            return
+        if not stream.started:
+            self.start_handler(stream, pulled=False)
+        if not await stream.deposit(event.data, self.push_timeout):
+            # GOST answers 410 when the bytes were not taken in time; the session ends.
+            self.end_session(stream)
+            conn.discard_push(410, "push not consumed in time")
 
     async def _pull(
         self,
@@ -511,35 +674,45 @@ class _Server:
         event: PullRequest,
         peer: str | None,
     ) -> None:
-        stream = self.session_for(event.token, peer)
+        stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(stream))
             return
         previous = self.pulls.get(stream.token)
         if previous is not None:
             previous.cancel()  # a newer long poll replaces a stale one
-        await transport.send_all(conn.start_pull())
         hung_up = trio.Event()
         async with trio.open_nursery() as nursery:
+            beat = _HeartbeatTimer(stream)
+            writer = _PullWriter(transport, conn, beat, nursery.cancel_scope)
             self.pulls[stream.token] = nursery.cancel_scope
-            nursery.start_soon(
-                self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
-            )
-            beat = _HeartbeatTimer(stream, self.heartbeat_interval)
-            nursery.start_soon(beat.run)
-            writer = _PullWriter(transport, conn, beat)
-            stream.pull_writer = writer
+            self.pull_writers.add(writer)
             try:
+                await writer.send(conn.start_pull())
+                self.start_handler(stream, pulled=True)
+                nursery.start_soon(
+                    self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
+                )
+                self.wheel.add(beat)
+                stream.pull_writer = writer
                 await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 hung_up.set()  # the write failed: the client is gone
             finally:
+                self.wheel.discard(beat)
+                self.pull_writers.discard(writer)
                 if stream.pull_writer is writer:
                     stream.pull_writer = None
                 replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
                 if not replaced:
                     del self.pulls[stream.token]
                 nursery.cancel_scope.cancel()
+        if writer.timed_out:
+            # The client stopped reading: what the pull holds cannot be
+            # delivered, and nothing else frees it (see pull_write_timeout).
+            log.info("session %s: pull write timed out", _short(stream.token))
+            self.end_session(stream)
+            raise trio.BrokenResourceError("pull write timed out")
         if hung_up.is_set() and not replaced:
             # The client went away mid-pull and no newer pull took over: the
             # session cannot deliver anything any more (PROTOCOL.md defect 6).
@@ -549,7 +722,7 @@ class _Server:
     async def _feed_pull(self, stream: _ServerStream, writer: _PullWriter) -> None:
         """Write the session's bytes, heartbeats and finally the end of the pull."""
         registry = self.registry
-        transport, conn, beat = writer.transport, writer.conn, writer.beat
+        conn, beat = writer.conn, writer.beat
         while True:
             if writer.error is not None:
                 raise trio.BrokenResourceError("pull write failed") from writer.error
@@ -563,11 +736,11 @@ class _Server:
                     registry.touch(record, beat.last_write)
                 continue
             if stream.finished.is_set():
-                await transport.send_all(conn.end_pull())
+                await writer.send(conn.end_pull())
                 return
             if beat.due:
                 beat.due = False
-                await transport.send_all(conn.send_heartbeat())
+                await writer.send(conn.send_heartbeat())
                 continue
             stream.pull_parked = True
             try:
@@ -602,7 +775,8 @@ class _Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
         hung_up.set()
-        scope.cancel()
+        async with self.teardown:  # see _Server.teardown
+            scope.cancel()
 
 
 class _Deadline:
@@ -623,16 +797,43 @@ class _PullWriter:
     ``error`` for the pull task, which then ends the pull.
     """
 
-    __slots__ = ("beat", "busy", "conn", "error", "transport")
+    __slots__ = ("beat", "busy", "conn", "error", "scope", "since", "timed_out", "transport")
 
     def __init__(
-        self, transport: trio.abc.Stream, conn: ServerConnection, beat: _HeartbeatTimer
+        self,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        beat: _HeartbeatTimer,
+        scope: trio.CancelScope,
     ) -> None:
         self.transport = transport
         self.conn = conn
         self.beat = beat
+        self.scope = scope  # the pull's: cancelled when a write takes too long
+        self.since = math.inf  # when the write in progress began
+        self.timed_out = False
         self.busy = False
         self.error: BaseException | None = None
+
+    async def send(self, data: bytes) -> None:
+        """Write response bytes, under the server's pull write timeout.
+
+        The timeout bounds each piece of ``_PULL_PROGRESS`` bytes, not the
+        whole write: a slow client that keeps reading is not cut, one that
+        stopped is.
+        """
+        transport = self.transport
+        try:
+            if len(data) <= _PULL_PROGRESS:
+                self.since = trio.current_time()
+                await transport.send_all(data)
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), _PULL_PROGRESS):
+                    self.since = trio.current_time()
+                    await transport.send_all(view[start : start + _PULL_PROGRESS])
+        finally:
+            self.since = math.inf
 
     @property
     def available(self) -> bool:
@@ -642,7 +843,7 @@ class _PullWriter:
         """Write tunnel bytes; failures are recorded, not raised (except Cancelled)."""
         self.busy = True
         try:
-            await self.transport.send_all(self.conn.send_pull_data(data))
+            await self.send(self.conn.send_pull_data(data))
             self.beat.last_write = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.error = exc
@@ -654,25 +855,71 @@ class _PullWriter:
 
 
 class _HeartbeatTimer:
-    """Marks a heartbeat due when a pull has been quiet for ``interval``.
+    """When a pull last carried something, and whether a heartbeat is due on it."""
 
-    A sleeping task per pull is cheaper than a cancel scope per pull write.
-    """
+    __slots__ = ("due", "last_write", "slot", "stream")
 
-    def __init__(self, stream: _ServerStream, interval: float) -> None:
+    def __init__(self, stream: _ServerStream) -> None:
         self.stream = stream
-        self.interval = interval
         self.last_write = trio.current_time()
         self.due = False
+        self.slot = 0  # the wheel's slot it is filed under
+
+
+class _HeartbeatWheel:
+    """Marks heartbeats due on every pull that has been quiet for ``interval``.
+
+    One task for all pulls, filed by due time in slots of ``interval / 8``:
+    it wakes when the earliest slot is due, and an idle server (or an idle
+    pull between two heartbeats) costs nothing. Data written on a pull
+    moves ``last_write`` only; the pull is re-filed when its slot comes up.
+    A heartbeat goes out between ``interval`` and ``interval * 9 / 8`` after
+    the last write.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.tick = interval / 8
+        self.slots: dict[int, set[_HeartbeatTimer]] = {}
+        self._added = trio.Event()
+
+    def add(self, beat: _HeartbeatTimer) -> None:
+        self._file(beat, beat.last_write + self.interval)
+        self._added.set()
+
+    def discard(self, beat: _HeartbeatTimer) -> None:
+        bucket = self.slots.get(beat.slot)
+        if bucket is not None:
+            bucket.discard(beat)
+            if not bucket:
+                del self.slots[beat.slot]
+
+    def _file(self, beat: _HeartbeatTimer, due: float) -> None:
+        beat.slot = slot = math.ceil(due / self.tick)
+        bucket = self.slots.get(slot)
+        if bucket is None:
+            self.slots[slot] = {beat}
+        else:
+            bucket.add(beat)
 
     async def run(self) -> None:
         while True:
-            await trio.sleep_until(self.last_write + self.interval)
+            if not self.slots:
+                self._added = trio.Event()
+                await self._added.wait()
+                continue
+            await trio.sleep_until(min(self.slots) * self.tick)
             now = trio.current_time()
-            if now >= self.last_write + self.interval:
-                self.due = True
-                self.last_write = now
-                self.stream.wake_writer()
+            interval = self.interval
+            for slot in [slot for slot in self.slots if slot * self.tick <= now]:
+                for beat in self.slots.pop(slot):
+                    due = beat.last_write + interval
+                    if now >= due:
+                        beat.due = True
+                        beat.last_write = now
+                        beat.stream.wake_writer()
+                        due = now + interval
+                    self._file(beat, due)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -700,6 +947,127 @@ def _peer_of(transport: trio.abc.Stream) -> str | None:
     return None
 
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _host_of(peer: str | None) -> str | None:
+    """The host part of ``host:port`` or ``[host]:port``."""
+    if peer is None:
+        return None
+    host = peer.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _parse_networks(
+    trusted: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> tuple[_Network, ...]:
+    if isinstance(trusted, str):
+        raise TypeError("trusted_proxies must be a list of addresses or networks, not a str")
+    networks = []
+    for entry in trusted:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+    return tuple(networks)
+
+
+def _trusted(host: str, networks: tuple[_Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def _client_from_forwarded(value: bytes, trusted: tuple[_Network, ...]) -> str | None:
+    """The client address in an ``X-Forwarded-For`` (or ``X-Real-IP``) value.
+
+    The rightmost entry that is not a trusted proxy: entries left of it
+    were written by the client itself and prove nothing.
+    """
+    entries = value.decode("latin-1").split(",")
+    for entry in reversed(entries):
+        entry = entry.strip()
+        if entry.startswith("[") and "]" in entry:  # [v6]:port
+            entry = entry[1 : entry.index("]")]
+        elif entry.count(":") == 1:  # v4:port
+            entry = entry.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(entry)
+        except ValueError:
+            return None  # garbage: fall back to the proxy's own address
+        if not any(address in network for network in trusted):
+            return str(address)
+    return None
+
+
+#: accept() errors that mean "out of resources", not "listener broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    code
+    for code in (
+        getattr(errno, "EMFILE", None),
+        getattr(errno, "ENFILE", None),
+        getattr(errno, "ENOMEM", None),
+        getattr(errno, "ENOBUFS", None),
+    )
+    if code is not None
+)
+#: Seconds between two "out of file descriptors" warnings.
+_ACCEPT_WARNING_INTERVAL = 10.0
+#: Seconds accept() waits after running out of file descriptors.
+_ACCEPT_BACKOFF = 0.1
+
+
+async def _accept_loop(
+    listener: trio.abc.Listener[Any],
+    handle: Callable[[Any], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Accept connections until cancelled.
+
+    At the file descriptor limit (and other resource errors) accept backs
+    off briefly and logs one warning per interval with the count since the
+    last one, instead of an error with a traceback per attempt.
+    """
+    failures = 0
+    warned_at = -math.inf
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            failures += 1
+            now = trio.current_time()
+            if now - warned_at >= _ACCEPT_WARNING_INTERVAL:
+                log.warning(
+                    "cannot accept connections: %s (%d times since the last warning);"
+                    " raise the file descriptor limit (ulimit -n) or lower max_sessions",
+                    exc.strerror or exc,
+                    failures,
+                )
+                warned_at, failures = now, 0
+            await trio.sleep(_ACCEPT_BACKOFF)
+            continue
+        nursery.start_soon(handle, stream)
+
+
+async def _close_transport(transport: trio.abc.Stream) -> None:
+    """Close a connection at once, without waiting for anything.
+
+    A plain socket is closed directly: trio.aclose_forcefully would raise
+    and catch a Cancelled per connection, which adds up when thousands of
+    connections close at once (every other tunnel waits meanwhile).
+    """
+    if type(transport) is trio.SocketStream:
+        transport.socket.close()
+    else:
+        await trio.aclose_forcefully(transport)
+
+
 def _short(token: str) -> str:
     return token[:8] + "…" if len(token) > 10 else token
 
@@ -714,12 +1082,19 @@ async def serve_pht(
     push_path: str = "/push",
     pull_path: str = "/pull",
     backlog: int = 128,
+    listen_backlog: int | None = None,
     heartbeat_interval: float = 10.0,
     strict: bool = False,
     max_sessions: int = 10_000,
+    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
+    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    trusted_proxies: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
     idle_timeout: float | None = 600.0,
     issued_timeout: float = 60.0,
+    lazy_timeout: float = 10.0,
     push_timeout: float = 30.0,
+    pull_write_timeout: float = 60.0,
     request_timeout: float = 60.0,
     keepalive_timeout: float = 120.0,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
@@ -745,7 +1120,9 @@ async def serve_pht(
     Tokens issued by ``authorize_path`` and tokens that modern GOST clients
     make themselves are both accepted (``strict=True`` accepts only issued
     ones). ``backlog`` bounds tokens issued but not used yet (``429``
-    beyond), ``max_sessions`` the session table. Pulls stay open and carry a
+    beyond), ``max_sessions`` the session table; ``listen_backlog`` is the
+    kernel's queue of connections not accepted yet (``None``: the OS
+    maximum). Pulls stay open and carry a
     heartbeat line every ``heartbeat_interval`` seconds. A push is
     acknowledged once the handler took its bytes; if it does not within
     ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
@@ -753,7 +1130,20 @@ async def serve_pht(
     ``issued_timeout``) are closed. A connection must deliver each request
     within ``request_timeout`` seconds of its first byte (slow-header
     clients are cut) and is closed after ``keepalive_timeout`` idle seconds
-    between requests.
+    between requests. A pull write that takes longer than
+    ``pull_write_timeout`` (the client stopped reading) ends its session.
+
+    Admission: one client address holds at most ``max_sessions_per_address``
+    sessions, ``max_pending_per_address`` issued-but-unused tokens and
+    ``max_connections_per_address`` connections (``None``: no budget), so
+    that one anonymous party cannot lock others out. Sessions a client made
+    by pushing or pulling a token of its own are closed after
+    ``lazy_timeout`` seconds unless a pull attaches to them; a session's
+    handler starts only once a pull is attached. Behind a reverse proxy,
+    list it in ``trusted_proxies`` (addresses or networks): the client's
+    address is then taken from ``X-Forwarded-For`` / ``X-Real-IP`` of its
+    requests, for the budgets, the logs and the stream's ``remote_address``.
+    See ``docs/security.md``.
 
     Without ``shutdown`` it serves until cancelled. When the ``shutdown``
     event is set, it shuts down gracefully: it stops accepting connections,
@@ -765,6 +1155,8 @@ async def serve_pht(
         raise ValueError("heartbeat_interval must be a positive number of seconds")
     for name, value in (
         ("push_timeout", push_timeout),
+        ("pull_write_timeout", pull_write_timeout),
+        ("lazy_timeout", lazy_timeout),
         ("request_timeout", request_timeout),
         ("keepalive_timeout", keepalive_timeout),
     ):
@@ -779,8 +1171,14 @@ async def serve_pht(
         backlog=backlog,
         idle_timeout=idle_timeout,
         issued_timeout=issued_timeout,
+        lazy_timeout=lazy_timeout,
+        max_sessions_per_owner=max_sessions_per_address,
+        max_issued_per_owner=max_pending_per_address,
         token_source=token_source,
     )
+    if max_connections_per_address is not None and max_connections_per_address < 1:
+        raise ValueError("max_connections_per_address must be at least 1 (or None)")
+    networks = _parse_networks(trusted_proxies)
     ssl_context: ssl.SSLContext | None
     if tls is True:
         ssl_context = make_self_signed_certificate().server_context()
@@ -794,10 +1192,10 @@ async def serve_pht(
         raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
     listeners: list[Any]
     if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=listen_backlog)
     else:
         listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True, backlog=backlog
+            port, ssl_context, host=host, https_compatible=True, backlog=listen_backlog
         )
     async with trio.open_nursery() as nursery:
         server = _Server(
@@ -813,23 +1211,32 @@ async def serve_pht(
             request_timeout=request_timeout,
             keepalive_timeout=keepalive_timeout,
             ssl_context=ssl_context,
+            pull_write_timeout=pull_write_timeout,
+            trusted_proxies=networks,
+            max_connections_per_address=max_connections_per_address,
         )
         nursery.start_soon(server.reap)
+        nursery.start_soon(server.wheel.run)
         nursery.start_soon(server.watchdog)
         accepting = trio.CancelScope()
 
-        async def accept(task_status: trio.TaskStatus[object]) -> None:
-            with accepting:
-                await trio.serve_listeners(
-                    server.handle_connection,
-                    # TLS listeners are reported (as trio.serve_ssl_over_tcp
-                    # does), but the TLS layer is pht's own: see _tls_stream.
-                    [getattr(listener, "transport_listener", listener) for listener in listeners],
-                    handler_nursery=nursery,
-                    task_status=task_status,
-                )
+        # TLS listeners are reported (as trio.serve_ssl_over_tcp does), but
+        # the TLS layer is pht's own: see _tls_stream.
+        sockets = [getattr(listener, "transport_listener", listener) for listener in listeners]
 
-        await nursery.start(accept)
+        async def accept() -> None:
+            with accepting:
+                try:
+                    async with trio.open_nursery() as accepters:
+                        for listener in sockets:
+                            accepters.start_soon(
+                                _accept_loop, listener, server.handle_connection, nursery
+                            )
+                finally:
+                    for listener in sockets:
+                        await trio.aclose_forcefully(listener)
+
+        nursery.start_soon(accept)
         task_status.started(listeners)
         if shutdown is None:
             await trio.sleep_forever()

@@ -181,7 +181,7 @@ def test_new_tokens_carry_at_least_128_random_bits() -> None:
 
 
 async def test_server_issues_long_random_tokens(nursery: trio.Nursery) -> None:
-    port = await start_server(nursery, backlog=64)
+    port = await start_server(nursery, backlog=64, max_pending_per_address=None)
     seen = set()
     with trio.fail_after(GUARD):
         client = await RawClient.connect(port)
@@ -221,16 +221,24 @@ def test_security_page_states_the_real_defaults() -> None:
         "max_header_size",
         "max_buffered",
         "max_sessions",
+        "max_sessions_per_address",
+        "max_pending_per_address",
+        "max_connections_per_address",
+        "listen_backlog",
         "backlog",
         "issued_timeout",
+        "lazy_timeout",
         "idle_timeout",
         "push_timeout",
+        "pull_write_timeout",
         "request_timeout",
         "keepalive_timeout",
         "heartbeat_interval",
     ):
         value = defaults[name]
-        if name.startswith("max_") and name != "max_sessions":
+        if value is None:
+            shown = "None"
+        elif name in ("max_push_line", "max_header_size", "max_buffered"):
             shown = _size(value)
         elif isinstance(value, float):
             shown = f"{value:g} s"

@@ -64,8 +64,11 @@ async def test_idle_session_expires_and_its_handler_sees_eof(
         seen.append((await stream.receive_some(), trio.current_time()))
         done.set()
 
-    port = await start_server(nursery, handler, idle_timeout=600.0, heartbeat_interval=10.0)
-    # A legacy-style session: a push, no pull attached, never closed.
+    port = await start_server(
+        nursery, handler, idle_timeout=600.0, lazy_timeout=10.0, heartbeat_interval=10.0
+    )
+    # A session a client made itself: a push, no pull ever attached, never
+    # closed. No sign of life: it goes after lazy_timeout, not idle_timeout.
     answer, _ = await exchange(port, push_request("idle-session-token-0001", HELLO))
     assert answer.status == 200
     with trio.fail_after(3600):  # mock time
@@ -73,7 +76,7 @@ async def test_idle_session_expires_and_its_handler_sees_eof(
     assert seen[0][0] == b"hello"
     assert seen[1][0] == b""  # EOF: the session expired
     idle_for = seen[1][1] - seen[0][1]
-    assert 600.0 <= idle_for <= 700.0
+    assert 10.0 <= idle_for <= 20.0
     answer, _ = await exchange(port, push_request("idle-session-token-0001", HELLO))
     assert answer.status == 403
 

@@ -29,6 +29,10 @@ Step = tuple[Any, ...]
 
 def answer(conn: pht.ServerConnection, event: object, how: str) -> bytes:
     """Answer ``event`` as a server would, or as ``how`` says (misuse included)."""
+    if isinstance(event, pht.PushData):  # delivered; refused mid-body, or read on
+        if how in ("status", "gone"):
+            conn.discard_push(410)
+        return b""
     if how == "status":
         return conn.send_status(403)
     if how == "gone":
@@ -310,6 +314,8 @@ limits = st.sampled_from(
         {"max_push_line": 40},
         {"max_header_size": 120},
         {"max_push_line": 24, "max_header_size": 200},
+        {"_push_piece": 4},
+        {"_push_piece": 8, "max_push_line": 40},
     ]
 )
 
@@ -452,3 +458,13 @@ def test_pull_framing_is_h11s(sizes: list[int], version: bytes, after_push: bool
     assert wires[0][1] is (
         pht.ServerConnectionState.IDLE if chunked else pht.ServerConnectionState.CLOSED
     )
+
+
+def test_pull_answer_to_a_head_request_is_refused_on_both_paths() -> None:
+    """Found by hypothesis: the fast path framed pull data for a HEAD request by hand."""
+    push = b"POST /push?token= HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n\n"
+    head = b"HEAD /push?token= HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n\n"
+    for method in (b"HEAD", b"CONNECT"):
+        odd = head.replace(b"HEAD", method)
+        steps = assert_same(cut(push + odd + push, [1]), [("default", 0), ("pull", 0)])
+        assert any(step[1:2] == ("LocalProtocolError",) for step in steps)
