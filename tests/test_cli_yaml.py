@@ -405,7 +405,8 @@ def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     (service,) = load_config(str(path)).services
     assert service.handler == "relay"
     path.write_text("services:\n- addr: ':8443'\n")
-    with pytest.raises(ConfigError, match=r"reading YAML needs PyYAML: pip install 'pht-tunnel\[cli\]'"):
+    needs_pyyaml = r"reading YAML needs PyYAML: pip install 'pht-tunnel\[cli\]'"
+    with pytest.raises(ConfigError, match=needs_pyyaml):
         load_config(str(path))
 
 
