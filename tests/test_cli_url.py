@@ -365,3 +365,32 @@ def test_nodelay_elsewhere_than_relay_is_a_warning(caplog: pytest.LogCaptureFixt
         parse_node("http+pht://server:8443?nodelay=true")
     assert "nodelay is a relay handler option" in caplog.text
     assert "nodelay is a relay connector option" in caplog.text
+
+
+# --- trusted reverse proxies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["pht", "phts"])
+def test_trusted_proxies_are_networks(listener: str) -> None:
+    spec = parse_service(f"socks5+{listener}://:8443?trustedProxies=10.0.0.0/8,127.0.0.1,::1")
+    assert spec.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32", "::1/128")
+
+
+def test_trusted_proxies_default_to_none() -> None:
+    assert parse_service("socks5+pht://:8443").trusted_proxies == ()
+
+
+def test_trusted_proxies_need_a_pht_listener() -> None:
+    with pytest.raises(ConfigError, match="trustedProxies needs a pht or phts listener"):
+        parse_service("socks5://:1080?trustedProxies=10.0.0.0/8")
+
+
+@pytest.mark.parametrize("entry", ["proxy.example", "10.0.0.0/33", "10.0.0.1:80"])
+def test_trusted_proxies_refuse_what_is_no_address(entry: str) -> None:
+    with pytest.raises(ConfigError, match=f"trustedProxies: '{re.escape(entry)}' is not an IP"):
+        parse_service(f"socks5+pht://:8443?trustedProxies=127.0.0.1,{entry}")
+
+
+def test_proxy_protocol_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"option 'proxyProtocol' \(PROXY protocol"):
+        parse_service("socks5+pht://:8443?proxyProtocol=1")

@@ -333,6 +333,8 @@ class Service:
             details += " to " + ",".join(str(target) for target in self.spec.targets)
         if self.route:
             details += f" via {self.route}"
+        if self.spec.trusted_proxies:
+            details += ", client addresses from " + ",".join(self.spec.trusted_proxies)
         return details
 
     async def serve(
@@ -358,6 +360,7 @@ class Service:
                 push_path=spec.paths.push_path,
                 pull_path=spec.paths.pull_path,
                 backlog=spec.backlog,
+                trusted_proxies=spec.trusted_proxies,
                 task_status=task_status,
             )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 from collections.abc import Mapping
 from typing import TypeVar
@@ -55,6 +56,7 @@ __all__ = [
     "server_paths",
     "server_tls",
     "tls_options",
+    "trusted_proxies",
 ]
 
 log = logging.getLogger("pht.cli")
@@ -250,6 +252,34 @@ def server_tls(meta: Metadata) -> ServerTLS | None:
     return ServerTLS(cert_file=cert_file, key_file=key_file or None, ca_file=ca_file or None)
 
 
+def trusted_proxies(meta: Metadata, listener: ListenerType) -> tuple[str, ...]:
+    """``trustedProxies=10.0.0.0/8,127.0.0.1``: the reverse proxies a PHT listener believes.
+
+    Requests from these addresses name the real client in ``X-Forwarded-For``
+    or ``X-Real-IP``; from anyone else those headers are ignored (a client
+    could write anything there). Each entry is an address or a network; they
+    come back as networks (``127.0.0.1/32``).
+    """
+    entries = meta.strings("trustedProxies")
+    if not entries:
+        return ()
+    if listener == "tcp":
+        raise ConfigError(
+            f"{meta.where}: trustedProxies needs a pht or phts listener "
+            "(a tcp listener sees no HTTP headers)"
+        )
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{meta.where}: trustedProxies: {entry!r} is not an IP address or network "
+                "(e.g. 10.0.0.0/8,127.0.0.1)"
+            ) from None
+    return tuple(networks)
+
+
 _TLS_VERSIONS = {
     "versiontls10": "1.0",
     "versiontls11": "1.1",
@@ -394,6 +424,7 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     auth = _credentials(userinfo, meta)
     paths = server_paths(meta)
     backlog = meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
+    trusted = trusted_proxies(meta, listener)
     tls = server_tls(meta)
     if tls is not None and listener != "phts":
         log.warning("%s: TLS files are used only by a phts listener: ignored", where)
@@ -416,6 +447,7 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         tls=tls,
         tls_options=options,
         nodelay=nodelay,
+        trusted_proxies=trusted,
     )
 
 

@@ -41,6 +41,7 @@ from ._url import (
     server_paths,
     server_tls,
     tls_options,
+    trusted_proxies,
 )
 
 __all__ = ["load_config", "parse_config"]
@@ -219,6 +220,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     listener_meta = listener_section.metadata()
     paths = server_paths(listener_meta)
     backlog = listener_meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
+    trusted = trusted_proxies(listener_meta, listener)
     listener_meta.report_unused()
     handler_meta = handler_section.metadata().merged(service.metadata())
     nodelay = bool(handler_meta.boolean("nodelay"))
@@ -247,6 +249,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         tls_options=options,
         chain=chain,
         nodelay=nodelay,
+        trusted_proxies=trusted,
     )
 
 
