@@ -394,3 +394,21 @@ def test_trusted_proxies_refuse_what_is_no_address(entry: str) -> None:
 def test_proxy_protocol_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"option 'proxyProtocol' \(PROXY protocol"):
         parse_service("socks5+pht://:8443?proxyProtocol=1")
+
+
+@pytest.mark.parametrize("scheme", ["socks5+pht", "socks5", "pht"])
+def test_tls_options_on_a_plain_dialer_are_a_warning(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        hop = parse_node(f"{scheme}://server:8443?secure=true&serverName=tunnel.example")
+    assert hop.nodes[0].tls == ClientTLS()
+    assert "used only by a phts dialer: ignored" in caplog.text
+    assert "did you mean phts://?" in caplog.text
+
+
+def test_tls_options_on_a_phts_dialer_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        hop = parse_node("socks5+phts://server:8443?secure=true&serverName=tunnel.example")
+    assert hop.nodes[0].tls == ClientTLS(secure=True, server_name="tunnel.example")
+    assert caplog.text == ""

@@ -453,3 +453,21 @@ def test_yaml_refuses_proxy_protocol_in_service_metadata() -> None:
               metadata: {proxyProtocol: 2}
             """
         )
+
+
+def test_yaml_tls_on_a_plain_pht_dialer_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        config = parse(
+            """
+            services: [{addr: ":1080", handler: {type: socks5, chain: c}}]
+            chains:
+            - name: c
+              hops:
+              - nodes:
+                - addr: server:8443
+                  connector: {type: socks5}
+                  dialer: {type: pht, tls: {secure: true, serverName: tunnel.example}}
+            """
+        )
+    assert config.chains[0].hops[0].nodes[0].tls == ClientTLS()
+    assert "used only by a phts dialer: ignored" in caplog.text

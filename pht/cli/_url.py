@@ -46,6 +46,7 @@ __all__ = [
     "HANDLERS",
     "LISTENERS",
     "client_tls",
+    "dialer_tls",
     "node_paths",
     "normalize_connector",
     "normalize_dialer",
@@ -337,6 +338,23 @@ def client_tls(meta: Metadata) -> ClientTLS:
     )
 
 
+def dialer_tls(tls: ClientTLS, dialer: DialerType, where: str) -> ClientTLS:
+    """``tls`` for a phts dialer; for any other, a WARNING and no TLS settings.
+
+    ``-F pht://server?secure=true`` sends plain HTTP: saying nothing would let
+    the user believe the server is verified.
+    """
+    if dialer == "phts" or tls == ClientTLS():
+        return tls
+    log.warning(
+        "%s: TLS options (secure, serverName, caFile, certFile, ...) are used only by a "
+        "phts dialer: ignored, this %s node does not encrypt (did you mean phts://?)",
+        where,
+        dialer,
+    )
+    return ClientTLS()
+
+
 def _split_url(text: str, *, where: str) -> tuple[str, str, str, str, str]:
     """Cut ``scheme://userinfo@hostport/path?query`` into its five parts (no decoding)."""
     scheme, _, rest = text.partition("://")
@@ -499,7 +517,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     paths = node_paths(meta)
     host_header = meta.string("host") or None
     headers = meta.headers()
-    tls = client_tls(meta)
+    tls = dialer_tls(client_tls(meta), dialer, where)
     proxy = node_proxy(meta, dialer)
     nodelay = bool(meta.boolean("nodelay"))
     if nodelay and connector != "relay":

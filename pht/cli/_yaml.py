@@ -32,6 +32,7 @@ from ._spec import (
 )
 from ._url import (
     client_tls,
+    dialer_tls,
     node_paths,
     node_proxy,
     normalize_connector,
@@ -279,7 +280,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     connector_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     connector_meta.report_unused()
     tls_meta = dialer_section.tls_metadata()
-    tls = client_tls(tls_meta)
+    tls = dialer_tls(client_tls(tls_meta), dialer, dialer_section.where)
     tls_meta.report_unused()
     return NodeSpec(
         name=name,
