@@ -9,6 +9,7 @@ came through nginx or straight to the server.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import socketserver
@@ -110,8 +111,8 @@ def _echo_through(port: int, headers: list[tuple[str, str]]) -> None:
     trio.run(main)
 
 
-def _server(echo: int, query: str) -> PhtProcess:
-    return PhtProcess("-L", f"forward+pht://127.0.0.1:0/127.0.0.1:{echo}{query}")
+def _server(echo: int, query: str, *options: str) -> PhtProcess:
+    return PhtProcess("-L", f"forward+pht://127.0.0.1:0/127.0.0.1:{echo}{query}", *options)
 
 
 def _opened(server: PhtProcess, echo: int) -> str:
@@ -153,3 +154,17 @@ def test_forged_header_from_an_untrusted_peer_is_ignored(echo: int) -> None:
         assert re.fullmatch(r"127\.0\.0\.1:\d+", _opened(server, echo))
         _, output = server.stop()
     assert FORGED not in output
+
+
+def test_json_log_lines_carry_the_client_address(start_nginx: NginxFactory, echo: int) -> None:
+    query = f"?trustedProxies={NGINX_SOURCE}"
+    with _server(echo, query, "--log-format", "json") as server:
+        nginx_port = _behind_nginx(start_nginx, server.port())
+        _echo_through(nginx_port, [("X-Forwarded-For", FORGED)])
+        server.wait_for(r"forward 127\.0\.0\.1 -> .* closed")
+        _, output = server.stop()
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    with_remote = [entry for entry in entries if "remote" in entry]
+    assert {entry["remote"] for entry in with_remote} == {"127.0.0.1"}
+    assert any(entry.get("service") == "service-0" for entry in with_remote)
+    assert any(entry.get("handler") == "forward" for entry in with_remote)
