@@ -7,11 +7,13 @@ and read the same object and report it its own way (no Prometheus needed).
 :class:`ServiceStats` has two groups of counters. The first is what GOST
 counts per service (connections, bytes each way, handler errors, durations),
 fed by whoever runs the handler. The second is PHT's own (sessions, pushes,
-pulls, refusals by HTTP status): only a PHT server sees those events, so they
-stay off (``pht_enabled`` false, and not exported) until a server feeds them
-through :meth:`ServiceStats.session_opened` and the other ``pht`` hooks.
-Everything is plain integer arithmetic in the caller's thread (trio code is
-single-threaded): no locks, nothing to await.
+pulls, refusals by HTTP status): only a PHT server sees those events, so it
+feeds them through the calls of :class:`PHTStatsSink`, which
+:class:`ServiceStats` implements. They stay off (``pht_enabled`` false, not
+exported) until the server says it will feed them (:meth:`ServiceStats.enable_pht`)
+or feeds one. Everything is plain integer arithmetic in the caller's thread
+(trio code is single-threaded): no locks, nothing to await, no I/O, so a
+server may call it on its hot paths.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["DURATION_BUCKETS", "ChainStats", "ServiceStats", "Stats"]
+__all__ = ["DURATION_BUCKETS", "ChainStats", "PHTStatsSink", "ServiceStats", "Stats"]
 
 #: Upper bounds (seconds) of the request-duration histogram buckets.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -39,6 +42,33 @@ DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
     300.0,
 )
+
+
+class PHTStatsSink(Protocol):
+    """What a PHT server reports about one listener, as it happens.
+
+    A server given one calls :meth:`enable_pht` once when it starts
+    listening, then one method per event. Each call is cheap and never
+    raises for a well-formed call, so it can sit on the request paths.
+    """
+
+    def enable_pht(self) -> None:
+        """The server listens and will report: PHT's counters exist from now on, at zero."""
+
+    def session_opened(self) -> None:
+        """A session came into being (a new token's first push or pull)."""
+
+    def session_closed(self) -> None:
+        """A session that :meth:`session_opened` reported ended (closed, expired, failed)."""
+
+    def push(self) -> None:
+        """A push (POST) was accepted: its bytes reached the session."""
+
+    def pull(self) -> None:
+        """A pull (GET) was accepted: its streamed answer began."""
+
+    def refused(self, status: int) -> None:
+        """A request was answered with the error ``status`` (400 to 599)."""
 
 
 @dataclass
@@ -96,27 +126,37 @@ class ServiceStats:
             result.append((bound, total))
         return result
 
-    # --- what a PHT server feeds -------------------------------------------------------
+    # --- what a PHT server feeds (PHTStatsSink) -------------------------------------------
+
+    def enable_pht(self) -> None:
+        """The server will feed PHT's counters: export them from now on, at zero."""
+        self.pht_enabled = True
 
     def session_opened(self) -> None:
+        """A session came into being."""
         self.pht_enabled = True
         self.sessions_total += 1
         self.sessions_open += 1
 
     def session_closed(self) -> None:
+        """A session reported by :meth:`session_opened` ended."""
         self.pht_enabled = True
         self.sessions_open -= 1
 
     def push(self) -> None:
+        """A push request was accepted."""
         self.pht_enabled = True
         self.pushes_total += 1
 
     def pull(self) -> None:
+        """A pull request was accepted."""
         self.pht_enabled = True
         self.pulls_total += 1
 
     def refused(self, status: int) -> None:
-        """A request answered with an error ``status`` (404, 403, 410, 429...)."""
+        """A request answered with an error ``status`` (400, 403, 404, 410, 429, 503...)."""
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"refused() takes an HTTP error status (400-599), got {status!r}")
         self.pht_enabled = True
         self.refusals[status] += 1
 

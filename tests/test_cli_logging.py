@@ -61,3 +61,15 @@ async def test_internal_error_is_an_error_with_the_traceback_at_debug(
     assert any(record.exc_info for record in debug)
     assert service.stats.handler_errors == 1
     assert service.stats.requests_in_flight == 0
+
+
+def test_json_formatter_adds_gosts_context_fields() -> None:
+    record = _record("service-0: 10.1.2.3 -> example.org:443 opened", logging.INFO)
+    record.__dict__.update(service="service-0", remote="10.1.2.3", handler="socks5", other="x")
+    entry = json.loads(JSONFormatter().format(record))
+    assert (entry["service"], entry["remote"], entry["handler"]) == (
+        "service-0",
+        "10.1.2.3",
+        "socks5",
+    )
+    assert "other" not in entry

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 
-from pht._stats import DURATION_BUCKETS, Stats
+from pht._stats import DURATION_BUCKETS, PHTStatsSink, Stats
 from pht.cli._metrics import MetricsServer
 from pht.cli._run import build_config, prepare
 from pht.cli._spec import Address, ConfigError, MetricsSpec
@@ -78,3 +79,40 @@ def test_metrics_without_prometheus_client_name_the_extra(
     prepare(config)
     with pytest.raises(ConfigError, match=r"pip install 'pht-tunnel\[metrics\]'"):
         MetricsServer(config.metrics, Stats())
+
+
+def test_enable_pht_exports_the_pht_counters_at_zero() -> None:
+    pytest.importorskip("prometheus_client")
+    stats = Stats()
+    stats.service("plain")  # a tcp service: no PHT counters
+    sink: PHTStatsSink = stats.service("tunnel")
+    sink.enable_pht()
+    text = MetricsServer(MetricsSpec(addr=Address("127.0.0.1", 0)), stats).render().decode()
+    for name in ("pht_sessions_total", "pht_sessions_open", "pht_pushes_total", "pht_pulls_total"):
+        assert re.search(rf'^{name}{{host="[^"]*",service="tunnel"}} 0\.0$', text, re.M), name
+    assert 'service="plain"' not in text.split("# HELP pht_", 1)[1]
+
+
+def test_pht_counters_count_each_event() -> None:
+    service = Stats().service("tunnel")
+    service.session_opened()
+    service.session_opened()
+    service.session_closed()
+    for _ in range(3):
+        service.push()
+    service.pull()
+    service.refused(404)
+    service.refused(404)
+    service.refused(429)
+    assert (service.sessions_total, service.sessions_open) == (2, 1)
+    assert (service.pushes_total, service.pulls_total) == (3, 1)
+    assert service.refusals == {404: 2, 429: 1}
+
+
+@pytest.mark.parametrize("status", [200, 302, 600, "404", True])
+def test_refused_takes_an_error_status(status: object) -> None:
+    service = Stats().service("tunnel")
+    with pytest.raises(ValueError, match="HTTP error status"):
+        service.refused(status)  # type: ignore[arg-type]
+    assert not service.refusals
+    assert not service.pht_enabled

@@ -365,3 +365,50 @@ def test_nodelay_elsewhere_than_relay_is_a_warning(caplog: pytest.LogCaptureFixt
         parse_node("http+pht://server:8443?nodelay=true")
     assert "nodelay is a relay handler option" in caplog.text
     assert "nodelay is a relay connector option" in caplog.text
+
+
+# --- trusted reverse proxies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["pht", "phts"])
+def test_trusted_proxies_are_networks(listener: str) -> None:
+    spec = parse_service(f"socks5+{listener}://:8443?trustedProxies=10.0.0.0/8,127.0.0.1,::1")
+    assert spec.trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32", "::1/128")
+
+
+def test_trusted_proxies_default_to_none() -> None:
+    assert parse_service("socks5+pht://:8443").trusted_proxies == ()
+
+
+def test_trusted_proxies_need_a_pht_listener() -> None:
+    with pytest.raises(ConfigError, match="trustedProxies needs a pht or phts listener"):
+        parse_service("socks5://:1080?trustedProxies=10.0.0.0/8")
+
+
+@pytest.mark.parametrize("entry", ["proxy.example", "10.0.0.0/33", "10.0.0.1:80"])
+def test_trusted_proxies_refuse_what_is_no_address(entry: str) -> None:
+    with pytest.raises(ConfigError, match=f"trustedProxies: '{re.escape(entry)}' is not an IP"):
+        parse_service(f"socks5+pht://:8443?trustedProxies=127.0.0.1,{entry}")
+
+
+def test_proxy_protocol_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"option 'proxyProtocol' \(PROXY protocol"):
+        parse_service("socks5+pht://:8443?proxyProtocol=1")
+
+
+@pytest.mark.parametrize("scheme", ["socks5+pht", "socks5", "pht"])
+def test_tls_options_on_a_plain_dialer_are_a_warning(
+    scheme: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        hop = parse_node(f"{scheme}://server:8443?secure=true&serverName=tunnel.example")
+    assert hop.nodes[0].tls == ClientTLS()
+    assert "used only by a phts dialer: ignored" in caplog.text
+    assert "did you mean phts://?" in caplog.text
+
+
+def test_tls_options_on_a_phts_dialer_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        hop = parse_node("socks5+phts://server:8443?secure=true&serverName=tunnel.example")
+    assert hop.nodes[0].tls == ClientTLS(secure=True, server_name="tunnel.example")
+    assert caplog.text == ""

@@ -413,3 +413,61 @@ def test_json_config_without_pyyaml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_metrics_auth_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"metrics\.auth: not supported"):
         parse("metrics: {addr: ':9000', auth: {username: u, password: p}}\nservices: []\n")
+
+
+@pytest.mark.parametrize("value", ["[10.0.0.0/8, 127.0.0.1]", '"10.0.0.0/8,127.0.0.1"'])
+def test_yaml_trusted_proxies_twin_the_url(value: str) -> None:
+    config = parse(
+        f"""
+        services:
+        - addr: ":8443"
+          handler: {{type: socks5}}
+          listener: {{type: pht, metadata: {{trustedProxies: {value}}}}}
+        """
+    )
+    url = parse_service("socks5+pht://:8443?trustedProxies=10.0.0.0/8,127.0.0.1", name="service-0")
+    same_service(config.services[0], url)
+    assert config.services[0].trusted_proxies == ("10.0.0.0/8", "127.0.0.1/32")
+
+
+def test_yaml_refuses_trusted_proxies_on_a_tcp_listener() -> None:
+    with pytest.raises(ConfigError, match="trustedProxies needs a pht or phts listener"):
+        parse(
+            """
+            services:
+            - addr: ":1080"
+              handler: {type: socks5}
+              listener: {type: tcp, metadata: {trustedProxies: 10.0.0.0/8}}
+            """
+        )
+
+
+def test_yaml_refuses_proxy_protocol_in_service_metadata() -> None:
+    with pytest.raises(ConfigError, match=r"option 'proxyProtocol' .* not supported"):
+        parse(
+            """
+            services:
+            - addr: ":8443"
+              handler: {type: socks5}
+              listener: {type: pht}
+              metadata: {proxyProtocol: 2}
+            """
+        )
+
+
+def test_yaml_tls_on_a_plain_pht_dialer_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pht.cli"):
+        config = parse(
+            """
+            services: [{addr: ":1080", handler: {type: socks5, chain: c}}]
+            chains:
+            - name: c
+              hops:
+              - nodes:
+                - addr: server:8443
+                  connector: {type: socks5}
+                  dialer: {type: pht, tls: {secure: true, serverName: tunnel.example}}
+            """
+        )
+    assert config.chains[0].hops[0].nodes[0].tls == ClientTLS()
+    assert "used only by a phts dialer: ignored" in caplog.text

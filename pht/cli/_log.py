@@ -4,7 +4,10 @@ GOST v3 logs one JSON object a line (logrus's JSON formatter) with the fields
 ``level`` (``debug``, ``info``, ``warning``, ``error``, ``fatal``), ``msg``
 and ``time`` (RFC 3339), plus context fields; log pipelines built for GOST
 read those names. ``pht`` writes the same three fields, plus ``logger`` (the
-Python logger) and, for a record logged with an exception, ``error``.
+Python logger), GOST's context fields ``service``, ``handler`` and
+``remote`` (the client's address, the real one behind a trusted reverse
+proxy) where a line has them, and, for a record logged with an exception,
+``error``.
 
 Tokens are secrets (whoever has one can use the tunnel): the formatters cut
 anything that looks like a token in a ``token=`` parameter down to its first
@@ -32,6 +35,8 @@ _LEVELS = {
     logging.ERROR: "error",
     logging.CRITICAL: "fatal",
 }
+#: GOST's context fields, taken from a record's ``extra``.
+_CONTEXT_FIELDS = ("service", "handler", "remote")
 _TOKEN = re.compile(r"(token=)([A-Za-z0-9_-]{8})[A-Za-z0-9_-]+")
 
 
@@ -61,6 +66,10 @@ class JSONFormatter(logging.Formatter):
             "time": moment.isoformat(timespec="seconds"),
             "logger": record.name,
         }
+        for name in _CONTEXT_FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                entry[name] = value
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)

@@ -46,6 +46,12 @@ OPTIONS: tuple[Option, ...] = (
     _s("pullPath", ("listener", "dialer"), "path of the pull (GET) requests"),
     _s("backlog", ("listener",), "tokens issued but not used yet"),
     _r("mptcp", ("listener", "dialer"), "Multipath TCP"),
+    _s(
+        "trustedProxies",
+        ("listener",),
+        "reverse proxies whose X-Forwarded-For / X-Real-IP name the client (pht only)",
+    ),
+    _r("proxyProtocol", ("listener",), "PROXY protocol v1/v2 in front of each connection"),
     # TLS files and options (phts listener and dialer)
     _s("certFile", ("listener", "dialer"), "certificate file (alias cert)"),
     _s("keyFile", ("listener", "dialer"), "private key file (alias key)"),

@@ -333,6 +333,8 @@ class Service:
             details += " to " + ",".join(str(target) for target in self.spec.targets)
         if self.route:
             details += f" via {self.route}"
+        if self.spec.trusted_proxies:
+            details += ", client addresses from " + ",".join(self.spec.trusted_proxies)
         return details
 
     async def serve(
@@ -358,6 +360,7 @@ class Service:
                 push_path=spec.paths.push_path,
                 pull_path=spec.paths.pull_path,
                 backlog=spec.backlog,
+                trusted_proxies=spec.trusted_proxies,
                 task_status=task_status,
             )
 
@@ -365,6 +368,8 @@ class Service:
         """Run one connection; a failing handler is logged, never fatal to the service."""
         peer = _peer(stream)
         name = self.spec.name
+        # GOST's context fields, for JSON log lines.
+        fields = {"service": name, "remote": peer}
         stats = self.stats
         failed = False
         started = trio.current_time()
@@ -378,16 +383,20 @@ class Service:
             except Exception as exc:
                 # The handler logs the failure (WARNING) and answers it.
                 failed = True
-                log.debug("%s: %s -> %s: %s", name, peer, target, describe_cause(exc))
+                log.debug(
+                    "%s: %s -> %s: %s", name, peer, target, describe_cause(exc), extra=fields
+                )
                 raise
-            log.info("%s: %s -> %s opened", name, peer, target)
+            log.info("%s: %s -> %s opened", name, peer, target, extra=fields)
             return upstream
 
         try:
             await self.make_handler(dial)(_CountingStream(stream, stats))
         except (trio.BrokenResourceError, trio.ClosedResourceError, pht.PHTError) as exc:
             failed = True
-            log.warning("%s: %s: connection failed: %s", name, peer, describe_cause(exc))
+            log.warning(
+                "%s: %s: connection failed: %s", name, peer, describe_cause(exc), extra=fields
+            )
         except Exception as exc:
             failed = True
             # A bug, not a network event: say so, the traceback at DEBUG.
@@ -397,8 +406,9 @@ class Service:
                 peer,
                 type(exc).__name__,
                 exc,
+                extra=fields,
             )
-            log.debug("%s: traceback", name, exc_info=True)
+            log.debug("%s: traceback", name, exc_info=True, extra=fields)
         finally:
             stats.request_finished(trio.current_time() - started, failed=failed)
             await trio.aclose_forcefully(stream)

@@ -156,6 +156,9 @@ class ServiceSpec:
     tls_options: TLSOptions = TLSOptions()
     chain: str | None = None
     nodelay: bool = False
+    #: Networks (``10.0.0.0/8``, ``127.0.0.1/32``) of reverse proxies whose
+    #: ``X-Forwarded-For`` / ``X-Real-IP`` name the real client (PHT listeners).
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def scheme(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 from collections.abc import Mapping
 from typing import TypeVar
@@ -45,6 +46,7 @@ __all__ = [
     "HANDLERS",
     "LISTENERS",
     "client_tls",
+    "dialer_tls",
     "node_paths",
     "normalize_connector",
     "normalize_dialer",
@@ -55,6 +57,7 @@ __all__ = [
     "server_paths",
     "server_tls",
     "tls_options",
+    "trusted_proxies",
 ]
 
 log = logging.getLogger("pht.cli")
@@ -250,6 +253,34 @@ def server_tls(meta: Metadata) -> ServerTLS | None:
     return ServerTLS(cert_file=cert_file, key_file=key_file or None, ca_file=ca_file or None)
 
 
+def trusted_proxies(meta: Metadata, listener: ListenerType) -> tuple[str, ...]:
+    """``trustedProxies=10.0.0.0/8,127.0.0.1``: the reverse proxies a PHT listener believes.
+
+    Requests from these addresses name the real client in ``X-Forwarded-For``
+    or ``X-Real-IP``; from anyone else those headers are ignored (a client
+    could write anything there). Each entry is an address or a network; they
+    come back as networks (``127.0.0.1/32``).
+    """
+    entries = meta.strings("trustedProxies")
+    if not entries:
+        return ()
+    if listener == "tcp":
+        raise ConfigError(
+            f"{meta.where}: trustedProxies needs a pht or phts listener "
+            "(a tcp listener sees no HTTP headers)"
+        )
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{meta.where}: trustedProxies: {entry!r} is not an IP address or network "
+                "(e.g. 10.0.0.0/8,127.0.0.1)"
+            ) from None
+    return tuple(networks)
+
+
 _TLS_VERSIONS = {
     "versiontls10": "1.0",
     "versiontls11": "1.1",
@@ -305,6 +336,23 @@ def client_tls(meta: Metadata) -> ClientTLS:
         key_file=key_file or None,
         options=tls_options(meta),
     )
+
+
+def dialer_tls(tls: ClientTLS, dialer: DialerType, where: str) -> ClientTLS:
+    """``tls`` for a phts dialer; for any other, a WARNING and no TLS settings.
+
+    ``-F pht://server?secure=true`` sends plain HTTP: saying nothing would let
+    the user believe the server is verified.
+    """
+    if dialer == "phts" or tls == ClientTLS():
+        return tls
+    log.warning(
+        "%s: TLS options (secure, serverName, caFile, certFile, ...) are used only by a "
+        "phts dialer: ignored, this %s node does not encrypt (did you mean phts://?)",
+        where,
+        dialer,
+    )
+    return ClientTLS()
 
 
 def _split_url(text: str, *, where: str) -> tuple[str, str, str, str, str]:
@@ -394,6 +442,7 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     auth = _credentials(userinfo, meta)
     paths = server_paths(meta)
     backlog = meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
+    trusted = trusted_proxies(meta, listener)
     tls = server_tls(meta)
     if tls is not None and listener != "phts":
         log.warning("%s: TLS files are used only by a phts listener: ignored", where)
@@ -416,6 +465,7 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         tls=tls,
         tls_options=options,
         nodelay=nodelay,
+        trusted_proxies=trusted,
     )
 
 
@@ -467,7 +517,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     paths = node_paths(meta)
     host_header = meta.string("host") or None
     headers = meta.headers()
-    tls = client_tls(meta)
+    tls = dialer_tls(client_tls(meta), dialer, where)
     proxy = node_proxy(meta, dialer)
     nodelay = bool(meta.boolean("nodelay"))
     if nodelay and connector != "relay":

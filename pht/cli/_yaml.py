@@ -32,6 +32,7 @@ from ._spec import (
 )
 from ._url import (
     client_tls,
+    dialer_tls,
     node_paths,
     node_proxy,
     normalize_connector,
@@ -41,6 +42,7 @@ from ._url import (
     server_paths,
     server_tls,
     tls_options,
+    trusted_proxies,
 )
 
 __all__ = ["load_config", "parse_config"]
@@ -219,6 +221,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     listener_meta = listener_section.metadata()
     paths = server_paths(listener_meta)
     backlog = listener_meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
+    trusted = trusted_proxies(listener_meta, listener)
     listener_meta.report_unused()
     handler_meta = handler_section.metadata().merged(service.metadata())
     nodelay = bool(handler_meta.boolean("nodelay"))
@@ -247,6 +250,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         tls_options=options,
         chain=chain,
         nodelay=nodelay,
+        trusted_proxies=trusted,
     )
 
 
@@ -276,7 +280,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     connector_meta.boolean("notls")  # pht's SOCKS5 never offers GOST's TLS method
     connector_meta.report_unused()
     tls_meta = dialer_section.tls_metadata()
-    tls = client_tls(tls_meta)
+    tls = dialer_tls(client_tls(tls_meta), dialer, dialer_section.where)
     tls_meta.report_unused()
     return NodeSpec(
         name=name,

@@ -59,22 +59,30 @@ async def serve_handshake(
     escapes.
     """
     peer = describe_peer(stream)
+    # Context fields for structured log output (GOST's names).
+    fields = {"handler": protocol, "remote": peer}
     started = trio.current_time()
     try:
         connected = await handshake(stream, peer)
     except Reject as exc:
-        log.log(exc.level, "%s %s: %s", protocol, peer, exc)
+        log.log(exc.level, "%s %s: %s", protocol, peer, exc, extra=fields)
         await send_quietly(stream, exc.reply)
         await trio.aclose_forcefully(stream)
         return
     except (Truncated, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.debug("%s %s: handshake ended: %s", protocol, peer, exc or type(exc).__name__)
+        log.debug(
+            "%s %s: handshake ended: %s",
+            protocol,
+            peer,
+            exc or type(exc).__name__,
+            extra=fields,
+        )
         await trio.aclose_forcefully(stream)
         return
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    log.debug("%s %s -> %s connected", protocol, peer, connected.target)
+    log.debug("%s %s -> %s connected", protocol, peer, connected.target, extra=fields)
     up, down = await relay(connected.client, connected.upstream)
     log.info(
         "%s %s -> %s closed: %d B up, %d B down, %.2f s",
@@ -84,4 +92,5 @@ async def serve_handshake(
         up,
         down,
         trio.current_time() - started,
+        extra=fields,
     )
