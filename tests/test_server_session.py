@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from pht._server_session import (
     ServerSession,
     ServerSessions,
     ServerSessionState,
+    transition_table_markdown,
 )
 
 S = ServerSessionState
@@ -306,3 +308,9 @@ def test_core_imports_neither_trio_nor_asyncio() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_protocol_doc_shows_the_transition_table() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    section = doc.split("## The server session machine", 1)[1].split("\n## ", 1)[0]
+    assert transition_table_markdown() in section
