@@ -381,6 +381,8 @@ class ServerSession(Generic[H]):
         """
         before, replaced = self.state, self.pull
         self._enter(Input.PULL)
+        if self.state is _S.CLOSED:
+            return None, False  # too late: the adapter ends the pull at once
         self.pull = pull
         self.last_write = now
         return replaced, before is _S.ADMITTED

@@ -6,8 +6,11 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pht
 from pht._server_session import (
@@ -314,3 +317,60 @@ def test_protocol_doc_shows_the_transition_table() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
     section = doc.split("## The server session machine", 1)[1].split("\n## ", 1)[0]
     assert transition_table_markdown() in section
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), st.integers(1, 50)),
+        st.tuples(st.just("take"), st.integers(1, 50)),
+        st.tuples(st.just("pull"), st.sampled_from("abc")),
+        st.tuples(st.just("pull end"), st.sampled_from("abc"), st.booleans(), st.booleans()),
+        st.tuples(st.just("end"), st.sampled_from(list(Input)[5:])),
+        st.tuples(st.just("wait"), st.floats(0, 40)),
+    ),
+    max_size=40,
+)
+
+
+@given(OPERATIONS)
+def test_any_sequence_of_adapter_inputs_keeps_the_rules(operations: list[tuple[Any, ...]]) -> None:
+    """Whatever an adapter feeds in (in an allowed order), the session rules hold."""
+    one = session(push_timeout=30.0, heartbeat_interval=10.0)
+    now, goal, started = 0.0, 0, 0
+    for operation in operations:
+        was_closed = one.closed
+        kind = operation[0]
+        if kind == "push":
+            started += one.push_data()
+            if one.may_deposit() and not one.closed:
+                one.wait_for_push(now)
+                goal = one.deposit(operation[1], now)
+        elif kind == "take":
+            one.took(min(operation[1], one.deposited - one.consumed))
+        elif kind == "pull":
+            started += one.attach_pull(operation[1], now)[1]
+        elif kind == "pull end":
+            one.pull_ended(operation[1], hung_up=operation[2], stalled=operation[3])
+        elif kind == "end":
+            if operation[1] is Input.HANDLER_DONE and one.state is S.ADMITTED:
+                continue  # no handler ran: the adapter never says this
+            one.end(operation[1])
+        else:
+            now += operation[1]
+        if goal:
+            verdict = one.verdict(goal, now)
+            if verdict is not PushVerdict.WAIT:
+                one.push_over(verdict)
+                assert verdict is PushVerdict.GONE or one.consumed >= goal
+                goal = 0
+        assert one.consumed <= one.deposited
+        assert started <= 1  # the handler starts once at most
+        if was_closed:
+            assert one.closed  # nothing reopens a session
+        if one.closed:
+            assert one.pull is None
+            assert one.deadline() == math.inf
+            assert one.ended_by is not None
+        else:
+            assert one.state is not S.ERROR
+            assert (one.pull is None) == (one.heartbeat_due() == math.inf)
