@@ -99,7 +99,6 @@ class _ServerStream(PHTStream):
         self._outbound_ready = trio.Event()
         self._outbound_drained = trio.Event()
         # life
-        self._client_closed = False  # close notification, expiry, error
         self._handler_closed = False  # aclose() by the handler
         self.finished = trio.Event()  # nothing more will go to or come from the client
         self._receiving = False
@@ -120,7 +119,7 @@ class _ServerStream(PHTStream):
                 raise trio.ClosedResourceError("stream was closed")
             waited = False
             while not self._inbound:
-                if self._client_closed:
+                if self.session.closed:
                     if not waited:
                         await trio.lowlevel.checkpoint()
                     return b""
@@ -158,7 +157,7 @@ class _ServerStream(PHTStream):
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             await self._wait_room()
-            if self._client_closed:
+            if self.session.closed:
                 raise trio.BrokenResourceError("the PHT client closed the session")
             if len(data):
                 self._outbound += data
@@ -178,7 +177,7 @@ class _ServerStream(PHTStream):
             self._sending = False
 
     async def _wait_room(self) -> None:
-        while len(self._outbound) >= self._max_buffered and not self._client_closed:
+        while len(self._outbound) >= self._max_buffered and not self.session.closed:
             self._outbound_drained = trio.Event()
             await self._outbound_drained.wait()
             if self._handler_closed:
@@ -283,12 +282,10 @@ class _ServerStream(PHTStream):
             self._outbound_drained.set()
 
     def close_from_client(self) -> None:
-        """The session ended on the client's side (or was reaped): EOF for the handler."""
-        if not self._client_closed:
-            self._client_closed = True
-            self._outbound.clear()
-            self._wake_all()
-            self.finished.set()
+        """Its machine ended the session: EOF for the handler, nothing more goes out."""
+        self._outbound.clear()
+        self._wake_all()
+        self.finished.set()
 
     def _wake_all(self) -> None:
         self._data_arrived.set()
