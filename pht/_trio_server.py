@@ -525,12 +525,17 @@ class _Server:
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
                 streaming = True
-                await self._push_data(event, conn, peer)
+                status = await self._deliver(event, conn, peer)
+                if status != 200:
+                    gone = "push not consumed in time"
+                    conn.discard_push(status, gone if status == 410 else "push refused")
                 watch.deadline = trio.current_time() + options.request_timeout
                 continue
             streaming = False
             if isinstance(event, PushRequest):
-                await self._push(transport, conn, event, peer)
+                status = await self._deliver(event, conn, peer)
+                answer = conn.send_push_ack() if status == 200 else conn.send_status(status)
+                await transport.send_all(answer)
             elif isinstance(event, PullRequest):
                 await self._pull(transport, conn, event, peer)
             elif isinstance(event, CloseRequest):
@@ -562,38 +567,23 @@ class _Server:
         if session is not None and session.handle is not None:
             session.handle.close_from_client()
 
-    async def _push(
-        self,
-        transport: trio.abc.Stream,
-        conn: ServerConnection,
-        event: PushRequest,
-        peer: str | None,
-    ) -> None:
+    async def _deliver(
+        self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
+    ) -> int:
+        """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal).
+
+        A long push arrives as PushData pieces, each delivered so.
+        """
         stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
-            await transport.send_all(conn.send_status(stream))
-            return
+            return stream
         if event.data and stream.session.push_data():
             self.start_handler(stream)
         if await stream.deposit(event.data):
-            await transport.send_all(conn.send_push_ack())
-        else:
-            # GOST answers 410 when the bytes were not taken in time; the session ends.
-            self.end_session(stream)
-            await transport.send_all(conn.send_status(410))
-
-    async def _push_data(self, event: PushData, conn: ServerConnection, peer: str | None) -> None:
-        """Deliver a piece of a long push (or have the rest dropped and refused)."""
-        stream = self.session_for(event.token, peer, conn)
-        if isinstance(stream, int):
-            conn.discard_push(stream)
-            return
-        if stream.session.push_data():
-            self.start_handler(stream)
-        if not await stream.deposit(event.data):
-            # GOST answers 410 when the bytes were not taken in time; the session ends.
-            self.end_session(stream)
-            conn.discard_push(410, "push not consumed in time")
+            return 200
+        # GOST answers 410 when the bytes were not taken in time; the session ends.
+        self.end_session(stream)
+        return 410
 
     async def _pull(
         self,
