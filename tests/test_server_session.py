@@ -374,3 +374,12 @@ def test_any_sequence_of_adapter_inputs_keeps_the_rules(operations: list[tuple[A
         else:
             assert one.state is not S.ERROR
             assert (one.pull is None) == (one.heartbeat_due() == math.inf)
+
+
+def test_server_side_uses_no_h11_internals() -> None:
+    """The server modules use h11's public API only (no private buffers, no fake requests)."""
+    root = Path(__file__).parent.parent / "pht"
+    for name in ("_server.py", "_server_session.py", "_trio_server.py"):
+        source = (root / name).read_text(encoding="utf-8")
+        for internal in ("_receive_buffer", "_SYNC_REQUEST", "maybe_extract", "h11._"):
+            assert internal not in source, (name, internal)
