@@ -67,6 +67,24 @@ _PULL_PROGRESS = 64 * 1024
 _PULL_WRITE_SIZE = 1024 * 1024
 
 
+class _OneTask:
+    """One task at a time in a direction of a stream, as trio's streams require."""
+
+    __slots__ = ("_busy", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
+
+
 class _ServerStream(PHTStream):
     """The server's end of one session, handed to the handler."""
 
@@ -101,20 +119,17 @@ class _ServerStream(PHTStream):
         # life
         self._handler_closed = False  # aclose() by the handler
         self.finished = trio.Event()  # nothing more will go to or come from the client
-        self._receiving = False
-        self._sending = False
+        self._receiving = _OneTask("receiving")
+        self._sending = _OneTask("sending")
         self.bytes_in = 0
         self.bytes_out = 0
 
     # -- called by the handler --------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
         if max_bytes is not None and operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be at least 1")
-        self._receiving = True
-        try:
+        with self._receiving:
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             waited = False
@@ -131,8 +146,6 @@ class _ServerStream(PHTStream):
             if not waited:  # every receive is a checkpoint, but one is enough
                 await trio.lowlevel.checkpoint()
             return self._take(max_bytes or RECEIVE_SIZE)
-        finally:
-            self._receiving = False
 
     def _take(self, max_bytes: int) -> bytes:
         head = self._inbound[0]
@@ -150,10 +163,7 @@ class _ServerStream(PHTStream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
+        with self._sending:
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             await self._wait_room()
@@ -173,8 +183,6 @@ class _ServerStream(PHTStream):
                     return
                 self._outbound_ready.set()
             await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
 
     async def _wait_room(self) -> None:
         while len(self._outbound) >= self._max_buffered and not self.session.closed:
