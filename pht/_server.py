@@ -102,8 +102,12 @@ _H11_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _PUSH_ACK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 #: An empty pull line as one chunk.
 _HEARTBEAT_CHUNK = b"1\r\n\n\r\n"
-#: A request that puts h11 where a fast-path push leaves the connection.
-_SYNC_REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+#: The head of a pull response to a fast-path push (a client's mistake,
+#: answered as h11 answers it on the fallback path).
+_PULL_HEAD = b"HTTP/1.1 200 \r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"
+#: The end of a chunked body.
+_LAST_CHUNK = b"0\r\n\r\n"
+_AFTER_EOF = "receive_data() got bytes after b'' (the end of the connection)"
 
 
 class ServerConnection:
@@ -181,15 +185,15 @@ class ServerConnection:
         if not self._fast:
             try:
                 self._conn.receive_data(bytes(data) if data else b"")
-            except RuntimeError as exc:
+            except RuntimeError:
                 self._state = ServerConnectionState.ERROR
-                raise LocalProtocolError(str(exc)) from None
+                raise LocalProtocolError(_AFTER_EOF) from None
             return
         if not data:
             self._eof = True
         elif self._eof:
             self._state = ServerConnectionState.ERROR
-            raise LocalProtocolError("received close, then received more data?")
+            raise LocalProtocolError(_AFTER_EOF)
         elif self._body_left:
             # A fast push's body: straight into its line buffer (h11 would
             # make it one Data event at the next next_event()).
@@ -235,11 +239,8 @@ class ServerConnection:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
                 self._state = ServerConnectionState.ERROR
-                status = exc.error_status_hint
-                if "exceeds" in str(exc) or "too long" in str(exc):  # header size bound
-                    status = 431
                 raise RemoteProtocolError(
-                    f"malformed request: {exc}", status_hint=status
+                    f"malformed request: {exc}", status_hint=exc.error_status_hint
                 ) from None
             if not isinstance(event, h11.Event):  # NEED_DATA, or PAUSED between requests
                 return NEED_DATA
@@ -280,10 +281,17 @@ class ServerConnection:
             raise RemoteProtocolError(
                 "malformed request: bare LF line end in the request head", status_hint=400
             )
+        if end > self._max_header_size:
+            # Measured here as it arrived, for both paths alike (h11 bounds
+            # only what it buffers while a head is incomplete).
+            self._state = ServerConnectionState.ERROR
+            raise RemoteProtocolError(
+                f"request head larger than {self._max_header_size} bytes", status_hint=431
+            )
         if self._eof or not self._fast_enabled or not _POST.startswith(buffer[:5]):
             return None  # h11 knows what an EOF means; this reads only pushes
-        if end - match.start() != 3 or end > self._max_header_size:
-            return None  # a head h11 bounds
+        if end - match.start() != 3:
+            return None
         head = _CANONICAL_HEAD.fullmatch(buffer, 0, end)
         if head is None:
             return None
@@ -352,9 +360,8 @@ class ServerConnection:
         if self._eof:
             self._state = ServerConnectionState.ERROR
             raise RemoteProtocolError(
-                "malformed request: peer closed connection without sending complete"
-                f" message body (received {self._content_length - self._body_left} bytes,"
-                f" expected {self._content_length})",
+                "malformed request: the connection closed in the body after"
+                f" {self._content_length - self._body_left} of {self._content_length} bytes",
                 status_hint=400,
             )
         return NEED_DATA
@@ -369,24 +376,9 @@ class ServerConnection:
         if self._eof:
             self._conn.receive_data(b"")
 
-    def _sync_h11(self) -> None:
-        """Bring h11 to where the fast request left the connection, to answer through it."""
-        self._fast_request = False
-        self._conn.receive_data(_SYNC_REQUEST)
-        while not isinstance(self._conn.next_event(), h11.EndOfMessage):
-            pass
-
     def _handle(self, event: h11.Event) -> ServerEvent | None:
         if isinstance(event, h11.Request):
-            # h11 bounds only a head that arrives in pieces; one that arrives
-            # whole in a single read is measured here.
-            head_size = len(event.method) + len(event.target) + 12
-            head_size += sum(len(name) + len(value) + 4 for name, value in event.headers)
-            if head_size > self._max_header_size:
-                self._state = ServerConnectionState.ERROR
-                raise RemoteProtocolError(
-                    f"request head larger than {self._max_header_size} bytes", status_hint=431
-                )
+            # Its head was measured as it arrived (see _fast_next_event).
             if _header(event, b"transfer-encoding") is not None and (
                 _header(event, b"content-length") is not None
             ):
@@ -601,22 +593,26 @@ class ServerConnection:
     def start_pull(self) -> bytes:
         """Open the pull response: headers flushed at once, chunked body."""
         self._expect(ServerConnectionState.RESPONDING, "start_pull")
-        if self._fast_request:
-            self._sync_h11()
+        self._state = ServerConnectionState.PULLING
+        if self._fast_request:  # a push read without h11 (an odd answer, but allowed)
+            self._chunked_pull = True
+            return _PULL_HEAD
         response = h11.Response(
             status_code=200,
             headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
         )
         data = self._send(response)
-        # h11 chunks the body for an HTTP/1.1 client; for an HTTP/1.0 one (nginx
-        # without proxy_http_version 1.1) it sends it raw and closes at the end.
+        # RFC 9112: an HTTP/1.1 client gets a chunked body; an HTTP/1.0 one
+        # (nginx without proxy_http_version 1.1) gets it raw, closed at the
+        # end; a HEAD request gets none, a CONNECT's 200 switches protocols.
+        # Chunks are framed here, h11 (which keeps no state per chunk) only
+        # writes the last one.
         self._chunked_pull = (
             self._fast_enabled
-            and self._method != b"HEAD"  # h11 sends no body at all then
-            and self._conn.our_state is h11.SEND_BODY  # not after a CONNECT's 200
-            and b"\r\ntransfer-encoding: chunked\r\n" in data.lower()
+            and self._method != b"HEAD"
+            and self._conn.our_state is h11.SEND_BODY
+            and self._conn.their_http_version == b"1.1"
         )
-        self._state = ServerConnectionState.PULLING
         return data
 
     def send_pull_data(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -639,6 +635,9 @@ class ServerConnection:
     def end_pull(self) -> bytes:
         """End the pull response; the session is over (or, legacy, this poll)."""
         self._expect(ServerConnectionState.PULLING, "end_pull")
+        if self._fast_request:
+            self._next_cycle()
+            return _LAST_CHUNK
         data = self._send(h11.EndOfMessage())
         self._next_cycle()
         return data
@@ -654,17 +653,18 @@ class ServerConnection:
         self._expect(ServerConnectionState.RESPONDING, "a response")
         if self._must_close:
             headers = [*headers, (b"Connection", b"close")]
+        if not 200 <= status <= 999:
+            self._state = ServerConnectionState.ERROR
+            raise LocalProtocolError(f"a final response needs a status 200-999, not {status}")
         reason = _REASONS.get(status, b"OK" if status == 200 else b"")
         if self._fast_request:
-            if 200 <= status < 1000:
-                # h11 would write exactly this: a keep-alive HTTP/1.1 request
-                # and a Content-Length body leave it nothing to add.
-                lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-                lines += [b"%s: %s\r\n" % header for header in headers]
-                lines += [b"\r\n", body]
-                self._next_cycle()
-                return b"".join(lines)
-            self._sync_h11()  # let h11 refuse what it refuses
+            # A keep-alive HTTP/1.1 request and a Content-Length body: the
+            # response is this, on either path.
+            lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+            lines += [b"%s: %s\r\n" % header for header in headers]
+            lines += [b"\r\n", body]
+            self._next_cycle()
+            return b"".join(lines)
         data = self._send(h11.Response(status_code=status, headers=headers, reason=reason))
         if body:
             data += self._send(h11.Data(data=body))

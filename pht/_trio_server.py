@@ -17,7 +17,6 @@ from typing import Any
 
 import trio
 
-from ._common import Paths
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -29,14 +28,18 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
-from ._server import (
-    DEFAULT_MAX_HEADER_SIZE,
-    DEFAULT_MAX_PUSH_LINE,
-    PUSH_PIECE,
-    LookupResult,
-    ServerConnection,
-    SessionRecord,
-    SessionRegistry,
+from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
+from ._server_session import (
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_PENDING_PER_ADDRESS,
+    DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    Input,
+    PushVerdict,
+    ServerOptions,
+    ServerSession,
+    ServerSessions,
+    host_of,
 )
 from ._tls import SelfSignedCertificate, make_self_signed_certificate
 from ._tls_stream import TLSSocketStream
@@ -49,14 +52,6 @@ log = logging.getLogger("pht.server")
 
 Handler = Callable[[PHTStream], Awaitable[object]]
 
-#: Sessions one client address may hold, so that one party cannot take them all.
-DEFAULT_MAX_SESSIONS_PER_ADDRESS = 256
-#: Tokens issued by ``/authorize`` and not used yet, per client address.
-DEFAULT_MAX_PENDING_PER_ADDRESS = 16
-#: Open connections per client address (a tunnel uses two).
-DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
-#: Bytes a handler may queue for the client before ``send_all`` waits.
-DEFAULT_MAX_BUFFERED = 1024 * 1024
 #: Bytes a handler may queue before the session's first pull attaches.
 _UNPULLED_ROOM = 16 * 1024
 #: Sessions that start ending per scheduler batch (see _Server.teardown).
@@ -72,23 +67,39 @@ _PULL_PROGRESS = 64 * 1024
 _PULL_WRITE_SIZE = 1024 * 1024
 
 
+class _OneTask:
+    """One task at a time in a direction of a stream, as trio's streams require."""
+
+    __slots__ = ("_busy", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
+
+
 class _ServerStream(PHTStream):
     """The server's end of one session, handed to the handler."""
 
     def __init__(
         self,
-        token: str,
+        session: ServerSession[_ServerStream],
         remote_address: str | None,
         max_buffered: int,
         waiting_pushes: set[_ServerStream],
     ) -> None:
-        self.token = token
-        self.started = False  # whether the handler runs (see _Server.start_handler)
+        self.session = session
+        self.token = session.token
         self._waiting_pushes = waiting_pushes
         self.pull_writer: _PullWriter | None = None
         self.pull_parked = False
-        self.push_deadline = math.inf
-        self._push_expired = False
         self.remote_address = remote_address
         # Until a pull attaches, nothing can leave: a handler may queue
         # only a little (a greeting), so that pushes to sessions nobody
@@ -98,8 +109,6 @@ class _ServerStream(PHTStream):
         # client -> handler
         self._inbound: deque[bytes] = deque()
         self._inbound_offset = 0
-        self._deposited = 0
-        self._consumed = 0
         self._data_arrived = trio.Event()
         self._consumed_lot = trio.lowlevel.ParkingLot()
         self._push_waiters = 0
@@ -108,28 +117,24 @@ class _ServerStream(PHTStream):
         self._outbound_ready = trio.Event()
         self._outbound_drained = trio.Event()
         # life
-        self._client_closed = False  # close notification, expiry, error
         self._handler_closed = False  # aclose() by the handler
         self.finished = trio.Event()  # nothing more will go to or come from the client
-        self._receiving = False
-        self._sending = False
+        self._receiving = _OneTask("receiving")
+        self._sending = _OneTask("sending")
         self.bytes_in = 0
         self.bytes_out = 0
 
     # -- called by the handler --------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
         if max_bytes is not None and operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be at least 1")
-        self._receiving = True
-        try:
+        with self._receiving:
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             waited = False
             while not self._inbound:
-                if self._client_closed:
+                if self.session.closed:
                     if not waited:
                         await trio.lowlevel.checkpoint()
                     return b""
@@ -141,8 +146,6 @@ class _ServerStream(PHTStream):
             if not waited:  # every receive is a checkpoint, but one is enough
                 await trio.lowlevel.checkpoint()
             return self._take(max_bytes or RECEIVE_SIZE)
-        finally:
-            self._receiving = False
 
     def _take(self, max_bytes: int) -> bytes:
         head = self._inbound[0]
@@ -155,19 +158,16 @@ class _ServerStream(PHTStream):
         else:
             data = head[start:end]
             self._inbound_offset = end
-        self._consumed += len(data)
+        self.session.took(len(data))
         self._consumed_lot.unpark_all()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
+        with self._sending:
             if self._handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             await self._wait_room()
-            if self._client_closed:
+            if self.session.closed:
                 raise trio.BrokenResourceError("the PHT client closed the session")
             if len(data):
                 self._outbound += data
@@ -183,11 +183,9 @@ class _ServerStream(PHTStream):
                     return
                 self._outbound_ready.set()
             await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
 
     async def _wait_room(self) -> None:
-        while len(self._outbound) >= self._max_buffered and not self._client_closed:
+        while len(self._outbound) >= self._max_buffered and not self.session.closed:
             self._outbound_drained = trio.Event()
             await self._outbound_drained.wait()
             if self._handler_closed:
@@ -209,59 +207,53 @@ class _ServerStream(PHTStream):
 
     # -- called by the connection tasks -------------------------------------------
 
-    async def deposit(self, data: bytes, timeout: float) -> bool:
-        """Queue pushed bytes and wait until the handler took them (GOST's ack rule).
+    async def deposit(self, data: bytes) -> bool:
+        """Queue pushed bytes and wait for the session machine's verdict on them.
 
-        Returns ``False`` if they were not consumed in time or the session ended.
+        Returns ``True`` to acknowledge the push, ``False`` to refuse it
+        (410): not consumed within push_timeout, or the session ended.
         """
-        if self._handler_closed or self._client_closed:
+        session = self.session
+        if self._handler_closed or session.closed:
             return False
         if not data:
             return True
         # No cancel scope per push (one costs more than the rest of this
-        # method): the server's watchdog calls expire_push() at the deadline.
-        if not self._push_waiters:
-            self.push_deadline = trio.current_time() + timeout
-            self._waiting_pushes.add(self)
+        # method): the server's watchdog wakes the push at its deadline.
+        session.wait_for_push(trio.current_time())
+        self._waiting_pushes.add(self)
         self._push_waiters += 1
         try:
             # Pushes of one session take turns: a client pushing on several
             # connections at once cannot queue more than one push here.
-            while self._consumed < self._deposited:
-                if not await self._wait_consumption():
-                    return False
-            self._inbound.append(data)
-            self.bytes_in += len(data)
-            self._deposited += len(data)
-            goal = self._deposited
-            self._data_arrived.set()
-            while self._consumed < goal:
-                if not await self._wait_consumption():
-                    # Refused (410) or the session ended: the client is told
-                    # the write failed, so what the handler did not take yet
-                    # must not reach it later. Pushes take turns, so all that
-                    # is queued is this push's.
+            goal = None
+            while True:
+                now = trio.current_time()
+                if goal is None and session.may_deposit():
+                    self._inbound.append(data)
+                    self.bytes_in += len(data)
+                    goal = session.deposit(len(data), now)
+                    self._data_arrived.set()
+                verdict = session.verdict(session.deposited if goal is None else goal, now)
+                if verdict is PushVerdict.WAIT and self._handler_closed:
+                    verdict = PushVerdict.GONE  # nobody will take them
+                if verdict is PushVerdict.WAIT:
+                    await self._consumed_lot.park()
+                    continue
+                if verdict is PushVerdict.GONE and goal is not None:
+                    # Pushes take turns, so all that is queued is this push's.
                     self._inbound.clear()
                     self._inbound_offset = 0
-                    self._deposited = self._consumed
-                    return False
-            return True
+                session.push_over(verdict)
+                return verdict is PushVerdict.ACK and goal is not None
         finally:
             self._push_waiters -= 1
             if not self._push_waiters:
                 self._waiting_pushes.discard(self)
-                self._push_expired = False
-
-    async def _wait_consumption(self) -> bool:
-        if self._handler_closed or self._client_closed or self._push_expired:
-            return False
-        await self._consumed_lot.park()
-        return True
 
     def expire_push(self, now: float) -> None:
-        """Fail the waiting push if its bytes were not consumed by its deadline."""
-        if now >= self.push_deadline:
-            self._push_expired = True
+        """Wake the waiting push if its deadline has passed."""
+        if now >= self.session.push_deadline:
             self._consumed_lot.unpark_all()
 
     def take_outbound(self, limit: int) -> bytes:
@@ -298,12 +290,10 @@ class _ServerStream(PHTStream):
             self._outbound_drained.set()
 
     def close_from_client(self) -> None:
-        """The session ended on the client's side (or was reaped): EOF for the handler."""
-        if not self._client_closed:
-            self._client_closed = True
-            self._outbound.clear()
-            self._wake_all()
-            self.finished.set()
+        """Its machine ended the session: EOF for the handler, nothing more goes out."""
+        self._outbound.clear()
+        self._wake_all()
+        self.finished.set()
 
     def _wake_all(self) -> None:
         self._data_arrived.set()
@@ -319,113 +309,52 @@ class _Server:
         self,
         handler: Handler,
         nursery: trio.Nursery,
-        *,
-        paths: Paths,
-        registry: SessionRegistry[_ServerStream],
-        heartbeat_interval: float,
-        push_timeout: float,
-        max_buffered: int,
-        max_push_line: int,
-        max_header_size: int,
-        request_timeout: float,
-        keepalive_timeout: float,
+        options: ServerOptions,
+        sessions: ServerSessions[_ServerStream],
         ssl_context: ssl.SSLContext | None,
-        pull_write_timeout: float = 60.0,
-        trusted_proxies: tuple[_Network, ...] = (),
-        max_connections_per_address: int | None = None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
-        self.paths = paths
-        self.registry = registry
-        self.heartbeat_interval = heartbeat_interval
-        self.push_timeout = push_timeout
-        self.max_buffered = max_buffered
-        self.max_push_line = max_push_line
-        self.max_header_size = max_header_size
-        self.pulls: dict[str, trio.CancelScope] = {}
+        self.options = options
+        self.sessions = sessions
+        self.registry = sessions.registry
+        self.ssl_context = ssl_context
         self.active: set[_ServerStream] = set()
         self.waiting_pushes: set[_ServerStream] = set()
         self.connections: set[_Deadline] = set()
-        self.ssl_context = ssl_context
-        self.request_timeout = request_timeout
-        self.keepalive_timeout = keepalive_timeout
-        self.pull_write_timeout = pull_write_timeout
-        self.trusted_proxies = trusted_proxies
-        self.max_connections_per_address = max_connections_per_address
         self.connections_per_address: dict[str, int] = {}
         self.pull_writers: set[_PullWriter] = set()
-        self.wheel = _HeartbeatWheel(heartbeat_interval)
+        self.wheel = _HeartbeatWheel(options.heartbeat_interval)
         # Ending a session wakes its handler, its pull and their clean-up:
         # when thousands end at once (a client or proxy closing everything),
         # that work would all land in one scheduler batch and stall every
         # other tunnel. Ends take turns through this gate instead, a few
         # dozen per batch.
         self.teardown = trio.CapacityLimiter(_TEARDOWN_BATCH)
-        self.draining = False
         self.all_done = trio.Event()
         self.all_done.set()
 
     # -- sessions -----------------------------------------------------------------
 
-    def client_of(self, peer: str | None, conn: ServerConnection) -> tuple[str | None, str | None]:
-        """``(owner, remote_address)`` of the current request of ``conn``.
-
-        The owner (what admission budgets count against) is the client's
-        host; behind a trusted proxy, the address the proxy reports.
-        """
-        host = _host_of(peer)
-        forwarded = conn.forwarded_for
-        if forwarded is None or host is None or not _trusted(host, self.trusted_proxies):
-            return host, peer
-        real = _client_from_forwarded(forwarded, self.trusted_proxies)
-        return (real, real) if real is not None else (host, peer)
-
     def session_for(
         self, token: str, peer: str | None, conn: ServerConnection
     ) -> _ServerStream | int:
         """The session a push or pull for ``token`` goes to, or the status to answer."""
-        now = trio.current_time()
-        if self.draining:
-            existing = self.registry.get(token)
-            if existing is None or existing.payload is None:
-                return 503  # shutting down: no new sessions
-        owner, remote_address = self.client_of(peer, conn)
-        record = self.registry.lookup(token, now, owner)
-        if isinstance(record, LookupResult):
-            if record is LookupResult.OVER_BUDGET:
-                log.debug("refused a new session for %s: over its budget", owner)
-            return record.status_code
-        if record.payload is None:
-            record.payload = _ServerStream(
-                record.token, remote_address, self.max_buffered, self.waiting_pushes
+        owner, remote_address = self.sessions.client_of(peer, conn.forwarded_for)
+        session = self.sessions.admit(token, trio.current_time(), owner)
+        if isinstance(session, int):
+            return session
+        if session.handle is None:
+            session.handle = _ServerStream(
+                session, remote_address, self.options.max_buffered, self.waiting_pushes
             )
-        return record.payload
+        return session.handle
 
-    def start_handler(self, stream: _ServerStream, *, pulled: bool) -> None:
-        """Run the handler of ``stream``'s session: it carried a byte or has a pull.
+    def start_handler(self, stream: _ServerStream) -> None:
+        """Run the handler of ``stream``'s session (the machine said it is time)."""
+        self.nursery.start_soon(self._run_handler, stream)
 
-        Not before: a refused request, an empty push, a close, or an
-        authorize never starts a handler (a forward handler would dial its
-        target for each). Not later either: a protocol where the server
-        speaks first (SMTP, an SSH banner) needs the handler running while
-        the client only pulls, and GOST's modern client may push its first
-        bytes before its pull arrives. Only a pull is a sign of life that
-        keeps a session past ``lazy_timeout``: a GOST client always pulls.
-        """
-        record = self.registry.get(stream.token)
-        if record is None or record.payload is not stream:
-            return
-        if pulled and not record.alive:
-            self.registry.mark_alive(record, trio.current_time())
-            stream.pull_attached()
-        if not stream.started:
-            stream.started = True
-            self.nursery.start_soon(self._run_handler, record, stream)
-
-    async def _run_handler(
-        self, record: SessionRecord[_ServerStream], stream: _ServerStream
-    ) -> None:
+    async def _run_handler(self, stream: _ServerStream) -> None:
         started = trio.current_time()
         self.active.add(stream)
         self.all_done = trio.Event()
@@ -438,8 +367,9 @@ class _Server:
         finally:
             await stream.aclose()
             # Give the pull a moment to deliver what the handler wrote last.
-            with trio.move_on_after(self.push_timeout):
+            with trio.move_on_after(self.options.push_timeout):
                 await stream.finished.wait()
+            stream.session.end(Input.HANDLER_DONE)
             self.end_session(stream)
             self.active.discard(stream)
             if not self.active:
@@ -453,10 +383,9 @@ class _Server:
             )
 
     def end_session(self, stream: _ServerStream) -> None:
+        """Carry out the end of a session its machine has closed."""
         stream.close_from_client()
-        record = self.registry.get(stream.token)
-        if record is not None and record.payload is stream:
-            self.registry.close(stream.token, trio.current_time())
+        self.sessions.forget(stream.session, trio.current_time())
 
     async def watchdog(self) -> None:
         """Enforce the deadlines that would cost a cancel scope per request.
@@ -465,8 +394,12 @@ class _Server:
         take longer than ``request_timeout`` to send a request, or idle longer
         than ``keepalive_timeout`` between requests, are closed.
         """
+        options = self.options
         interval = min(
-            self.push_timeout / 8, self.request_timeout / 8, self.pull_write_timeout / 8, 1.0
+            options.push_timeout / 8,
+            options.request_timeout / 8,
+            options.pull_write_timeout / 8,
+            1.0,
         )
         while True:
             await trio.sleep(interval)
@@ -474,7 +407,7 @@ class _Server:
             for stream in list(self.waiting_pushes):
                 stream.expire_push(now)
             for writer in self.pull_writers:
-                if now - writer.since >= self.pull_write_timeout:
+                if now - writer.since >= options.pull_write_timeout:
                     writer.timed_out = True
                     writer.scope.cancel()
             for connection in self.connections:
@@ -485,7 +418,11 @@ class _Server:
         registry = self.registry
         interval = max(
             1.0,
-            min(registry.issued_timeout, self.heartbeat_interval, registry.lazy_timeout / 2),
+            min(
+                registry.issued_timeout,
+                self.options.heartbeat_interval,
+                registry.lazy_timeout / 2,
+            ),
         )
         while True:
             await trio.sleep(interval)
@@ -496,23 +433,18 @@ class _Server:
                     # dozen per scheduler batch, as in _Server.teardown.
                     await trio.lowlevel.checkpoint()
                     now = trio.current_time()
-                if not registry.is_expired(record, now):
-                    continue  # ended or active again meanwhile
-                if record.payload is not None and record.token in self.pulls:
-                    self.registry.touch(record, now)  # a pull is attached: alive
-                    continue
+                if not self.sessions.expire(record, now):
+                    continue  # ended, active again meanwhile, or pulled
                 log.info("session %s expired after idling", _short(record.token))
-                if record.payload is not None:
-                    record.payload.close_from_client()
-                self.registry.close(record.token, now)
+                self.close_token(record.token, Input.EXPIRED)
 
     # -- connections --------------------------------------------------------------
 
     async def handle_connection(self, transport: trio.abc.Stream) -> None:
         peer = _peer_of(transport)
-        host = _host_of(peer)
-        budget = self.max_connections_per_address
-        if host is not None and budget is not None and not _trusted(host, self.trusted_proxies):
+        host = host_of(peer)
+        budget = self.sessions.connection_budget(host)
+        if host is not None and budget is not None:
             count = self.connections_per_address.get(host, 0)
             if count >= budget:
                 log.debug("refused a connection from %s: over its budget", peer)
@@ -538,18 +470,21 @@ class _Server:
             # window update, instead of after megabytes of send buffer drain.
             with contextlib.suppress(OSError):
                 transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * _PULL_PROGRESS)
+        options = self.options
         conn = ServerConnection(
-            self.paths, max_push_line=self.max_push_line, max_header_size=self.max_header_size
+            options.paths,
+            max_push_line=options.max_push_line,
+            max_header_size=options.max_header_size,
         )
-        watch = _Deadline(trio.current_time() + self.keepalive_timeout)
+        watch = _Deadline(trio.current_time() + options.keepalive_timeout)
         self.connections.add(watch)
         try:
             with watch.scope:
                 if self.ssl_context is not None and isinstance(transport, trio.SocketStream):
-                    watch.deadline = trio.current_time() + self.request_timeout
+                    watch.deadline = trio.current_time() + options.request_timeout
                     transport = TLSSocketStream.wrap(transport, self.ssl_context, server_side=True)
                     await transport.do_handshake()
-                    watch.deadline = trio.current_time() + self.keepalive_timeout
+                    watch.deadline = trio.current_time() + options.keepalive_timeout
                 await self._serve_requests(transport, conn, peer, watch)
             if watch.scope.cancelled_caught:
                 log.debug("connection from %s timed out", peer)
@@ -567,6 +502,7 @@ class _Server:
         watch: _Deadline,
     ) -> None:
         """Answer the requests of one connection until it closes."""
+        options = self.options
         streaming = False
         while True:
             try:
@@ -591,18 +527,23 @@ class _Server:
                     # A request has begun: all of it must arrive in time
                     # (slowloris), whatever the keep-alive allowance was.
                     watch.between_requests = False
-                    watch.deadline = trio.current_time() + self.request_timeout
+                    watch.deadline = trio.current_time() + options.request_timeout
                 continue
             watch.deadline = math.inf  # answering: push_timeout etc. apply
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
                 streaming = True
-                await self._push_data(event, conn, peer)
-                watch.deadline = trio.current_time() + self.request_timeout
+                status = await self._deliver(event, conn, peer)
+                if status != 200:
+                    gone = "push not consumed in time"
+                    conn.discard_push(status, gone if status == 410 else "push refused")
+                watch.deadline = trio.current_time() + options.request_timeout
                 continue
             streaming = False
             if isinstance(event, PushRequest):
-                await self._push(transport, conn, event, peer)
+                status = await self._deliver(event, conn, peer)
+                answer = conn.send_push_ack() if status == 200 else conn.send_status(status)
+                await transport.send_all(answer)
             elif isinstance(event, PullRequest):
                 await self._pull(transport, conn, event, peer)
             elif isinstance(event, CloseRequest):
@@ -611,12 +552,12 @@ class _Server:
                     self.close_token(event.token)
                 await transport.send_all(conn.send_push_ack())
             elif isinstance(event, AuthorizeRequest):
-                owner = self.client_of(peer, conn)[0]
-                token = None if self.draining else self.registry.issue(trio.current_time(), owner)
-                if token is not None:
+                owner = self.sessions.client_of(peer, conn.forwarded_for)[0]
+                token = self.sessions.authorize(trio.current_time(), owner)
+                if isinstance(token, str):
                     answer = conn.send_token(token)
                 else:
-                    answer = conn.send_status(503 if self.draining else 429)
+                    answer = conn.send_status(token)
                 await transport.send_all(answer)
             elif isinstance(event, BadRequest):
                 log.debug("refused request from %s: %s", peer, event.reason)
@@ -626,46 +567,31 @@ class _Server:
             if conn.state is ServerConnectionState.CLOSED:
                 return
             watch.between_requests = True
-            watch.deadline = trio.current_time() + self.keepalive_timeout
+            watch.deadline = trio.current_time() + options.keepalive_timeout
 
-    def close_token(self, token: str) -> None:
+    def close_token(self, token: str, event: Input = Input.CLOSE) -> None:
         """End ``token``'s session, or make sure a late request cannot open one."""
-        record = self.registry.close(token, trio.current_time())
-        if record is not None and record.payload is not None:
-            record.payload.close_from_client()
+        session = self.sessions.close(token, trio.current_time(), event)
+        if session is not None and session.handle is not None:
+            session.handle.close_from_client()
 
-    async def _push(
-        self,
-        transport: trio.abc.Stream,
-        conn: ServerConnection,
-        event: PushRequest,
-        peer: str | None,
-    ) -> None:
+    async def _deliver(
+        self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
+    ) -> int:
+        """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal).
+
+        A long push arrives as PushData pieces, each delivered so.
+        """
         stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
-            await transport.send_all(conn.send_status(stream))
-            return
-        if event.data and not stream.started:
-            self.start_handler(stream, pulled=False)
-        if await stream.deposit(event.data, self.push_timeout):
-            await transport.send_all(conn.send_push_ack())
-        else:
-            # GOST answers 410 when the bytes were not taken in time; the session ends.
-            self.end_session(stream)
-            await transport.send_all(conn.send_status(410))
-
-    async def _push_data(self, event: PushData, conn: ServerConnection, peer: str | None) -> None:
-        """Deliver a piece of a long push (or have the rest dropped and refused)."""
-        stream = self.session_for(event.token, peer, conn)
-        if isinstance(stream, int):
-            conn.discard_push(stream)
-            return
-        if not stream.started:
-            self.start_handler(stream, pulled=False)
-        if not await stream.deposit(event.data, self.push_timeout):
-            # GOST answers 410 when the bytes were not taken in time; the session ends.
-            self.end_session(stream)
-            conn.discard_push(410, "push not consumed in time")
+            return stream
+        if event.data and stream.session.push_data():
+            self.start_handler(stream)
+        if await stream.deposit(event.data):
+            return 200
+        # GOST answers 410 when the bytes were not taken in time; the session ends.
+        self.end_session(stream)
+        return 410
 
     async def _pull(
         self,
@@ -678,18 +604,20 @@ class _Server:
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(stream))
             return
-        previous = self.pulls.get(stream.token)
-        if previous is not None:
-            previous.cancel()  # a newer long poll replaces a stale one
+        session = stream.session
         hung_up = trio.Event()
         async with trio.open_nursery() as nursery:
-            beat = _HeartbeatTimer(stream)
-            writer = _PullWriter(transport, conn, beat, nursery.cancel_scope)
-            self.pulls[stream.token] = nursery.cancel_scope
+            writer = _PullWriter(transport, conn, stream, nursery.cancel_scope)
+            replaced, start = self.sessions.attach_pull(session, writer, trio.current_time())
+            if isinstance(replaced, _PullWriter):
+                replaced.scope.cancel()  # a newer long poll replaces a stale one
             self.pull_writers.add(writer)
+            beat = _HeartbeatTimer(stream, writer)
             try:
                 await writer.send(conn.start_pull())
-                self.start_handler(stream, pulled=True)
+                stream.pull_attached()
+                if start:
+                    self.start_handler(stream)
                 nursery.start_soon(
                     self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
                 )
@@ -703,26 +631,19 @@ class _Server:
                 self.pull_writers.discard(writer)
                 if stream.pull_writer is writer:
                     stream.pull_writer = None
-                replaced = self.pulls.get(stream.token) is not nursery.cancel_scope
-                if not replaced:
-                    del self.pulls[stream.token]
                 nursery.cancel_scope.cancel()
+        ended = session.pull_ended(writer, hung_up=hung_up.is_set(), stalled=writer.timed_out)
+        if ended:
+            # The client stopped reading, or went away mid-pull and no newer
+            # pull took over: the session cannot deliver anything any more.
+            log.debug("session %s: pull %s", _short(stream.token), session.ended_by)
+            self.end_session(stream)
         if writer.timed_out:
-            # The client stopped reading: what the pull holds cannot be
-            # delivered, and nothing else frees it (see pull_write_timeout).
-            log.info("session %s: pull write timed out", _short(stream.token))
-            self.end_session(stream)
             raise trio.BrokenResourceError("pull write timed out")
-        if hung_up.is_set() and not replaced:
-            # The client went away mid-pull and no newer pull took over: the
-            # session cannot deliver anything any more (PROTOCOL.md defect 6).
-            log.debug("session %s: pull connection lost", _short(stream.token))
-            self.end_session(stream)
 
     async def _feed_pull(self, stream: _ServerStream, writer: _PullWriter) -> None:
         """Write the session's bytes, heartbeats and finally the end of the pull."""
-        registry = self.registry
-        conn, beat = writer.conn, writer.beat
+        conn, session = writer.conn, stream.session
         while True:
             if writer.error is not None:
                 raise trio.BrokenResourceError("pull write failed") from writer.error
@@ -731,15 +652,14 @@ class _Server:
                 continue
             if stream.has_outbound:
                 await writer.write(stream.take_outbound(_PULL_WRITE_SIZE))
-                record = registry.get(stream.token)
-                if record is not None:
-                    registry.touch(record, beat.last_write)
+                self.sessions.touch(session, session.last_write)
                 continue
             if stream.finished.is_set():
                 await writer.send(conn.end_pull())
                 return
-            if beat.due:
-                beat.due = False
+            now = trio.current_time()
+            if now >= session.heartbeat_due():
+                session.wrote(now)
                 await writer.send(conn.send_heartbeat())
                 continue
             stream.pull_parked = True
@@ -756,7 +676,7 @@ class _Server:
         scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
-        allowance = self.max_header_size  # a pipelined request head, at most
+        allowance = self.options.max_header_size  # a pipelined request head, at most
         try:
             while True:
                 data = await transport.receive_some(RECEIVE_SIZE)
@@ -797,18 +717,18 @@ class _PullWriter:
     ``error`` for the pull task, which then ends the pull.
     """
 
-    __slots__ = ("beat", "busy", "conn", "error", "scope", "since", "timed_out", "transport")
+    __slots__ = ("busy", "conn", "error", "scope", "session", "since", "timed_out", "transport")
 
     def __init__(
         self,
         transport: trio.abc.Stream,
         conn: ServerConnection,
-        beat: _HeartbeatTimer,
+        stream: _ServerStream,
         scope: trio.CancelScope,
     ) -> None:
         self.transport = transport
         self.conn = conn
-        self.beat = beat
+        self.session = stream.session
         self.scope = scope  # the pull's: cancelled when a write takes too long
         self.since = math.inf  # when the write in progress began
         self.timed_out = False
@@ -844,7 +764,7 @@ class _PullWriter:
         self.busy = True
         try:
             await self.send(self.conn.send_pull_data(data))
-            self.beat.last_write = trio.current_time()
+            self.session.wrote(trio.current_time())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.error = exc
         except BaseException as exc:  # cancelled mid-write: the chunk may be cut
@@ -855,37 +775,37 @@ class _PullWriter:
 
 
 class _HeartbeatTimer:
-    """When a pull last carried something, and whether a heartbeat is due on it."""
+    """One pull's place in the heartbeat wheel."""
 
-    __slots__ = ("due", "last_write", "slot", "stream")
+    __slots__ = ("pull", "slot", "stream")
 
-    def __init__(self, stream: _ServerStream) -> None:
+    def __init__(self, stream: _ServerStream, pull: _PullWriter) -> None:
         self.stream = stream
-        self.last_write = trio.current_time()
-        self.due = False
+        self.pull = pull
         self.slot = 0  # the wheel's slot it is filed under
 
 
 class _HeartbeatWheel:
-    """Marks heartbeats due on every pull that has been quiet for ``interval``.
+    """Wakes every pull whose session machine says a heartbeat is due.
 
     One task for all pulls, filed by due time in slots of ``interval / 8``:
     it wakes when the earliest slot is due, and an idle server (or an idle
     pull between two heartbeats) costs nothing. Data written on a pull
-    moves ``last_write`` only; the pull is re-filed when its slot comes up.
+    moves the due time only; the pull is re-filed when its slot comes up.
     A heartbeat goes out between ``interval`` and ``interval * 9 / 8`` after
     the last write.
     """
 
     def __init__(self, interval: float) -> None:
-        self.interval = interval
         self.tick = interval / 8
         self.slots: dict[int, set[_HeartbeatTimer]] = {}
         self._added = trio.Event()
 
     def add(self, beat: _HeartbeatTimer) -> None:
-        self._file(beat, beat.last_write + self.interval)
-        self._added.set()
+        due = beat.stream.session.heartbeat_due()
+        if due < math.inf:  # else the pull is over already
+            self._file(beat, due)
+            self._added.set()
 
     def discard(self, beat: _HeartbeatTimer) -> None:
         bucket = self.slots.get(beat.slot)
@@ -910,15 +830,15 @@ class _HeartbeatWheel:
                 continue
             await trio.sleep_until(min(self.slots) * self.tick)
             now = trio.current_time()
-            interval = self.interval
             for slot in [slot for slot in self.slots if slot * self.tick <= now]:
                 for beat in self.slots.pop(slot):
-                    due = beat.last_write + interval
+                    session = beat.stream.session
+                    if session.pull is not beat.pull:
+                        continue  # replaced or over: its pull discards nothing now
+                    due = session.heartbeat_due()
                     if now >= due:
-                        beat.due = True
-                        beat.last_write = now
                         beat.stream.wake_writer()
-                        due = now + interval
+                        due = now + self.tick * 8
                     self._file(beat, due)
 
 
@@ -944,63 +864,6 @@ def _peer_of(transport: trio.abc.Stream) -> str | None:
             return None
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return None
-
-
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def _host_of(peer: str | None) -> str | None:
-    """The host part of ``host:port`` or ``[host]:port``."""
-    if peer is None:
-        return None
-    host = peer.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") else host
-
-
-def _parse_networks(
-    trusted: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network],
-) -> tuple[_Network, ...]:
-    if isinstance(trusted, str):
-        raise TypeError("trusted_proxies must be a list of addresses or networks, not a str")
-    networks = []
-    for entry in trusted:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError as exc:
-            raise ValueError(f"trusted_proxies: {exc}") from None
-    return tuple(networks)
-
-
-def _trusted(host: str, networks: tuple[_Network, ...]) -> bool:
-    if not networks:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
-
-
-def _client_from_forwarded(value: bytes, trusted: tuple[_Network, ...]) -> str | None:
-    """The client address in an ``X-Forwarded-For`` (or ``X-Real-IP``) value.
-
-    The rightmost entry that is not a trusted proxy: entries left of it
-    were written by the client itself and prove nothing.
-    """
-    entries = value.decode("latin-1").split(",")
-    for entry in reversed(entries):
-        entry = entry.strip()
-        if entry.startswith("[") and "]" in entry:  # [v6]:port
-            entry = entry[1 : entry.index("]")]
-        elif entry.count(":") == 1:  # v4:port
-            entry = entry.partition(":")[0]
-        try:
-            address = ipaddress.ip_address(entry)
-        except ValueError:
-            return None  # garbage: fall back to the proxy's own address
-        if not any(address in network for network in trusted):
-            return str(address)
     return None
 
 
@@ -1151,34 +1014,31 @@ async def serve_pht(
     sessions finish for up to ``shutdown_timeout`` seconds, then closes the
     rest (their handlers see EOF) and returns a :class:`ShutdownReport`.
     """
-    if not math.isfinite(heartbeat_interval) or heartbeat_interval <= 0:
-        raise ValueError("heartbeat_interval must be a positive number of seconds")
-    for name, value in (
-        ("push_timeout", push_timeout),
-        ("pull_write_timeout", pull_write_timeout),
-        ("lazy_timeout", lazy_timeout),
-        ("request_timeout", request_timeout),
-        ("keepalive_timeout", keepalive_timeout),
-    ):
-        if not value > 0:
-            raise ValueError(f"{name} must be a positive number of seconds")
-    if max_buffered < 1 or max_push_line < 4:
-        raise ValueError("max_buffered and max_push_line must be positive")
-    paths = Paths(authorize=authorize_path, push=push_path, pull=pull_path)
-    registry: SessionRegistry[_ServerStream] = SessionRegistry(
+    options = ServerOptions.build(
+        authorize_path=authorize_path,
+        push_path=push_path,
+        pull_path=pull_path,
+        trusted_proxies=trusted_proxies,
+        backlog=backlog,
+        heartbeat_interval=heartbeat_interval,
         strict=strict,
         max_sessions=max_sessions,
-        backlog=backlog,
+        max_sessions_per_address=max_sessions_per_address,
+        max_pending_per_address=max_pending_per_address,
+        max_connections_per_address=max_connections_per_address,
         idle_timeout=idle_timeout,
         issued_timeout=issued_timeout,
         lazy_timeout=lazy_timeout,
-        max_sessions_per_owner=max_sessions_per_address,
-        max_issued_per_owner=max_pending_per_address,
-        token_source=token_source,
+        push_timeout=push_timeout,
+        pull_write_timeout=pull_write_timeout,
+        request_timeout=request_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_buffered=max_buffered,
+        max_push_line=max_push_line,
+        max_header_size=max_header_size,
+        shutdown_timeout=shutdown_timeout,
     )
-    if max_connections_per_address is not None and max_connections_per_address < 1:
-        raise ValueError("max_connections_per_address must be at least 1 (or None)")
-    networks = _parse_networks(trusted_proxies)
+    sessions: ServerSessions[_ServerStream] = ServerSessions(options, token_source)
     ssl_context: ssl.SSLContext | None
     if tls is True:
         ssl_context = make_self_signed_certificate().server_context()
@@ -1198,23 +1058,7 @@ async def serve_pht(
             port, ssl_context, host=host, https_compatible=True, backlog=listen_backlog
         )
     async with trio.open_nursery() as nursery:
-        server = _Server(
-            handler,
-            handler_nursery or nursery,
-            paths=paths,
-            registry=registry,
-            heartbeat_interval=heartbeat_interval,
-            push_timeout=push_timeout,
-            max_buffered=max_buffered,
-            max_push_line=max_push_line,
-            max_header_size=max_header_size,
-            request_timeout=request_timeout,
-            keepalive_timeout=keepalive_timeout,
-            ssl_context=ssl_context,
-            pull_write_timeout=pull_write_timeout,
-            trusted_proxies=networks,
-            max_connections_per_address=max_connections_per_address,
-        )
+        server = _Server(handler, handler_nursery or nursery, options, sessions, ssl_context)
         nursery.start_soon(server.reap)
         nursery.start_soon(server.wheel.run)
         nursery.start_soon(server.watchdog)
@@ -1242,20 +1086,21 @@ async def serve_pht(
             await trio.sleep_forever()
         assert shutdown is not None
         await shutdown.wait()
-        report = await _drain(server, accepting, shutdown_timeout)
+        report = await _drain(server, accepting, options.shutdown_timeout)
         nursery.cancel_scope.cancel()  # idle keep-alive connections, the reaper
     return report
 
 
 async def _drain(server: _Server, accepting: trio.CancelScope, timeout: float) -> ShutdownReport:
     accepting.cancel()  # closes the listeners
-    server.draining = True
+    server.sessions.drain()
     at_start = set(server.active)
     log.info("shutting down: %d sessions open, waiting up to %.1fs", len(at_start), timeout)
     with trio.move_on_after(timeout):
         await server.all_done.wait()
     cut = tuple(sorted(_short(stream.token) for stream in server.active))
     for stream in list(server.active):
+        stream.session.end(Input.SHUTDOWN)
         server.end_session(stream)
     with trio.move_on_after(min(timeout, 5.0)):
         await server.all_done.wait()  # handlers see EOF and return

@@ -493,3 +493,30 @@ async def test_a_slow_reader_keeps_its_pull(
     assert bytes(received) == payload
     assert outcome == ["sent"]
     await client.aclose()
+
+
+async def test_handler_stream_allows_one_task_per_direction(nursery: trio.Nursery) -> None:
+    """Two tasks receiving (or sending) on a handler's stream at once: BusyResourceError."""
+    seen: list[str] = []
+
+    async def handler(stream: pht.PHTStream) -> None:
+        async def send() -> None:
+            await stream.send_all(b"x")
+
+        for name, call in (("receive", stream.receive_some), ("send", send)):
+            with pytest.RaisesGroup(trio.BusyResourceError):
+                async with trio.open_nursery() as both:
+                    both.start_soon(call)
+                    both.start_soon(call)
+            seen.append(name)
+        await stream.send_all(b"done")
+
+    port = await start_server(nursery, handler)
+    client = await pht.open_pht_stream("127.0.0.1", port)
+    received = b""
+    with trio.fail_after(10):
+        while not received.endswith(b"done"):
+            received += await client.receive_some()
+    assert seen == ["receive", "send"]
+    assert received == b"xdone"  # the second send was refused, not queued
+    await client.aclose()

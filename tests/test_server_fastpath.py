@@ -4,8 +4,9 @@
 without h11, and hands anything else to h11 byte for byte. These tests run
 two connections side by side, one with the fast path and one without, over
 the same request bytes cut the same way and answered the same way, and
-require the same events, the same exceptions (class, message and status
-hint), the same states and the same response bytes at every step.
+require the same events, the same exceptions (class and status hint), the
+same states and the same response bytes at every step. Error messages are
+not compared: the fast path words its own, the fallback passes h11's on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import h11
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pht
@@ -69,12 +70,12 @@ def transcript(
         try:
             result = action()
         except pht.RemoteProtocolError as exc:
-            steps.append((what, "remote", str(exc), exc.status_hint, conn.state))
+            steps.append((what, "remote", exc.status_hint, conn.state))
             status = exc.status_hint
             record("refusal", lambda: conn.send_status(status))
             return False, None
         except pht.PHTError as exc:
-            steps.append((what, type(exc).__name__, str(exc), conn.state))
+            steps.append((what, type(exc).__name__, conn.state))
             return False, None
         steps.append((what, result, conn.state))
         return conn.state is not pht.ServerConnectionState.CLOSED, result
@@ -320,7 +321,30 @@ limits = st.sampled_from(
 )
 
 
+_HOST = b"Host: 127.0.0.1:8080\r\n"
+
+
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(  # a head of exactly max_header_size bytes, written without optional spaces
+    stream=[
+        b"POST /push?token= HTTP/1.1\r\n" + _HOST + b"Content-Length: 1\r\n\r\n\n",
+        b"POST /push?token= HTTP/1.1\r\nHost:127.0.0.1:8080\r\nContent-Length:1\r\n"
+        b"X-Forwarded-For:10.0.0.1\r\nVia:1.1 squid\r\nX-Empty:\r\n\r\n\n",
+    ],
+    truncate=None,
+    eof=False,
+    sizes=[1],
+    plan=[],
+    options={"max_header_size": 120},
+)
+@example(  # a pull answer to a HEAD request with a body
+    stream=[b"HEAD /push?token= HTTP/1.1\r\n" + _HOST + b"Content-Length: 1\r\n\r\n\n"],
+    truncate=None,
+    eof=False,
+    sizes=[1],
+    plan=[("pull", 0)],
+    options={},
+)
 @given(
     stream=st.lists(requests, min_size=1, max_size=4),
     truncate=st.one_of(st.none(), st.integers(min_value=0, max_value=2000)),
@@ -468,3 +492,26 @@ def test_pull_answer_to_a_head_request_is_refused_on_both_paths() -> None:
         odd = head.replace(b"HEAD", method)
         steps = assert_same(cut(push + odd + push, [1]), [("default", 0), ("pull", 0)])
         assert any(step[1:2] == ("LocalProtocolError",) for step in steps)
+
+
+def test_fast_path_answers_without_h11_and_words_its_own_errors() -> None:
+    """A fast push is answered (even with a pull) while h11 never leaves IDLE."""
+    request = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\neA==\n"
+    conn = pht.ServerConnection()
+    conn.receive_data(request)
+    assert conn.next_event() == pht.PushRequest(token="t", data=b"x")
+    wire = conn.start_pull() + conn.send_pull_data(b"x") + conn.end_pull()
+    assert wire.endswith(b"\r\n0\r\n\r\n")
+    assert conn._conn.their_state is conn._conn.our_state is h11.IDLE
+    conn.receive_data(request[:-2])
+    assert conn.next_event() is pht.NEED_DATA
+    conn.receive_data(b"")
+    with pytest.raises(pht.RemoteProtocolError, match="closed in the body after 3 of 5 bytes"):
+        conn.next_event()
+    with pytest.raises(pht.LocalProtocolError, match="after b''"):
+        conn.receive_data(b"more")
+    refused = pht.ServerConnection()
+    refused.receive_data(request)
+    refused.next_event()
+    with pytest.raises(pht.LocalProtocolError, match="status 200-999, not 101"):
+        refused.send_status(101)

@@ -1,4 +1,8 @@
-"""Graceful shutdown of serve_pht: stop accepting, let sessions finish, cut the rest."""
+"""Graceful shutdown of serve_pht: stop accepting, let sessions finish, cut the rest.
+
+On trio's MockClock (pytest-trio's ``autojump_clock``): the grace period and
+every wait pass in virtual time, as soon as nothing else can run.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import pht
 
 
-async def test_graceful_shutdown(nursery: trio.Nursery) -> None:
+async def test_graceful_shutdown(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     stop = trio.Event()
     reports: list[pht.ShutdownReport] = []
     handler_saw: dict[str, bytes | bytearray] = {}
@@ -41,10 +48,11 @@ async def test_graceful_shutdown(nursery: trio.Nursery) -> None:
     # ...but nothing new is accepted: the listener is closed.
     with pytest.raises(pht.TunnelError, match="cannot connect"):
         await pht.open_pht_stream("127.0.0.1", port)
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         assert await slow.receive_some() == b""  # cut at the deadline: EOF
         while not reports:
             await trio.sleep(0.01)
+    assert trio.current_time() >= 30.0  # not before the grace period ended
     (report,) = reports
     assert report.finished == 1
     assert len(report.cut) == 1
@@ -65,13 +73,15 @@ async def _serve(
         0,
         host="127.0.0.1",
         shutdown=stop,
-        shutdown_timeout=0.5,
+        shutdown_timeout=30.0,
         task_status=task_status,
     )
     reports.append(report)
 
 
-async def test_draining_server_refuses_new_sessions(nursery: trio.Nursery) -> None:
+async def test_draining_server_refuses_new_sessions(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     stop = trio.Event()
     reports: list[pht.ShutdownReport] = []
     hold = trio.Event()
@@ -87,14 +97,14 @@ async def test_draining_server_refuses_new_sessions(nursery: trio.Nursery) -> No
     # A second connection opened before the shutdown, kept for a late request.
     raw = await trio.open_tcp_stream("127.0.0.1", port)
     stop.set()
-    await trio.sleep(0.05)
+    await trio.testing.wait_all_tasks_blocked()  # the server has begun to drain
     await raw.send_all(b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n")
     answer = await raw.receive_some(4096)
     assert answer.startswith(b"HTTP/1.1 503 ")
     await raw.send_all(b"GET /pull?token=brand-new-token-x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await raw.receive_some(4096)).startswith(b"HTTP/1.1 503 ")
     hold.set()
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         while not reports:
             await trio.sleep(0.01)
     assert reports[0].cut == ()

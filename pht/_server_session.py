@@ -1,0 +1,582 @@
+"""The server's session machine: every PHT session rule, with no I/O and no clock.
+
+:class:`ServerSessions` is the table of one server's sessions (on top of
+:class:`SessionRegistry`): it admits authorize, push and pull requests or
+names the status that refuses them (``503`` while draining, ``429`` when
+full or over an address's budget, ``403`` for unknown or closed tokens),
+and says which sessions have expired. :class:`ServerSession` is one
+session's machine: when its handler starts, when a push is acknowledged or
+refused with ``410``, which pull is the current one, when a heartbeat is
+due, and when the session ends.
+
+Inputs are method calls with the current time (``now``) passed in; outputs
+are return values (actions, statuses) and deadlines the adapter wakes at.
+States are data: :data:`TRANSITIONS` is the machine's whole transition
+table, :meth:`ServerSession._enter` the one place that changes the state,
+and :meth:`ServerSession._fail` the one place that enters ``ERROR``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Generic, NoReturn, TypeVar
+
+from ._common import DEFAULT_PATHS, Paths
+from ._errors import LocalProtocolError
+from ._server import (
+    DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_MAX_PUSH_LINE,
+    LookupResult,
+    SessionRecord,
+    SessionRegistry,
+)
+from ._token import TokenSource, new_token
+
+__all__ = [
+    "TRANSITIONS",
+    "Input",
+    "PushVerdict",
+    "ServerOptions",
+    "ServerSession",
+    "ServerSessionState",
+    "ServerSessions",
+    "transition_table_markdown",
+]
+
+#: Sessions one client address may hold, so that one party cannot take them all.
+DEFAULT_MAX_SESSIONS_PER_ADDRESS = 256
+#: Tokens issued by ``/authorize`` and not used yet, per client address.
+DEFAULT_MAX_PENDING_PER_ADDRESS = 16
+#: Open connections per client address (a tunnel uses two).
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 1024
+#: Bytes a handler may queue for the client before ``send_all`` waits.
+DEFAULT_MAX_BUFFERED = 1024 * 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --- options ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerOptions:
+    """Everything that tunes a PHT server, validated once, shared by every adapter.
+
+    The fields are :func:`pht.serve_pht`'s keyword arguments of the same
+    names (see its docstring); ``paths`` joins the three ``*_path`` ones and
+    ``trusted_proxies`` holds parsed networks. Invalid values raise
+    :class:`ValueError` (or :class:`TypeError` for a wrong type) here, before
+    anything listens.
+    """
+
+    paths: Paths = DEFAULT_PATHS
+    backlog: int = 128
+    heartbeat_interval: float = 10.0
+    strict: bool = False
+    max_sessions: int = 10_000
+    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS
+    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS
+    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+    trusted_proxies: tuple[Network, ...] = ()
+    idle_timeout: float | None = 600.0
+    issued_timeout: float = 60.0
+    lazy_timeout: float = 10.0
+    push_timeout: float = 30.0
+    pull_write_timeout: float = 60.0
+    request_timeout: float = 60.0
+    keepalive_timeout: float = 120.0
+    max_buffered: int = DEFAULT_MAX_BUFFERED
+    max_push_line: int = DEFAULT_MAX_PUSH_LINE
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    shutdown_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.paths, Paths):
+            raise TypeError(f"paths must be a pht.Paths, not {type(self.paths).__name__}")
+        if not math.isfinite(self.heartbeat_interval) or self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be a positive number of seconds")
+        for name in (
+            "push_timeout",
+            "pull_write_timeout",
+            "lazy_timeout",
+            "request_timeout",
+            "keepalive_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_buffered < 1 or self.max_push_line < 4:
+            raise ValueError("max_buffered and max_push_line must be positive")
+        if self.max_sessions < 1 or self.backlog < 1:
+            raise ValueError("max_sessions and backlog must be at least 1")
+        for name in (
+            "max_sessions_per_address",
+            "max_pending_per_address",
+            "max_connections_per_address",
+        ):
+            budget = getattr(self, name)
+            if budget is not None and budget < 1:
+                raise ValueError(f"{name} must be at least 1 (or None: no budget)")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must not be negative")
+        object.__setattr__(self, "trusted_proxies", parse_networks(self.trusted_proxies))
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        authorize_path: str = "/authorize",
+        push_path: str = "/push",
+        pull_path: str = "/pull",
+        trusted_proxies: Iterable[str | Network] = (),
+        **options: object,
+    ) -> ServerOptions:
+        """Options from :func:`pht.serve_pht`'s keyword arguments (paths as strings)."""
+        paths = Paths(authorize=authorize_path, push=push_path, pull=pull_path)
+        return cls(
+            paths=paths,
+            trusted_proxies=parse_networks(trusted_proxies),
+            **options,  # type: ignore[arg-type]
+        )
+
+
+def parse_networks(trusted: Iterable[str | Network]) -> tuple[Network, ...]:
+    """``trusted_proxies`` as networks; a bare address is a network of one."""
+    if isinstance(trusted, (str, bytes)):
+        raise TypeError("trusted_proxies must be a list of addresses or networks, not a str")
+    networks = []
+    for entry in trusted:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+    return tuple(networks)
+
+
+def host_of(peer: str | None) -> str | None:
+    """The host part of ``host:port`` or ``[host]:port``."""
+    if peer is None:
+        return None
+    host = peer.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``host`` is one of the trusted proxies."""
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def client_from_forwarded(value: bytes, trusted: tuple[Network, ...]) -> str | None:
+    """The client address in an ``X-Forwarded-For`` (or ``X-Real-IP``) value.
+
+    The rightmost entry that is not a trusted proxy: entries left of it
+    were written by the client itself and prove nothing.
+    """
+    entries = value.decode("latin-1").split(",")
+    for entry in reversed(entries):
+        entry = entry.strip()
+        if entry.startswith("[") and "]" in entry:  # [v6]:port
+            entry = entry[1 : entry.index("]")]
+        elif entry.count(":") == 1:  # v4:port
+            entry = entry.partition(":")[0]
+        try:
+            address = ipaddress.ip_address(entry)
+        except ValueError:
+            return None  # garbage: fall back to the proxy's own address
+        if not any(address in network for network in trusted):
+            return str(address)
+    return None
+
+
+# --- one session -------------------------------------------------------------------
+
+
+class ServerSessionState(enum.Enum):
+    """Life of one session on the server."""
+
+    ADMITTED = "ADMITTED"  #: known, but nothing started its handler yet
+    STARTED = "STARTED"  #: its handler runs; no pull attached yet
+    PULLED = "PULLED"  #: its handler runs and a pull is attached
+    CLOSED = "CLOSED"  #: over (client close, expiry, 410, lost pull, shutdown, handler done)
+    ERROR = "ERROR"  #: the adapter fed an input its state forbids
+
+
+class Input(enum.Enum):
+    """What can happen to a session (see :data:`TRANSITIONS`)."""
+
+    PUSH_DATA = "push with data"  #: a push carried bytes for the handler
+    PULL = "pull attached"  #: a pull attached (it replaces any older one)
+    PULL_LOST = "pull lost"  #: the current pull's client hung up
+    PULL_STALLED = "pull stalled"  #: a pull write made no progress in pull_write_timeout
+    PUSH_EXPIRED = "push expired"  #: a push was not consumed within push_timeout (410)
+    CLOSE = "close"  #: the client closed the session (empty or form push)
+    EXPIRED = "expired"  #: idle, lazy or issued timeout
+    SHUTDOWN = "shutdown"  #: the server cut it at the end of a graceful shutdown
+    HANDLER_DONE = "handler done"  #: the handler returned and its last bytes went out
+
+
+_S = ServerSessionState
+_ENDS = (
+    Input.PULL_STALLED,
+    Input.PUSH_EXPIRED,
+    Input.CLOSE,
+    Input.EXPIRED,
+    Input.SHUTDOWN,
+    Input.HANDLER_DONE,
+)
+
+#: The session machine: ``(state, input) -> next state``. A pair that is not
+#: here is a misuse by the adapter and enters ``ERROR``. A closed session
+#: absorbs every input: connections of a session race with its end.
+TRANSITIONS: dict[tuple[ServerSessionState, Input], ServerSessionState] = {
+    (_S.ADMITTED, Input.PUSH_DATA): _S.STARTED,
+    (_S.ADMITTED, Input.PULL): _S.PULLED,
+    (_S.ADMITTED, Input.PULL_LOST): _S.CLOSED,
+    **{(_S.ADMITTED, end): _S.CLOSED for end in _ENDS if end is not Input.HANDLER_DONE},
+    (_S.STARTED, Input.PUSH_DATA): _S.STARTED,
+    (_S.STARTED, Input.PULL): _S.PULLED,
+    (_S.STARTED, Input.PULL_LOST): _S.CLOSED,
+    **{(_S.STARTED, end): _S.CLOSED for end in _ENDS},
+    (_S.PULLED, Input.PUSH_DATA): _S.PULLED,
+    (_S.PULLED, Input.PULL): _S.PULLED,
+    (_S.PULLED, Input.PULL_LOST): _S.CLOSED,
+    **{(_S.PULLED, end): _S.CLOSED for end in _ENDS},
+    **{(_S.CLOSED, event): _S.CLOSED for event in Input},
+}
+
+
+class PushVerdict(enum.Enum):
+    """What to do with a push whose bytes were handed to the handler."""
+
+    WAIT = "wait"  #: not consumed yet, deadline not reached: wait for consumption
+    ACK = "ack"  #: consumed: answer 200
+    GONE = "gone"  #: not consumed in time, or the session ended: answer 410
+
+
+H = TypeVar("H")
+
+
+@dataclass(eq=False, slots=True)
+class ServerSession(Generic[H]):
+    """One session's machine. The adapter keeps its own object in ``handle``.
+
+    Pushes take turns: :meth:`may_deposit` says when the next one may hand
+    its bytes over, :meth:`deposit` hands them over and returns the
+    consumption goal, :meth:`verdict` says whether its push is acknowledged
+    (``200``), refused (``410``: the session ends) or still waits.
+    """
+
+    token: str
+    push_timeout: float
+    heartbeat_interval: float
+    handle: H | None = field(default=None, repr=False)
+    state: ServerSessionState = ServerSessionState.ADMITTED
+    #: Why the session ended (the input that closed it), once it has.
+    ended_by: Input | None = None
+    #: The current pull (an adapter-chosen id), ``None`` without one.
+    pull: object = None
+    #: Bytes handed to the handler and taken by it, over the whole session.
+    deposited: int = 0
+    consumed: int = 0
+    #: When the push waiting now is refused with 410 (``inf``: none waits).
+    push_deadline: float = math.inf
+    #: When the current pull last carried something.
+    last_write: float = 0.0
+
+    # -- state ----------------------------------------------------------------
+
+    def _enter(self, event: Input) -> bool:
+        """Apply ``event``; returns whether it ended the session just now."""
+        following = TRANSITIONS.get((self.state, event))
+        if following is None:
+            self._fail(f"{event.value!r} is not allowed in state {self.state.name}")
+        ended = following is _S.CLOSED and self.state is not _S.CLOSED
+        self.state = following
+        if ended:
+            self.ended_by = event
+            self.pull = None
+            self.push_deadline = math.inf
+        return ended
+
+    def _fail(self, message: str) -> NoReturn:  # the only way into ERROR
+        self.state = _S.ERROR
+        raise LocalProtocolError(f"session {self.token[:8]}: {message}")
+
+    @property
+    def closed(self) -> bool:
+        return self.state is _S.CLOSED
+
+    # -- pushes ---------------------------------------------------------------
+
+    def push_data(self) -> bool:
+        """A push carries bytes; returns whether the handler must start now.
+
+        The handler starts on the first pushed byte or the first pull,
+        whichever comes first: not before (a refused request, an empty push
+        or an authorize would make a forwarding handler dial for nothing),
+        not later (GOST's modern client may push before it pulls).
+        """
+        before = self.state
+        self._enter(Input.PUSH_DATA)
+        return before is _S.ADMITTED
+
+    def may_deposit(self) -> bool:
+        """Whether the next push may hand its bytes over (the previous one's were taken)."""
+        return self.consumed >= self.deposited
+
+    def deposit(self, size: int, now: float) -> int:
+        """Hand ``size`` pushed bytes to the handler; returns the consumption goal."""
+        if self.push_deadline == math.inf:
+            self.push_deadline = now + self.push_timeout
+        self.deposited += size
+        return self.deposited
+
+    def wait_for_push(self, now: float) -> None:
+        """A push waits for its turn: its deadline runs from now."""
+        if self.push_deadline == math.inf and self.state is not _S.CLOSED:
+            self.push_deadline = now + self.push_timeout
+
+    def took(self, size: int) -> None:
+        """The handler took ``size`` pushed bytes."""
+        self.consumed += size
+
+    def verdict(self, goal: int, now: float) -> PushVerdict:
+        """The answer to the push whose bytes end at ``goal`` (see :class:`PushVerdict`)."""
+        if self.state is _S.CLOSED:
+            return PushVerdict.GONE
+        if self.consumed >= goal:
+            return PushVerdict.ACK
+        if now >= self.push_deadline:
+            return PushVerdict.GONE
+        return PushVerdict.WAIT
+
+    def push_over(self, verdict: PushVerdict) -> None:
+        """The push got ``verdict``: a refused one ends the session, bytes untaken dropped.
+
+        The client is told the write failed, so what the handler did not
+        take must not reach it later.
+        """
+        if verdict is PushVerdict.GONE:
+            self.deposited = self.consumed
+            self._enter(Input.PUSH_EXPIRED)
+        if self.consumed >= self.deposited:
+            self.push_deadline = math.inf
+
+    # -- pulls ----------------------------------------------------------------
+
+    def attach_pull(self, pull: object, now: float) -> tuple[object, bool]:
+        """Pull ``pull`` attached: ``(pull it replaces or None, whether to start the handler)``.
+
+        A newer long poll replaces a stale one (the client re-polled, or a
+        proxy kept the old connection open).
+        """
+        before, replaced = self.state, self.pull
+        self._enter(Input.PULL)
+        if self.state is _S.CLOSED:
+            return None, False  # too late: the adapter ends the pull at once
+        self.pull = pull
+        self.last_write = now
+        return replaced, before is _S.ADMITTED
+
+    def pull_ended(self, pull: object, *, hung_up: bool, stalled: bool) -> bool:
+        """Pull ``pull`` is over; returns whether that ends the session.
+
+        A stalled pull (the client stopped reading) ends it; so does a pull
+        whose client hung up, unless a newer pull replaced it: nothing else
+        could deliver the handler's bytes.
+        """
+        if stalled:
+            return self._enter(Input.PULL_STALLED)
+        if pull is not self.pull:
+            return False
+        self.pull = None
+        if hung_up:
+            return self._enter(Input.PULL_LOST)
+        return False
+
+    def wrote(self, now: float) -> None:
+        """The current pull carried something: the heartbeat is due later."""
+        self.last_write = now
+
+    def heartbeat_due(self) -> float:
+        """When the current pull needs a heartbeat line (``inf`` without a pull)."""
+        if self.pull is None:
+            return math.inf
+        return self.last_write + self.heartbeat_interval
+
+    def deadline(self) -> float:
+        """The earliest time the adapter must wake for this session."""
+        return min(self.push_deadline, self.heartbeat_due())
+
+    # -- ends -----------------------------------------------------------------
+
+    def end(self, event: Input) -> bool:
+        """End the session by ``event`` (close, expiry, shutdown, handler done).
+
+        Returns whether it ended just now (``False``: it was over already).
+        """
+        if event not in (Input.CLOSE, Input.EXPIRED, Input.SHUTDOWN, Input.HANDLER_DONE):
+            self._fail(f"{event.value!r} does not end a session by itself")
+        return self._enter(event)
+
+
+# --- all sessions -------------------------------------------------------------------
+
+
+class ServerSessions(Generic[H]):
+    """One server's sessions: admission, refusals and expiry on top of a registry."""
+
+    def __init__(self, options: ServerOptions, token_source: TokenSource = new_token) -> None:
+        self.options = options
+        self.registry: SessionRegistry[ServerSession[H]] = SessionRegistry(
+            strict=options.strict,
+            max_sessions=options.max_sessions,
+            backlog=options.backlog,
+            idle_timeout=options.idle_timeout,
+            issued_timeout=options.issued_timeout,
+            lazy_timeout=options.lazy_timeout,
+            max_sessions_per_owner=options.max_sessions_per_address,
+            max_issued_per_owner=options.max_pending_per_address,
+            token_source=token_source,
+        )
+        #: Set by :meth:`drain`: requests that would open a session get 503.
+        self.draining = False
+
+    def client_of(
+        self, peer: str | None, forwarded: bytes | None
+    ) -> tuple[str | None, str | None]:
+        """``(owner, remote_address)`` of a request from ``peer``.
+
+        The owner (what admission budgets count against) is the client's
+        host; behind a trusted proxy, the address the proxy reports.
+        """
+        host = host_of(peer)
+        trusted = self.options.trusted_proxies
+        if forwarded is None or host is None or not is_trusted(host, trusted):
+            return host, peer
+        real = client_from_forwarded(forwarded, trusted)
+        return (real, real) if real is not None else (host, peer)
+
+    def connection_budget(self, host: str | None) -> int | None:
+        """Connections ``host`` may hold at once (``None``: no budget)."""
+        if host is None or is_trusted(host, self.options.trusted_proxies):
+            return None
+        return self.options.max_connections_per_address
+
+    def drain(self) -> None:
+        """A graceful shutdown began: no new sessions from now on."""
+        self.draining = True
+
+    def authorize(self, now: float, owner: str | None) -> str | int:
+        """A token for ``/authorize``, or the status that refuses it (503, 429)."""
+        if self.draining:
+            return 503
+        token = self.registry.issue(now, owner)
+        return 429 if token is None else token
+
+    def admit(self, token: str, now: float, owner: str | None) -> ServerSession[H] | int:
+        """The session a push or pull for ``token`` goes to, or the status to answer.
+
+        503 while draining (unless the session is under way), 429 when full
+        or over the owner's budget, 403 for an unknown (strict) or closed
+        token. A token's first use creates its session machine.
+        """
+        registry = self.registry
+        if self.draining:
+            existing = registry.get(token)
+            if existing is None or existing.payload is None:
+                return 503
+        record = registry.lookup(token, now, owner)
+        if isinstance(record, LookupResult):
+            return record.status_code
+        session = record.payload
+        if session is None:
+            options = self.options
+            session = ServerSession(token, options.push_timeout, options.heartbeat_interval)
+            record.payload = session
+        return session
+
+    def record_of(self, session: ServerSession[H]) -> SessionRecord[ServerSession[H]] | None:
+        """``session``'s registry record while the session is in the table."""
+        record = self.registry.get(session.token)
+        return record if record is not None and record.payload is session else None
+
+    def attach_pull(
+        self, session: ServerSession[H], pull: object, now: float
+    ) -> tuple[object, bool]:
+        """Attach ``pull`` to ``session`` (see :meth:`ServerSession.attach_pull`).
+
+        A pull is the session's sign of life: ``idle_timeout`` applies to it
+        from now on instead of ``lazy_timeout`` (a GOST client always pulls).
+        """
+        result = session.attach_pull(pull, now)
+        record = self.record_of(session)
+        if record is not None and not record.alive:
+            self.registry.mark_alive(record, now)
+        return result
+
+    def touch(self, session: ServerSession[H], now: float) -> None:
+        """Data moved: the session's idle expiry starts again."""
+        record = self.record_of(session)
+        if record is not None:
+            self.registry.touch(record, now)
+
+    def close(self, token: str, now: float, event: Input = Input.CLOSE) -> ServerSession[H] | None:
+        """End ``token``'s session (or make sure a late request cannot open one).
+
+        Returns the session's machine if the token had one (now ``CLOSED``).
+        """
+        record = self.registry.close(token, now)
+        session = None if record is None else record.payload
+        if session is not None:
+            session.end(event)
+        return session
+
+    def forget(self, session: ServerSession[H], now: float) -> None:
+        """Drop an ended session from the table (its token stays refused)."""
+        if self.record_of(session) is not None:
+            self.registry.close(session.token, now)
+
+    def expired(self, now: float) -> list[SessionRecord[ServerSession[H]]]:
+        """Sessions idle for too long. A session with a pull attached is alive, not idle."""
+        due = []
+        for record in self.registry.expired(now):
+            if self.expire(record, now):
+                due.append(record)
+        return due
+
+    def expire(self, record: SessionRecord[ServerSession[H]], now: float) -> bool:
+        """Whether ``record`` is expired now; one with a pull attached is touched instead."""
+        registry = self.registry
+        if not registry.is_expired(record, now):
+            return False
+        session = record.payload
+        if session is not None and session.pull is not None:
+            registry.touch(record, now)
+            return False
+        return True
+
+
+def transition_table_markdown() -> str:
+    """:data:`TRANSITIONS` as a Markdown table (rendered into docs/protocol.md)."""
+    states = [state for state in ServerSessionState if state is not _S.ERROR]
+    lines = [
+        "| state | " + " | ".join(event.value for event in Input) + " |",
+        "|---|" + "---|" * len(Input),
+    ]
+    for state in states:
+        cells = []
+        for event in Input:
+            following = TRANSITIONS.get((state, event))
+            cells.append(following.name if following is not None else "ERROR")
+        lines.append(f"| {state.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
