@@ -23,7 +23,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["DURATION_BUCKETS", "ChainStats", "PHTStatsSink", "ServiceStats", "Stats"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "ChainStats",
+    "NullStats",
+    "PHTStatsSink",
+    "ServiceStats",
+    "Stats",
+]
 
 #: Upper bounds (seconds) of the request-duration histogram buckets.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -69,6 +76,28 @@ class PHTStatsSink(Protocol):
 
     def refused(self, status: int) -> None:
         """A request was answered with the error ``status`` (400 to 599)."""
+
+
+class NullStats:
+    """A :class:`PHTStatsSink` that counts nothing: a server given no sink uses it."""
+
+    def enable_pht(self) -> None:
+        """Nothing to enable."""
+
+    def session_opened(self) -> None:
+        """Not counted."""
+
+    def session_closed(self) -> None:
+        """Not counted."""
+
+    def push(self) -> None:
+        """Not counted."""
+
+    def pull(self) -> None:
+        """Not counted."""
+
+    def refused(self, status: int) -> None:
+        """Not counted."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ from ._server_session import (
     ServerSessions,
     host_of,
 )
+from ._stats import NullStats, PHTStatsSink
 from ._tls import SelfSignedCertificate, make_self_signed_certificate
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
@@ -312,8 +313,10 @@ class _Server:
         options: ServerOptions,
         sessions: ServerSessions[_ServerStream],
         ssl_context: ssl.SSLContext | None,
+        stats: PHTStatsSink | None = None,
     ) -> None:
         self.handler = handler
+        self.stats: PHTStatsSink = stats if stats is not None else NullStats()
         self.nursery = nursery
         self.options = options
         self.sessions = sessions
@@ -358,6 +361,7 @@ class _Server:
         started = trio.current_time()
         self.active.add(stream)
         self.all_done = trio.Event()
+        self.stats.session_opened()
         log.info("session %s accepted from %s", _short(stream.token), stream.remote_address)
         try:
             await self.handler(stream)
@@ -372,6 +376,7 @@ class _Server:
             stream.session.end(Input.HANDLER_DONE)
             self.end_session(stream)
             self.active.discard(stream)
+            self.stats.session_closed()
             if not self.active:
                 self.all_done.set()
             log.info(
@@ -483,7 +488,11 @@ class _Server:
                 if self.ssl_context is not None and isinstance(transport, trio.SocketStream):
                     watch.deadline = trio.current_time() + options.request_timeout
                     transport = TLSSocketStream.wrap(transport, self.ssl_context, server_side=True)
-                    await transport.do_handshake()
+                    try:
+                        await transport.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        log.info("connection from %s: %s", peer, exc)
+                        return
                     watch.deadline = trio.current_time() + options.keepalive_timeout
                 await self._serve_requests(transport, conn, peer, watch)
             if watch.scope.cancelled_caught:
@@ -508,8 +517,8 @@ class _Server:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
-                log.debug("bad request from %s: %s", peer, exc)
-                await transport.send_all(conn.send_status(exc.status_hint))
+                log.info("bad request from %s: %s", peer, exc)
+                await transport.send_all(self.refusal(conn, exc.status_hint))
                 return
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
@@ -536,13 +545,18 @@ class _Server:
                 status = await self._deliver(event, conn, peer)
                 if status != 200:
                     gone = "push not consumed in time"
+                    self.stats.refused(status)
                     conn.discard_push(status, gone if status == 410 else "push refused")
                 watch.deadline = trio.current_time() + options.request_timeout
                 continue
             streaming = False
             if isinstance(event, PushRequest):
                 status = await self._deliver(event, conn, peer)
-                answer = conn.send_push_ack() if status == 200 else conn.send_status(status)
+                if status == 200:
+                    self.stats.push()
+                    answer = conn.send_push_ack()
+                else:
+                    answer = self.refusal(conn, status)
                 await transport.send_all(answer)
             elif isinstance(event, PullRequest):
                 await self._pull(transport, conn, event, peer)
@@ -557,17 +571,23 @@ class _Server:
                 if isinstance(token, str):
                     answer = conn.send_token(token)
                 else:
-                    answer = conn.send_status(token)
+                    answer = self.refusal(conn, token)
                 await transport.send_all(answer)
             elif isinstance(event, BadRequest):
-                log.debug("refused request from %s: %s", peer, event.reason)
+                status = event.status_code
+                log.info("refused a request from %s (%d): %s", peer, status, event.reason)
                 if event.token is not None:
                     self.close_token(event.token)
-                await transport.send_all(conn.send_status(event.status_code))
+                await transport.send_all(self.refusal(conn, event.status_code))
             if conn.state is ServerConnectionState.CLOSED:
                 return
             watch.between_requests = True
             watch.deadline = trio.current_time() + options.keepalive_timeout
+
+    def refusal(self, conn: ServerConnection, status: int) -> bytes:
+        """The bytes that answer a request with the error ``status``, counted."""
+        self.stats.refused(status)
+        return conn.send_status(status)
 
     def close_token(self, token: str, event: Input = Input.CLOSE) -> None:
         """End ``token``'s session, or make sure a late request cannot open one."""
@@ -602,7 +622,7 @@ class _Server:
     ) -> None:
         stream = self.session_for(event.token, peer, conn)
         if isinstance(stream, int):
-            await transport.send_all(conn.send_status(stream))
+            await transport.send_all(self.refusal(conn, stream))
             return
         session = stream.session
         hung_up = trio.Event()
@@ -615,6 +635,7 @@ class _Server:
             beat = _HeartbeatTimer(stream, writer)
             try:
                 await writer.send(conn.start_pull())
+                self.stats.pull()
                 stream.pull_attached()
                 if start:
                     self.start_handler(stream)
@@ -967,6 +988,7 @@ async def serve_pht(
     handler_nursery: trio.Nursery | None = None,
     shutdown: trio.Event | None = None,
     shutdown_timeout: float = 30.0,
+    stats: PHTStatsSink | None = None,
     task_status: trio.TaskStatus[
         list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
     ] = trio.TASK_STATUS_IGNORED,
@@ -1002,7 +1024,8 @@ async def serve_pht(
     that one anonymous party cannot lock others out. Sessions a client made
     by pushing or pulling a token of its own are closed after
     ``lazy_timeout`` seconds unless a pull attaches to them; a session's
-    handler starts only once a pull is attached. Behind a reverse proxy,
+    handler starts with its first pushed byte or its first pull, never for a
+    refused request. Behind a reverse proxy,
     list it in ``trusted_proxies`` (addresses or networks): the client's
     address is then taken from ``X-Forwarded-For`` / ``X-Real-IP`` of its
     requests, for the budgets, the logs and the stream's ``remote_address``.
@@ -1013,6 +1036,10 @@ async def serve_pht(
     answers ``503`` to requests that would open a session, lets the open
     sessions finish for up to ``shutdown_timeout`` seconds, then closes the
     rest (their handlers see EOF) and returns a :class:`ShutdownReport`.
+
+    ``stats`` (a :class:`pht._stats.PHTStatsSink`, such as the command
+    line's per-service counters) is told of sessions opened and closed,
+    pushes and pulls accepted, and requests refused, by status.
     """
     options = ServerOptions.build(
         authorize_path=authorize_path,
@@ -1058,7 +1085,10 @@ async def serve_pht(
             port, ssl_context, host=host, https_compatible=True, backlog=listen_backlog
         )
     async with trio.open_nursery() as nursery:
-        server = _Server(handler, handler_nursery or nursery, options, sessions, ssl_context)
+        server = _Server(
+            handler, handler_nursery or nursery, options, sessions, ssl_context, stats
+        )
+        server.stats.enable_pht()
         nursery.start_soon(server.reap)
         nursery.start_soon(server.wheel.run)
         nursery.start_soon(server.watchdog)

@@ -249,6 +249,11 @@ def test_metrics_count_a_tunnel(origin: int) -> None:
     assert sample(after, "gost_service_request_duration_seconds_count", "service-0") == 1
     assert sample(served, "gost_service_requests_total", "service-0") == 1
     assert sample(served, "gost_service_transfer_output_bytes_total", "service-0") > len(BODY)
+    # PHT's own counters, fed by the server (the client's service is plain TCP).
+    assert sample(served, "pht_sessions_total", "service-0") == 1
+    assert sample(served, "pht_pushes_total", "service-0") >= 1
+    assert sample(served, "pht_pulls_total", "service-0") >= 1
+    assert not any(key.startswith("pht_") for key in after)
 
 
 @needs_prometheus

@@ -361,6 +361,7 @@ class Service:
                 pull_path=spec.paths.pull_path,
                 backlog=spec.backlog,
                 trusted_proxies=spec.trusted_proxies,
+                stats=self.stats,
                 task_status=task_status,
             )
 
