@@ -56,6 +56,7 @@ __all__ = [
     "PollAgain",
     "SendPull",
     "Wait",
+    "render_transitions",
 ]
 
 #: Raw bytes per push by default: one POST per MiB keeps round trips rare.
@@ -157,6 +158,14 @@ TRANSITIONS: dict[tuple[ClientSessionState, str], ClientSessionState] = {
     (S.REPOLLING, "Rejected 403"): S.ENDED,
 }
 del S
+
+
+def render_transitions() -> str:
+    """:data:`TRANSITIONS` as a Markdown table (``docs/protocol.md`` shows it)."""
+    rows = ["| state | what happened | next state |", "|---|---|---|"]
+    for (state, what), target in TRANSITIONS.items():
+        rows.append(f"| `{state.name}` | {what} | `{target.name}` |")
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from pht._client_session import (
     PollAgain,
     SendPull,
     Wait,
+    render_transitions,
 )
 from pht._events import (
     Authorized,
@@ -419,3 +421,9 @@ def test_legacy_session_over_bytes(step: int) -> None:
     assert channel.reusable(0.0)
     channel.pull("t1")
     assert _feed(channel, session, _FORBIDDEN, step) == [EndOfStream()]
+
+
+def test_protocol_doc_shows_the_table_from_the_code() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("## The client session machine", 1)[1].split("\n## ", 1)[0]
+    assert render_transitions() in section
