@@ -29,8 +29,9 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
-from ._client import ClientConfig
+from ._client import ClientConfig, HeaderInput
 from ._common import Paths
 from ._errors import LocalProtocolError, PHTError, TunnelError
 from ._events import (
@@ -80,20 +81,40 @@ def _at_least_one(name: str, value: int) -> None:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
 
 
+def parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
+    """``http://[user:pass@]host:port`` as ``((host, port), (user, password))``."""
+    if proxy is None:
+        return None, None
+    parts = urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {proxy!r}")
+    credentials = None
+    if parts.username is not None:
+        credentials = (unquote(parts.username), unquote(parts.password or ""))
+    return (parts.hostname, parts.port or 8080), credentials
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClientOptions:
     """How a client session behaves, validated once, shared by every adapter.
 
     ``config`` forms the requests (host, paths, headers, generation).
+    ``host``/``port`` is the server, reached through ``proxy`` (an address)
+    when set; ``secure`` says TLS (the adapter brings its context).
     ``token`` (modern flow only) fixes the session token, else
     ``token_source`` makes one. ``max_push_size`` bounds the raw bytes of one
     POST; ``push_window`` is how many pushes may await their acknowledgement;
     ``connect_timeout`` bounds connecting and the handshake,
     ``close_timeout`` the acknowledgements and the close notification in a
-    close.
+    close. :meth:`build` makes one from :func:`pht.open_pht_stream`'s
+    keyword arguments.
     """
 
     config: ClientConfig
+    host: str = "localhost"
+    port: int = 80
+    secure: bool = False
+    proxy: tuple[str, int] | None = None
     token: str | None = None
     token_source: TokenSource = field(default=new_token, repr=False)
     max_push_size: int = DEFAULT_MAX_PUSH_SIZE
@@ -104,6 +125,14 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.config, ClientConfig):
             raise TypeError(f"config must be a ClientConfig, not {type(self.config).__name__}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise TypeError(f"port must be an int, not {type(self.port).__name__}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port!r}")
+        if self.proxy is not None and self.secure:
+            raise ValueError(
+                "proxy= sends plain HTTP requests through the proxy; it cannot carry phts"
+            )
         _at_least_one("max_push_size", self.max_push_size)
         _at_least_one("push_window", self.push_window)
         _positive_seconds("connect_timeout", self.connect_timeout)
@@ -118,6 +147,52 @@ class ClientOptions:
                 raise TypeError("token must be a non-empty str")
             if self.config.authorize:
                 raise ValueError("token= is for authorize=False; the server issues it otherwise")
+
+    @property
+    def address(self) -> str:
+        """The server as ``host:port`` (``[host]:port`` for IPv6), for messages."""
+        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+
+    @classmethod
+    def build(
+        cls,
+        host: str,
+        port: int,
+        *,
+        secure: bool = False,
+        authorize: bool = True,
+        authorize_path: str = "/authorize",
+        push_path: str = "/push",
+        pull_path: str = "/pull",
+        headers: HeaderInput = None,
+        host_header: str | None = None,
+        proxy: str | None = None,
+        **kwargs: object,
+    ) -> ClientOptions:
+        """Options from :func:`pht.open_pht_stream`'s keyword arguments (the rest go as is)."""
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
+        proxy_address, proxy_credentials = parse_proxy(proxy)
+        host_value = host if ":" not in host else f"[{host}]"
+        default_port = 443 if secure else 80
+        config = ClientConfig.build(
+            host_value if port == default_port else f"{host_value}:{port}",
+            headers=headers,
+            proxy_credentials=proxy_credentials,
+            authorize=authorize,
+            paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
+            host_header=host_header,
+            proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
+            scheme="https" if secure else "http",
+        )
+        return cls(
+            config=config,
+            host=host,
+            port=port,
+            secure=secure,
+            proxy=proxy_address,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 class ClientSessionState(enum.Enum):

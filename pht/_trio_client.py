@@ -5,7 +5,6 @@ from __future__ import annotations
 import operator
 import select
 import ssl
-from urllib.parse import unquote, urlsplit
 
 import trio
 
@@ -20,7 +19,6 @@ from ._client_session import (
     PollAgain,
     SendPull,
 )
-from ._common import Paths
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._tls_stream import TLSSocketStream
@@ -397,23 +395,18 @@ class _Connector:
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        *,
+        options: ClientOptions,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
-        proxy: tuple[str, int] | None,
-        connect_timeout: float,
-        push_window: int = 1,
     ) -> None:
-        self.host, self.port = host, port
+        self.host, self.port = options.host, options.port
         # Channels allow two pushes in flight at least: one send_all pipelines its pushes.
-        self.push_window = max(2, push_window)
+        self.push_window = max(2, options.push_window)
         self.ssl_context = ssl_context
-        self.server_hostname = server_hostname or host
-        self.proxy = proxy
-        self.connect_timeout = connect_timeout
-        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.server_hostname = server_hostname or options.host
+        self.proxy = options.proxy
+        self.connect_timeout = options.connect_timeout
+        self.address = options.address
 
     async def open(self, config: ClientConfig) -> _Connection:
         target_host, target_port = self.proxy or (self.host, self.port)
@@ -496,10 +489,6 @@ async def open_pht_stream(
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port must be an int, not {type(port).__name__}")
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be 1-65535, got {port!r}")
     ssl_context: ssl.SSLContext | None
     if tls is True:
         ssl_context = ssl.create_default_context()
@@ -509,25 +498,17 @@ async def open_pht_stream(
         ssl_context = tls
     else:
         raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
-    proxy_address, proxy_credentials = _parse_proxy(proxy)
-    if proxy_address is not None and ssl_context is not None:
-        raise ValueError(
-            "proxy= sends plain HTTP requests through the proxy; it cannot carry phts"
-        )
-    host_value = host if ":" not in host else f"[{host}]"
-    default_port = 443 if ssl_context is not None else 80
-    config = ClientConfig.build(
-        host_value if port == default_port else f"{host_value}:{port}",
-        headers=headers,
-        proxy_credentials=proxy_credentials,
+    options = ClientOptions.build(
+        host,
+        port,
+        secure=ssl_context is not None,
         authorize=authorize,
-        paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
+        authorize_path=authorize_path,
+        push_path=push_path,
+        pull_path=pull_path,
+        headers=headers,
         host_header=host_header,
-        proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
-        scheme="https" if ssl_context is not None else "http",
-    )
-    options = ClientOptions(
-        config=config,
+        proxy=proxy,
         token=token,
         token_source=token_source,
         max_push_size=max_push_size,
@@ -535,15 +516,8 @@ async def open_pht_stream(
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
     )
-    connector = _Connector(
-        host,
-        port,
-        ssl_context=ssl_context,
-        server_hostname=server_hostname,
-        proxy=proxy_address,
-        connect_timeout=connect_timeout,
-        push_window=push_window,
-    )
+    config = options.config
+    connector = _Connector(options, ssl_context, server_hostname)
     session = ClientSession(options)
     pull = await connector.open(config)
     try:
@@ -579,15 +553,3 @@ async def _start_session(pull: _Connection, session: ClientSession) -> None:
         session.pull_event(await pull.next_event())
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         raise session.handshake_failed(exc) from exc
-
-
-def _parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
-    if proxy is None:
-        return None, None
-    parts = urlsplit(proxy)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {proxy!r}")
-    credentials = None
-    if parts.username is not None:
-        credentials = (unquote(parts.username), unquote(parts.password or ""))
-    return (parts.hostname, parts.port or 8080), credentials

@@ -427,3 +427,42 @@ def test_protocol_doc_shows_the_table_from_the_code() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     section = doc.split("## The client session machine", 1)[1].split("\n## ", 1)[0]
     assert render_transitions() in section
+
+
+# --- options from open_pht_stream's keyword arguments -------------------------------------
+
+
+def test_build_from_keywords() -> None:
+    options = ClientOptions.build(
+        "::1", 8443, secure=True, authorize=False, proxy=None, push_window=3, pull_path="/p"
+    )
+    assert options.address == "[::1]:8443"
+    assert options.config.host == "[::1]:8443"
+    assert options.config.scheme == "https"
+    assert options.config.paths.pull == "/p"
+    assert options.push_window == 3
+    default_port = ClientOptions.build("example.com", 80)
+    assert default_port.config.host == "example.com"
+
+
+def test_build_with_a_proxy() -> None:
+    options = ClientOptions.build("example.com", 8080, proxy="http://u%40x:p@127.0.0.1:3128")
+    assert options.proxy == ("127.0.0.1", 3128)
+    assert options.config.proxy_authority == "example.com:8080"
+    assert options.config.proxy_authorization is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"port": 0}, ValueError, "1-65535"),
+        ({"port": "80"}, TypeError, "port must be an int"),
+        ({"port": 80, "proxy": "socks5://127.0.0.1:1080"}, ValueError, "http://"),
+        ({"port": 443, "proxy": "http://127.0.0.1:3128", "secure": True}, ValueError, "phts"),
+    ],
+)
+def test_build_refuses_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        ClientOptions.build("example.com", **kwargs)  # type: ignore[arg-type]
