@@ -338,6 +338,8 @@ class ClientSession:
         self.send_error: TunnelError | None = None
         self._pull_failure: str | None = None
         self._push_loss: str | None = None
+        # Unanswered pushes of writes that have returned (push_window > 1).
+        self._earlier_pushes = 0
 
     @property
     def state(self) -> ClientSessionState:
@@ -485,15 +487,23 @@ class ClientSession:
         """
         return in_flight > 0 and unused_for >= SETTLE_ACKS
 
-    def push_answer(
-        self, event: ClientEvent, *, earlier: bool, closed: bool, still_in_flight: int
-    ) -> bool:
-        """Judge the answer to a push; ``True`` means the connection is done (closed).
+    def write_returned(self, in_flight: int) -> None:
+        """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).
 
-        ``earlier``: the push belongs to an earlier write. ``closed``: the
-        server closed the connection after this answer, with
+        Their answers come during a later write, which then reports a
+        refusal as one of an earlier write's pushes.
+        """
+        self._earlier_pushes = in_flight
+
+    def push_answer(self, event: ClientEvent, *, closed: bool, still_in_flight: int) -> bool:
+        """Judge the answer to the oldest push; ``True``: the connection is done (closed).
+
+        ``closed``: the server closed the connection after this answer, with
         ``still_in_flight`` pushes left unanswered. Raises on a refusal.
         """
+        earlier = self._earlier_pushes > 0
+        if earlier:
+            self._earlier_pushes -= 1
         if isinstance(event, Rejected):
             config = self.options.config
             message = explain_rejection(
@@ -517,6 +527,7 @@ class ClientSession:
         The pull side goes on: data already on its way is still delivered.
         """
         self._push_loss = message
+        self._earlier_pushes = 0  # the push connection is dropped with them
         return self.break_sending(message, status=status)
 
     def break_sending(self, message: str, *, status: int | None = None) -> TunnelError:

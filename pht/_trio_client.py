@@ -140,8 +140,6 @@ class _ClientStream(PHTStream):
         self._config = session.options.config
         self._pull = pull
         self._push: _Connection | None = push
-        # Acknowledgements still due for pushes of earlier send_all calls.
-        self._earlier_pushes = 0
         self._pending = b""
         self._pending_offset = 0
         self._closed = False
@@ -175,7 +173,7 @@ class _ClientStream(PHTStream):
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
             if self._push is not None:
-                self._earlier_pushes = self._push.channel.pushes_in_flight
+                session.write_returned(self._push.channel.pushes_in_flight)
 
     async def _push_once(self, chunk: memoryview, window: int) -> None:
         await self._collect_acks(window - 1)
@@ -197,18 +195,14 @@ class _ClientStream(PHTStream):
         """Read acknowledgements until at most ``keep`` pushes are unanswered."""
         connection = self._push
         while connection is not None and connection.channel.pushes_in_flight > keep:
-            earlier = self._earlier_pushes > 0
             try:
                 event = await connection.next_event()
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
                 raise await self._push_failed(connection, exc) from exc
-            if earlier:
-                self._earlier_pushes -= 1
             channel = connection.channel
             try:
                 done = self._session.push_answer(
                     event,
-                    earlier=earlier,
                     closed=channel.state is ChannelState.CLOSED,
                     still_in_flight=channel.pushes_in_flight,
                 )
@@ -227,7 +221,6 @@ class _ClientStream(PHTStream):
         """Drop the push connection after ``error``; return the error to raise."""
         if self._push is connection:
             self._push = None
-        self._earlier_pushes = 0
         await connection.aclose()
         return _broken(error)
 

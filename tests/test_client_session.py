@@ -197,9 +197,7 @@ def test_403_to_a_push_of_an_established_session_says_how_it_ended() -> None:
     session = _open_modern()
     session.pull_failed(OSError("cut"))
     with pytest.raises(pht.TunnelError, match="no longer knows this session") as caught:
-        session.push_answer(
-            _rejected(403, RequestKind.PUSH), earlier=False, closed=True, still_in_flight=0
-        )
+        session.push_answer(_rejected(403, RequestKind.PUSH), closed=True, still_in_flight=0)
     assert "its pull failed: cut" in str(caught.value)
 
 
@@ -277,15 +275,15 @@ def test_idle_pushes_are_settled_after_a_while() -> None:
 def test_push_acknowledged() -> None:
     session = _open_modern()
     ack = PushAcknowledged()
-    assert session.push_answer(ack, earlier=False, closed=False, still_in_flight=0) is False
-    assert session.push_answer(ack, earlier=False, closed=True, still_in_flight=0) is True
+    assert session.push_answer(ack, closed=False, still_in_flight=0) is False
+    assert session.push_answer(ack, closed=True, still_in_flight=0) is True
     assert session.send_error is None
 
 
 def test_push_connection_closed_with_pushes_unanswered_breaks_sending() -> None:
     session = _open_modern()
     with pytest.raises(pht.TunnelError, match="pushes unanswered"):
-        session.push_answer(PushAcknowledged(), earlier=False, closed=True, still_in_flight=1)
+        session.push_answer(PushAcknowledged(), closed=True, still_in_flight=1)
     assert session.send_error is not None
     assert _state(session) is State.OPEN  # the pull side goes on
 
@@ -293,10 +291,10 @@ def test_push_connection_closed_with_pushes_unanswered_breaks_sending() -> None:
 @pytest.mark.parametrize("earlier", [True, False])
 def test_refused_push_carries_its_status(earlier: bool) -> None:
     session = _open_modern()
+    if earlier:
+        session.write_returned(1)  # a write returned with this push unanswered
     with pytest.raises(pht.TunnelError) as caught:
-        session.push_answer(
-            _rejected(413, RequestKind.PUSH), earlier=earlier, closed=True, still_in_flight=0
-        )
+        session.push_answer(_rejected(413, RequestKind.PUSH), closed=True, still_in_flight=0)
     assert caught.value.status == 413
     assert str(caught.value).startswith("an earlier push was refused") is earlier
     assert "client_max_body_size" in str(caught.value)
@@ -466,3 +464,12 @@ def test_build_refuses_bad_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         ClientOptions.build("example.com", **kwargs)  # type: ignore[arg-type]
+
+
+def test_only_pushes_of_returned_writes_count_as_earlier() -> None:
+    session = _open_modern()
+    session.write_returned(1)
+    session.push_answer(PushAcknowledged(), closed=False, still_in_flight=1)  # the earlier one
+    with pytest.raises(pht.TunnelError) as caught:
+        session.push_answer(_rejected(403, RequestKind.PUSH), closed=True, still_in_flight=0)
+    assert not str(caught.value).startswith("an earlier push")
