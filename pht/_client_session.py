@@ -389,6 +389,17 @@ class ClientSession:
         assert isinstance(error, TunnelError)
         return error
 
+    def handshake_timed_out(self) -> TunnelError:
+        """The server accepted the connection but did not answer in ``connect_timeout``."""
+        options = self.options
+        what = "authorize or " if options.config.authorize else ""
+        error = self._fail(
+            f"{options.address} accepted the connection but did not answer the {what}pull "
+            f"request within {options.connect_timeout:g}s; is it a PHT server?"
+        )
+        assert isinstance(error, TunnelError)
+        return error
+
     def pull_event(self, event: ClientEvent) -> PullAction:
         """What to do about ``event``, read from the pull connection.
 

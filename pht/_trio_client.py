@@ -516,13 +516,9 @@ async def open_pht_stream(
     try:
         try:
             with trio.fail_after(connect_timeout):
-                await _start_session(pull, session)
+                pull = await _start_session(connector, pull, session)
         except trio.TooSlowError:
-            raise TunnelError(
-                f"{connector.address} accepted the connection but did not answer the "
-                f"{'authorize or ' if authorize else ''}pull request within "
-                f"{connect_timeout:g}s; is it a PHT server?"
-            ) from None
+            raise session.handshake_timed_out() from None
         push = await connector.open(config)
     except BaseException:
         await pull.aclose()
@@ -530,19 +526,27 @@ async def open_pht_stream(
     return _ClientStream(session=session, connect=connector, pull=pull, push=push)
 
 
-async def _start_session(pull: _Connection, session: ClientSession) -> None:
-    """The handshake, as the session says: authorize (or not), pull, PullStarted."""
+async def _start_session(
+    connector: _Connector, pull: _Connection, session: ClientSession
+) -> _Connection:
+    """The handshake, as the session says; returns the connection the pull is on."""
     try:
         start = session.start()
         if start is None:
             await pull.send(pull.channel.authorize())
             action = session.pull_event(await pull.next_event())
-            if pull.channel.state is ChannelState.CLOSED:
-                raise TunnelError("server closed the connection after authorize")
+            if not await pull.reusable():  # closed after the token: nothing of the pull sent
+                await pull.aclose()
+                pull = await connector.open(session.options.config)
         else:
             action = start
         assert isinstance(action, SendPull)
         await pull.send(pull.channel.pull(action.token))
         session.pull_event(await pull.next_event())
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+        await pull.aclose()
         raise session.handshake_failed(exc) from exc
+    except BaseException:
+        await pull.aclose()
+        raise
+    return pull

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import trio.testing
@@ -90,3 +92,45 @@ async def test_arguments_of_the_wrong_type_are_type_errors(argument: dict[str, o
 async def test_proxy_with_tls_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="cannot carry phts"):
         await pht.open_pht_stream("127.0.0.1", 8443, tls=True, proxy="http://127.0.0.1:3128")
+
+
+async def _scripted_legacy_server(stream: trio.SocketStream) -> None:
+    """Answers authorize with Connection: close, the pull with one line, pushes with 200."""
+    buffer = b""
+    while True:
+        while b"\r\n\r\n" not in buffer:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            buffer += data
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        if head.startswith(b"GET /authorize"):
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoken=t1"
+            )
+            return
+        if head.startswith(b"GET /pull"):
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\naGk=\n\r\n"
+            )
+            await trio.sleep_forever()
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(buffer) < length:
+            buffer += await stream.receive_some(4096)
+        buffer = buffer[length:]
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+async def test_pull_goes_on_a_new_connection_when_authorize_closed_its_own(
+    nursery: trio.Nursery,
+) -> None:
+    serve = functools.partial(trio.serve_tcp, _scripted_legacy_server, 0, host="127.0.0.1")
+    (listener,) = await nursery.start(serve)
+    port = listener.socket.getsockname()[1]
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=True)
+    assert stream.token == "t1"
+    assert await stream.receive_some() == b"hi"
+    await stream.aclose()

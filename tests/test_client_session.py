@@ -473,3 +473,12 @@ def test_only_pushes_of_returned_writes_count_as_earlier() -> None:
     with pytest.raises(pht.TunnelError) as caught:
         session.push_answer(_rejected(403, RequestKind.PUSH), closed=True, still_in_flight=0)
     assert not str(caught.value).startswith("an earlier push")
+
+
+def test_handshake_timeout_names_the_server_and_the_step() -> None:
+    session = ClientSession(ClientOptions.build("127.0.0.1", 8080, connect_timeout=3))
+    session.start()
+    error = session.handshake_timed_out()
+    assert str(error).startswith("127.0.0.1:8080 accepted the connection")
+    assert "authorize or pull request within 3s" in str(error)
+    assert _state(session) is State.ERROR
