@@ -705,8 +705,8 @@ class ClientChannel:
                 got = data[position : position + len(footer)]
                 if got != footer[: len(got)]:
                     raise RemoteProtocolError(
-                        f"malformed HTTP from server: malformed chunk footer: {got!r} "
-                        f"(expected {footer!r})"
+                        f"malformed HTTP from server: a chunk of the pull response ends "
+                        f"in {got!r}, not in CRLF"
                     )
                 position += len(got)
                 self._chunk_footer = footer[len(got) :]

@@ -10,6 +10,7 @@ only: the fast path reports a batch of lines as one event.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,3 +231,13 @@ def test_pull_heads_given_to_h11_alone_match_h11(head: bytes, sizes: list[int], 
     fast = run(make_channel(config, fast=True), responses, eof)
     reference = run(make_channel(config, fast=False), responses, eof)
     assert fast == reference
+
+
+def test_bad_chunk_end_is_reported_in_pht_words() -> None:
+    channel = make_channel(pht.ClientConfig.build("h"), fast=True)
+    channel.pull(TOKEN)
+    channel.receive_data(HEAD)
+    assert channel.next_event() == pht.PullStarted()
+    channel.receive_data(b"4\r\naGVsXX")
+    with pytest.raises(pht.RemoteProtocolError, match=r"ends in b'XX', not in CRLF"):
+        channel.next_event()
