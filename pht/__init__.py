@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._client import ClientChannel, ClientConfig
+from ._client_session import ClientOptions, ClientSession, ClientSessionState
 from ._codec import BASE64_BACKEND, LineBuffer, decode_line, encode_line
 from ._common import Paths
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -50,7 +51,7 @@ from ._token import TokenSource, new_token
 if TYPE_CHECKING:
     from ._tls import SelfSignedCertificate, make_self_signed_certificate
     from ._trio_client import open_pht_stream
-    from ._trio_common import PHTStream
+    from ._trio_common import BrokenTunnelError, BusyTunnelError, ClosedTunnelError, PHTStream
     from ._trio_server import ShutdownReport, serve_pht
 
 # The trio adapters (and cryptography) load on first use, so that the
@@ -60,6 +61,9 @@ _LAZY = {
     "make_self_signed_certificate": "._tls",
     "open_pht_stream": "._trio_client",
     "PHTStream": "._trio_common",
+    "BrokenTunnelError": "._trio_common",
+    "BusyTunnelError": "._trio_common",
+    "ClosedTunnelError": "._trio_common",
     "serve_pht": "._trio_server",
     "ShutdownReport": "._trio_server",
 }
@@ -83,11 +87,17 @@ __all__ = [
     "AuthorizeRequest",
     "Authorized",
     "BadRequest",
+    "BrokenTunnelError",
+    "BusyTunnelError",
     "ChannelState",
     "ClientChannel",
     "ClientConfig",
     "ClientEvent",
+    "ClientOptions",
+    "ClientSession",
+    "ClientSessionState",
     "CloseRequest",
+    "ClosedTunnelError",
     "DataReceived",
     "Heartbeat",
     "LineBuffer",

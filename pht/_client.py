@@ -84,6 +84,10 @@ _ACK_STATUS_LINE = re.compile(rb"HTTP/1\.1 200 [ -~]*")
 _ACK_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([!-~]+(?: +[!-~]+)*)?[ \t]*")
 _CONTENT_LENGTH_ZERO = b"Content-Length: 0\r\n"
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+#: A pull response head not complete within this many bytes goes to h11 whole
+#: (h11's own default bound on an incomplete head).
+_MAX_PULL_HEAD = 16 * 1024
+_AFTER_EOF = "the connection delivered data after its end; this is a bug in the caller"
 #: A chunk-size line longer than this (extensions included) goes to h11.
 _MAX_CHUNK_SIZE_LINE = 256
 # As h11's chunk header rule (the line without its CRLF); size 0 is left to h11.
@@ -258,13 +262,18 @@ class ClientChannel:
         self._fast_eof = False
         self._deferred: deque[str] = deque()
         self._push_template: tuple[str, bytes, bytes] | None = None
-        # The pull fast path: once h11 has parsed a chunked pull response's
-        # head, the chunk framing is parsed here (``_chunk_next``). While
+        # The pull fast path: the pull response's head is found here and only
+        # the head is given to h11 (``_head_in`` collects it; ``_after_head``
+        # keeps what came after it). Once h11 has parsed a chunked pull
+        # response's head, the chunk framing is parsed here (``_chunk_next``). While
         # ``_chunk_in`` is not None received bytes collect there; h11's
         # chunked reader stays at the start of a chunk header, and is fed the
         # rest from the last chunk's ``0`` line on (or from any size line
         # this parser does not take), so it ends the response as before.
         self._pull_fast_enabled = _FAST_PATH
+        self._head_in: bytearray | None = None
+        self._head_eof = False
+        self._after_head: bytes | None = None
         self._chunk_in: list[bytes] | None = None
         self._chunk_eof = False
         self._chunk_left = 0  # data bytes still to come in the current chunk
@@ -296,6 +305,9 @@ class ClientChannel:
             ChannelState.PULLING, "GET", self._target(self.config.paths.pull, token)
         )
         self._lines_in_response = 0
+        if self._pull_fast_enabled:
+            self._head_in = bytearray()
+            self._head_eof = False
         return request
 
     def push(self, token: str, data: bytes | bytearray | memoryview) -> list[bytes]:
@@ -461,13 +473,23 @@ class ClientChannel:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the connection; ``b""`` means the server closed it."""
+        head_in = self._head_in
+        if head_in is not None:
+            if not data:
+                self._head_eof = True
+            elif self._head_eof:
+                self._state = ChannelState.ERROR
+                raise LocalProtocolError(_AFTER_EOF)
+            else:
+                head_in += data
+            return
         chunk_in = self._chunk_in
         if chunk_in is not None:
             if not data:
                 self._chunk_eof = True
             elif self._chunk_eof:
                 self._state = ChannelState.ERROR
-                raise LocalProtocolError("received close, then received more data?")
+                raise LocalProtocolError(_AFTER_EOF)
             else:
                 chunk_in.append(bytes(data))
             return
@@ -477,21 +499,25 @@ class ClientChannel:
                 self._fast_eof = True
             elif self._fast_eof:
                 self._state = ChannelState.ERROR
-                raise LocalProtocolError("received close, then received more data?")
+                raise LocalProtocolError(_AFTER_EOF)
             else:
                 fast_in += data
             return
         try:
             self._conn.receive_data(bytes(data) if data else b"")
-        except RuntimeError as exc:  # h11 refuses data after EOF
+        except RuntimeError:  # h11 refuses data after EOF
             self._state = ChannelState.ERROR
-            raise LocalProtocolError(str(exc)) from None
+            raise LocalProtocolError(_AFTER_EOF) from None
 
     def next_event(self) -> ClientEvent | NeedData:
         """Return the next event, or :data:`NEED_DATA`."""
         while not self._events:
             if self._state in (ChannelState.CLOSED, ChannelState.ERROR):
                 return NEED_DATA
+            if self._head_in is not None:
+                if not self._head_next():
+                    return NEED_DATA
+                continue
             if self._chunk_in is not None:
                 try:
                     progressed = self._chunk_next()
@@ -518,7 +544,36 @@ class ClientChannel:
             except RemoteProtocolError:
                 self._state = ChannelState.ERROR
                 raise
+            if self._after_head is not None:  # the chunk fast path did not take it
+                self._body_to_h11()
         return self._events.popleft()
+
+    def _head_next(self) -> bool:
+        """Give h11 the pull response's head, and only it; ``False``: more data needed."""
+        buffer = self._head_in
+        assert buffer is not None
+        blank = _BLANK_LINE.search(buffer)
+        if blank is None:
+            if len(buffer) <= _MAX_PULL_HEAD and not self._head_eof:
+                return False
+            # Too long, or cut short: h11 has it all and decides.
+            self._head_in = None
+            self._conn.receive_data(bytes(buffer))
+            if self._head_eof:
+                self._conn.receive_data(b"")
+            return True
+        self._head_in = None
+        self._after_head = bytes(buffer[blank.end() :])
+        self._conn.receive_data(bytes(buffer[: blank.end()]))
+        return True
+
+    def _body_to_h11(self) -> None:
+        """What followed the head goes to h11, with the EOF if one came."""
+        rest, self._after_head = self._after_head, None
+        if rest:
+            self._conn.receive_data(rest)
+        if self._head_eof:
+            self._conn.receive_data(b"")
 
     def _explain_h11_error(self, exc: h11.RemoteProtocolError) -> str:
         """Say "closed by the server" for an early EOF, not "malformed HTTP"."""
@@ -601,17 +656,12 @@ class ClientChannel:
 
     def _start_chunk_fast_path(self) -> None:
         # h11 accepts no Transfer-Encoding but chunked, so the body is chunked.
-        # Take the body bytes h11 already holds; its chunked reader has not
-        # started, so it is at a chunk header.
-        buffer = getattr(self._conn, "_receive_buffer", None)
-        extract = getattr(buffer, "maybe_extract_at_most", None)
-        if extract is None:  # pragma: no cover - an h11 without that internal
+        # h11 was given the head alone (``_head_next``): its chunked reader
+        # waits at the first chunk header, and the body is in ``_after_head``.
+        data = self._after_head
+        if data is None or self._head_eof:  # an EOF already: h11 reports it as before
             return
-        data, closed = self._conn.trailing_data
-        if closed:  # the server already hung up: h11 reports it as before
-            return
-        if data:
-            extract(len(data))
+        self._after_head = None
         self._chunk_in = [data] if data else []
         self._chunk_eof = False
         self._chunk_left = 0
@@ -655,8 +705,8 @@ class ClientChannel:
                 got = data[position : position + len(footer)]
                 if got != footer[: len(got)]:
                     raise RemoteProtocolError(
-                        f"malformed HTTP from server: malformed chunk footer: {got!r} "
-                        f"(expected {footer!r})"
+                        f"malformed HTTP from server: a chunk of the pull response ends "
+                        f"in {got!r}, not in CRLF"
                     )
                 position += len(got)
                 self._chunk_footer = footer[len(got) :]

@@ -14,6 +14,8 @@ import ssl
 
 import trio
 
+from ._trio_common import BusyTunnelError, ClosedTunnelError, ConflictDetector
+
 __all__ = ["TLSSocketStream"]
 
 _BROKEN = (OSError, ssl.SSLError)
@@ -30,8 +32,12 @@ class TLSSocketStream(trio.abc.Stream):
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self.socket = sock
         self._closed = False
-        self._sending = False
-        self._receiving = False
+        self._send_conflict = ConflictDetector("another task is already sending on this stream")
+        self._receive_conflict = ConflictDetector(
+            "another task is already receiving on this stream"
+        )
+        # Tasks that need the socket readable while another task waits for it.
+        self._read_progress = trio.lowlevel.ParkingLot()
 
     @classmethod
     def wrap(
@@ -75,16 +81,15 @@ class TLSSocketStream(trio.abc.Stream):
             await trio.lowlevel.wait_readable(self.socket)
         except trio.BusyResourceError:
             # A send that needs to read (TLS renegotiation) while the receiving
-            # task already waits: that task's read will make the progress.
-            await trio.sleep(0.001)
+            # task already waits: that task's wake-up is this one's too.
+            await self._read_progress.park()
+            return
+        self._read_progress.unpark_all()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             if self._closed:
-                raise trio.ClosedResourceError("stream was closed")
+                raise ClosedTunnelError("stream was closed")
             view = memoryview(data).cast("B")
             while view:
                 try:
@@ -95,47 +100,40 @@ class TLSSocketStream(trio.abc.Stream):
                     await self._wait_readable()
                 except _BROKEN as exc:
                     if self._closed:
-                        raise trio.ClosedResourceError("stream was closed") from None
+                        raise ClosedTunnelError("stream was closed") from None
                     raise trio.BrokenResourceError(f"TLS connection broken: {exc}") from exc
                 else:
                     view = view[sent:]
             await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise ClosedTunnelError("stream was closed")
         await trio.lowlevel.wait_writable(self.socket)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        self._receiving = True
-        try:
+        with self._receive_conflict:
             size = 65536 if max_bytes is None else max_bytes
             if size < 1:
                 raise ValueError("max_bytes must be at least 1")
             while True:
                 if self._closed:
-                    raise trio.ClosedResourceError("stream was closed")
+                    raise ClosedTunnelError("stream was closed")
                 try:
                     data = self.socket.recv(size)
                 except ssl.SSLWantReadError:
-                    await trio.lowlevel.wait_readable(self.socket)
+                    await self._wait_readable()
                 except ssl.SSLWantWriteError:
                     await trio.lowlevel.wait_writable(self.socket)
                 except _BROKEN as exc:
                     if self._closed:
-                        raise trio.ClosedResourceError("stream was closed") from None
+                        raise ClosedTunnelError("stream was closed") from None
                     raise trio.BrokenResourceError(f"TLS connection broken: {exc}") from exc
                 else:
                     if data and len(data) < size:
                         data = self._read_more(data, size)
                     await trio.lowlevel.checkpoint()
                     return data
-        finally:
-            self._receiving = False
 
     def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:
         """What has arrived, without waiting: ``None`` if nothing, ``b""`` at EOF.
@@ -143,10 +141,10 @@ class TLSSocketStream(trio.abc.Stream):
         TLS records that carry no data (session tickets) are consumed and
         give ``None``. ``trio.BrokenResourceError`` if the connection broke.
         """
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._receive_conflict.busy:
+            raise BusyTunnelError("another task is already receiving on this stream")
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise ClosedTunnelError("stream was closed")
         try:
             return self.socket.recv(max_bytes)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -179,6 +177,7 @@ class TLSSocketStream(trio.abc.Stream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._read_progress.unpark_all()
             if self.socket.fileno() >= 0:
                 trio.lowlevel.notify_closing(self.socket)
             self.socket.close()

@@ -2,45 +2,42 @@
 
 from __future__ import annotations
 
-import math
 import operator
 import select
 import ssl
-from urllib.parse import unquote, urlsplit
 
 import trio
 
 from ._client import ClientChannel, ClientConfig, HeaderInput
-from ._common import Paths
-from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
-from ._events import (
-    NEED_DATA,
-    Authorized,
-    ChannelState,
-    ClientEvent,
-    DataReceived,
-    Heartbeat,
-    PullEnded,
-    PullStarted,
-    PushAcknowledged,
-    Rejected,
-    RequestKind,
+from ._client_session import (
+    DEFAULT_MAX_PUSH_SIZE,
+    ClientOptions,
+    ClientSession,
+    ClientSessionState,
+    Deliver,
+    EndOfStream,
+    PollAgain,
+    SendPull,
 )
+from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
+from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
-from ._trio_common import RECEIVE_SIZE, PHTStream, write_pieces
+from ._trio_common import (
+    RECEIVE_SIZE,
+    BrokenTunnelError,
+    ClosedTunnelError,
+    ConflictDetector,
+    PHTStream,
+    write_pieces,
+)
 
 __all__ = ["open_pht_stream"]
 
-#: Raw bytes per push by default: one POST per MiB keeps round trips rare.
-DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
 #: Bytes asked of the socket per read. Reads this size keep every buffer on the
 #: pull path (socket read, h11's buffer, line reassembly) in cache and below
 #: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
 _CLIENT_RECEIVE_SIZE = 64 * 1024
-#: Unacknowledged pushes of a push connection unused this long are collected
-#: before the next push, so the connection's idleness can be checked.
-_SETTLE_ACKS = 1.0
 
 
 def _readable_now(fileno: int) -> bool:
@@ -68,42 +65,6 @@ async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
         return await transport.receive_some(_CLIENT_RECEIVE_SIZE)
     except (trio.BrokenResourceError, OSError):
         return b""
-
-
-def _explain_rejection(
-    event: Rejected, paths: Paths, *, authorize: bool, session_ended: str | None = None
-) -> str:
-    """A rejection as a message with a hint that fits the situation.
-
-    ``session_ended`` is set once the session was established: a ``403``
-    then means the server has forgotten it (the paths did match), and says
-    how, when the client knows.
-    """
-    path = {
-        RequestKind.AUTHORIZE: paths.authorize,
-        RequestKind.PUSH: paths.push,
-        RequestKind.PULL: paths.pull,
-    }[event.kind]
-    text = f"server answered {event.status_code} {event.reason} to {path}"
-    if event.status_code == 403 and session_ended is not None:
-        return f"{text}: the server no longer knows this session; it ended ({session_ended})"
-    if event.status_code == 403:
-        hint = "the token is unknown to the server; do the client's and server's paths match?"
-        if not authorize:
-            hint += " (a legacy GOST server needs authorize=True)"
-        return f"{text}: {hint}"
-    if event.status_code == 404:
-        return f"{text}: the server has no such path; do the client's and server's paths match?"
-    if event.status_code == 429:
-        return f"{text}: the server has too many pending sessions; try again later"
-    if event.status_code == 413:
-        return (
-            f"{text}: the request body is too large for the server or a proxy in front of "
-            "it (nginx: client_max_body_size); lower max_push_size"
-        )
-    if event.status_code == 410:
-        return f"{text}: the session is gone (closed, or its data was not consumed in time)"
-    return text
 
 
 class _Connection:
@@ -157,7 +118,7 @@ class _Connection:
                 self.last_used = trio.current_time()
                 return event
             if channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
-                raise trio.BrokenResourceError("connection to the PHT server is closed")
+                raise BrokenTunnelError("connection to the PHT server is closed")
             data = await self.transport.receive_some(_CLIENT_RECEIVE_SIZE)
             channel.receive_data(data)
 
@@ -166,74 +127,53 @@ class _Connection:
 
 
 class _ClientStream(PHTStream):
+    """The client's end of a tunnel: moves bytes as its :class:`ClientSession` says."""
+
     def __init__(
-        self,
-        *,
-        connect: _Connector,
-        config: ClientConfig,
-        token: str,
-        pull: _Connection,
-        max_push_size: int,
-        close_timeout: float,
-        push_window: int = 1,
+        self, *, session: ClientSession, connect: _Connector, pull: _Connection, push: _Connection
     ) -> None:
-        self.token = token
+        assert session.token is not None
+        self.token = session.token
         self.remote_address = connect.address
+        self._session = session
         self._connect = connect
-        self._config = config
+        self._config = session.options.config
         self._pull = pull
-        self._push: _Connection | None = None
-        self._max_push_size = max_push_size
-        self._close_timeout = close_timeout
-        self._push_window = push_window
-        # Acknowledgements still due for pushes of earlier send_all calls.
-        self._earlier_pushes = 0
+        self._push: _Connection | None = push
         self._pending = b""
         self._pending_offset = 0
-        self._eof = False
         self._closed = False
-        self._broken: str | None = None
-        # Why the pull failed, and what a failed push may have lost: the end
-        # of the session is then no clean EOF.
-        self._pull_failure: str | None = None
-        self._push_loss: str | None = None
-        self._truncated: str | None = None  # the session ended with data lost
-        self._sending = False
-        self._receiving = False
-        self._polls = 1
+        self._send_conflict = ConflictDetector("another task is already sending on this stream")
+        self._receive_conflict = ConflictDetector(
+            "another task is already receiving on this stream"
+        )
 
     # -- sending ----------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
+        with self._send_conflict:
             self._check_open()
-            if self._broken is not None:
-                raise trio.BrokenResourceError(self._broken)
+            session = self._session
+            if session.send_error is not None:
+                raise _broken(session.send_error)
             view = memoryview(data)
             if not view.nbytes:
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
-            size = self._max_push_size
-            # Within one call two pushes may be in flight even with a window of
-            # 1: the call returns only once all are acknowledged anyway.
-            window = self._push_window if len(view) <= size else max(2, self._push_window)
+            size = session.options.max_push_size
+            window = session.push_window_for(len(view))
             try:
                 await self._settle_idle_pushes()
                 for start in range(0, len(view), size):
                     await self._push_once(view[start : start + size], window)
                 # A window of N lets this call return with N - 1 unacknowledged.
-                await self._collect_acks(self._push_window - 1)
+                await self._collect_acks(session.options.push_window - 1)
             except trio.Cancelled:
-                self._broken = "a send_all was cancelled; the stream is broken"
+                session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
             if self._push is not None:
-                self._earlier_pushes = self._push.channel.pushes_in_flight
-        finally:
-            self._sending = False
+                session.write_returned(self._push.channel.pushes_in_flight)
 
     async def _push_once(self, chunk: memoryview, window: int) -> None:
         await self._collect_acks(window - 1)
@@ -241,22 +181,13 @@ class _ClientStream(PHTStream):
         try:
             await connection.send(connection.channel.push(self.token, chunk))
         except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
-            raise await self._push_failed(connection, message) from exc
+            raise await self._push_failed(connection, exc) from exc
 
     async def _settle_idle_pushes(self) -> None:
-        """Collect the answers to pushes left unacknowledged on an idle connection.
-
-        With ``push_window > 1`` a ``send_all`` may return with pushes in
-        flight; their answers have long arrived when the connection has been
-        unused for a while, and only a connection with nothing in flight can
-        be checked for a close (see :meth:`_push_connection`).
-        """
+        """Collect the answers to pushes left unacknowledged on an idle connection."""
         connection = self._push
-        if (
-            connection is not None
-            and connection.channel.pushes_in_flight
-            and trio.current_time() - connection.last_used >= _SETTLE_ACKS
+        if connection is not None and self._session.should_settle(
+            connection.channel.pushes_in_flight, trio.current_time() - connection.last_used
         ):
             await self._collect_acks(0)
 
@@ -264,46 +195,34 @@ class _ClientStream(PHTStream):
         """Read acknowledgements until at most ``keep`` pushes are unanswered."""
         connection = self._push
         while connection is not None and connection.channel.pushes_in_flight > keep:
-            earlier = self._earlier_pushes > 0
             try:
                 event = await connection.next_event()
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
-                raise await self._push_failed(connection, message) from exc
-            if earlier:
-                self._earlier_pushes -= 1
-            if isinstance(event, Rejected):
-                message = _explain_rejection(
+                raise await self._push_failed(connection, exc) from exc
+            channel = connection.channel
+            try:
+                done = self._session.push_answer(
                     event,
-                    self._config.paths,
-                    authorize=self._config.authorize,
-                    session_ended=self._how_session_ended(),
+                    closed=channel.state is ChannelState.CLOSED,
+                    still_in_flight=channel.pushes_in_flight,
                 )
-                if earlier:
-                    message = f"an earlier push was refused: {message}"
-                cause = TunnelError(message, status=event.status_code)
-                raise await self._push_failed(connection, message) from cause
-            if not isinstance(event, PushAcknowledged):  # pragma: no cover - channel guarantees
-                raise trio.BrokenResourceError(f"unexpected answer to a push: {event}")
-            if connection.channel.state is ChannelState.CLOSED:
-                if connection.channel.pushes_in_flight:
-                    message = "the server closed the push connection with pushes unanswered"
-                    raise await self._push_failed(connection, message)
+            except TunnelError as exc:
+                raise await self._drop_push(connection, exc) from None
+            if done:
                 self._push = None
                 await connection.aclose()
                 return
 
-    async def _push_failed(
-        self, connection: _Connection, message: str
-    ) -> trio.BrokenResourceError:
-        """Drop the push connection, mark the stream broken; return the error to raise."""
+    async def _push_failed(self, connection: _Connection, exc: BaseException) -> BrokenTunnelError:
+        message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
+        return await self._drop_push(connection, self._session.push_failed(message))
+
+    async def _drop_push(self, connection: _Connection, error: TunnelError) -> BrokenTunnelError:
+        """Drop the push connection after ``error``; return the error to raise."""
         if self._push is connection:
             self._push = None
-        self._earlier_pushes = 0
         await connection.aclose()
-        self._broken = message
-        self._push_loss = message
-        return trio.BrokenResourceError(message)
+        return _broken(error)
 
     async def _push_connection(self) -> _Connection:
         """The push connection; a new one if the current one ended while idle.
@@ -322,8 +241,7 @@ class _ClientStream(PHTStream):
             try:
                 self._push = await self._connect.open(self._config)
             except TunnelError as exc:
-                self._broken = str(exc)
-                raise trio.BrokenResourceError(str(exc)) from exc
+                raise _broken(self._session.break_sending(str(exc))) from exc
         return self._push
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -333,10 +251,7 @@ class _ClientStream(PHTStream):
     # -- receiving --------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        self._receiving = True
-        try:
+        with self._receive_conflict:
             self._check_open()
             if max_bytes is None:
                 max_bytes = RECEIVE_SIZE
@@ -345,14 +260,14 @@ class _ClientStream(PHTStream):
             if self._pending_offset < len(self._pending):
                 await trio.lowlevel.checkpoint()
                 return self._take(max_bytes)
-            if self._eof:
+            state = self._session.state
+            if state is ClientSessionState.ENDED:
                 await trio.lowlevel.checkpoint()
                 return b""
-            if self._truncated is not None:
-                raise trio.BrokenResourceError(self._truncated)
+            if state is ClientSessionState.ERROR:
+                assert self._session.error is not None
+                raise _broken(self._session.error)
             return await self._receive(max_bytes)
-        finally:
-            self._receiving = False
 
     def _take(self, max_bytes: int) -> bytes:
         start = self._pending_offset
@@ -368,97 +283,58 @@ class _ClientStream(PHTStream):
         return data
 
     async def _receive(self, max_bytes: int) -> bytes:
+        session = self._session
         while True:
             try:
                 event = await self._pull.next_event()  # _poll_again may replace it
-            except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
                 if self._closed:
-                    raise trio.ClosedResourceError("stream was closed") from None
+                    raise ClosedTunnelError("stream was closed") from None
                 quiet = trio.current_time() - self._pull.last_used
-                if quiet >= 1.0:  # tells a proxy's read timeout from a sudden cut
-                    exc_text = f"{exc} ({quiet:.0f} s after the server last sent anything)"
-                else:
-                    exc_text = str(exc)
-                self._pull_failure = f"its pull failed: {exc_text}"
-                raise trio.BrokenResourceError(
-                    f"pull from the PHT server failed: {exc_text}"
-                ) from exc
-            if isinstance(event, DataReceived):
-                self._pending, self._pending_offset = event.data, 0
+                raise _broken(session.pull_failed(exc, quiet_for=quiet)) from exc
+            try:
+                action = session.pull_event(event)
+            except TunnelError as exc:
+                raise _broken(exc) from None
+            if isinstance(action, Deliver):
+                self._pending, self._pending_offset = action.data, 0
                 return self._take(max_bytes)
-            if isinstance(event, PullEnded):
-                if event.session_over:
-                    return await self._end_of_session()
+            if isinstance(action, EndOfStream):
+                await trio.lowlevel.checkpoint()
+                return b""
+            if isinstance(action, PollAgain):
                 try:
-                    await self._poll_again()
+                    await self._poll_again(action.token)
                 except (TunnelError, trio.BrokenResourceError, OSError) as exc:
-                    self._pull_failure = f"it could not be polled again: {exc}"
-                    raise trio.BrokenResourceError(
-                        f"pull from the PHT server failed: {exc}"
-                    ) from exc
-            elif isinstance(event, Rejected):
-                if self._polls > 1 and event.status_code == 403:
-                    # A legacy server forgets a closed session's token: EOF.
-                    # (410 is no such end: it says that data was not consumed.)
-                    return await self._end_of_session()
-                message = _explain_rejection(
-                    event,
-                    self._config.paths,
-                    authorize=self._config.authorize,
-                    session_ended=self._how_session_ended(),
-                )
-                raise trio.BrokenResourceError(message) from TunnelError(
-                    message, status=event.status_code
-                )
-            elif not isinstance(event, Heartbeat | PullStarted):  # pragma: no cover
-                raise trio.BrokenResourceError(f"unexpected event on the pull: {event}")
+                    raise _broken(session.repoll_failed(exc)) from exc
 
-    async def _poll_again(self) -> None:
-        # The previous response ended cleanly: a new GET on a new connection is
-        # safe when the old one ended (or aged) while idle.
+    async def _poll_again(self, token: str) -> None:
+        # Nothing of the new GET was written yet: a new connection is safe
+        # when the old one ended (or aged) while idle.
         if not await self._pull.reusable():
             await self._pull.aclose()
             self._pull = await self._connect.open(self._config)
-        self._polls += 1
-        await self._pull.send(self._pull.channel.pull(self.token))
-
-    def _how_session_ended(self) -> str:
-        """What the client knows of how its (established) session ended."""
-        if self._pull_failure is not None:
-            return self._pull_failure
-        if self._eof:
-            return "the server closed it"
-        return "closed by the server, its pull connection was cut, or it expired"
-
-    async def _end_of_session(self) -> bytes:
-        """The server ended the session: EOF, unless data was lost on the way."""
-        if self._push_loss is not None:
-            message = f"the PHT session ended after a push failed: {self._push_loss}"
-            self._broken = self._truncated = message
-            raise trio.BrokenResourceError(message)
-        await trio.lowlevel.checkpoint()
-        self._eof = True
-        self._broken = self._broken or "the PHT session is over"
-        return b""
+        await self._pull.send(self._pull.channel.pull(token))
 
     # -- closing ----------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError("stream was closed")
+            raise ClosedTunnelError("stream was closed")
 
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
-        refused: trio.BrokenResourceError | None = None
+        refused: BrokenTunnelError | None = None
         push = self._push
+        sending = self._send_conflict.busy
         try:
-            if not self._sending:
+            if not sending:
                 refused = await self._finish_pushes()
                 push = self._push
-            if not self._eof and not self._sending and refused is None:
+            if self._session.close(pushes_settled=not sending and refused is None):
                 await self._notify_close(push)
         finally:
             self._push = None
@@ -470,23 +346,21 @@ class _ClientStream(PHTStream):
         if refused is not None:
             raise refused
 
-    async def _finish_pushes(self) -> trio.BrokenResourceError | None:
+    async def _finish_pushes(self) -> BrokenTunnelError | None:
         """Wait (up to ``close_timeout``) for the acknowledgements still due."""
         if self._push is None or not self._push.channel.pushes_in_flight:
             return None
-        with trio.move_on_after(self._close_timeout):
+        with trio.move_on_after(self._session.options.close_timeout):
             try:
                 await self._collect_acks(0)
-            except trio.BrokenResourceError as exc:
+            except BrokenTunnelError as exc:
                 return exc
             return None
-        message = "timed out waiting for the acknowledgement of earlier pushes"
-        self._broken = message
-        return trio.BrokenResourceError(message)
+        return _broken(self._session.acks_timed_out())
 
     async def _notify_close(self, push: _Connection | None) -> None:
         """Send the close notification, as modern GOST clients do (best effort)."""
-        with trio.move_on_after(self._close_timeout) as scope:
+        with trio.move_on_after(self._session.options.close_timeout):
             try:
                 if push is None or not await push.reusable():
                     push = await self._connect.open(self._config)
@@ -498,11 +372,15 @@ class _ClientStream(PHTStream):
                     await self._send_close(push)
             except (trio.BrokenResourceError, OSError, PHTError):
                 pass
-        del scope
 
     async def _send_close(self, connection: _Connection) -> None:
         await connection.send(connection.channel.close_session(self.token))
         await connection.next_event()
+
+
+def _broken(error: TunnelError) -> BrokenTunnelError:
+    """``error`` as trio's stream contract wants it (and still a pht error)."""
+    return BrokenTunnelError(str(error), status=error.status)
 
 
 class _Connector:
@@ -510,23 +388,18 @@ class _Connector:
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        *,
+        options: ClientOptions,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
-        proxy: tuple[str, int] | None,
-        connect_timeout: float,
-        push_window: int = 1,
     ) -> None:
-        self.host, self.port = host, port
+        self.host, self.port = options.host, options.port
         # Channels allow two pushes in flight at least: one send_all pipelines its pushes.
-        self.push_window = max(2, push_window)
+        self.push_window = max(2, options.push_window)
         self.ssl_context = ssl_context
-        self.server_hostname = server_hostname or host
-        self.proxy = proxy
-        self.connect_timeout = connect_timeout
-        self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.server_hostname = server_hostname or options.host
+        self.proxy = options.proxy
+        self.connect_timeout = options.connect_timeout
+        self.address = options.address
 
     async def open(self, config: ClientConfig) -> _Connection:
         target_host, target_port = self.proxy or (self.host, self.port)
@@ -609,14 +482,6 @@ async def open_pht_stream(
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"port must be 1-65535, got {port!r}")
-    if max_push_size < 1:
-        raise ValueError("max_push_size must be at least 1")
-    if push_window < 1:
-        raise ValueError("push_window must be at least 1")
-    if not math.isfinite(connect_timeout) or connect_timeout <= 0:
-        raise ValueError("connect_timeout must be a positive number of seconds")
     ssl_context: ssl.SSLContext | None
     if tls is True:
         ssl_context = ssl.create_default_context()
@@ -626,101 +491,62 @@ async def open_pht_stream(
         ssl_context = tls
     else:
         raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
-    proxy_address, proxy_credentials = _parse_proxy(proxy)
-    if proxy_address is not None and ssl_context is not None:
-        raise LocalProtocolError(
-            "proxy= sends plain HTTP requests through the proxy; it cannot carry phts"
-        )
-    host_value = host if ":" not in host else f"[{host}]"
-    default_port = 443 if ssl_context is not None else 80
-    config = ClientConfig.build(
-        host_value if port == default_port else f"{host_value}:{port}",
-        headers=headers,
-        proxy_credentials=proxy_credentials,
-        authorize=authorize,
-        paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
-        host_header=host_header,
-        proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
-        scheme="https" if ssl_context is not None else "http",
-    )
-    connector = _Connector(
+    options = ClientOptions.build(
         host,
         port,
-        ssl_context=ssl_context,
-        server_hostname=server_hostname,
-        proxy=proxy_address,
-        connect_timeout=connect_timeout,
+        secure=ssl_context is not None,
+        authorize=authorize,
+        authorize_path=authorize_path,
+        push_path=push_path,
+        pull_path=pull_path,
+        headers=headers,
+        host_header=host_header,
+        proxy=proxy,
+        token=token,
+        token_source=token_source,
+        max_push_size=max_push_size,
         push_window=push_window,
+        connect_timeout=connect_timeout,
+        close_timeout=close_timeout,
     )
+    config = options.config
+    connector = _Connector(options, ssl_context, server_hostname)
+    session = ClientSession(options)
     pull = await connector.open(config)
     try:
         try:
             with trio.fail_after(connect_timeout):
-                session_token = await _start_session(pull, config, token, token_source)
+                pull = await _start_session(connector, pull, session)
         except trio.TooSlowError:
-            raise TunnelError(
-                f"{connector.address} accepted the connection but did not answer the "
-                f"{'authorize or ' if authorize else ''}pull request within "
-                f"{connect_timeout:g}s; is it a PHT server?"
-            ) from None
+            raise session.handshake_timed_out() from None
         push = await connector.open(config)
     except BaseException:
         await pull.aclose()
         raise
-    stream = _ClientStream(
-        connect=connector,
-        config=config,
-        token=session_token,
-        pull=pull,
-        max_push_size=max_push_size,
-        close_timeout=close_timeout,
-        push_window=push_window,
-    )
-    stream._push = push
-    return stream
+    return _ClientStream(session=session, connect=connector, pull=pull, push=push)
 
 
 async def _start_session(
-    pull: _Connection, config: ClientConfig, token: str | None, token_source: TokenSource
-) -> str:
+    connector: _Connector, pull: _Connection, session: ClientSession
+) -> _Connection:
+    """The handshake, as the session says; returns the connection the pull is on."""
     try:
-        if config.authorize:
-            if token is not None:
-                raise ValueError("token= is for authorize=False; the server issues it otherwise")
+        start = session.start()
+        if start is None:
             await pull.send(pull.channel.authorize())
-            event = await pull.next_event()
-            if isinstance(event, Rejected):
-                raise TunnelError(
-                    _explain_rejection(event, config.paths, authorize=True),
-                    status=event.status_code,
-                )
-            assert isinstance(event, Authorized)
-            token = event.token
-            if pull.channel.state is ChannelState.CLOSED:
-                raise TunnelError("server closed the connection after authorize")
-        elif token is None:
-            token = token_source()
-        await pull.send(pull.channel.pull(token))
-        event = await pull.next_event()
+            action = session.pull_event(await pull.next_event())
+            if not await pull.reusable():  # closed after the token: nothing of the pull sent
+                await pull.aclose()
+                pull = await connector.open(session.options.config)
+        else:
+            action = start
+        assert isinstance(action, SendPull)
+        await pull.send(pull.channel.pull(action.token))
+        session.pull_event(await pull.next_event())
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
-        raise TunnelError(f"PHT handshake with the server failed: {exc}") from exc
-    if isinstance(event, Rejected):
-        raise TunnelError(
-            _explain_rejection(event, config.paths, authorize=config.authorize),
-            status=event.status_code,
-        )
-    if not isinstance(event, PullStarted):  # pragma: no cover - channel guarantees
-        raise TunnelError(f"unexpected answer to the pull: {event}")
-    return token
-
-
-def _parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
-    if proxy is None:
-        return None, None
-    parts = urlsplit(proxy)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {proxy!r}")
-    credentials = None
-    if parts.username is not None:
-        credentials = (unquote(parts.username), unquote(parts.password or ""))
-    return (parts.hostname, parts.port or 8080), credentials
+        await pull.aclose()
+        raise session.handshake_failed(exc) from exc
+    except BaseException:
+        await pull.aclose()
+        raise
+    return pull

@@ -2,15 +2,71 @@
 
 from __future__ import annotations
 
+from types import TracebackType
+
 import trio
 
-__all__ = ["RECEIVE_SIZE", "PHTStream", "write_pieces"]
+from ._errors import LocalProtocolError, TunnelError
+
+__all__ = [
+    "RECEIVE_SIZE",
+    "BrokenTunnelError",
+    "BusyTunnelError",
+    "ClosedTunnelError",
+    "ConflictDetector",
+    "PHTStream",
+    "write_pieces",
+]
 
 #: Bytes asked of a socket per read: large reads keep the per-call overhead low.
 RECEIVE_SIZE = 256 * 1024
 _JOIN_LIMIT = 64 * 1024
 #: Small pieces are written together with this much of a large neighbour.
 _EDGE = 16 * 1024
+
+
+class BrokenTunnelError(trio.BrokenResourceError, TunnelError):
+    """A tunnel broke: trio's :class:`~trio.BrokenResourceError` and a :class:`~pht.TunnelError`.
+
+    ``status`` holds the HTTP status when a refusal broke it. Defined here,
+    in the trio adapter, because the sans-IO core does not import trio.
+    """
+
+
+class ClosedTunnelError(trio.ClosedResourceError, LocalProtocolError):
+    """The stream was used after ``aclose``: trio's error and a pht misuse error."""
+
+
+class BusyTunnelError(trio.BusyResourceError, LocalProtocolError):
+    """Two tasks used one direction of a stream at once."""
+
+
+class ConflictDetector:
+    """Detects two tasks doing the same thing at once, as trio's streams do.
+
+    ``with detector:`` around a ``send_all`` (or ``receive_some``) raises
+    :class:`trio.BusyResourceError` (as :class:`BusyTunnelError`) when another
+    task is inside already. :attr:`busy` tells whether one is.
+    """
+
+    __slots__ = ("_message", "busy")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self.busy = False
+
+    def __enter__(self) -> None:
+        if self.busy:
+            raise BusyTunnelError(self._message)
+        self.busy = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.busy = False
 
 
 class PHTStream(trio.abc.Stream):

@@ -108,7 +108,9 @@ async def test_a_re_poll_refused_with_410_is_no_eof(
     await stream.aclose()
 
 
-async def test_a_push_after_a_cut_pull_says_the_session_ended(nursery: trio.Nursery) -> None:
+async def test_a_push_after_a_cut_pull_says_the_session_ended(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     backend = await start_server(nursery)
     relay = CuttingRelay(backend)
     port = await relay.start(nursery)

@@ -10,6 +10,7 @@ only: the fast path reports a batch of lines as one event.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -202,3 +203,41 @@ def test_bulk_pull_takes_the_fast_path() -> None:
                 assert event == pht.PullEnded(session_over=True)
     assert received == payload
     assert channel.state is pht.ChannelState.IDLE
+
+
+_BODY = b"5\r\naGk=\n\r\n0\r\n\r\n"
+
+
+@given(
+    head=st.sampled_from(
+        [
+            HEAD,
+            b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD,  # an interim answer first
+            b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n",  # bare LF line ends
+            b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 20_000 + b"\r\n\r\n",  # too long a head
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\n",  # a refusal
+            b"\r\n" + HEAD,  # a blank line before the status line
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n",  # cut short
+        ]
+    ),
+    sizes=st.lists(st.integers(1, 64), min_size=1, max_size=4),
+    eof=st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_pull_heads_given_to_h11_alone_match_h11(head: bytes, sizes: list[int], eof: bool) -> None:
+    """The fast path finds the head's end itself and hands h11 only the head."""
+    config = pht.ClientConfig.build("h", authorize=False)
+    responses = [cut(head + _BODY, sizes)]
+    fast = run(make_channel(config, fast=True), responses, eof)
+    reference = run(make_channel(config, fast=False), responses, eof)
+    assert fast == reference
+
+
+def test_bad_chunk_end_is_reported_in_pht_words() -> None:
+    channel = make_channel(pht.ClientConfig.build("h"), fast=True)
+    channel.pull(TOKEN)
+    channel.receive_data(HEAD)
+    assert channel.next_event() == pht.PullStarted()
+    channel.receive_data(b"4\r\naGVsXX")
+    with pytest.raises(pht.RemoteProtocolError, match=r"ends in b'XX', not in CRLF"):
+        channel.next_event()

@@ -51,3 +51,32 @@ async def test_handshake_failure_is_broken_resource() -> None:
     await server.aclose()
     await client_tcp.aclose()
     await listeners[0].aclose()
+
+
+async def test_a_second_reader_waits_for_the_first_without_polling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A send that must read while the receiver waits parks until the socket is readable.
+
+    Under the autojumping clock a polling sleep would return at once; a parked
+    task returns only once the data has come.
+    """
+    client, server = await tls_pair()
+    assert client.receive_nowait() is None  # takes the session tickets: nothing readable now
+    returned: list[str] = []
+
+    async def wait(name: str) -> None:
+        await client._wait_readable()
+        returned.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wait, "second")  # wait_readable is taken: this one parks
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(1.0)
+        assert returned == []
+        await server.send_all(b"wake up")
+    assert sorted(returned) == ["first", "second"]
+    await client.aclose()
+    await server.aclose()

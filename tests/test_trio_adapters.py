@@ -170,11 +170,6 @@ async def test_heartbeats_keep_an_idle_pull_alive(
     await raw.aclose()
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 async def test_client_close_reaches_server_as_eof(nursery: trio.Nursery) -> None:
     seen = trio.Event()
     result: list[bytes | bytearray] = []

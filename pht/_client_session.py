@@ -1,0 +1,568 @@
+"""The sans-IO client session: the PHT rules above single HTTP exchanges.
+
+A :class:`ClientChannel` speaks HTTP on one connection. A PHT session spans
+several: the authorize request and the long poll on one, the pushes on
+another, new ones when an idle connection cannot be trusted. The rules that
+join them live here, in :class:`ClientSession`, so that every adapter shares
+them and tests reach them without sockets or a clock:
+
+- the handshake: authorize (legacy GOST) or a self-made token (modern GOST),
+  then the pull, which is established by :class:`PullStarted`;
+- re-polling: a legacy server ends each long poll and expects a new ``GET``,
+  on a new connection when the old one cannot be reused;
+- the end: a modern pull that ends, a legacy poll answered with no line, or
+  a ``403`` to a *re-poll* (a legacy server forgets a closed session's token)
+  is the end of the stream; a ``410`` is data lost, an error; and once a
+  push may have lost data, the end of the session is an error, never EOF;
+- pushes: how many may await their acknowledgement, when idle ones are
+  collected, what a refusal or a closed push connection means;
+- the close notification, sent only when the session is still open.
+
+The adapter feeds what happened (events, failures, the time) and does what
+the returned values say. States are data: :data:`TRANSITIONS` lists every
+allowed move and :meth:`ClientSession._enter` is the only place that sets
+the state (:meth:`ClientSession._fail` the only one that enters ``ERROR``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from ._client import ClientConfig, HeaderInput
+from ._common import Paths
+from ._errors import LocalProtocolError, PHTError, TunnelError
+from ._events import (
+    Authorized,
+    ClientEvent,
+    DataReceived,
+    Heartbeat,
+    PullEnded,
+    PullStarted,
+    PushAcknowledged,
+    Rejected,
+    RequestKind,
+)
+from ._token import TokenSource, new_token
+
+__all__ = [
+    "TRANSITIONS",
+    "ClientOptions",
+    "ClientSession",
+    "ClientSessionState",
+    "Deliver",
+    "EndOfStream",
+    "PollAgain",
+    "SendPull",
+    "Wait",
+    "render_transitions",
+]
+
+#: Raw bytes per push by default: one POST per MiB keeps round trips rare.
+DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
+#: Unacknowledged pushes of a push connection unused this long are collected
+#: before the next push, so that the connection's idleness can be checked.
+SETTLE_ACKS = 1.0
+
+
+def _positive_seconds(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _at_least_one(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+
+
+def parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
+    """``http://[user:pass@]host:port`` as ``((host, port), (user, password))``."""
+    if proxy is None:
+        return None, None
+    parts = urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"proxy must look like http://[user:pass@]host:port, got {proxy!r}")
+    credentials = None
+    if parts.username is not None:
+        credentials = (unquote(parts.username), unquote(parts.password or ""))
+    return (parts.hostname, parts.port or 8080), credentials
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientOptions:
+    """How a client session behaves, validated once, shared by every adapter.
+
+    ``config`` forms the requests (host, paths, headers, generation).
+    ``host``/``port`` is the server, reached through ``proxy`` (an address)
+    when set; ``secure`` says TLS (the adapter brings its context).
+    ``token`` (modern flow only) fixes the session token, else
+    ``token_source`` makes one. ``max_push_size`` bounds the raw bytes of one
+    POST; ``push_window`` is how many pushes may await their acknowledgement;
+    ``connect_timeout`` bounds connecting and the handshake,
+    ``close_timeout`` the acknowledgements and the close notification in a
+    close. :meth:`build` makes one from :func:`pht.open_pht_stream`'s
+    keyword arguments.
+    """
+
+    config: ClientConfig
+    host: str = "localhost"
+    port: int = 80
+    secure: bool = False
+    proxy: tuple[str, int] | None = None
+    token: str | None = None
+    token_source: TokenSource = field(default=new_token, repr=False)
+    max_push_size: int = DEFAULT_MAX_PUSH_SIZE
+    push_window: int = 1
+    connect_timeout: float = 30.0
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, ClientConfig):
+            raise TypeError(f"config must be a ClientConfig, not {type(self.config).__name__}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise TypeError(f"port must be an int, not {type(self.port).__name__}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port!r}")
+        if self.proxy is not None and self.secure:
+            raise ValueError(
+                "proxy= sends plain HTTP requests through the proxy; it cannot carry phts"
+            )
+        _at_least_one("max_push_size", self.max_push_size)
+        _at_least_one("push_window", self.push_window)
+        _positive_seconds("connect_timeout", self.connect_timeout)
+        if isinstance(self.close_timeout, bool) or not isinstance(self.close_timeout, int | float):
+            raise TypeError("close_timeout must be a number of seconds")
+        if math.isnan(self.close_timeout) or self.close_timeout < 0:
+            raise ValueError(
+                f"close_timeout must be 0 or more seconds, got {self.close_timeout!r}"
+            )
+        if self.token is not None:
+            if not isinstance(self.token, str) or not self.token:
+                raise TypeError("token must be a non-empty str")
+            if self.config.authorize:
+                raise ValueError("token= is for authorize=False; the server issues it otherwise")
+
+    @property
+    def address(self) -> str:
+        """The server as ``host:port`` (``[host]:port`` for IPv6), for messages."""
+        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+
+    @classmethod
+    def build(
+        cls,
+        host: str,
+        port: int,
+        *,
+        secure: bool = False,
+        authorize: bool = True,
+        authorize_path: str = "/authorize",
+        push_path: str = "/push",
+        pull_path: str = "/pull",
+        headers: HeaderInput = None,
+        host_header: str | None = None,
+        proxy: str | None = None,
+        **kwargs: object,
+    ) -> ClientOptions:
+        """Options from :func:`pht.open_pht_stream`'s keyword arguments (the rest go as is)."""
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
+        proxy_address, proxy_credentials = parse_proxy(proxy)
+        host_value = host if ":" not in host else f"[{host}]"
+        default_port = 443 if secure else 80
+        config = ClientConfig.build(
+            host_value if port == default_port else f"{host_value}:{port}",
+            headers=headers,
+            proxy_credentials=proxy_credentials,
+            authorize=authorize,
+            paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
+            host_header=host_header,
+            proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
+            scheme="https" if secure else "http",
+        )
+        return cls(
+            config=config,
+            host=host,
+            port=port,
+            secure=secure,
+            proxy=proxy_address,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+class ClientSessionState(enum.Enum):
+    """Where a client session is (the pull side decides; pushes never move it)."""
+
+    #: Nothing sent yet.
+    NEW = "new"
+    #: The authorize request is out (legacy flow).
+    AUTHORIZING = "authorizing"
+    #: The first pull request is out; the session is established by its answer.
+    STARTING = "starting"
+    #: A pull response is open: data and heartbeats arrive.
+    OPEN = "open"
+    #: A legacy poll ended; the next one is out (or about to be).
+    REPOLLING = "repolling"
+    #: The server ended the session cleanly: the stream is at EOF.
+    ENDED = "ended"
+    #: The application closed the stream.
+    CLOSED = "closed"
+    #: The session failed; :attr:`ClientSession.error` says why.
+    ERROR = "error"
+
+
+S = ClientSessionState
+#: Every allowed move, as (state, what happened) -> next state. ``ERROR`` and
+#: ``CLOSED`` are reachable from every state (:meth:`ClientSession._fail`,
+#: :meth:`ClientSession.close`) and not listed.
+TRANSITIONS: dict[tuple[ClientSessionState, str], ClientSessionState] = {
+    (S.NEW, "authorize sent"): S.AUTHORIZING,
+    (S.NEW, "pull sent"): S.STARTING,
+    (S.AUTHORIZING, "Authorized"): S.STARTING,
+    (S.STARTING, "PullStarted"): S.OPEN,
+    (S.OPEN, "DataReceived"): S.OPEN,
+    (S.OPEN, "Heartbeat"): S.OPEN,
+    (S.OPEN, "PullEnded, more to come"): S.REPOLLING,
+    (S.OPEN, "PullEnded, session over"): S.ENDED,
+    (S.REPOLLING, "PullStarted"): S.OPEN,
+    (S.REPOLLING, "Rejected 403"): S.ENDED,
+}
+del S
+
+
+def render_transitions() -> str:
+    """:data:`TRANSITIONS` as a Markdown table (``docs/protocol.md`` shows it)."""
+    rows = ["| state | what happened | next state |", "|---|---|---|"]
+    for (state, what), target in TRANSITIONS.items():
+        rows.append(f"| `{state.name}` | {what} | `{target.name}` |")
+    return "\n".join(rows) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class SendPull:
+    """Write the pull request for ``token`` (the handshake's second step)."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PollAgain:
+    """Write a new pull request for ``token``: on a new connection unless the
+    current one is :meth:`~pht.ClientChannel.reusable`."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand ``data`` to the application."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing for the application: keep reading the pull."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The session is over: the application's stream is at EOF."""
+
+
+PullAction = SendPull | PollAgain | Deliver | Wait | EndOfStream
+
+_PATH_HINTS = {
+    404: "the server has no such path; do the client's and server's paths match?",
+    429: "the server has too many pending sessions; try again later",
+    413: (
+        "the request body is too large for the server or a proxy in front of it "
+        "(nginx: client_max_body_size); lower max_push_size"
+    ),
+    410: "the session is gone (closed, or its data was not consumed in time)",
+}
+
+
+def explain_rejection(
+    event: Rejected, paths: Paths, *, authorize: bool, session_ended: str | None = None
+) -> str:
+    """A rejection as a message with a hint that fits the situation.
+
+    ``session_ended`` is set once the session was established: a ``403``
+    then means the server has forgotten it (the paths did match), and says
+    how, when the client knows.
+    """
+    path = {
+        RequestKind.AUTHORIZE: paths.authorize,
+        RequestKind.PUSH: paths.push,
+        RequestKind.PULL: paths.pull,
+    }[event.kind]
+    text = f"server answered {event.status_code} {event.reason} to {path}"
+    if event.status_code == 403 and session_ended is not None:
+        return f"{text}: the server no longer knows this session; it ended ({session_ended})"
+    if event.status_code == 403:
+        hint = "the token is unknown to the server; do the client's and server's paths match?"
+        if not authorize:
+            hint += " (a legacy GOST server needs authorize=True)"
+        return f"{text}: {hint}"
+    path_hint = _PATH_HINTS.get(event.status_code)
+    return text if path_hint is None else f"{text}: {path_hint}"
+
+
+class ClientSession:
+    """The rules of one client PHT session (see the module docstring).
+
+    Pull side: :meth:`start`, then :meth:`pull_event` for each event of the
+    pull connection and :meth:`pull_failed` when it breaks. Push side:
+    :meth:`push_window_for`, :meth:`should_settle`, :meth:`push_answer`,
+    :meth:`push_failed`. End: :meth:`close`. Failures come back as
+    :class:`~pht.TunnelError` (with the HTTP status when there is one). A
+    failure of the pull puts the session in ``ERROR`` (:attr:`error` keeps
+    it); a failure of a push only breaks sending (:attr:`send_error`), as the
+    pull may still deliver what the server has, but the session's end is
+    then an error, never an EOF.
+    """
+
+    def __init__(self, options: ClientOptions) -> None:
+        self.options = options
+        self._state = ClientSessionState.NEW
+        self.token: str | None = None
+        #: The error that put the session in ``ERROR``.
+        self.error: TunnelError | None = None
+        #: Why sending is impossible, once it is (the pull side may go on).
+        self.send_error: TunnelError | None = None
+        self._pull_failure: str | None = None
+        self._push_loss: str | None = None
+        # Unanswered pushes of writes that have returned (push_window > 1).
+        self._earlier_pushes = 0
+
+    @property
+    def state(self) -> ClientSessionState:
+        return self._state
+
+    @property
+    def established(self) -> bool:
+        """Whether the server accepted the pull once (the handshake is over)."""
+        return self._state not in (
+            ClientSessionState.NEW,
+            ClientSessionState.AUTHORIZING,
+            ClientSessionState.STARTING,
+        )
+
+    def _enter(self, what: str) -> None:
+        """Take the move ``what`` from the current state, as :data:`TRANSITIONS` allows."""
+        target = TRANSITIONS.get((self._state, what))
+        if target is None:
+            raise self._fail(f"unexpected {what} in session state {self._state.name}", local=True)
+        self._state = target
+
+    def _fail(self, message: str, *, status: int | None = None, local: bool = False) -> PHTError:
+        """Enter ``ERROR`` (the only place that does); return the error to raise."""
+        if self._state is not ClientSessionState.CLOSED:
+            self._state = ClientSessionState.ERROR
+        if local:
+            return LocalProtocolError(message)
+        error = TunnelError(message, status=status)
+        if self.error is None:
+            self.error = error
+        return error
+
+    # -- the pull side ------------------------------------------------------------
+
+    def start(self) -> SendPull | None:
+        """Begin the handshake: ``None`` means write the authorize request first."""
+        if self.options.config.authorize:
+            self._enter("authorize sent")
+            return None
+        self.token = self.options.token or self.options.token_source()
+        self._enter("pull sent")
+        return SendPull(self.token)
+
+    def handshake_failed(self, exc: BaseException) -> TunnelError:
+        """A connection of the handshake broke or spoke bad HTTP."""
+        error = self._fail(f"PHT handshake with the server failed: {exc}")
+        assert isinstance(error, TunnelError)
+        return error
+
+    def handshake_timed_out(self) -> TunnelError:
+        """The server accepted the connection but did not answer in ``connect_timeout``."""
+        options = self.options
+        what = "authorize or " if options.config.authorize else ""
+        error = self._fail(
+            f"{options.address} accepted the connection but did not answer the {what}pull "
+            f"request within {options.connect_timeout:g}s; is it a PHT server?"
+        )
+        assert isinstance(error, TunnelError)
+        return error
+
+    def pull_event(self, event: ClientEvent) -> PullAction:
+        """What to do about ``event``, read from the pull connection.
+
+        Raises :class:`~pht.TunnelError` when the event ends the session in
+        failure (a refusal, data lost).
+        """
+        state = self._state
+        if isinstance(event, Authorized):
+            self._enter("Authorized")
+            self.token = event.token
+            return SendPull(event.token)
+        if isinstance(event, PullStarted):
+            self._enter("PullStarted")
+            return Wait()
+        if isinstance(event, DataReceived):
+            self._enter("DataReceived")
+            return Deliver(event.data)
+        if isinstance(event, Heartbeat):
+            self._enter("Heartbeat")
+            return Wait()
+        if isinstance(event, PullEnded):
+            if event.session_over:
+                self._enter("PullEnded, session over")
+                return self._end_of_session()
+            self._enter("PullEnded, more to come")
+            assert self.token is not None
+            return PollAgain(self.token)
+        if isinstance(event, Rejected):
+            if state is ClientSessionState.REPOLLING and event.status_code == 403:
+                # A legacy server forgets a closed session's token: EOF.
+                # (A 410 is no such end: it says that data was not consumed.)
+                self._enter("Rejected 403")
+                return self._end_of_session()
+            config = self.options.config
+            message = explain_rejection(
+                event,
+                config.paths,
+                authorize=config.authorize,
+                session_ended=self._how_session_ended() if self.established else None,
+            )
+            raise self._fail(message, status=event.status_code)
+        raise self._fail(f"unexpected {type(event).__name__} on the pull")
+
+    def pull_failed(self, exc: BaseException, *, quiet_for: float = 0.0) -> TunnelError:
+        """The pull connection broke (``quiet_for``: seconds since it last delivered)."""
+        text = str(exc)
+        if quiet_for >= 1.0:  # tells a proxy's read timeout from a sudden cut
+            text = f"{text} ({quiet_for:.0f} s after the server last sent anything)"
+        self._pull_failure = f"its pull failed: {text}"
+        error = self._fail(f"pull from the PHT server failed: {text}")
+        assert isinstance(error, TunnelError)
+        return error
+
+    def repoll_failed(self, exc: BaseException) -> TunnelError:
+        """The next legacy poll could not be sent."""
+        self._pull_failure = f"it could not be polled again: {exc}"
+        error = self._fail(f"pull from the PHT server failed: {exc}")
+        assert isinstance(error, TunnelError)
+        return error
+
+    def _how_session_ended(self) -> str:
+        if self._pull_failure is not None:
+            return self._pull_failure
+        if self._state is ClientSessionState.ENDED:
+            return "the server closed it"
+        return "closed by the server, its pull connection was cut, or it expired"
+
+    def _end_of_session(self) -> EndOfStream:
+        """The server ended the session: EOF, unless data was lost on the way."""
+        if self._push_loss is not None:
+            raise self._fail(f"the PHT session ended after a push failed: {self._push_loss}")
+        if self.send_error is None:
+            self.send_error = TunnelError("the PHT session is over")
+        return EndOfStream()
+
+    # -- the push side ------------------------------------------------------------
+
+    def push_window_for(self, size: int) -> int:
+        """How many pushes may be unanswered while sending ``size`` bytes.
+
+        Within one write larger than ``max_push_size`` two pushes may be in
+        flight even with a window of 1: the write returns only once all are
+        acknowledged anyway.
+        """
+        window = self.options.push_window
+        return window if size <= self.options.max_push_size else max(2, window)
+
+    @staticmethod
+    def should_settle(in_flight: int, unused_for: float) -> bool:
+        """Whether to collect a push connection's answers before the next push.
+
+        With ``push_window > 1`` a write may return with pushes in flight;
+        their answers have long arrived once the connection has been unused
+        for :data:`SETTLE_ACKS`, and only a connection with nothing in
+        flight can be checked for a close.
+        """
+        return in_flight > 0 and unused_for >= SETTLE_ACKS
+
+    def write_returned(self, in_flight: int) -> None:
+        """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).
+
+        Their answers come during a later write, which then reports a
+        refusal as one of an earlier write's pushes.
+        """
+        self._earlier_pushes = in_flight
+
+    def push_answer(self, event: ClientEvent, *, closed: bool, still_in_flight: int) -> bool:
+        """Judge the answer to the oldest push; ``True``: the connection is done (closed).
+
+        ``closed``: the server closed the connection after this answer, with
+        ``still_in_flight`` pushes left unanswered. Raises on a refusal.
+        """
+        earlier = self._earlier_pushes > 0
+        if earlier:
+            self._earlier_pushes -= 1
+        if isinstance(event, Rejected):
+            config = self.options.config
+            message = explain_rejection(
+                event,
+                config.paths,
+                authorize=config.authorize,
+                session_ended=self._how_session_ended(),
+            )
+            if earlier:
+                message = f"an earlier push was refused: {message}"
+            raise self.push_failed(message, status=event.status_code)
+        if not isinstance(event, PushAcknowledged):
+            raise self.push_failed(f"unexpected answer to a push: {event}")
+        if closed and still_in_flight:
+            raise self.push_failed("the server closed the push connection with pushes unanswered")
+        return closed
+
+    def push_failed(self, message: str, *, status: int | None = None) -> TunnelError:
+        """A push may have lost data: sending is broken, and the end will be an error.
+
+        The pull side goes on: data already on its way is still delivered.
+        """
+        self._push_loss = message
+        self._earlier_pushes = 0  # the push connection is dropped with them
+        return self.break_sending(message, status=status)
+
+    def break_sending(self, message: str, *, status: int | None = None) -> TunnelError:
+        """Sending is impossible from now on (a cancelled write, unsettled pushes)."""
+        if self.send_error is None:
+            self.send_error = TunnelError(message, status=status)
+        return TunnelError(message, status=status)
+
+    def acks_timed_out(self) -> TunnelError:
+        """The acknowledgements due at close did not come in time."""
+        return self.break_sending("timed out waiting for the acknowledgement of earlier pushes")
+
+    # -- the end ------------------------------------------------------------------
+
+    def close(self, *, pushes_settled: bool) -> bool:
+        """The application closes: ``True`` means send the close notification.
+
+        Modern GOST clients announce the close with an empty push; it is
+        pointless once the server ended the session, and unsafe while a
+        push's fate is unknown (``pushes_settled`` is ``False``).
+        """
+        notify = pushes_settled and self._state not in (
+            ClientSessionState.ENDED,
+            ClientSessionState.CLOSED,
+        )
+        self._state = ClientSessionState.CLOSED
+        return notify
