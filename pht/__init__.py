@@ -46,6 +46,7 @@ from ._server import (
     SessionRegistry,
     SessionState,
 )
+from ._server_session import ServerOptions
 from ._token import TokenSource, new_token
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ __all__ = [
     "ServerConnection",
     "ServerConnectionState",
     "ServerEvent",
+    "ServerOptions",
     "SessionRecord",
     "SessionRegistry",
     "SessionState",

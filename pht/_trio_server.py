@@ -45,7 +45,7 @@ from ._stats import NullStats, PHTStatsSink
 from ._tls import SelfSignedCertificate, make_self_signed_certificate
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
-from ._trio_common import RECEIVE_SIZE, PHTStream
+from ._trio_common import RECEIVE_SIZE, ConflictDetector, PHTStream
 
 __all__ = ["ShutdownReport", "serve_pht"]
 
@@ -66,24 +66,6 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 _PULL_PROGRESS = 64 * 1024
 #: Raw bytes written per pull write.
 _PULL_WRITE_SIZE = 1024 * 1024
-
-
-class _OneTask:
-    """One task at a time in a direction of a stream, as trio's streams require."""
-
-    __slots__ = ("_busy", "_what")
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._busy = False
-
-    def __enter__(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
-        self._busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
 
 
 class _ServerStream(PHTStream):
@@ -120,8 +102,8 @@ class _ServerStream(PHTStream):
         # life
         self._handler_closed = False  # aclose() by the handler
         self.finished = trio.Event()  # nothing more will go to or come from the client
-        self._receiving = _OneTask("receiving")
-        self._sending = _OneTask("sending")
+        self._receiving = ConflictDetector("another task is already receiving on this stream")
+        self._sending = ConflictDetector("another task is already sending on this stream")
         self.bytes_in = 0
         self.bytes_out = 0
 
