@@ -172,7 +172,11 @@ class FaultRelay:
         return "\n".join(lines)
 
     def _plans_for(self, record: Connection, kind: Kind) -> dict[Direction, _Plan]:
-        """Pick the earliest fault of each direction that applies to this connection."""
+        """The fault of each direction for this connection, if any.
+
+        When several apply, one counted from the start beats one counted
+        from the head's end, and a smaller offset beats a larger one.
+        """
         nth_of_kind = self._seen.get(kind, 0)
         self._seen[kind] = nth_of_kind + 1
         plans: dict[Direction, _Plan] = {}
@@ -197,6 +201,15 @@ class FaultRelay:
             record.ended = f"could not reach the target: {exc}"
             await trio.aclose_forcefully(client)
             return
+        try:
+            await self._relay(record, client, server)
+        finally:
+            await trio.aclose_forcefully(client)
+            await trio.aclose_forcefully(server)
+
+    async def _relay(
+        self, record: Connection, client: trio.SocketStream, server: trio.SocketStream
+    ) -> None:
         try:
             first = await client.receive_some(_READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -239,8 +252,6 @@ class FaultRelay:
                 await self._finish(client, server)
         elif record.ended == "open":
             record.ended = "closed"
-        await trio.aclose_forcefully(client)
-        await trio.aclose_forcefully(server)
 
     async def _finish(self, client: trio.SocketStream, server: trio.SocketStream) -> None:
         """A FIN to both ends; what they still send is dropped until they close.
@@ -305,7 +316,6 @@ class FaultRelay:
                     raise _Cutting(fault)
                 await trio.sleep(plan.cut.stall_for)
                 data = data[keep:]
-                pre_read = bool(data)
                 plan = None
                 continue
             await sink.send_all(data)

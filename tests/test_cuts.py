@@ -314,8 +314,19 @@ def test_hypothesis_cut_positions(
 # -- the relay itself -------------------------------------------------------------------
 
 
-async def test_relay_forwards_exactly_up_to_the_offset(nursery: trio.Nursery) -> None:
-    """The relay's offsets are exact: the server gets the first N bytes, then the cut."""
+@pytest.mark.parametrize(
+    ("cut", "kept"),
+    [
+        (Cut("up", 12_345, how="fin", kind="push"), 12_345),
+        (Cut("up", 1_000, how="fin", kind="push", anchor="body"), 23 + 1_000),
+        (Cut("up", 0, how="fin", kind="push", anchor="body"), 23),
+    ],
+    ids=["from-start", "after-head", "at-head-end"],
+)
+async def test_relay_forwards_exactly_up_to_the_offset(
+    nursery: trio.Nursery, cut: Cut, kept: int
+) -> None:
+    """The relay's offsets are exact: the server gets the first N bytes, then the FIN."""
     got = bytearray()
     ended = trio.Event()
 
@@ -328,11 +339,10 @@ async def test_relay_forwards_exactly_up_to_the_offset(nursery: trio.Nursery) ->
         ended.set()
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, sink, 0, host="127.0.0.1"))
-    target = listeners[0].socket.getsockname()[1]
-    relay = FaultRelay(target, [Cut("up", 12_345, how="fin", kind="push")])
+    relay = FaultRelay(listeners[0].socket.getsockname()[1], [cut])
     port = await nursery.start(relay.serve)
     client = await trio.open_tcp_stream("127.0.0.1", port)
-    data = b"POST /push HTTP/1.1\r\n\r\n" + pattern(100_000)
+    data = b"POST /push HTTP/1.1\r\n\r\n" + pattern(100_000)  # a 23-byte head
     with trio.fail_after(10):
         try:
             await client.send_all(data)
@@ -340,8 +350,7 @@ async def test_relay_forwards_exactly_up_to_the_offset(nursery: trio.Nursery) ->
             pass
         await ended.wait()
     await client.aclose()
-    assert bytes(got) == data[:12_345]
+    assert bytes(got) == data[:kept]
     assert [str(fault) for fault in relay.faults] == [
-        "fin push #0 up at byte 12345 fired on connection 0 (push: 'POST /push HTTP/1.1') "
-        "at up byte 12345"
+        f"{cut} fired on connection 0 (push: 'POST /push HTTP/1.1') at up byte {kept}"
     ]
