@@ -9,6 +9,7 @@ import pytest
 import trio
 
 import pht
+from pht._client import DEFAULT_KEEPALIVE_EXPIRY
 
 from .support import receive_exactly, start_server
 
@@ -124,3 +125,21 @@ async def test_open_transport_is_bounded_by_connect_timeout(
 
     with pytest.raises(pht.TunnelError, match=r"timed out connecting to 127\.0\.0\.1:1$"):
         await pht.open_pht_stream("127.0.0.1", 1, connect_timeout=5, open_transport=hang)
+
+
+async def test_idle_non_socket_connections_retire_by_keepalive_expiry(
+    nursery: trio.Nursery, opener: Opener, autojump_clock: trio.abc.Clock
+) -> None:
+    # The client cannot peek at a stream that is not a socket: the idle limit
+    # alone sends the next requests on new connections (through the opener).
+    port = await start_server(nursery, keepalive_timeout=3600.0)
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False, open_transport=opener)
+    await stream.send_all(b"before")
+    assert await receive_exactly(stream, 6) == b"before"
+    opened = len(opener.calls)
+    await trio.sleep(DEFAULT_KEEPALIVE_EXPIRY + 1)
+    with trio.fail_after(5):
+        await stream.send_all(b"after")
+        assert await receive_exactly(stream, 5) == b"after"
+    assert len(opener.calls) == opened + 1  # a new push connection
+    await stream.aclose()
