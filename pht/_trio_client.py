@@ -57,9 +57,9 @@ async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
     """What ``transport`` has delivered, without waiting: ``None`` if nothing.
 
     ``b""`` stands for an EOF and for a broken connection alike. A transport
-    without a socket of its own (one from ``open_transport``, or TLS over it)
-    cannot be looked at without waiting: always ``None``, so only the
-    ``keepalive_expiry`` idle limit retires its idle connections.
+    without a socket of its own (one ``open_transport`` wrapped, or
+    ``trio.SSLStream`` over it) cannot be looked at without waiting: ``None``,
+    so only the ``keepalive_expiry`` idle limit retires its idle connections.
     """
     try:
         if isinstance(transport, TLSSocketStream):
@@ -518,8 +518,10 @@ async def open_pht_stream(
     the server through another proxy; it is called with the server's address
     (or ``proxy``'s), within ``connect_timeout``, and whatever it raises
     becomes the :class:`TunnelError`'s cause, its message included. ``tls``
-    then runs over the stream it returns. Idle connections over such a stream
-    are retired by their idle time only, as the client cannot peek at them.
+    then runs over the stream it returns. Unless that is a
+    :class:`trio.SocketStream`, the client cannot peek at an idle connection
+    for a close, so it retires idle connections by their idle time alone
+    (``keepalive_expiry``, 50 s: below common servers' keep-alive limits).
 
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
