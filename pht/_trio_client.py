@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import select
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -34,6 +35,9 @@ from ._trio_common import (
 
 __all__ = ["open_pht_stream"]
 
+#: ``open_transport(host, port)``: a byte stream to ``host:port`` (see :func:`open_pht_stream`).
+TransportOpener = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
 #: Bytes asked of the socket per read. Reads this size keep every buffer on the
 #: pull path (socket read, h11's buffer, line reassembly) in cache and below
 #: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
@@ -52,13 +56,16 @@ def _readable_now(fileno: int) -> bool:
 async def _read_ready(transport: trio.abc.Stream) -> bytes | bytearray | None:
     """What ``transport`` has delivered, without waiting: ``None`` if nothing.
 
-    ``b""`` stands for an EOF and for a broken connection alike.
+    ``b""`` stands for an EOF and for a broken connection alike. A transport
+    without a socket of its own (one ``open_transport`` wrapped, or
+    ``trio.SSLStream`` over it) cannot be looked at without waiting: ``None``,
+    so only the ``keepalive_expiry`` idle limit retires its idle connections.
     """
     try:
         if isinstance(transport, TLSSocketStream):
             return transport.receive_nowait(_CLIENT_RECEIVE_SIZE)
         sock = getattr(transport, "socket", None)
-        if sock is None:  # pragma: no cover - pht opens socket streams only
+        if sock is None:
             return None
         if not _readable_now(sock.fileno()):
             return None
@@ -391,8 +398,10 @@ class _Connector:
         options: ClientOptions,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
+        open_transport: TransportOpener | None = None,
     ) -> None:
         self.host, self.port = options.host, options.port
+        self.open_transport = open_transport
         # Channels allow two pushes in flight at least: one send_all pipelines its pushes.
         self.push_window = max(2, options.push_window)
         self.ssl_context = ssl_context
@@ -402,36 +411,59 @@ class _Connector:
         self.address = options.address
 
     async def open(self, config: ClientConfig) -> _Connection:
+        transport = await self._open_transport()
+        if self.ssl_context is not None:
+            transport = await self._start_tls(transport, self.ssl_context)
+        return _Connection(transport, config, push_window=self.push_window)
+
+    async def _open_transport(self) -> trio.abc.Stream:
+        """A byte stream to the server (or the proxy): TCP, or ``open_transport``'s."""
         target_host, target_port = self.proxy or (self.host, self.port)
         where = f"proxy {target_host}:{target_port}" if self.proxy else self.address
         try:
             with trio.fail_after(self.connect_timeout):
-                transport: trio.abc.Stream = await trio.open_tcp_stream(target_host, target_port)
+                if self.open_transport is None:
+                    return await trio.open_tcp_stream(target_host, target_port)
+                return await self.open_transport(target_host, target_port)
         except trio.TooSlowError:
             raise TunnelError(f"timed out connecting to {where}") from None
         except OSError as exc:
             raise TunnelError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-        if self.ssl_context is not None:
-            assert isinstance(transport, trio.SocketStream)
+        except Exception as exc:  # open_transport's own failures: its message, chained
+            if self.open_transport is None:  # pragma: no cover - trio raises OSError
+                raise
+            raise TunnelError(f"cannot connect to {where}: {exc}") from exc
+
+    async def _start_tls(
+        self, transport: trio.abc.Stream, context: ssl.SSLContext
+    ) -> trio.abc.Stream:
+        """TLS over ``transport``; OpenSSL on the socket itself when it is one."""
+        tls: trio.abc.Stream
+        if isinstance(transport, trio.SocketStream):
             # OpenSSL on the socket: about twice trio.SSLStream's throughput.
-            tls = TLSSocketStream.wrap(
-                transport,
-                self.ssl_context,
-                server_side=False,
-                server_hostname=self.server_hostname,
+            tls = socket_tls = TLSSocketStream.wrap(
+                transport, context, server_side=False, server_hostname=self.server_hostname
             )
-            try:
-                with trio.fail_after(self.connect_timeout):
-                    await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                await trio.aclose_forcefully(tls)
-                cause = exc.__cause__ or exc
-                raise TunnelError(
-                    f"TLS handshake with {self.address} failed: {cause}; is the server "
-                    "speaking phts, and does the client trust its certificate?"
-                ) from exc
-            transport = tls
-        return _Connection(transport, config, push_window=self.push_window)
+            handshake = socket_tls.do_handshake
+        else:
+            tls = stream_tls = trio.SSLStream(
+                transport,
+                context,
+                server_hostname=self.server_hostname,
+                https_compatible=True,
+            )
+            handshake = stream_tls.do_handshake
+        try:
+            with trio.fail_after(self.connect_timeout):
+                await handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            await trio.aclose_forcefully(tls)
+            cause = exc.__cause__ or exc
+            raise TunnelError(
+                f"TLS handshake with {self.address} failed: {cause}; is the server "
+                "speaking phts, and does the client trust its certificate?"
+            ) from exc
+        return tls
 
 
 async def open_pht_stream(
@@ -453,6 +485,7 @@ async def open_pht_stream(
     connect_timeout: float = 30.0,
     close_timeout: float = 5.0,
     push_window: int = 1,
+    open_transport: TransportOpener | None = None,
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
@@ -478,6 +511,17 @@ async def open_pht_stream(
     and ``pht``'s servers answer pipelined requests in order). Within one
     ``send_all`` larger than ``max_push_size`` two pushes are in flight even
     with a window of 1.
+
+    ``open_transport(host, port)``, when given, replaces
+    :func:`trio.open_tcp_stream` for every HTTP connection of the tunnel
+    (handshake, pull, push, reconnects, close notification), e.g. to reach
+    the server through another proxy; it is called with the server's address
+    (or ``proxy``'s), within ``connect_timeout``, and whatever it raises
+    becomes the :class:`TunnelError`'s cause, its message included. ``tls``
+    then runs over the stream it returns. Unless that is a
+    :class:`trio.SocketStream`, the client cannot peek at an idle connection
+    for a close, so it retires idle connections by their idle time alone
+    (``keepalive_expiry``, 50 s: below common servers' keep-alive limits).
 
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
@@ -510,7 +554,7 @@ async def open_pht_stream(
         close_timeout=close_timeout,
     )
     config = options.config
-    connector = _Connector(options, ssl_context, server_hostname)
+    connector = _Connector(options, ssl_context, server_hostname, open_transport)
     session = ClientSession(options)
     pull = await connector.open(config)
     try:

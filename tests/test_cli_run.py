@@ -260,11 +260,6 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert_one_line_error(result, 2, f"{path}: services[0]", "addr: expected a string")
 
 
-def test_pht_hop_after_a_non_http_hop_is_refused() -> None:
-    result = run_pht("-L", ":0", "-F", "socks5://127.0.0.1:1", "-F", "pht://127.0.0.1:2")
-    assert_one_line_error(result, 2, "a PHT hop can only be first, or second after one plain")
-
-
 def test_version() -> None:
     result = run_pht("--version")
     assert result.returncode == 0

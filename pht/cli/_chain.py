@@ -11,7 +11,7 @@ import errno
 import logging
 import ssl
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import quote
 
 import trio
@@ -20,13 +20,16 @@ import pht
 from pht import proxy
 from pht._stats import ChainStats
 
-from ._spec import Address, ChainSpec, ConfigError, Credentials, HopSpec, NodeSpec
+from ._spec import Address, ChainSpec, Credentials, HopSpec, NodeSpec
 from ._tls import client_context
 from ._url import DIRECT
 
 __all__ = ["ChainDialer", "RoundRobin", "describe_cause", "to_auth"]
 
 log = logging.getLogger("pht.cli")
+
+#: ``open_pht_stream``'s ``open_transport``: a stream to ``(host, port)``.
+_Opener = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
 def to_auth(credentials: Credentials | None) -> proxy.Auth | None:
@@ -147,41 +150,33 @@ class _HopErrors(trio.abc.Stream):
         await self.transport_stream.aclose()
 
 
-def _fold_proxy_hop(chain: ChainSpec, where: str) -> tuple[tuple[HopSpec, ...], dict[int, str]]:
+def _fold_proxy_hop(chain: ChainSpec) -> tuple[tuple[HopSpec, ...], dict[int, str]]:
     """The hops to dial, and the forward proxy of each PHT node that has one.
 
-    A PHT hop cannot run inside another hop's stream. Behind one plain HTTP
-    proxy hop it needs none: the proxy hop becomes the PHT nodes' ``proxy=``
-    (their requests go through it in absolute form) and leaves the chain.
+    Behind one plain HTTP proxy hop a PHT hop needs no CONNECT: the proxy hop
+    becomes the PHT nodes' ``proxy=`` (their requests go through it in
+    absolute form) and leaves the chain. A PHT hop anywhere else opens its
+    HTTP connections through the hops before it.
     """
     hops = list(chain.hops)
-    proxies: dict[int, str] = {}
-    for index, hop in enumerate(hops[1:], start=1):
-        if all(node.dialer == "tcp" for node in hop.nodes):
-            continue
-        before = hops[index - 1].nodes
-        if (
-            index != 1
-            or len(before) != 1
-            or (before[0].connector, before[0].dialer) != ("http", "tcp")
-            or any(node.dialer != "pht" for node in hop.nodes)
-        ):
-            raise ConfigError(
-                f"{where}: hop {hop.name!r} uses the {hop.nodes[0].dialer} dialer; a "
-                "PHT hop can only be first, or second after one plain HTTP proxy "
-                "hop (-F http://proxy:port -F socks5+pht://server:port)"
-            )
-        credentials = ""
-        if before[0].auth is not None:
-            credentials = (
-                f"{quote(before[0].auth.username, safe='')}:"
-                f"{quote(before[0].auth.password, safe='')}@"
-            )
-        for node in hop.nodes:
-            proxies[id(node)] = node.proxy or f"http://{credentials}{before[0].addr}"
-    if proxies:
-        del hops[0]
-    return tuple(hops), proxies
+    if len(hops) < 2:
+        return tuple(hops), {}
+    before, hop = hops[0].nodes, hops[1]
+    if (
+        len(before) != 1
+        or (before[0].connector, before[0].dialer) != ("http", "tcp")
+        or any(node.dialer != "pht" for node in hop.nodes)
+    ):
+        return tuple(hops), {}
+    credentials = ""
+    if before[0].auth is not None:
+        credentials = (
+            f"{quote(before[0].auth.username, safe='')}:{quote(before[0].auth.password, safe='')}@"
+        )
+    proxies = {
+        id(node): node.proxy or f"http://{credentials}{before[0].addr}" for node in hop.nodes
+    }
+    return tuple(hops[1:]), proxies
 
 
 def _proxy_url(proxy: str | None) -> str | None:
@@ -194,10 +189,11 @@ class ChainDialer:
     The first hop is dialled directly (TCP or a PHT tunnel; with several nodes,
     each connection starts at the next one and the others are tried if it
     cannot be reached). Then each hop's connector asks its node to connect to
-    the next hop's node, and the last one to the target. A PHT hop needs HTTP
-    connections of its own, so it can follow only a plain HTTP proxy hop
-    (``-F http://proxy:3128 -F socks5+pht://server``): its requests then go
-    through that proxy in absolute form, without CONNECT.
+    the next hop's node, and the last one to the target. A PHT hop may stand
+    anywhere: it opens each of its HTTP connections through the hops before
+    it (``open_pht_stream(open_transport=...)``). Right after one plain HTTP
+    proxy hop (``-F http://proxy:3128 -F socks5+pht://server``) its requests
+    go through that proxy in absolute form instead, without CONNECT.
 
     Failures raise :class:`pht.proxy.HopError` naming the hop and the cause,
     with ``target_failure`` set only when a hop reported that the target
@@ -208,7 +204,7 @@ class ChainDialer:
         self.chain = chain
         self.stats = stats if stats is not None else ChainStats(chain.name)
         where = f"chain {chain.name!r}"
-        self._hops, self._proxies = _fold_proxy_hop(chain, where)
+        self._hops, self._proxies = _fold_proxy_hop(chain)
         self._environment_proxies(self._hops[0])
         self._selectors = [RoundRobin(len(hop.nodes)) for hop in self._hops]
         self._contexts: dict[int, ssl.SSLContext] = {}
@@ -253,8 +249,12 @@ class ChainDialer:
     def _label(hop: HopSpec, node: NodeSpec) -> str:
         return f"{hop.name} ({node.scheme}://{node.addr})"
 
-    async def _open(self, node: NodeSpec) -> trio.abc.Stream:
+    async def _open(
+        self, node: NodeSpec, open_transport: _Opener | None = None
+    ) -> trio.abc.Stream:
         if node.dialer == "tcp":
+            if open_transport is not None:
+                return await open_transport(node.addr.host, node.addr.port)
             return await trio.open_tcp_stream(node.addr.host, node.addr.port)
         return await pht.open_pht_stream(
             node.addr.host,
@@ -267,6 +267,7 @@ class ChainDialer:
             headers=list(node.headers) or None,
             host_header=node.host_header,
             proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
+            open_transport=open_transport,
         )
 
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:
@@ -300,40 +301,88 @@ class ChainDialer:
         return stream
 
     async def __call__(self, host: str, port: int) -> trio.abc.Stream:
-        hops = self._hops
-        path = [hop.nodes[sel.order()[0]] for hop, sel in zip(hops, self._selectors, strict=True)]
-        failures: list[str] = []
-        stream: trio.abc.Stream | None = None
-        for index in self._selectors[0].order():
-            first = hops[0].nodes[index]
-            try:
-                stream = await self._open(first)
-                path[0] = first
-                break
-            except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
-                self.stats.error(first.name)
-                failures.append(self._open_failure(hops[0], first, exc))
-                log.debug("%s: %s", self.chain.name, failures[-1])
-        if stream is None:
-            raise proxy.HopError("; ".join(failures))
+        # The first hop's node is chosen (with failover) as it is dialled.
+        path = [self._hops[0].nodes[0]]
+        for hop, selector in zip(self._hops[1:], self._selectors[1:], strict=True):
+            path.append(hop.nodes[selector.order()[0]])
+        return await self._through(len(path) - 1, path, Address(host, port), last=True)
+
+    async def _through(
+        self,
+        position: int,
+        path: list[NodeSpec],
+        target: Address,
+        *,
+        last: bool = False,
+        for_pht: bool = False,
+    ) -> trio.abc.Stream:
+        """A stream to ``target`` through the nodes of ``path`` up to ``position``."""
+        hop, node = self._hops[position], path[position]
+        stream = await self._reach(position, path)
         try:
-            for position, node in enumerate(path):
-                last = position + 1 == len(path)
-                target = Address(host, port) if last else path[position + 1].addr
-                try:
-                    stream = await self._step(hops[position], node, stream, target, last)
-                except proxy.HopError:
-                    self.stats.error(node.name)
-                    raise
+            try:
+                return await self._step(hop, node, stream, target, last=last, for_pht=for_pht)
+            except proxy.HopError:
+                self.stats.error(path[position].name)
+                raise
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return stream
+
+    async def _reach(self, position: int, path: list[NodeSpec]) -> trio.abc.Stream:
+        """A stream to the service of ``path[position]``, through the nodes before it.
+
+        On the first hop, a node that cannot be reached is skipped for the next.
+        """
+        if position == 0:
+            return await self._open_first(path)
+        hop, node = self._hops[position], path[position]
+
+        if node.dialer == "tcp":
+            return await self._through(position - 1, path, node.addr)
+
+        async def open_transport(host: str, port: int) -> trio.abc.Stream:
+            return await self._through(position - 1, path, Address(host, port), for_pht=True)
+
+        try:
+            return await self._open(node, open_transport)
+        except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+            if not any(isinstance(inner, proxy.HopError) for inner in _causes(exc)):
+                self.stats.error(node.name)  # (a hop before it failed: counted there)
+            raise proxy.HopError(self._open_failure(hop, node, exc)) from exc
+
+    async def _open_first(self, path: list[NodeSpec]) -> trio.abc.Stream:
+        hop = self._hops[0]
+        failures: list[str] = []
+        for index in self._selectors[0].order():
+            node = hop.nodes[index]
+            try:
+                stream = await self._open(node)
+            except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+                self.stats.error(node.name)
+                failures.append(self._open_failure(hop, node, exc))
+                log.debug("%s: %s", self.chain.name, failures[-1])
+                continue
+            path[0] = node
+            return stream
+        raise proxy.HopError("; ".join(failures))
 
     async def _step(
-        self, hop: HopSpec, node: NodeSpec, stream: trio.abc.Stream, target: Address, last: bool
+        self,
+        hop: HopSpec,
+        node: NodeSpec,
+        stream: trio.abc.Stream,
+        target: Address,
+        *,
+        last: bool,
+        for_pht: bool,
     ) -> trio.abc.Stream:
-        """Run ``node``'s connector; failures become HopError naming the hop."""
+        """Run ``node``'s connector; failures become HopError naming the hop.
+
+        A lazy relay hop (not ``nodelay``) reports a refusal on the first
+        read: as a HopError naming it, except under a PHT hop's HTTP
+        connection, whose client handles the relay's own (pht) error.
+        """
         label = self._label(hop, node)
         try:
             stream = await self._connect(node, stream, target)
@@ -348,6 +397,6 @@ class ChainDialer:
             raise proxy.HopError(
                 f"{label}: no answer within connectTimeout={node.connect_timeout or 0:g}s"
             ) from None
-        if node.connector == "relay" and not node.nodelay:
+        if node.connector == "relay" and not node.nodelay and not for_pht:
             stream = _HopErrors(stream, label, node.connector)
         return stream
