@@ -198,6 +198,10 @@ class ClientOptions:
 class ClientSessionState(enum.Enum):
     """Where a client session is (the pull side decides; pushes never move it)."""
 
+    # Members are singletons: hash by identity (in C), not by name (in
+    # Python), since the machine looks them up on every request.
+    __hash__ = object.__hash__
+
     #: Nothing sent yet.
     NEW = "new"
     #: The authorize request is out (legacy flow).

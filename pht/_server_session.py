@@ -203,6 +203,10 @@ def client_from_forwarded(value: bytes, trusted: tuple[Network, ...]) -> str | N
 class ServerSessionState(enum.Enum):
     """Life of one session on the server."""
 
+    # Members are singletons: hash by identity (in C), not by name (in
+    # Python), since the machine looks them up on every request.
+    __hash__ = object.__hash__
+
     ADMITTED = "ADMITTED"  #: known, but nothing started its handler yet
     STARTED = "STARTED"  #: its handler runs; no pull attached yet
     PULLED = "PULLED"  #: its handler runs and a pull is attached
@@ -212,6 +216,10 @@ class ServerSessionState(enum.Enum):
 
 class Input(enum.Enum):
     """What can happen to a session (see :data:`TRANSITIONS`)."""
+
+    # Members are singletons: hash by identity (in C), not by name (in
+    # Python), since the machine looks them up on every request.
+    __hash__ = object.__hash__
 
     PUSH_DATA = "push with data"  #: a push carried bytes for the handler
     PULL = "pull attached"  #: a pull attached (it replaces any older one)
@@ -256,6 +264,10 @@ TRANSITIONS: dict[tuple[ServerSessionState, Input], ServerSessionState] = {
 
 class PushVerdict(enum.Enum):
     """What to do with a push whose bytes were handed to the handler."""
+
+    # Members are singletons: hash by identity (in C), not by name (in
+    # Python), since the machine looks them up on every request.
+    __hash__ = object.__hash__
 
     WAIT = "wait"  #: not consumed yet, deadline not reached: wait for consumption
     ACK = "ack"  #: consumed: answer 200
