@@ -68,8 +68,10 @@ async def _receive(stream: pht.PHTStream, side: Side, size: int | None) -> None:
         return
     try:
         side.after_end = bytes(await stream.receive_some(PIECE))
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        side.after_end = type(exc).__name__
+    except trio.BrokenResourceError:  # pht's BrokenTunnelError included
+        side.after_end = "BrokenResourceError"
+    except trio.ClosedResourceError:
+        side.after_end = "ClosedResourceError"
 
 
 async def _send(stream: pht.PHTStream, side: Side, data: bytes) -> None:
