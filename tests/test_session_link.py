@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import pht
 from pht._client_session import ClientOptions
-from pht._errors import TunnelError
+from pht._errors import LocalProtocolError, TunnelError
+from pht._events import PullEnded
 from pht._server_session import Input, PushVerdict, ServerOptions, ServerSessions
 
 from .session_link import Client, Server, Stream, Task, World
@@ -26,7 +27,7 @@ from .session_link import Client, Server, Stream, Task, World
 pieces = st.lists(st.integers(1, 40) | st.just(1) | st.just(1 << 20), min_size=1, max_size=8)
 chunks = st.lists(st.binary(min_size=1, max_size=300), max_size=6)
 flows = st.booleans()
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=60, deadline=None)
 
 
 def make_world(
@@ -265,6 +266,7 @@ def test_push_not_consumed_in_time_is_refused_with_410(
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="after a 410 the server ends the pull with a clean last chunk; a client that "
     "reads it before the 410 answer reports EOF on the receive side",
 )
@@ -278,6 +280,7 @@ def test_receive_side_sees_the_end_after_a_410_as_an_error_never_eof() -> None:
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="ServerSession.verdict answers GONE for a closed session before it checks "
     "whether the push's bytes were consumed",
 )
@@ -340,3 +343,19 @@ def test_draining_server_answers_503_to_a_new_session_but_serves_the_running_one
     world.run(lambda: bool(done) and handler.eof)
     assert bytes(handler.received) == b"ping"
     assert bytes(first.received) == b"still here"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=LocalProtocolError,
+    reason="ClientSession refuses pull events once CLOSED (LocalProtocolError); the trio "
+    "adapter feeds it what a receive_some running during aclose reads",
+)
+def test_pull_event_racing_the_applications_close_is_not_a_protocol_misuse() -> None:
+    # aclose() closes the session, then waits for the close notification's
+    # answer; meanwhile the server ends the pull and a receive_some still
+    # running reads that end. The link's reader checks for the close itself.
+    world, client, _ = make_world([64], 0, echo, authorize=False)
+    open_client(world, client)
+    client.session.close(pushes_settled=True)
+    client.session.pull_event(PullEnded(session_over=True))
