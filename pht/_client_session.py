@@ -411,6 +411,11 @@ class ClientSession:
         failure (a refusal, data lost).
         """
         state = self._state
+        if state is ClientSessionState.CLOSED:
+            # The application closed the stream; what the pull still brings
+            # (the server ending it as it takes the close notification) is
+            # nobody's business any more. The adapter answers its reader.
+            return Wait()
         if isinstance(event, Authorized):
             self._enter("Authorized")
             self.token = event.token

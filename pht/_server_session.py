@@ -363,10 +363,12 @@ class ServerSession(Generic[H]):
 
     def verdict(self, goal: int, now: float) -> PushVerdict:
         """The answer to the push whose bytes end at ``goal`` (see :class:`PushVerdict`)."""
+        if self.consumed >= goal:
+            # Taken by the handler: acknowledged, even if the session ended
+            # since (a handler that took its bytes and returned at once).
+            return PushVerdict.ACK
         if self.state is _S.CLOSED:
             return PushVerdict.GONE
-        if self.consumed >= goal:
-            return PushVerdict.ACK
         if now >= self.push_deadline:
             return PushVerdict.GONE
         return PushVerdict.WAIT
