@@ -458,6 +458,9 @@ class ClientSession:
         if quiet_for >= 1.0:  # tells a proxy's read timeout from a sudden cut
             text = f"{text} ({quiet_for:.0f} s after the server last sent anything)"
         self._pull_failure = f"its pull failed: {text}"
+        if self._push_loss is not None:
+            # The server cuts the pull of a session that refused pushed bytes.
+            text = f"{text}; the session ended after a push failed: {self._push_loss}"
         error = self._fail(f"pull from the PHT server failed: {text}")
         assert isinstance(error, TunnelError)
         return error

@@ -327,6 +327,16 @@ class ServerSession(Generic[H]):
     def closed(self) -> bool:
         return self.state is _S.CLOSED
 
+    @property
+    def lost_data(self) -> bool:
+        """Whether the session ended refusing pushed bytes (410).
+
+        Its pull must then be cut, not ended with the last chunk: a client
+        that reads a clean end before the 410 would take it for EOF, and data
+        lost is never EOF.
+        """
+        return self.ended_by is Input.PUSH_EXPIRED
+
     # -- pushes ---------------------------------------------------------------
 
     def push_data(self) -> bool:

@@ -658,6 +658,9 @@ class _Server:
                 self.sessions.touch(session, session.last_write)
                 continue
             if stream.finished.is_set():
+                if session.lost_data:
+                    # No last chunk: the connection closes mid-answer.
+                    raise trio.BrokenResourceError("session ended with pushed bytes refused")
                 await writer.send(conn.end_pull())
                 return
             now = trio.current_time()

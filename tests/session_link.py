@@ -532,7 +532,10 @@ class Server:
                     session.wrote(now)
                     self.sessions.touch(session, now)
                 elif stream.finished:
-                    down.write(conn.end_pull())
+                    if session.lost_data:
+                        down.closed = True  # cut: no last chunk (as _trio_server)
+                    else:
+                        down.write(conn.end_pull())
                     break
                 elif now >= session.heartbeat_due():
                     session.wrote(now)
