@@ -10,9 +10,11 @@ arrive byte-identical, each byte once, and no replay buffer may pass its bound.
 
 from __future__ import annotations
 
+import ast
 import base64
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -45,6 +47,20 @@ from pht._resume import (
     parse_gone,
     parse_offset,
 )
+
+
+def test_the_core_does_no_io_reads_no_clock_and_draws_no_random_numbers() -> None:
+    """Time and randomness are passed in; nothing here may reach for them."""
+    source = Path(__file__).parents[1] / "pht" / "_resume.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    allowed = {"__future__", "bisect", "enum", "re", "collections.abc", "dataclasses", "._errors"}
+    assert imported <= allowed, imported - allowed
+
 
 # --- header values ---------------------------------------------------------------
 
