@@ -610,8 +610,8 @@ class InboundTracker:
     that is new (a retry's overlap is dropped; a gap raises
     :class:`OffsetGap`). ``received`` is the count to acknowledge
     (``PHT-Received`` on the server, ``PHT-Ack`` on the client). The ack
-    bookkeeping (:meth:`ack_due`, :meth:`ack_sent`) tells the client when the
-    unacknowledged bytes call for an ack-only push.
+    bookkeeping (:meth:`ack_due`, :meth:`ack_confirmed`) tells the client
+    when the bytes the server does not know it has call for an ack-only push.
     """
 
     __slots__ = ("acknowledged", "received")
@@ -620,7 +620,7 @@ class InboundTracker:
         format_offset(received)
         #: Bytes received and delivered, in order: the next expected offset.
         self.received = received
-        #: The highest count announced to the peer so far.
+        #: The highest count the peer is known to have applied (an answered ``PHT-Ack``).
         self.acknowledged = received
 
     def accept(
@@ -656,11 +656,21 @@ class InboundTracker:
         return self.received - offset
 
     def ack_due(self, window: int) -> bool:
-        """Whether the unacknowledged bytes reached half the window (send an ack-only push)."""
+        """Whether the unacknowledged bytes reached half the window (send an ack-only push).
+
+        The client keeps at most one ack-only push in flight; one that fails
+        is sent again (with the count of then), since the server may be
+        waiting for it with a full buffer.
+        """
         return self.received - self.acknowledged >= window // 2
 
-    def ack_sent(self, value: int) -> None:
-        """A request carrying ``PHT-Ack: value`` was sent (its fate does not matter)."""
+    def ack_confirmed(self, value: int) -> None:
+        """A request carrying ``PHT-Ack: value`` was answered.
+
+        A server applies a request's ``PHT-Ack`` when the request arrives,
+        so any answer to it (even a ``409``) proves the server has it; a
+        request whose answer was lost proves nothing.
+        """
         if value > self.received:
             raise LocalProtocolError(f"cannot acknowledge {value} bytes, {self.received} received")
         self.acknowledged = max(self.acknowledged, value)
