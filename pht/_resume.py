@@ -13,6 +13,8 @@ draws no random numbers of its own (a source is passed in):
 - :class:`ReplayBuffer`: bytes sent and not yet acknowledged, bounded;
 - :class:`InboundTracker`: the receiving end of a direction (what to deliver
   of a message starting at some offset, what to acknowledge);
+- :class:`ServerResume` and :class:`ClientResume`: one session's state at
+  each end, built from the above; the session machines hold one each;
 - :class:`GraceTable` (server) and :class:`Reconnect` / :class:`Backoff`
   (client): the grace period's bookkeeping on both ends;
 - :class:`PullMeter`: when a bounded pull response should end.
@@ -46,6 +48,7 @@ __all__ = [
     "VERSION",
     "AckOutOfRange",
     "Backoff",
+    "ClientResume",
     "GoneReason",
     "GraceTable",
     "InboundTracker",
@@ -55,10 +58,12 @@ __all__ = [
     "ReplayBuffer",
     "RequestFields",
     "ResponseFields",
+    "ResumeConflict",
     "ResumeHeaderError",
     "ResumeOffer",
     "ResumeSettings",
     "ResumeTerms",
+    "ServerResume",
     "SessionGone",
     "format_offset",
     "parse_gone",
@@ -674,6 +679,311 @@ class InboundTracker:
         if value > self.received:
             raise LocalProtocolError(f"cannot acknowledge {value} bytes, {self.received} received")
         self.acknowledged = max(self.acknowledged, value)
+
+
+# --- one session's resume state, each end ----------------------------------------
+
+
+class ResumeConflict(RemoteProtocolError):
+    """An opening pull (no ``PHT-Ack``) for a session that already acknowledged
+    bytes: it cannot be the retry of the opening pull. ``409``, the session goes on."""
+
+    def __init__(self, acknowledged: int) -> None:
+        super().__init__(
+            f"an opening pull (no PHT-Ack) for a session whose client acknowledged "
+            f"{acknowledged} bytes: re-attach with PHT-Ack",
+            status_hint=409,
+        )
+
+
+class ServerResume:
+    """The resume state of one session on the server: its rules, no I/O.
+
+    The server session machine creates one when it grants an offer
+    (:meth:`negotiate`) and then feeds it every request of the session and
+    every write of its handler:
+
+    - any request's ``PHT-Ack``, when the request arrives: :meth:`apply_ack`;
+    - a push, at its turn: :meth:`push` says what to hand to the handler
+      (:class:`OffsetGap`: answer ``409`` with :meth:`received_headers`);
+    - the close notification: :meth:`close`;
+    - a pull: :meth:`attach` gives the ``200``'s resume headers, then
+      :meth:`next_line` the data of each line to write;
+    - the handler: :meth:`write` (what it refuses is back-pressure) and
+      :meth:`finish`; :attr:`done` once the client has acknowledged the end.
+    """
+
+    __slots__ = ("_cursor", "downstream", "end", "terms", "upstream")
+
+    def __init__(self, terms: ResumeTerms) -> None:
+        self.terms = terms
+        #: The client's bytes delivered to the handler (``PHT-Received``).
+        self.upstream = InboundTracker()
+        #: The handler's bytes not yet acknowledged by the client.
+        self.downstream = ReplayBuffer(terms.window)
+        #: The downstream's final length once the handler finished (``PHT-End``).
+        self.end: int | None = None
+        self._cursor = 0  # downstream offset of the current pull's next byte
+
+    @classmethod
+    def negotiate(cls, settings: ResumeSettings, fields: RequestFields) -> ServerResume | None:
+        """The state of a new session opened by a pull with ``fields``.
+
+        ``None`` when the pull offers no (known version of the) extension:
+        serve the session as today, with no ``PHT-*`` header.
+        """
+        if fields.offer is None or fields.continues:
+            return None
+        return cls(settings.grant(fields.offer))
+
+    def apply_ack(self, ack: int) -> None:
+        """Free what the client acknowledged (on arrival of any of its requests).
+
+        Raises :class:`AckOutOfRange` for bytes never sent: ``400``, end the session.
+        """
+        self.downstream.ack(ack)
+
+    def push(self, offset: int, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """At a push's turn: the part of its data to hand to the handler.
+
+        Call it once per piece as the push's data arrives (``offset`` then
+        being the piece's own). Raises :class:`OffsetGap` (``409``).
+        """
+        part = self.upstream.accept(offset, data)
+        return part if isinstance(part, (bytes, memoryview)) else bytes(part)
+
+    def close(self, offset: int) -> None:
+        """The close notification says the client pushed ``offset`` bytes in all.
+
+        Returns when every byte arrived (end the session, answer ``200``);
+        raises :class:`OffsetGap` if some are missing (``409``), or
+        :class:`ResumeHeaderError` if the client claims fewer bytes than were
+        received (a broken client: ``400``).
+        """
+        received = self.upstream.received
+        if offset > received:
+            raise OffsetGap(received, offset)
+        if offset < received:
+            raise ResumeHeaderError(
+                f"the close notification says {offset} bytes were pushed, {received} arrived"
+            )
+
+    def received_headers(self) -> list[tuple[bytes, bytes]]:
+        """The ``PHT-Received`` header of a push answer (``200`` or ``409``)."""
+        return ResponseFields.push_headers(self.upstream.received)
+
+    def attach(self, ack: int | None) -> list[tuple[bytes, bytes]]:
+        """A pull (re)attaches with ``PHT-Ack: ack`` (``None``: the opening pull).
+
+        Returns the resume headers of its ``200``; the pull then carries the
+        bytes from ``PHT-Offset`` on. Raises :class:`AckOutOfRange` (``400``,
+        end the session) or :class:`ResumeConflict` (``409``).
+        """
+        if ack is None:
+            if self.downstream.start > 0:
+                raise ResumeConflict(self.downstream.start)
+            ack = 0
+        self.downstream.ack(ack)
+        self._cursor = max(ack, self.downstream.start)
+        return ResponseFields.pull_headers(self.terms, self._cursor, self.end)
+
+    def next_line(self, max_size: int) -> bytes:
+        """The data of the current pull's next line (``b""``: nothing to send yet)."""
+        if self._cursor >= self.downstream.end:
+            return b""
+        data = self.downstream.read(self._cursor, max_size)
+        self._cursor += len(data)
+        return data
+
+    @property
+    def pending(self) -> int:
+        """Bytes the current pull has not carried yet."""
+        return self.downstream.end - self._cursor
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """The handler sends ``data``: how much the replay buffer took (the rest must wait)."""
+        if self.end is not None:
+            raise LocalProtocolError("the handler wrote after it finished")
+        return self.downstream.append(data)
+
+    def finish(self) -> None:
+        """The handler finished sending: pulls from now on carry ``PHT-End``."""
+        if self.end is None:
+            self.end = self.downstream.end
+
+    @property
+    def done(self) -> bool:
+        """Whether the handler finished and the client acknowledged every byte:
+        forget the session (a later request gets ``410``, ``PHT-Gone: closed``)."""
+        return self.end is not None and self.downstream.start == self.end
+
+
+class ClientResume:
+    """The resume state of one session on the client: its rules, no I/O.
+
+    The client session machine creates one from the opening pull's answer
+    (:meth:`negotiated`; ``None`` means fall back silently) and then:
+
+    - the application's writes go to :meth:`write` (what it refuses waits);
+    - each push is :meth:`next_push` (offset and data) sent with
+      :meth:`push_headers`; its answer goes to :meth:`push_answered`, its
+      loss to :meth:`push_failed` (everything is then pushed again from
+      what the server has);
+    - each re-attaching pull is sent with :meth:`pull_headers`, its ``200``
+      goes to :meth:`pull_started`, each complete line's data to
+      :meth:`pull_data`; :attr:`eof` says when the stream has ended;
+    - :meth:`ack_due` says when to send an ack-only push.
+    """
+
+    __slots__ = ("_next", "_pull_offset", "downstream", "end", "terms", "upstream")
+
+    def __init__(self, terms: ResumeTerms, *, buffer_limit: int) -> None:
+        self.terms = terms
+        #: The application's bytes not yet in a ``PHT-Received``.
+        self.upstream = ReplayBuffer(buffer_limit)
+        #: The server's bytes received from complete lines (``PHT-Ack``).
+        self.downstream = InboundTracker()
+        #: The downstream's final length, once a pull said (``PHT-End``).
+        self.end: int | None = None
+        self._next = 0  # upstream offset of the next push's data
+        self._pull_offset = 0  # downstream offset of the current pull's next line
+
+    @staticmethod
+    def offer(window: int | None = None) -> list[tuple[bytes, bytes]]:
+        """The opening pull's resume header (``PHT-Resume: 1``)."""
+        return RequestFields.pull_headers(ResumeOffer(window=window), None)
+
+    @classmethod
+    def negotiated(cls, fields: ResponseFields, *, buffer_limit: int) -> ClientResume | None:
+        """The state for a session whose opening pull was answered ``200`` with ``fields``.
+
+        ``None``: the server does not support the extension, fall back.
+        """
+        if fields.terms is None:
+            return None
+        if fields.offset != 0:
+            raise ResumeHeaderError(
+                f"the opening pull's answer must carry PHT-Offset: 0, got {fields.offset}"
+            )
+        resume = cls(fields.terms, buffer_limit=buffer_limit)
+        resume.end = fields.end
+        return resume
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """The application writes ``data``: how much was taken (the rest must wait)."""
+        return self.upstream.append(data)
+
+    def next_push(self, max_size: int) -> tuple[int, bytes]:
+        """The offset and data of the next push (data ``b""``: nothing left to push)."""
+        offset = max(self._next, self.upstream.start)  # a late answer may have acked more
+        data = self.upstream.read(offset, max_size)
+        self._next = offset + len(data)
+        return offset, data
+
+    def push_headers(self, offset: int) -> list[tuple[bytes, bytes]]:
+        """The resume headers of a push (data, ack-only or close) starting at ``offset``."""
+        return RequestFields.push_headers(offset, self.downstream.received)
+
+    def ack_only(self) -> list[tuple[bytes, bytes]]:
+        """The resume headers of an ack-only push (its body is ``b"\\n"``)."""
+        return self.push_headers(max(self._next, self.upstream.start))
+
+    def close_headers(self) -> list[tuple[bytes, bytes]]:
+        """The resume headers of the close notification (an empty body).
+
+        Send it once every push was answered: its offset is all that was written.
+        """
+        return self.push_headers(self.upstream.end)
+
+    @property
+    def unpushed(self) -> int:
+        """Bytes written and not pushed yet (since the last rewind)."""
+        return self.upstream.end - max(self._next, self.upstream.start)
+
+    def push_answered(self, ack: int, status: int, fields: ResponseFields) -> None:
+        """A push that carried ``PHT-Ack: ack`` was answered ``status`` with ``fields``.
+
+        ``200`` and ``409`` free what the server has (a ``409`` also rewinds);
+        ``410`` raises :class:`SessionGone`; a missing or impossible
+        ``PHT-Received`` raises :class:`ResumeHeaderError` /
+        :class:`AckOutOfRange` (fail the session).
+        """
+        if status == 410 and fields.gone is not None:
+            raise SessionGone(fields.gone)
+        if status not in (200, 409):
+            raise LocalProtocolError(f"push_answered() takes 200, 409 or 410, got {status}")
+        if fields.received is None:
+            raise ResumeHeaderError(
+                "a push answer of a resume session lacks PHT-Received: a server "
+                "without the extension, or a hop that strips headers, answered"
+            )
+        self.downstream.ack_confirmed(ack)
+        self.upstream.ack(fields.received)
+        if status == 409:
+            self.push_failed()
+
+    def push_failed(self) -> None:
+        """A push got no answer (or a ``409``): push again from what the server has.
+
+        Call it once none of the session's pushes is in flight.
+        """
+        self._next = self.upstream.start
+
+    def pull_headers(self) -> list[tuple[bytes, bytes]]:
+        """The resume headers of a re-attaching pull."""
+        return RequestFields.pull_headers(ResumeOffer(), self.downstream.received)
+
+    def pull_started(self, ack: int, fields: ResponseFields) -> None:
+        """A pull that carried ``PHT-Ack: ack`` was answered ``200`` with ``fields``."""
+        if fields.terms is None or fields.offset is None:
+            raise ResumeHeaderError(
+                "a pull answer of a resume session lacks PHT-Resume or PHT-Offset: a "
+                "server without the extension, or a hop that strips headers, answered"
+            )
+        if fields.terms != self.terms:
+            raise ResumeHeaderError("the server changed the session's resume terms")
+        self.downstream.check_start(fields.offset)
+        self.downstream.ack_confirmed(ack)
+        self._pull_offset = fields.offset
+        if fields.end is not None:
+            if fields.end < self.downstream.received:
+                raise ResumeHeaderError(
+                    f"PHT-End {fields.end} is before the {self.downstream.received} bytes received"
+                )
+            self.end = fields.end
+
+    def pull_data(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """A complete line's data: the part to deliver (a replay's overlap is dropped)."""
+        offset = self._pull_offset
+        size = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.end is not None and offset + size > self.end:
+            raise ResumeHeaderError(f"the server sent bytes beyond its PHT-End {self.end}")
+        part = self.downstream.accept(offset, data)
+        self._pull_offset = offset + size
+        return part if isinstance(part, (bytes, memoryview)) else bytes(part)
+
+    @property
+    def eof(self) -> bool:
+        """Whether the stream has ended: every byte up to ``PHT-End`` arrived."""
+        return self.end is not None and self.downstream.received == self.end
+
+    def ack_due(self) -> bool:
+        """Whether to send an ack-only push now (if none is in flight)."""
+        return self.downstream.ack_due(self.terms.window)
+
+    @staticmethod
+    def gone(fields: ResponseFields) -> None:
+        """A request got ``410``: return if the session ended cleanly, else raise.
+
+        ``PHT-Gone: closed`` returns (for a pull: EOF; for the close
+        notification: closed; for a push: writes fail); any other reason
+        raises :class:`SessionGone`, and a ``410`` without ``PHT-Gone`` (not
+        an answer of the extension) :class:`ResumeHeaderError`.
+        """
+        if fields.gone is None:
+            raise ResumeHeaderError("a 410 answer of a resume session lacks PHT-Gone")
+        if fields.gone is not GoneReason.CLOSED:
+            raise SessionGone(fields.gone)
 
 
 # --- the grace period ----------------------------------------------------------
