@@ -15,7 +15,7 @@ draws no random numbers of its own (a source is passed in):
   of a message starting at some offset, what to acknowledge);
 - :class:`ServerResume` and :class:`ClientResume`: one session's state at
   each end, built from the above; the session machines hold one each;
-- :class:`GraceTable` (server) and :class:`Reconnect` / :class:`Backoff`
+- :class:`GraceTable` and :class:`Tombstones` (server) and :class:`Reconnect` / :class:`Backoff`
   (client): the grace period's bookkeeping on both ends;
 - :class:`PullMeter`: when a bounded pull response should end.
 """
@@ -65,6 +65,7 @@ __all__ = [
     "ResumeTerms",
     "ServerResume",
     "SessionGone",
+    "Tombstones",
     "format_offset",
     "parse_gone",
     "parse_offset",
@@ -1058,6 +1059,55 @@ class GraceTable:
         for token in gone:
             del deadlines[token]
         return gone
+
+
+class Tombstones:
+    """Server side: why recently ended resume sessions ended, for ``410`` answers.
+
+    A request carrying ``PHT-Ack`` for a token with no live session is
+    answered ``410`` with :meth:`reason`: what :meth:`bury` recorded, or
+    ``unknown`` once forgotten. Entries last ``keep`` seconds (at least the
+    grace period, so that a client coming back late learns ``expired``) and
+    at most ``max_entries`` are kept (the oldest go first), so memory stays
+    bounded whatever the churn.
+    """
+
+    __slots__ = ("_entries", "keep", "max_entries")
+
+    def __init__(self, keep: float = DEFAULT_GRACE, max_entries: int = 65536) -> None:
+        if not keep > 0:
+            raise LocalProtocolError(f"keep must be positive, got {keep!r}")
+        if max_entries < 1:
+            raise LocalProtocolError(f"max_entries must be at least 1, got {max_entries}")
+        self.keep = keep
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, GoneReason]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def bury(self, token: str, reason: GoneReason, now: float) -> None:
+        """Session ``token`` ended at ``now`` for ``reason``."""
+        entries = self._entries
+        entries.pop(token, None)  # re-inserted last: the order stays the deadlines'
+        entries[token] = (now + self.keep, reason)
+        while len(entries) > self.max_entries:
+            del entries[next(iter(entries))]
+
+    def reason(self, token: str, now: float) -> GoneReason:
+        """Why ``token`` has no session (``unknown`` if never seen or forgotten)."""
+        self.forget(now)
+        entry = self._entries.get(token)
+        return GoneReason.UNKNOWN if entry is None else entry[1]
+
+    def forget(self, now: float) -> None:
+        """Drop the entries older than ``keep`` (cheap: only the expired are visited)."""
+        entries = self._entries
+        while entries:
+            token, (deadline, _) = next(iter(entries.items()))
+            if deadline > now:
+                return
+            del entries[token]
 
 
 class Backoff:

@@ -46,6 +46,7 @@ from pht._resume import (
     ResumeTerms,
     ServerResume,
     SessionGone,
+    Tombstones,
     format_offset,
     parse_gone,
     parse_offset,
@@ -405,6 +406,26 @@ def test_grace_table_expires_in_deadline_order() -> None:
         GraceTable(grace=0)
     with pytest.raises(LocalProtocolError, match="max_sessions"):
         GraceTable(max_sessions=0)
+
+
+def test_tombstones_say_why_a_session_is_gone_for_a_while() -> None:
+    tombs = Tombstones(keep=60, max_entries=2)
+    assert tombs.reason("a", now=0) is GoneReason.UNKNOWN
+    tombs.bury("a", GoneReason.EXPIRED, now=0)
+    tombs.bury("b", GoneReason.CLOSED, now=10)
+    assert tombs.reason("a", now=59) is GoneReason.EXPIRED
+    assert tombs.reason("b", now=59) is GoneReason.CLOSED
+    assert tombs.reason("a", now=60) is GoneReason.UNKNOWN  # forgotten after keep
+    assert len(tombs) == 1
+    tombs.bury("c", GoneReason.ABORTED, now=61)
+    tombs.bury("d", GoneReason.ABORTED, now=62)  # bounded: the oldest ("b") goes
+    assert len(tombs) == 2
+    assert tombs.reason("b", now=62) is GoneReason.UNKNOWN
+    assert tombs.reason("d", now=62) is GoneReason.ABORTED
+    with pytest.raises(LocalProtocolError, match="keep"):
+        Tombstones(keep=0)
+    with pytest.raises(LocalProtocolError, match="max_entries"):
+        Tombstones(max_entries=0)
 
 
 def test_backoff_is_bounded_and_jittered() -> None:
