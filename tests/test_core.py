@@ -13,12 +13,14 @@ from pht._codec import LineBuffer
 
 def test_core_does_not_import_trio() -> None:
     code = (
-        "import sys, pht; pht.ClientChannel, pht.ServerConnection, pht.SessionRegistry;"
+        "import sys, pht, pht._resume;"
+        "pht.ClientChannel, pht.ServerConnection, pht.SessionRegistry;"
         "bad = [m for m in ('trio', 'asyncio', 'socket', 'ssl') if m in sys.modules];"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "trio" not in out.stdout.split(","), out.stdout
+    assert "asyncio" not in out.stdout.split(","), out.stdout
 
 
 def test_tokens_are_long_random_base32hex() -> None:
