@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
-from typing import Any, cast
+from typing import cast
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, TunnelResetError, open_streams
 from ._client import ClientChannel, HeaderInput
@@ -24,9 +24,10 @@ from ._client_session import (
     CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
     PushChunk,
-    SendPull,
+    SendAuthorize,
     describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -485,19 +486,17 @@ async def _start_session(
 ) -> _Connection:
     """The handshake, as the session says; returns the connection the pull is on."""
     try:
-        start = session.start()
-        action: Any
-        if start is None:
-            await pull.send(pull.channel.authorize())
-            action = session.pull_event(await pull.next_event())
+        step = session.handshake_step()
+        while not isinstance(step, Established):
             if not pull.reusable():  # closed after the token: nothing of the pull sent
                 pull.close()
                 pull = await connector.open()
-        else:
-            action = start
-        assert isinstance(action, SendPull)
-        await pull.send(pull.channel.pull(action.token))
-        session.pull_event(await pull.next_event())
+            channel = pull.channel
+            if isinstance(step, SendAuthorize):
+                await pull.send(channel.authorize())
+            else:
+                await pull.send(channel.pull(step.token))
+            step = session.handshake_step(await pull.next_event())
     except (OSError, RemoteProtocolError) as exc:
         pull.close()
         raise session.handshake_failed(exc) from exc
