@@ -15,7 +15,13 @@ import asyncio
 import ssl as _ssl
 from typing import cast
 
-from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, TunnelResetError, open_streams
+from ._asyncio_common import (
+    DEFAULT_LIMIT,
+    PHTTransport,
+    TunnelResetError,
+    open_streams,
+    within,
+)
 from ._client import ClientChannel, HeaderInput
 from ._client_session import (
     DEFAULT_MAX_PUSH_SIZE,
@@ -173,7 +179,8 @@ class _Connector:
         host, port = options.dial_address
         context = self.ssl_context
         try:
-            _, connection = await asyncio.wait_for(
+            _, connection = await within(
+                options.connect_timeout,
                 self.loop.create_connection(
                     lambda: _Connection(channel, self.loop),
                     host,
@@ -181,9 +188,8 @@ class _Connector:
                     ssl=context,
                     server_hostname=None if context is None else self.server_hostname,
                 ),
-                options.connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise options.connect_timed_out() from None
         except (_ssl.SSLError, _ssl.CertificateError) as exc:
             raise options.tls_failed(exc) from exc
@@ -375,8 +381,8 @@ class _ClientTransport(PHTTransport):
                 refused = _reset(session.acks_timed_out())
         if session.close(pushes_settled=refused is None):
             try:
-                await asyncio.wait_for(self._notify_close(), timeout)
-            except (asyncio.TimeoutError, *_BROKEN):
+                await within(timeout, self._notify_close())
+            except (TimeoutError, *_BROKEN):
                 pass
         self.lose(refused)
 
@@ -466,10 +472,8 @@ async def open_pht_connection(
     pull = await connector.open()
     try:
         try:
-            pull = await asyncio.wait_for(
-                _start_session(connector, pull, session), connect_timeout
-            )
-        except asyncio.TimeoutError:
+            pull = await within(connect_timeout, _start_session(connector, pull, session))
+        except TimeoutError:
             raise session.handshake_timed_out() from None
         push = await connector.open()
     except BaseException:

@@ -333,7 +333,9 @@ class EndOfStream:
 PullAction = SendPull | PollAgain | Deliver | Wait | EndOfStream
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every push, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about a microsecond more.
+@dataclass(slots=True)
 class PushChunk:
     """Push the next ``size`` bytes (at most ``max_push_size``)."""
 
