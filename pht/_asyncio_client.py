@@ -36,6 +36,7 @@ from ._client_session import (
     SendAuthorize,
     describe_failure,
 )
+from ._common import plan_writes
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._token import TokenSource, new_token
@@ -129,7 +130,8 @@ class _Connection(asyncio.Protocol):
         if isinstance(pieces, bytes):
             transport.write(pieces)
         else:
-            transport.writelines(pieces)
+            for write in plan_writes(pieces):
+                transport.write(write)
         if self._drained is not None:
             await self._drained
 
