@@ -489,3 +489,54 @@ def test_abort_ends_everything_at_once(aio: Runner, servers: TrioServers) -> Non
         assert await reader.read() == b""
 
     aio(main())
+
+
+def test_through_a_forward_http_proxy(aio: Runner, servers: TrioServers) -> None:
+    """Every request goes to the proxy, in absolute form, with the proxy's credentials."""
+
+    async def main() -> None:
+        target = servers.ports["plain"]
+        heads: list[bytes] = []
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        relays: list[asyncio.Task[object]] = []
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            relays.append(asyncio.current_task())  # type: ignore[arg-type]
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+            up_writer.write(head)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        proxy_port = proxy.sockets[0].getsockname()[1]
+        async with proxy:
+            reader, writer = await pht.asyncio.open_pht_connection(
+                "127.0.0.1",
+                target,
+                authorize=False,
+                proxy=f"http://me:secret@127.0.0.1:{proxy_port}",
+            )
+            writer.write(b"via the proxy")
+            await writer.drain()
+            assert await reader.readexactly(13) == b"via the proxy"
+            writer.close()
+            await writer.wait_closed()
+            proxy.close()
+            # Each relay ends once the client closed its connection and the server followed.
+            await asyncio.wait([task for task in relays if task is not asyncio.current_task()])
+        assert heads
+        assert heads[0].startswith(f"GET http://127.0.0.1:{target}/pull?token=".encode())
+        assert all(b"\r\nProxy-Authorization: Basic bWU6c2VjcmV0\r\n" in head for head in heads)
+
+    aio(main())
