@@ -434,6 +434,8 @@ class ClientSession:
         self._push_sizes: deque[int] = deque()
         #: Bytes the server acknowledged so far (an adapter reports progress from it).
         self.acknowledged = 0
+        #: How many pushes a write may leave unanswered: ``push_window - 1``.
+        self.keep_after_write = options.push_window - 1
 
     @property
     def state(self) -> ClientSessionState:
@@ -608,11 +610,6 @@ class ClientSession:
         """
         window = self.options.push_window
         return window if size <= self.options.max_push_size else max(2, window)
-
-    @property
-    def keep_after_write(self) -> int:
-        """How many pushes a write may leave unanswered: ``push_window - 1``."""
-        return self.options.push_window - 1
 
     def next_push_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
         """What the push side does next, with ``queued`` bytes still to push.
