@@ -229,8 +229,7 @@ class _ClientTransport(PHTTransport):
                 "cipher": info("cipher"),
                 "peercert": info("peercert"),
             },
-            # drain() returns with at most push_window - 1 pushes unanswered.
-            high_water=(options.push_window - 1) * options.max_push_size,
+            high_water=options.unanswered_bytes,
         )
         self.token = session.token
         self._session = session

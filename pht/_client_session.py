@@ -169,6 +169,16 @@ class ClientOptions:
         return max(2, self.push_window)
 
     @property
+    def unanswered_bytes(self) -> int:
+        """How many written bytes may await their acknowledgement when a write returns.
+
+        ``(push_window - 1) * max_push_size``: ``0`` for GOST's stop and wait.
+        An adapter whose writes are queued (asyncio's ``drain()``) waits
+        until no more than this is unanswered.
+        """
+        return (self.push_window - 1) * self.max_push_size
+
+    @property
     def dial_address(self) -> tuple[str, int]:
         """Where every connection goes: the proxy when there is one, else the server."""
         return self.proxy or (self.host, self.port)
