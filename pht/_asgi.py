@@ -1,14 +1,15 @@
 """The ASGI adapter: :class:`PHTApp`, PHT served by any ASGI server or framework.
 
 Each HTTP request the ASGI server hands over is one PHT request (authorize,
-push or pull). Its method, path and headers are given to the core's
+push or pull). Its method, path and headers go to the core's
 :class:`~pht._server.ServerConnection` as the HTTP/1.1 head they stand for,
 and its body as it comes from ``receive()``: so the core routes it, decodes
 the push line piece by piece, and picks every refusal status, exactly as
-for :func:`pht.serve_pht`. The core's session machine
-(:class:`~pht._server_session.ServerSessions`) decides the rest: admission,
-acknowledgement only once the callback consumed the bytes (else ``410``),
-pull replacement, heartbeats, expiry, draining.
+for :func:`pht.serve_pht`. The server core (:class:`~pht._server_core.ServerCore`
+over :class:`~pht._server_session.ServerSessions`) decides the rest:
+admission, acknowledgement only once the callback consumed the bytes (else
+``410``), pull replacement, heartbeats, expiry, draining. The callback gets
+asyncio's own streams over a :class:`~pht._asyncio_common.PHTTransport`.
 
 What an ASGI application cannot do is the ASGI server's: the connections
 (per-address connection budgets, request and keep-alive timeouts, TLS).
@@ -23,10 +24,10 @@ import inspect
 import logging
 import math
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
 
+from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._codec import encode_lines
 from ._errors import RemoteProtocolError
 from ._events import (
@@ -45,18 +46,25 @@ from ._server import (
     PULL_LINE_DATA,
     ServerConnection,
 )
+from ._server_core import (
+    PULL_PROGRESS,
+    PullAction,
+    ServerCore,
+    SessionBuffers,
+    ShutdownReport,
+    short_token,
+)
 from ._server_session import (
     DEFAULT_MAX_BUFFERED,
     DEFAULT_MAX_PENDING_PER_ADDRESS,
     DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-    Input,
     Network,
     PushVerdict,
     ServerOptions,
     ServerSession,
     ServerSessions,
 )
-from ._stats import NullStats, PHTStatsSink
+from ._stats import PHTStatsSink
 from ._token import TokenSource, new_token
 
 __all__ = ["PHTApp"]
@@ -73,14 +81,10 @@ ClientConnected = Callable[
     [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[object] | object
 ]
 
-#: Bytes a callback may queue before the session's first pull attaches.
-_UNPULLED_ROOM = 16 * 1024
-#: Pushed bytes handed to the callback's StreamReader at a time: with the
-#: reader's own flow control, at most about twice its limit plus this wait
-#: in its buffer (the rest waits here, unacknowledged).
-_DELIVER_PIECE = 64 * 1024
-#: Raw bytes written per pull message.
-_PULL_WRITE_SIZE = 256 * 1024
+#: Raw bytes written per pull message. Each message must be taken by the
+#: ASGI server within ``pull_write_timeout``: a client reading at least this
+#: much per timeout (4.3 KiB/s by default) keeps its pull.
+_PULL_WRITE_SIZE = 4 * PULL_PROGRESS
 #: Request headers that only frame the request on its own connection: the
 #: ASGI server has read the body by them already.
 _HOP_BY_HOP = frozenset(
@@ -106,267 +110,223 @@ _SERVER_OWNED = {
 }
 
 
-class _SessionTransport(asyncio.Transport):
-    """The callback's end of one session: asyncio's StreamReader and StreamWriter sit on it.
+class _Stream(SessionBuffers):
+    """One session: the core's buffers, and the asyncio transport the callback's streams use.
 
-    Pushed bytes go to the reader through its protocol, a piece at a time
-    and only while the reader does not ask to pause: what the reader took
-    counts as consumed for the session machine. Written bytes wait here for
-    the session's pull; past ``max_buffered`` the writer is paused, so that
-    ``drain()`` waits for the pull to make room.
+    Pushed bytes go from the buffers to the callback's StreamReader while it
+    reads (``pause_reading`` stops them): what the reader took counts as
+    consumed. The callback's writes go into the buffers, for the pull.
     """
 
+    __slots__ = ("finished_event", "peername", "pull_ready", "pushes", "transport")
+
     def __init__(
-        self,
-        session: ServerSession[_SessionTransport],
-        loop: asyncio.AbstractEventLoop,
-        peer: tuple[str, int] | None,
-        remote_address: str | None,
-        max_buffered: int,
+        self, session: ServerSession[Any], remote_address: str | None, max_buffered: int
     ) -> None:
-        super().__init__(
-            {"pht_token": session.token, "peername": peer, "pht_remote_address": remote_address}
-        )
-        self.session = session
-        self._loop = loop
-        self._protocol: asyncio.BaseProtocol | None = None
-        # client -> callback
-        self._inbound: deque[bytes] = deque()
-        self._inbound_offset = 0
-        self._reading_paused = False
-        #: Set when the callback took pushed bytes (or will take none).
-        self.consumed = asyncio.Event()
-        # callback -> client
-        self._outbound = bytearray()
-        self._full_room = max_buffered
-        self._room = min(max_buffered, _UNPULLED_ROOM)
-        self._writing_paused = False
-        #: Set when the pull has something to do (bytes, an end, a wake-up).
-        self.outbound_ready = asyncio.Event()
-        # life
-        self._closing = False  # close() by the callback
-        self._lost = False  # connection_lost() delivered
-        #: Set when nothing more goes to or comes from the client.
-        self.finished = asyncio.Event()
-        self.bytes_in = 0
-        self.bytes_out = 0
+        super().__init__(session, remote_address, max_buffered)
+        self.peername: tuple[str, int] | None = None
+        self.transport: _Transport | None = None  # once the callback starts
+        self.pushes = asyncio.Event()  # bytes taken: a push's verdict may have changed
+        self.pull_ready = asyncio.Event()  # outbound bytes, the end, or a heartbeat due
+        self.finished_event = asyncio.Event()
 
-    # -- asyncio.BaseTransport ----------------------------------------------------
+    def _wake_reader(self) -> None:
+        self.deliver()
 
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
+    def _wake_pushes(self) -> None:
+        self.pushes.set()
 
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._protocol is not None
-        return self._protocol
+    def _wake_pull(self) -> None:
+        self.pull_ready.set()
 
-    def is_closing(self) -> bool:
-        return self._closing or self._lost
+    def _wake_sender(self) -> None:
+        if self.transport is not None:
+            self.transport.room_changed()
 
-    def close(self) -> None:
-        """The callback is done with the session: what it wrote still goes out."""
-        if self._closing:
-            return
-        self._closing = True
-        self.consumed.set()  # a waiting push is refused: nobody will read it
-        self.outbound_ready.set()
-        if not self._outbound:
-            self._finish()
-
-    # -- asyncio.ReadTransport ----------------------------------------------------
-
-    def is_reading(self) -> bool:
-        return not self._reading_paused and not self.is_closing()
-
-    def pause_reading(self) -> None:
-        self._reading_paused = True
-
-    def resume_reading(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            self._deliver()
-
-    # -- asyncio.WriteTransport ---------------------------------------------------
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}")
-        if self._closing or self._lost:
-            return  # as asyncio's socket transports do once the connection is lost
-        if not len(data):
-            return
-        self._outbound += data
-        self.bytes_out += len(data)
-        self.outbound_ready.set()
-        if not self._writing_paused and len(self._outbound) >= self._room:
-            self._writing_paused = True
-            protocol = self._protocol
-            if isinstance(protocol, asyncio.Protocol):
-                protocol.pause_writing()
-
-    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False  # PHT has no half-close: either side's end closes both directions
-
-    def write_eof(self) -> None:
-        raise NotImplementedError("PHT has no half-close; close() ends the session")
-
-    def abort(self) -> None:
-        self._outbound.clear()
-        self.close()
-        self._finish()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self._outbound)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return (0, self._room)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is not None:
-            if high < 1:
-                raise ValueError("high must be at least 1")
-            self._full_room = high
-            self._room = min(self._room, high)
-
-    # -- called by the app ------------------------------------------------------------
-
-    def attach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The reader and writer the callback gets, on this transport."""
-        reader = asyncio.StreamReader(loop=self._loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
-        self._protocol = protocol
-        protocol.connection_made(self)
-        writer = asyncio.StreamWriter(self, protocol, reader, self._loop)
-        self._deliver()
-        return reader, writer
-
-    async def deposit(self, data: bytes) -> bool:
-        """Hand pushed bytes to the callback and wait for the session machine's verdict.
-
-        Returns ``True`` to acknowledge the push, ``False`` to refuse it
-        (410): not consumed within push_timeout, or the session ended.
-        """
-        session = self.session
-        if self._closing or session.closed:
-            return False
-        if not data:
-            return True
-        loop = self._loop
-        session.wait_for_push(loop.time())
-        goal = None
-        while True:
-            now = loop.time()
-            if goal is None and session.may_deposit():
-                self._inbound.append(data)
-                self.bytes_in += len(data)
-                goal = session.deposit(len(data), now)
-                self._deliver()
-            verdict = session.verdict(session.deposited if goal is None else goal, now)
-            if verdict is PushVerdict.WAIT and (self._closing or self._lost):
-                verdict = PushVerdict.GONE  # nobody will take them
-            if verdict is PushVerdict.WAIT:
-                self.consumed.clear()
-                await _wait(self.consumed, session.push_deadline, loop)
-                continue
-            if verdict is PushVerdict.GONE and goal is not None:
-                # Pushes take turns, so all that is queued is this push's.
-                self._inbound.clear()
-                self._inbound_offset = 0
-            session.push_over(verdict)
-            return verdict is PushVerdict.ACK and goal is not None
-
-    def _deliver(self) -> None:
-        """Give the reader pushed bytes while it takes them."""
-        protocol = self._protocol
-        if not isinstance(protocol, asyncio.Protocol):
-            return  # the callback has not started yet
-        inbound = self._inbound
-        while inbound and not self._reading_paused and not self._lost:
-            head = inbound[0]
-            start = self._inbound_offset
-            end = start + _DELIVER_PIECE
-            if end >= len(head):
-                inbound.popleft()
-                self._inbound_offset = 0
-                piece = head[start:] if start else head
-            else:
-                piece = head[start:end]
-                self._inbound_offset = end
-            self.session.took(len(piece))
-            protocol.data_received(piece)
-            self.consumed.set()
+    def _wake_finished(self) -> None:
+        self.finished_event.set()
+        if self.transport is not None:
+            self.transport.lose(None)  # the reader sees EOF, wait_closed() returns
 
     @property
-    def has_outbound(self) -> bool:
-        return bool(self._outbound)
+    def queued_size(self) -> int:
+        """Bytes the callback wrote that the pull has not taken yet."""
+        return len(self._outbound)
 
-    def take_outbound(self, limit: int) -> bytes:
-        """Up to ``limit`` written bytes, for the pull."""
-        data = bytes(self._outbound[:limit])
-        del self._outbound[:limit]
-        if self._writing_paused and len(self._outbound) < self._room:
-            self._writing_paused = False
-            protocol = self._protocol
-            if isinstance(protocol, asyncio.Protocol):
-                protocol.resume_writing()
-        if not self._outbound and self._closing:
-            self._finish()
-        return data
+    def deliver(self) -> None:
+        """Give the reader pushed bytes while it takes them."""
+        transport = self.transport
+        if transport is None:
+            return  # the callback has not started yet
+        while self.readable and transport.is_reading():
+            transport.deliver(self.take(DEFAULT_LIMIT))
 
-    def pull_attached(self) -> None:
-        """A pull is attached: the callback may queue up to ``max_buffered`` now."""
-        if self._room < self._full_room:
-            self._room = self._full_room
-            if self._writing_paused and len(self._outbound) < self._room:
-                self._writing_paused = False
-                protocol = self._protocol
-                if isinstance(protocol, asyncio.Protocol):
-                    protocol.resume_writing()
 
-    def close_from_client(self) -> None:
-        """Its machine ended the session: EOF for the callback, nothing more goes out."""
-        self._outbound.clear()
-        self._inbound.clear()
-        self._inbound_offset = 0
-        self._finish()
+class _Transport(PHTTransport):
+    """A session's :class:`PHTTransport` whose writes go into the core's buffers.
 
-    def _finish(self) -> None:
-        """Nothing more moves: the reader sees EOF, ``drain()`` and ``wait_closed()`` return."""
-        self.finished.set()
-        self.outbound_ready.set()
-        self.consumed.set()
-        if self._lost:
+    The writer is paused while the buffers have no room for the callback
+    (``max_buffered``; less before the first pull), so ``drain()`` waits for
+    the pull to make room; ``close()`` lets the pull deliver what is queued.
+    """
+
+    def __init__(self, stream: _Stream, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(
+            loop,
+            extra={
+                "pht_token": stream.token,
+                "peername": stream.peername,
+                "pht_remote_address": stream.remote_address,
+            },
+        )
+        self.stream = stream
+        self._room_paused = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        stream = self.stream
+        if (
+            self.is_closing()
+            or stream.session.closed
+            or not isinstance(data, (bytes, bytearray, memoryview))
+        ):
+            super().write(data)  # its type check, or dropped as asyncio drops them
             return
-        self._lost = True
-        protocol = self._protocol
-        if protocol is not None:
-            # As asyncio's transports do: never from inside the caller's call.
-            self._loop.call_soon(protocol.connection_lost, None)
+        if len(data):
+            stream.queue(data)
+            stream._wake_pull()
+            self.room_changed()
+
+    def get_write_buffer_size(self) -> int:
+        return self.stream.queued_size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.stream.room, self.stream.room
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        raise NotImplementedError(
+            "a PHT session's write buffer is the PHTApp's max_buffered option"
+        )
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self.stream.deliver()
+
+    def room_changed(self) -> None:
+        """Pause or resume the writer as the buffers' room says."""
+        full = self.stream.must_wait_room
+        if full == self._room_paused:
+            return
+        self._room_paused = full
+        protocol = self.get_protocol()
+        if isinstance(protocol, asyncio.Protocol) and not self.lost:
+            if full:
+                protocol.pause_writing()
+            else:
+                protocol.resume_writing()
+
+    def _close_requested(self) -> None:
+        self.stream.close_handler()  # the pull delivers what is queued, then it is lost
 
 
 class _Pull:
     """One pull response in progress (the identity the session machine keeps)."""
 
-    __slots__ = ("hung_up", "replaced", "stalled")
+    __slots__ = ("hung_up", "replaced", "stalled", "stream")
 
-    def __init__(self) -> None:
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
         self.hung_up = False  # http.disconnect: the client went away
         self.replaced = False  # a newer pull took over
-        self.stalled = False  # a write made no progress in pull_write_timeout
+        self.stalled = False  # a write was not taken within pull_write_timeout
+
+
+class _Core(ServerCore[_Stream]):
+    """The app's sessions, handlers, heartbeats and expiry, on one event loop."""
+
+    def __init__(
+        self,
+        callback: ClientConnected,
+        options: ServerOptions,
+        sessions: ServerSessions[_Stream],
+        stats: PHTStatsSink | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(options, sessions, _Stream, stats)
+        self.callback = callback
+        self.loop = loop
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.beat_added = asyncio.Event()
+        self.tasks = [
+            loop.create_task(self._run_reaper()),
+            loop.create_task(self._run_heartbeats()),
+        ]
+
+    def _start_handler(self, stream: _Stream) -> None:
+        transport = stream.transport = _Transport(stream, self.loop)
+        reader, writer = open_streams(transport)
+        stream.deliver()
+        task = self.loop.create_task(self._run_handler(stream, reader, writer))
+        self.handlers.add(task)
+        task.add_done_callback(self.handlers.discard)
+
+    async def _run_handler(
+        self, stream: _Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        loop = self.loop
+        started = loop.time()
+        self.handler_started(stream)
+        try:
+            result = self.callback(reader, writer)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            # One broken callback must not take the other tunnels down.
+            log.exception("callback for session %s raised", short_token(stream.token))
+        finally:
+            writer.close()
+            # Give the pull a moment to deliver what the callback wrote last.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await _within(stream.finished_event.wait(), self.options.push_timeout)
+            self.handler_done(stream, loop.time(), started)
+
+    async def _run_reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            for _ in self.reap(self.loop.time()):
+                await asyncio.sleep(0)  # thousands expiring: let the tunnels run
+
+    async def _run_heartbeats(self) -> None:
+        wheel, loop = self.wheel, self.loop
+        while True:
+            self.beat_added.clear()
+            await _wait(self.beat_added, wheel.next_deadline(), loop)
+            for pull in wheel.due(loop.time()):
+                assert isinstance(pull, _Pull)
+                pull.stream._wake_pull()
+
+    async def shutdown(self) -> ShutdownReport:
+        timeout = self.options.shutdown_timeout
+        for task in self.tasks:
+            task.cancel()
+        at_start = self.drain()
+        if self.handlers:
+            await asyncio.wait(set(self.handlers), timeout=timeout)
+        cut = self.cut(self.loop.time())
+        if self.handlers:
+            await asyncio.wait(set(self.handlers), timeout=min(timeout, 5.0))
+        return ShutdownReport(finished=max(len(at_start) - len(cut), 0), cut=cut)
 
 
 class PHTApp:
     """An ASGI 3 application that serves PHT tunnels.
 
     ``client_connected_cb(reader, writer)`` runs once per session, as for
-    :func:`asyncio.start_server`: ``reader`` and ``writer`` are an
+    :func:`asyncio.start_server`: ``reader`` and ``writer`` are asyncio's own
     :class:`asyncio.StreamReader` and :class:`asyncio.StreamWriter` (the
     session's token is ``writer.get_extra_info("pht_token")``). The keyword
     arguments are :func:`pht.serve_pht`'s, less those that belong to the
-    ASGI server (host, port, TLS, connection budgets and timeouts).
+    ASGI server (host, port, TLS, connection budgets and timeouts): passing
+    one of those raises :class:`TypeError` saying where it belongs.
 
     Paths are relative to where the app is mounted: under ``/tunnel`` it
     answers ``/tunnel/authorize``, ``/tunnel/push`` and ``/tunnel/pull``.
@@ -411,7 +371,7 @@ class PHTApp:
                 raise TypeError(f"PHTApp() got an unexpected keyword argument {name!r}")
             raise TypeError(f"PHTApp() does not take {name!r}: {why}")
         if not callable(client_connected_cb):
-            raise TypeError("client_connected_cb must be callable (reader, writer)")
+            raise TypeError("client_connected_cb must be a callable taking (reader, writer)")
         self._callback = client_connected_cb
         #: The validated options (the same object every pht server builds).
         self.options = ServerOptions.build(
@@ -435,15 +395,10 @@ class PHTApp:
             max_header_size=max_header_size,
             shutdown_timeout=shutdown_timeout,
         )
-        self._sessions: ServerSessions[_SessionTransport] = ServerSessions(
-            self.options, token_source
-        )
-        self._stats: PHTStatsSink = stats if stats is not None else NullStats()
-        self._stats.enable_pht()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        self._handlers: dict[asyncio.Task[None], _SessionTransport] = {}
-        self._shut_down = False
+        self._sessions: ServerSessions[_Stream] = ServerSessions(self.options, token_source)
+        self._stats = stats
+        self._core: _Core | None = None
+        self._report: ShutdownReport | None = None
 
     # -- ASGI ---------------------------------------------------------------------
 
@@ -455,7 +410,7 @@ class PHTApp:
             await self._lifespan(receive, send)
         elif kind == "websocket":
             await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})
+            await send({"type": "websocket.close", "code": 1008})  # PHT is plain HTTP
         else:
             raise ValueError(f"PHTApp cannot serve ASGI scope type {kind!r}")
 
@@ -474,8 +429,8 @@ class PHTApp:
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
         """The app's life inside a framework's: ``Starlette(lifespan=pht_app.lifespan)``.
 
-        A framework does not pass its lifespan events to mounted apps; this
-        context manager is what they would have done: on exit, :meth:`shutdown`.
+        Frameworks do not pass their lifespan events on to mounted apps; this
+        context manager does what those events would: :meth:`shutdown` on exit.
         """
         self._bind()
         try:
@@ -483,52 +438,43 @@ class PHTApp:
         finally:
             await self.shutdown()
 
-    async def shutdown(self) -> None:
-        """End the sessions, gracefully.
+    async def shutdown(self) -> ShutdownReport:
+        """End the sessions, gracefully; the lifespan shutdown calls it.
 
         New sessions are refused with ``503`` from now on; open ones may
         finish for up to ``shutdown_timeout`` seconds, then the rest are
-        closed (their callbacks see EOF). Called on lifespan shutdown.
+        closed (their callbacks see EOF). Calling it again returns the
+        first call's report.
         """
-        if self._shut_down:
-            return
-        self._shut_down = True
+        if self._report is not None:
+            return self._report
         self._sessions.drain()
-        if self._reaper is not None:
-            self._reaper.cancel()
-        timeout = self.options.shutdown_timeout
-        handlers = set(self._handlers)
-        if handlers:
-            log.info(
-                "shutting down: %d sessions open, waiting up to %.1fs", len(handlers), timeout
-            )
-            await asyncio.wait(handlers, timeout=timeout)
-        cut = [transport for task, transport in self._handlers.items() if not task.done()]
-        for transport in cut:
-            transport.session.end(Input.SHUTDOWN)
-            self._end_session(transport)
-        if cut:
-            log.warning("shutdown cut %d sessions", len(cut))
-            await asyncio.wait(set(self._handlers), timeout=min(timeout, 5.0))
+        core = self._core
+        report = ShutdownReport(finished=0, cut=()) if core is None else await core.shutdown()
+        self._report = report
+        return report
 
-    def _bind(self) -> asyncio.AbstractEventLoop:
-        """The event loop this app serves (the first one it ran on)."""
+    def _bind(self) -> _Core:
+        """The core on the event loop this app serves (the first one it ran on)."""
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-            if not self._shut_down:
-                self._reaper = loop.create_task(self._reap())
-        elif self._loop is not loop:
+        core = self._core
+        if core is None:
+            core = self._core = _Core(
+                self._callback, self.options, self._sessions, self._stats, loop
+            )
+            core.stats.enable_pht()
+        elif core.loop is not loop:
             raise RuntimeError(
                 "this PHTApp already serves another event loop: its sessions live in one"
                 " loop; make one PHTApp per loop (per worker process)"
             )
-        return loop
+        return core
 
     # -- one request --------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = self._bind()
+        core = self._bind()
+        loop = core.loop
         options = self.options
         conn = ServerConnection(
             options.paths,
@@ -545,7 +491,7 @@ class PHTApp:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
                 log.info("bad request from %s: %s", peer, exc)
-                await _answer(send, self._refusal(conn, exc.status_hint))
+                await _answer(send, conn.send_status(core.refused(exc.status_hint)))
                 return
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
@@ -568,172 +514,128 @@ class PHTApp:
                 continue
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
-                status = await self._deliver(event, conn, peer, client, loop)
+                status = await self._deliver(core, event, conn, peer, client)
                 if status != 200:
-                    self._stats.refused(status)
+                    core.refused(status)
                     reason = "push not consumed in time" if status == 410 else "push refused"
                     conn.discard_push(status, reason)
                 continue
             if isinstance(event, PushRequest):
-                status = await self._deliver(event, conn, peer, client, loop)
-                if status == 200:
-                    self._stats.push()
-                    await _answer(send, conn.send_push_ack())
-                else:
-                    await _answer(send, self._refusal(conn, status))
+                status = core.push_answered(await self._deliver(core, event, conn, peer, client))
+                await _answer(
+                    send, conn.send_push_ack() if status == 200 else conn.send_status(status)
+                )
             elif isinstance(event, PullRequest):
-                await self._pull(conn, event, peer, client, loop, receive, send)
+                await self._pull(core, conn, event, peer, client, receive, send)
             elif isinstance(event, CloseRequest):
-                log.debug("session %s: %s", _short(event.token), event.reason)
-                self._close_token(event.token, loop.time())
+                log.debug("session %s: %s", short_token(event.token), event.reason)
+                core.close(event.token, loop.time())
                 await _answer(send, conn.send_push_ack())
             elif isinstance(event, AuthorizeRequest):
-                owner = self._sessions.client_of(peer, conn.forwarded_for)[0]
-                token = self._sessions.authorize(loop.time(), owner)
+                token = core.authorize(peer, conn.forwarded_for, loop.time())
                 if isinstance(token, str):
                     await _answer(send, conn.send_token(token))
                 else:
-                    await _answer(send, self._refusal(conn, token))
+                    await _answer(send, conn.send_status(core.refused(token)))
             elif isinstance(event, BadRequest):
-                log.info(
-                    "refused a request from %s (%d): %s", peer, event.status_code, event.reason
-                )
+                status = event.status_code
+                log.info("refused a request from %s (%d): %s", peer, status, event.reason)
                 if event.token is not None:
-                    self._close_token(event.token, loop.time())
-                await _answer(send, self._refusal(conn, event.status_code))
+                    core.close(event.token, loop.time())
+                await _answer(send, conn.send_status(core.refused(status)))
             return
-
-    def _refusal(self, conn: ServerConnection, status: int) -> bytes:
-        self._stats.refused(status)
-        return conn.send_status(status)
-
-    def _session_for(
-        self,
-        token: str,
-        peer: str | None,
-        client: Any,
-        conn: ServerConnection,
-        loop: asyncio.AbstractEventLoop,
-    ) -> _SessionTransport | int:
-        """The session a push or pull for ``token`` goes to, or the status to answer."""
-        owner, remote_address = self._sessions.client_of(peer, conn.forwarded_for)
-        session = self._sessions.admit(token, loop.time(), owner)
-        if isinstance(session, int):
-            return session
-        if session.handle is None:
-            session.handle = _SessionTransport(
-                session,
-                loop,
-                tuple(client) if client else None,
-                remote_address,
-                self.options.max_buffered,
-            )
-        return session.handle
 
     async def _deliver(
         self,
+        core: _Core,
         event: PushRequest | PushData,
         conn: ServerConnection,
         peer: str | None,
         client: Any,
-        loop: asyncio.AbstractEventLoop,
     ) -> int:
         """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal)."""
-        transport = self._session_for(event.token, peer, client, conn, loop)
-        if isinstance(transport, int):
-            return transport
-        if event.data and transport.session.push_data():
-            self._start_handler(transport)
-        if await transport.deposit(event.data):
-            self._sessions.touch(transport.session, loop.time())
-            return 200
-        # GOST answers 410 when the bytes were not taken in time; the session ends.
-        self._end_session(transport)
-        return 410
+        loop = core.loop
+        push = core.push(event.token, event.data, peer, conn.forwarded_for, loop.time())
+        if isinstance(push, int):
+            return push
+        stream = push.stream
+        assert isinstance(stream, _Stream)
+        _note_peer(stream, client)
+        while (verdict := push.step(loop.time())) is PushVerdict.WAIT:
+            stream.pushes.clear()
+            await _wait(stream.pushes, push.deadline, loop)
+        return core.push_over(push, verdict, loop.time())
 
     async def _pull(
         self,
+        core: _Core,
         conn: ServerConnection,
         event: PullRequest,
         peer: str | None,
         client: Any,
-        loop: asyncio.AbstractEventLoop,
         receive: Receive,
         send: Send,
     ) -> None:
-        transport = self._session_for(event.token, peer, client, conn, loop)
-        if isinstance(transport, int):
-            await _answer(send, self._refusal(conn, transport))
+        loop = core.loop
+        stream = core.stream_for(event.token, peer, conn.forwarded_for, loop.time())
+        if isinstance(stream, int):
+            await _answer(send, conn.send_status(core.refused(stream)))
             return
-        session = transport.session
-        pull = _Pull()
-        replaced, start = self._sessions.attach_pull(session, pull, loop.time())
+        _note_peer(stream, client)
+        pull = _Pull(stream)
+        replaced, start = core.attach_pull(stream, pull, loop.time())
         if isinstance(replaced, _Pull):
             replaced.replaced = True  # a newer long poll replaces a stale one
-            transport.outbound_ready.set()
+            stream._wake_pull()
         status, headers, _ = _split_response(conn.start_pull())
-        watcher = loop.create_task(_watch_for_hangup(receive, pull, transport))
+        watcher = loop.create_task(_watch_for_hangup(receive, pull))
+        timer = None
         complete = False
         try:
-            await self._send_pull(
-                send, pull, {"type": "http.response.start", "status": status, "headers": headers}
-            )
-            self._stats.pull()
-            transport.pull_attached()
-            if start:
-                self._start_handler(transport)
-            complete = await self._feed_pull(transport, pull, send, loop)
+            start_message = {"type": "http.response.start", "status": status, "headers": headers}
+            await self._send_pull(send, pull, start_message)
+            timer, wake = core.pull_started(stream, pull, start)
+            if wake:
+                core.beat_added.set()
+            complete = await self._feed_pull(core, stream, pull, send)
         except asyncio.CancelledError:
             pull.hung_up = True  # the ASGI server gave up on this request
             raise
         except OSError as exc:  # the ASGI server could not write: the client is gone
-            log.debug("pull of session %s: %s", _short(session.token), exc)
+            log.debug("pull of session %s: %s", short_token(stream.token), exc)
             pull.hung_up = True
         finally:
             watcher.cancel()
-            ended = session.pull_ended(pull, hung_up=pull.hung_up, stalled=pull.stalled)
-            if ended:
-                # The client stopped reading, or went away mid-pull and no
-                # newer pull took over: the session cannot deliver any more.
-                log.debug("session %s: pull %s", _short(session.token), session.ended_by)
-                self._end_session(transport)
+            core.pull_over(
+                stream, pull, timer, hung_up=pull.hung_up, stalled=pull.stalled, now=loop.time()
+            )
         if not complete:
             # No last chunk: returning now makes the ASGI server cut the
             # response, so the client sees an error, never a clean end.
-            log.debug("pull of session %s cut", _short(session.token))
+            log.debug("pull of session %s cut", short_token(stream.token))
 
-    async def _feed_pull(
-        self,
-        transport: _SessionTransport,
-        pull: _Pull,
-        send: Send,
-        loop: asyncio.AbstractEventLoop,
-    ) -> bool:
+    async def _feed_pull(self, core: _Core, stream: _Stream, pull: _Pull, send: Send) -> bool:
         """Write the session's bytes, heartbeats and the end; whether it ended cleanly."""
-        session = transport.session
+        loop, session = core.loop, stream.session
         while True:
             if pull.hung_up or pull.replaced or pull.stalled:
                 return False
-            if transport.has_outbound:
-                data = transport.take_outbound(_PULL_WRITE_SIZE)
-                body = encode_lines(data, PULL_LINE_DATA)
-                await self._send_pull(send, pull, _body(body))
-                now = loop.time()
-                session.wrote(now)
-                self._sessions.touch(session, now)
-                continue
-            if transport.finished.is_set():
-                if session.lost_data:
-                    return False  # pushed bytes were refused: never a clean end
+            action = stream.pull_action(loop.time())
+            if action is PullAction.WRITE:
+                data = stream.take_outbound(_PULL_WRITE_SIZE)
+                await self._send_pull(send, pull, _body(encode_lines(data, PULL_LINE_DATA)))
+                session.wrote(loop.time())
+                core.sessions.touch(session, session.last_write)
+            elif action is PullAction.HEARTBEAT:
+                await self._send_pull(send, pull, _body(b"\n"))
+            elif action is PullAction.END:
                 await self._send_pull(send, pull, {"type": "http.response.body", "body": b""})
                 return not pull.stalled
-            now = loop.time()
-            if now >= session.heartbeat_due():
-                session.wrote(now)
-                await self._send_pull(send, pull, _body(b"\n"))
-                continue
-            transport.outbound_ready.clear()
-            await _wait(transport.outbound_ready, session.heartbeat_due(), loop)
+            elif action is PullAction.CUT:
+                return False  # pushed bytes were refused: never a clean end
+            else:
+                stream.pull_ready.clear()
+                await stream.pull_ready.wait()
 
     async def _send_pull(self, send: Send, pull: _Pull, message: Message) -> None:
         """Send a pull message; one not taken within pull_write_timeout stalls the pull."""
@@ -741,85 +643,6 @@ class PHTApp:
             await _within(send(message), self.options.pull_write_timeout)
         except asyncio.TimeoutError:
             pull.stalled = True
-
-    # -- sessions -----------------------------------------------------------------
-
-    def _start_handler(self, transport: _SessionTransport) -> None:
-        """Run the callback of ``transport``'s session (the machine said it is time)."""
-        loop = transport._loop
-        reader, writer = transport.attach()
-        task = loop.create_task(self._run_handler(transport, reader, writer))
-        self._handlers[task] = transport
-        task.add_done_callback(self._handler_done)
-
-    def _handler_done(self, task: asyncio.Task[None]) -> None:
-        self._handlers.pop(task, None)
-
-    async def _run_handler(
-        self,
-        transport: _SessionTransport,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        loop = transport._loop
-        started = loop.time()
-        token = transport.session.token
-        self._stats.session_opened()
-        log.info(
-            "session %s accepted from %s",
-            _short(token),
-            transport.get_extra_info("pht_remote_address"),
-        )
-        try:
-            result = self._callback(reader, writer)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            # One broken callback must not take the other tunnels down.
-            log.exception("callback for session %s raised", _short(token))
-        finally:
-            transport.close()
-            # Give the pull a moment to deliver what the callback wrote last.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await _within(transport.finished.wait(), self.options.push_timeout)
-            transport.session.end(Input.HANDLER_DONE)
-            self._end_session(transport)
-            self._stats.session_closed()
-            log.info(
-                "session %s closed after %.3fs: %d bytes in, %d bytes out",
-                _short(token),
-                loop.time() - started,
-                transport.bytes_in,
-                transport.bytes_out,
-            )
-
-    def _end_session(self, transport: _SessionTransport) -> None:
-        """Carry out the end of a session its machine has closed."""
-        transport.close_from_client()
-        self._sessions.forget(transport.session, transport._loop.time())
-
-    def _close_token(self, token: str, now: float, event: Input = Input.CLOSE) -> None:
-        """End ``token``'s session, or make sure a late request cannot open one."""
-        session = self._sessions.close(token, now, event)
-        if session is not None and session.handle is not None:
-            session.handle.close_from_client()
-
-    async def _reap(self) -> None:
-        """Close sessions idle for too long (and tokens issued and never used)."""
-        options = self.options
-        interval = max(
-            1.0, min(options.issued_timeout, options.heartbeat_interval, options.lazy_timeout / 2)
-        )
-        loop = asyncio.get_running_loop()
-        sessions = self._sessions
-        while True:
-            await asyncio.sleep(interval)
-            now = loop.time()
-            for record in sessions.registry.expired(now):
-                if not sessions.expire(record, now):
-                    continue  # ended, active again meanwhile, or pulled
-                log.info("session %s expired after idling", _short(record.token))
-                self._close_token(record.token, now, Input.EXPIRED)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -845,14 +668,14 @@ async def _within(awaitable: Awaitable[T], timeout: float) -> T:
     return await asyncio.wait_for(awaitable, timeout)  # a task per call: Python 3.10 only
 
 
-async def _watch_for_hangup(receive: Receive, pull: _Pull, transport: _SessionTransport) -> None:
+async def _watch_for_hangup(receive: Receive, pull: _Pull) -> None:
     """Notice at once when a pulling client goes away (``http.disconnect``)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
     pull.hung_up = True
-    transport.outbound_ready.set()
+    pull.stream._wake_pull()
 
 
 def _body(data: bytes) -> Message:
@@ -914,6 +737,14 @@ def _host_of(scope: Scope) -> bytes:
     return b"localhost"
 
 
+def _note_peer(stream: _Stream, client: Any) -> None:
+    """Keep the address of a session's first request (``peername`` for the callback)."""
+    if stream.peername is None and client:
+        stream.peername = (client[0], client[1])
+        if stream.transport is not None:  # started by this request, not running yet
+            stream.transport.set_extra(peername=stream.peername)
+
+
 def _peer_name(client: Any) -> str | None:
     """``host:port`` (``[v6]:port``) of the client, as the core's admission takes it."""
     if not client:
@@ -945,7 +776,3 @@ async def _answer(send: Send, raw: bytes) -> None:
     status, headers, body = _split_response(raw)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _short(token: str) -> str:
-    return token[:8] + "…" if len(token) > 10 else token
