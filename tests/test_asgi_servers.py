@@ -26,6 +26,54 @@ from .middlebox.tunnel_checks import HANG_BOUND, pattern, receive_exactly
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "asgi.md"
+
+#: docs/asgi.md's recipe for several server processes: nginx sends every
+#: request of a session (they all carry ``?token=``) to one process, and the
+#: site's other pages to any.
+NGINX_ASGI_SCALED_SITE = """\
+upstream pht_tunnels {
+    hash $arg_token consistent;
+@SERVERS@
+    keepalive 32;
+}
+
+upstream site {
+@SERVERS@
+    keepalive 32;
+}
+
+server {
+    listen @LISTEN@;
+
+    location /tunnel/ {
+        proxy_pass http://pht_tunnels;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_read_timeout @READ_TIMEOUT@;
+        client_max_body_size @MAX_BODY@;
+    }
+
+    location / {
+        proxy_pass http://site;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }
+}
+"""
+
+
+def render_nginx_asgi_scaled(listen: str, backends: list[str]) -> str:
+    servers = "\n".join(f"    server {backend};" for backend in backends)
+    values = {
+        "LISTEN": listen,
+        "SERVERS": servers,
+        "READ_TIMEOUT": "60s",
+        "MAX_BODY": harness.MAX_BODY,
+    }
+    return harness.render(NGINX_ASGI_SCALED_SITE, values)
+
+
 BIN = Path(sys.executable).parent
 #: uvicorn runs on uvloop when it is installed (the tests' requirements pin
 #: it), and on asyncio's own loop when told to; hypercorn on asyncio's.
@@ -303,3 +351,49 @@ async def test_through_nginx_with_default_buffering(server: str, tmp_path: Path)
         if proxy is not None:
             proxy.stop()
         site.stop()
+
+
+def test_documented_multi_process_recipe_is_the_tested_one() -> None:
+    documented = render_nginx_asgi_scaled("80", ["127.0.0.1:8001", "127.0.0.1:8002"])
+    assert f"```nginx\n{documented}```" in DOC.read_text()
+
+
+@pytest.mark.middlebox
+async def test_several_processes_behind_nginx_hashing_the_token(tmp_path: Path) -> None:
+    """docs/asgi.md's recipe: two uvicorn processes, each session kept on one of them."""
+    if harness.find_program("nginx") is None:
+        pytest.skip("nginx is not installed (run scripts/setup.sh --system)")
+    sites = [start_site("uvicorn", tmp_path / f"site-{index}") for index in range(2)]
+    proxy = None
+    try:
+        port = harness.free_port()
+        backends = [f"127.0.0.1:{site.port}" for site in sites]
+        config = render_nginx_asgi_scaled(f"127.0.0.1:{port}", backends)
+        proxy = harness.start_nginx(tmp_path / "nginx", config, port)
+        front = Site("nginx", proxy.process, proxy.log)
+        front.port = port
+        tokens: list[str] = []
+
+        async def one(index: int) -> None:
+            stream = await front.open(authorize=bool(index % 2))
+            async with stream:
+                await exchange(stream, 64 * 1024 + index, seed=index)
+            tokens.append(stream.token)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(16):
+                nursery.start_soon(one, index)
+        # Each session lived in one process (its echo worked, so its pushes
+        # and pulls met there), and both processes had some.
+        with trio.fail_after(HANG_BOUND):
+            while not all(any(t in site.output() for site in sites) for t in tokens):
+                await trio.sleep(0.05)
+        for token in tokens:
+            assert sum(f"session-ended {token}" in site.output() for site in sites) == 1
+        assert all("session-ended" in site.output() for site in sites)
+        assert (await http(port, get("/hello")))[0] == 200
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        for site in sites:
+            site.stop()
