@@ -281,11 +281,14 @@ class PHTTransport(asyncio.Transport):
         self._unacknowledged = max(0, self._unacknowledged - size)
         self._maybe_resume()
 
-    def start_task(self, coro: Coroutine[Any, Any, None], *, name: str | None = None) -> None:
+    def start_task(
+        self, coro: Coroutine[Any, Any, None], *, name: str | None = None
+    ) -> asyncio.Task[None]:
         """Run an adapter's task; an exception it raises ends the session with it."""
         task = self._loop.create_task(self._guard(coro), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
