@@ -375,3 +375,14 @@ def test_server_core_imports_no_event_loop() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_requests_that_need_no_waiting_are_answered_and_counted() -> None:
+    core = Core()
+    conn = core.new_connection()
+    conn.receive_data(b"POST /authorize HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = core.answer(conn, conn.next_event(), "127.0.0.1:1", 0.0)
+    assert answer.startswith(b"HTTP/1.1 200")
+    conn.receive_data(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    refusal = core.answer(conn, conn.next_event(), "127.0.0.1:1", 0.0)
+    assert refusal.startswith(b"HTTP/1.1 404")
