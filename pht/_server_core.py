@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from ._events import AuthorizeRequest, BadRequest, CloseRequest, ServerEvent
+from ._server import ServerConnection
 from ._server_session import Input, PushVerdict, ServerOptions, ServerSession, ServerSessions
 from ._stats import NullStats, PHTStatsSink
 
@@ -659,6 +661,43 @@ class ServerCore(Generic[S]):
             del self.connections_per_address[host]
 
     # -- requests ------------------------------------------------------------------
+
+    def new_connection(self) -> ServerConnection:
+        """The HTTP machine of a connection just accepted."""
+        options = self.options
+        return ServerConnection(
+            options.paths,
+            max_push_line=options.max_push_line,
+            max_header_size=options.max_header_size,
+        )
+
+    def answer(
+        self, conn: ServerConnection, event: ServerEvent, peer: str | None, now: float
+    ) -> bytes:
+        """The bytes that answer an authorize, close or refused request (nothing to wait for)."""
+        if isinstance(event, AuthorizeRequest):
+            token = self.authorize(peer, conn.forwarded_for, now)
+            if isinstance(token, str):
+                return conn.send_token(token)
+            return conn.send_status(self.refused(token))
+        if isinstance(event, CloseRequest):
+            log.debug("session %s: %s", short_token(event.token), event.reason)
+            self.close(event.token, now)
+            return conn.send_push_ack()
+        if isinstance(event, BadRequest):
+            status = event.status_code
+            log.info("refused a request from %s (%d): %s", peer, status, event.reason)
+            if event.token is not None:
+                self.close(event.token, now)
+            return conn.send_status(self.refused(status))
+        raise TypeError(f"{type(event).__name__} is answered by the adapter")
+
+    def bad_http(
+        self, conn: ServerConnection, status: int, peer: str | None, why: object
+    ) -> bytes:
+        """The bytes that answer HTTP that cannot be parsed (the connection then closes)."""
+        log.info("bad request from %s: %s", peer, why)
+        return conn.send_status(self.refused(status))
 
     def refused(self, status: int) -> int:
         """Count a refusal; returns ``status``."""

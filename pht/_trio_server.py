@@ -18,8 +18,6 @@ import trio
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
-    AuthorizeRequest,
-    BadRequest,
     CloseRequest,
     PullRequest,
     PushData,
@@ -265,11 +263,7 @@ class _Server(ServerCore[_ServerStream]):
             with contextlib.suppress(OSError):
                 transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
         options = self.options
-        conn = ServerConnection(
-            options.paths,
-            max_push_line=options.max_push_line,
-            max_header_size=options.max_header_size,
-        )
+        conn = self.new_connection()
         watch = _Deadline(options, trio.current_time())
         self.watchdog.add(watch)
         try:
@@ -305,8 +299,7 @@ class _Server(ServerCore[_ServerStream]):
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
-                log.info("bad request from %s: %s", peer, exc)
-                await transport.send_all(conn.send_status(self.refused(exc.status_hint)))
+                await transport.send_all(self.bad_http(conn, exc.status_hint, peer, exc))
                 return
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
@@ -341,24 +334,12 @@ class _Server(ServerCore[_ServerStream]):
                 await transport.send_all(conn.send_push_ack() if ok else conn.send_status(status))
             elif isinstance(event, PullRequest):
                 await self._pull(transport, conn, event, peer)
-            elif isinstance(event, CloseRequest):
-                log.debug("session %s: %s", short_token(event.token), event.reason)
-                async with self.teardown:
-                    self.close(event.token, trio.current_time())
-                await transport.send_all(conn.send_push_ack())
-            elif isinstance(event, AuthorizeRequest):
-                token = self.authorize(peer, conn.forwarded_for, trio.current_time())
-                if isinstance(token, str):
-                    await transport.send_all(conn.send_token(token))
-                else:
-                    await transport.send_all(conn.send_status(self.refused(token)))
-            elif isinstance(event, BadRequest):
-                log.info(
-                    "refused a request from %s (%d): %s", peer, event.status_code, event.reason
-                )
-                if event.token is not None:
-                    self.close(event.token, trio.current_time())
-                await transport.send_all(conn.send_status(self.refused(event.status_code)))
+            elif type(event) is CloseRequest:
+                async with self.teardown:  # see _Server.teardown
+                    answer = self.answer(conn, event, peer, trio.current_time())
+                await transport.send_all(answer)
+            else:
+                await transport.send_all(self.answer(conn, event, peer, trio.current_time()))
             if conn.state is ServerConnectionState.CLOSED:
                 return
             watch.idle(trio.current_time())

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pht._events import AuthorizeRequest, BadRequest
 from pht._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
@@ -375,3 +376,18 @@ def test_server_core_imports_no_event_loop() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_requests_that_need_no_waiting_are_answered_and_counted() -> None:
+    core = Core()
+    conn = core.new_connection()
+    conn.receive_data(b"POST /authorize HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    event = conn.next_event()
+    assert isinstance(event, AuthorizeRequest)
+    answer = core.answer(conn, event, "127.0.0.1:1", 0.0)
+    assert answer.startswith(b"HTTP/1.1 200")
+    conn.receive_data(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    refused = conn.next_event()
+    assert isinstance(refused, BadRequest)
+    refusal = core.answer(conn, refused, "127.0.0.1:1", 0.0)
+    assert refusal.startswith(b"HTTP/1.1 404")
