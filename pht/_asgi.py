@@ -32,9 +32,6 @@ from ._codec import encode_lines
 from ._errors import RemoteProtocolError
 from ._events import (
     NEED_DATA,
-    AuthorizeRequest,
-    BadRequest,
-    CloseRequest,
     PullRequest,
     PushData,
     PushRequest,
@@ -490,8 +487,7 @@ class PHTApp:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
-                log.info("bad request from %s: %s", peer, exc)
-                await _answer(send, conn.send_status(core.refused(exc.status_hint)))
+                await _answer(send, core.bad_http(conn, exc.status_hint, peer, exc))
                 return
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
@@ -527,22 +523,8 @@ class PHTApp:
                 )
             elif isinstance(event, PullRequest):
                 await self._pull(core, conn, event, peer, client, receive, send)
-            elif isinstance(event, CloseRequest):
-                log.debug("session %s: %s", short_token(event.token), event.reason)
-                core.close(event.token, loop.time())
-                await _answer(send, conn.send_push_ack())
-            elif isinstance(event, AuthorizeRequest):
-                token = core.authorize(peer, conn.forwarded_for, loop.time())
-                if isinstance(token, str):
-                    await _answer(send, conn.send_token(token))
-                else:
-                    await _answer(send, conn.send_status(core.refused(token)))
-            elif isinstance(event, BadRequest):
-                status = event.status_code
-                log.info("refused a request from %s (%d): %s", peer, status, event.reason)
-                if event.token is not None:
-                    core.close(event.token, loop.time())
-                await _answer(send, conn.send_status(core.refused(status)))
+            else:  # authorize, close, or a request refused: nothing to wait for
+                await _answer(send, core.answer(conn, event, peer, loop.time()))
             return
 
     async def _deliver(

@@ -7,18 +7,22 @@ site's ordinary route, directly and through a real nginx.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 import pht
+import pht.asyncio
 
 from .middlebox import harness
 from .middlebox.tunnel_checks import HANG_BOUND, pattern, receive_exactly
@@ -347,10 +351,107 @@ async def test_through_nginx_with_default_buffering(server: str, tmp_path: Path)
             await trio.sleep(3)
             await exchange(stream, 3 * 1024 * 1024 + 7, seed=4)
         assert (await http(proxy.port, get("/hello")))[0] == 200
+        # pht's asyncio client through the same nginx.
+        front = Site("nginx", proxy.process, proxy.log)
+        front.port = proxy.port
+
+        async def asyncio_client() -> None:
+            reader, writer = await open_connection(front, authorize=False)
+            await asyncio_exchange(reader, writer, 1024 * 1024 + 3, seed=6)
+            writer.close()
+            await writer.wait_closed()
+
+        await trio.to_thread.run_sync(run_client, "asyncio", asyncio_client)
     finally:
         if proxy is not None:
             proxy.stop()
         site.stop()
+
+
+# --- pht's asyncio client (on asyncio's loop and on uvloop) ---------------------------
+
+LOOPS = ("asyncio", "uvloop")
+
+
+def run_client(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run an asyncio client program on ``loop``, bounded."""
+
+    async def bounded() -> None:
+        await asyncio.wait_for(main(), HANG_BOUND)
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(bounded())
+    else:
+        asyncio.run(bounded())
+
+
+async def open_connection(
+    site: Site, mount: str = "/tunnel", **kwargs: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await pht.asyncio.open_pht_connection(
+        "127.0.0.1",
+        site.port,
+        authorize_path=f"{mount}/authorize",
+        push_path=f"{mount}/push",
+        pull_path=f"{mount}/pull",
+        **kwargs,
+    )
+
+
+async def asyncio_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int, seed: int
+) -> None:
+    """Send ``size`` bytes while reading their echo; compare both sides' sha256."""
+    payload = pattern(size, seed)
+
+    async def send() -> None:
+        for start in range(0, size, 1024 * 1024):
+            writer.write(payload[start : start + 1024 * 1024])
+            await writer.drain()
+
+    sending = asyncio.ensure_future(send())
+    echoed = await reader.readexactly(size)
+    await sending
+    assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("authorize", [True, False], ids=["legacy-flow", "modern-flow"])
+def test_asyncio_client_16_mib_each_way(site: Site, loop: str, authorize: bool) -> None:
+    async def main() -> None:
+        reader, writer = await open_connection(site, authorize=authorize)
+        await asyncio_exchange(reader, writer, 16 * 1024 * 1024, seed=5)
+        writer.close()
+        await writer.wait_closed()
+
+    run_client(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_asyncio_client_several_tunnels_and_closes_from_both_sides(site: Site, loop: str) -> None:
+    async def one(index: int) -> None:
+        reader, writer = await open_connection(site, authorize=bool(index % 2))
+        await asyncio_exchange(reader, writer, 128 * 1024 + index, seed=index)
+        writer.close()  # closed by the client
+        await writer.wait_closed()
+
+    async def farewell() -> None:
+        reader, writer = await open_connection(site, "/farewell", authorize=False)
+        # Closed by the server: its last bytes, then EOF.
+        assert await reader.read() == b"farewell from the server"
+        writer.close()
+        await writer.wait_closed()
+
+    async def main() -> None:
+        await asyncio.gather(farewell(), *(one(index) for index in range(16)))
+
+    run_client(loop, main)
+    # Every echo callback saw its client's close (the site prints it as it happens).
+    deadline = time.monotonic() + HANG_BOUND
+    while site.output().count("session-ended") < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert site.output().count("session-ended") == 16
 
 
 def test_documented_multi_process_recipe_is_the_tested_one() -> None:
