@@ -26,6 +26,7 @@ import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._codec import encode_lines
@@ -96,6 +97,8 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     )
 )
+#: Characters a request target's path may carry as they are (RFC 3986 pchar and "/").
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
 #: Options that belong to the ASGI server, which owns the connections.
 _SERVER_OWNED = {
     "max_connections_per_address": "limit connections in the ASGI server or the proxy in front",
@@ -681,7 +684,9 @@ def _request_head(scope: Scope) -> tuple[bytes, bool]:
     :func:`pht.serve_pht` would (``Host``, ``Content-Type``, ``X-Forwarded-For``...).
     """
     method: str = scope["method"]
-    target = _route_path(scope).encode("utf-8", "surrogateescape")
+    # ASGI paths are percent-decoded: encoded again, they make a request
+    # target that routes the same (a path with a space is a 404, not a 400).
+    target = quote(_route_path(scope), safe=_PATH_SAFE).encode("ascii")
     query: bytes = scope.get("query_string", b"")
     if query:
         target += b"?" + query

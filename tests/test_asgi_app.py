@@ -375,3 +375,14 @@ def test_draining_refuses_new_sessions_with_503() -> None:
         assert await send_push(app, "sessiontoken8", b"late") == 503
 
     run(main)
+
+
+def test_a_percent_encoded_path_routes_as_it_reads() -> None:
+    async def main() -> None:
+        app = PHTApp(Recorder(), shutdown_timeout=0)
+        # ASGI gives the path decoded; an unknown one is a 404, not a malformed request.
+        assert (await call(app, "GET", "/a path with spaces"))[0] == 404
+        assert (await call(app, "GET", "/tunnel/\u00e9t\u00e9", root_path="/tunnel"))[0] == 404
+        await app.shutdown()
+
+    run(main)
