@@ -269,6 +269,9 @@ async def test_bad_input_gets_the_servers_statuses(site: Site) -> None:
         )
     )[0] == 400
     assert (await http(port, get("/tunnel/push?token=a")))[0] == 400
+    # CONNECT tunnels nothing here: 405.
+    connect = b"CONNECT /tunnel/push HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert (await http(port, connect))[0] == 405
     # Invalid base64 in a push: 400.
     body = b"not base64!\n"
     push = b"POST /tunnel/push?token=b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
