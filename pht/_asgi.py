@@ -184,14 +184,10 @@ class _Transport(PHTTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         stream = self.stream
-        if (
-            self.is_closing()
-            or stream.session.closed
-            or not isinstance(data, (bytes, bytearray, memoryview))
-        ):
-            super().write(data)  # its type check, or dropped as asyncio drops them
+        if self.is_closing() or not isinstance(data, (bytes, bytearray, memoryview)):
+            super().write(data)  # its type check, or dropped (and counted) as asyncio does
             return
-        if len(data):
+        if len(data) and not stream.session.closed:
             stream.queue(data)
             stream._wake_pull()
             self.room_changed()
