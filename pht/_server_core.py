@@ -197,6 +197,11 @@ class SessionBuffers:
         """Whether the handler's next send waits (outbound full, session still open)."""
         return len(self._outbound) >= self.room and not self.session.closed
 
+    @property
+    def room_left(self) -> int:
+        """Bytes the handler may queue before :attr:`must_wait_room` (0: none)."""
+        return max(0, self.room - len(self._outbound))
+
     def queue(self, data: bytes | bytearray | memoryview) -> None:
         """Queue the handler's bytes for the client (the adapter wakes its pull)."""
         self._outbound += data
