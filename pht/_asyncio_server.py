@@ -34,6 +34,8 @@ from ._server_core import (
     ServerCore,
     SessionBuffers,
     ShutdownReport,
+    format_peer,
+    server_ssl_context,
     short_token,
 )
 from ._server_session import (
@@ -41,6 +43,7 @@ from ._server_session import (
     DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
     DEFAULT_MAX_PENDING_PER_ADDRESS,
     DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    Input,
     Network,
     PushVerdict,
     ServerOptions,
@@ -49,7 +52,7 @@ from ._server_session import (
     host_of,
 )
 from ._stats import PHTStatsSink
-from ._tls import SelfSignedCertificate, make_self_signed_certificate
+from ._tls import SelfSignedCertificate
 from ._token import TokenSource, new_token
 
 __all__ = ["PHTServer", "start_pht_server"]
@@ -93,6 +96,11 @@ class _Stream(SessionBuffers):
 
     def _wake_finished(self) -> None:
         self.finished_event.set()
+        if self.handler_closed and not self.session.closed and self.transport is not None:
+            # The application closed and its last bytes are out: the session
+            # ends now, before the pull's last chunk reaches the client (a
+            # request it sends next must find the token closed).
+            self.transport.session_done()
 
 
 async def _wait(event: asyncio.Event) -> None:
@@ -109,8 +117,14 @@ class _SessionTransport(PHTTransport):
         self._stream = stream
 
     def _close_requested(self) -> None:
-        # The outbound pump flushes what is queued, then ends the session.
-        self._stream._wake_reader()
+        if self._stream.session.closed:
+            self.lose(None)  # nothing can go out any more
+        else:
+            self._stream._wake_reader()  # the outbound pump flushes, then ends it
+
+    def session_done(self) -> None:
+        """The handler's part is over: end the session's machine at once."""
+        self._server.end_handled(self._stream)
 
     def resume_reading(self) -> None:
         super().resume_reading()
@@ -237,6 +251,10 @@ class _Server(ServerCore[_Stream]):
             )
             if stream.transport is not None:
                 stream.transport.close()
+
+    def end_handled(self, stream: _Stream) -> None:
+        stream.session.end(Input.HANDLER_DONE)
+        self.end_session(stream, self.loop.time())
 
     def session_lost(self, stream: _Stream) -> None:
         """The session's transport is gone: the handler's part is over."""
@@ -449,6 +467,8 @@ class _Server(ServerCore[_Stream]):
         except _BROKEN:
             hung_up = True  # the write failed: the client is gone
         finally:
+            if pull.ended is None:
+                pull.ended = "over"  # from now on, nobody cancels this task for it
             self.watchdog.discard(pull)
             self.pulls.discard(pull)
             if not self.pulls:
@@ -535,8 +555,7 @@ class _Server(ServerCore[_Stream]):
 def _peer_of(address: Any) -> str | None:
     if not isinstance(address, tuple) or len(address) < 2:
         return None
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_peer(address[0], address[1])
 
 
 class PHTServer:
@@ -706,17 +725,7 @@ async def start_pht_server(
     )
     if not callable(client_connected_cb):
         raise TypeError("client_connected_cb must be callable")
-    ssl_context: _ssl.SSLContext | None
-    if ssl is True:
-        ssl_context = make_self_signed_certificate().server_context()
-    elif ssl is None or ssl is False:
-        ssl_context = None
-    elif isinstance(ssl, SelfSignedCertificate):
-        ssl_context = ssl.server_context()
-    elif isinstance(ssl, _ssl.SSLContext):
-        ssl_context = ssl
-    else:
-        raise TypeError(f"ssl must be a bool or an ssl.SSLContext, not {type(ssl).__name__}")
+    ssl_context: _ssl.SSLContext | None = server_ssl_context(ssl)
     sessions: ServerSessions[_Stream] = ServerSessions(options, token_source)
     server = _Server(client_connected_cb, options, sessions, stats, limit)
     listener = await asyncio.start_server(
