@@ -54,6 +54,8 @@ __all__ = [
     "Timer",
     "TimerWheel",
     "Watchdog",
+    "format_peer",
+    "server_ssl_context",
     "short_token",
 ]
 
@@ -74,6 +76,34 @@ PULL_WRITE_SIZE = 1024 * 1024
 def short_token(token: str) -> str:
     """``token`` shortened for the logs."""
     return token[:8] + "…" if len(token) > 10 else token
+
+
+def format_peer(host: str, port: int) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), as the logs and ``remote_address`` show it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def server_ssl_context(tls: object) -> Any:
+    """The server's :class:`ssl.SSLContext` for a ``tls`` / ``ssl`` argument (``None``: plain).
+
+    ``True`` makes GOST's self-signed certificate (ECDSA P-256,
+    ``O=GOST, CN=gost.run``) at start-up; a
+    :class:`~pht.SelfSignedCertificate` or an :class:`ssl.SSLContext` is
+    served as given; ``False`` / ``None`` mean plain PHT.
+    """
+    if tls is None or tls is False:
+        return None
+    import ssl  # only servers that use TLS pay for it
+
+    from ._tls import SelfSignedCertificate, make_self_signed_certificate
+
+    if tls is True:
+        return make_self_signed_certificate().server_context()
+    if isinstance(tls, SelfSignedCertificate):
+        return tls.server_context()
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
 
 
 # --- one session's bytes -------------------------------------------------------------
@@ -196,6 +226,11 @@ class SessionBuffers:
     def must_wait_room(self) -> bool:
         """Whether the handler's next send waits (outbound full, session still open)."""
         return len(self._outbound) >= self.room and not self.session.closed
+
+    @property
+    def room_left(self) -> int:
+        """Bytes the handler may queue before :attr:`must_wait_room` (0: none)."""
+        return max(0, self.room - len(self._outbound))
 
     def queue(self, data: bytes | bytearray | memoryview) -> None:
         """Queue the handler's bytes for the client (the adapter wakes its pull)."""

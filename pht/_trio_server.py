@@ -34,6 +34,8 @@ from ._server_core import (
     ServerCore,
     SessionBuffers,
     ShutdownReport,
+    format_peer,
+    server_ssl_context,
     short_token,
 )
 from ._server_session import (
@@ -48,7 +50,7 @@ from ._server_session import (
     host_of,
 )
 from ._stats import PHTStatsSink
-from ._tls import SelfSignedCertificate, make_self_signed_certificate
+from ._tls import SelfSignedCertificate
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import RECEIVE_SIZE, ConflictDetector, PHTStream
@@ -546,8 +548,7 @@ def _peer_of(transport: trio.abc.Stream) -> str | None:
             address = inner.socket.getpeername()
         except OSError:
             return None
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_peer(address[0], address[1])
     return None
 
 
@@ -725,17 +726,7 @@ async def serve_pht(
         shutdown_timeout=shutdown_timeout,
     )
     sessions: ServerSessions[_ServerStream] = ServerSessions(options, token_source)
-    ssl_context: ssl.SSLContext | None
-    if tls is True:
-        ssl_context = make_self_signed_certificate().server_context()
-    elif tls is False:
-        ssl_context = None
-    elif isinstance(tls, SelfSignedCertificate):
-        ssl_context = tls.server_context()
-    elif isinstance(tls, ssl.SSLContext):
-        ssl_context = tls
-    else:
-        raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    ssl_context: ssl.SSLContext | None = server_ssl_context(tls)
     listeners: list[Any]
     if ssl_context is None:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=listen_backlog)
