@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
-from typing import Any, cast
+from typing import cast
 
-from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, TunnelResetError, open_streams
+from ._asyncio_common import (
+    DEFAULT_LIMIT,
+    PHTTransport,
+    TunnelResetError,
+    open_streams,
+    within,
+)
 from ._client import ClientChannel, HeaderInput
 from ._client_session import (
     DEFAULT_MAX_PUSH_SIZE,
@@ -24,11 +30,13 @@ from ._client_session import (
     CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
     PushChunk,
-    SendPull,
+    SendAuthorize,
     describe_failure,
 )
+from ._common import plan_writes
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._token import TokenSource, new_token
@@ -122,7 +130,8 @@ class _Connection(asyncio.Protocol):
         if isinstance(pieces, bytes):
             transport.write(pieces)
         else:
-            transport.writelines(pieces)
+            for write in plan_writes(pieces):
+                transport.write(write)
         if self._drained is not None:
             await self._drained
 
@@ -172,7 +181,8 @@ class _Connector:
         host, port = options.dial_address
         context = self.ssl_context
         try:
-            _, connection = await asyncio.wait_for(
+            _, connection = await within(
+                options.connect_timeout,
                 self.loop.create_connection(
                     lambda: _Connection(channel, self.loop),
                     host,
@@ -180,9 +190,8 @@ class _Connector:
                     ssl=context,
                     server_hostname=None if context is None else self.server_hostname,
                 ),
-                options.connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise options.connect_timed_out() from None
         except (_ssl.SSLError, _ssl.CertificateError) as exc:
             raise options.tls_failed(exc) from exc
@@ -374,8 +383,8 @@ class _ClientTransport(PHTTransport):
                 refused = _reset(session.acks_timed_out())
         if session.close(pushes_settled=refused is None):
             try:
-                await asyncio.wait_for(self._notify_close(), timeout)
-            except (asyncio.TimeoutError, *_BROKEN):
+                await within(timeout, self._notify_close())
+            except (TimeoutError, *_BROKEN):
                 pass
         self.lose(refused)
 
@@ -465,10 +474,8 @@ async def open_pht_connection(
     pull = await connector.open()
     try:
         try:
-            pull = await asyncio.wait_for(
-                _start_session(connector, pull, session), connect_timeout
-            )
-        except asyncio.TimeoutError:
+            pull = await within(connect_timeout, _start_session(connector, pull, session))
+        except TimeoutError:
             raise session.handshake_timed_out() from None
         push = await connector.open()
     except BaseException:
@@ -485,19 +492,17 @@ async def _start_session(
 ) -> _Connection:
     """The handshake, as the session says; returns the connection the pull is on."""
     try:
-        start = session.start()
-        action: Any
-        if start is None:
-            await pull.send(pull.channel.authorize())
-            action = session.pull_event(await pull.next_event())
+        step = session.handshake_step()
+        while not isinstance(step, Established):
             if not pull.reusable():  # closed after the token: nothing of the pull sent
                 pull.close()
                 pull = await connector.open()
-        else:
-            action = start
-        assert isinstance(action, SendPull)
-        await pull.send(pull.channel.pull(action.token))
-        session.pull_event(await pull.next_event())
+            channel = pull.channel
+            if isinstance(step, SendAuthorize):
+                await pull.send(channel.authorize())
+            else:
+                await pull.send(channel.pull(step.token))
+            step = session.handshake_step(await pull.next_event())
     except (OSError, RemoteProtocolError) as exc:
         pull.close()
         raise session.handshake_failed(exc) from exc

@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import TunnelError
 
-__all__ = ["DEFAULT_LIMIT", "PHTTransport", "TunnelResetError", "open_streams"]
+__all__ = ["DEFAULT_LIMIT", "PHTTransport", "TunnelResetError", "open_streams", "within"]
+
+T = TypeVar("T")
 
 _log = logging.getLogger("pht.asyncio")
 
@@ -285,21 +288,15 @@ class PHTTransport(asyncio.Transport):
         self, coro: Coroutine[Any, Any, None], *, name: str | None = None
     ) -> asyncio.Task[None]:
         """Run an adapter's task; an exception it raises ends the session with it."""
-        task = self._loop.create_task(self._guard(coro), name=name)
+        task = self._loop.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
 
-    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.lose(exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: end, then propagate
-            self.lose(exc if isinstance(exc, Exception) else None)
-            raise
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.lose(task.exception())
 
     def lose(self, exc: BaseException | None) -> None:
         """End the session: cancel the other tasks, then tell the protocol (once).
@@ -378,3 +375,19 @@ def open_streams(
     protocol.connection_made(transport)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
+
+
+async def within(seconds: float, awaitable: Coroutine[Any, Any, T]) -> T:
+    """``await awaitable``, or :class:`TimeoutError` after ``seconds``.
+
+    :func:`asyncio.timeout` where there is one (Python 3.11+): before 3.12
+    :func:`asyncio.wait_for` loses a cancellation that arrives as the awaited
+    operation completes, and a cancelled open or close would then go on.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    try:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, seconds)
+    except asyncio.TimeoutError:  # pragma: no cover - not the builtin one before 3.11
+        raise TimeoutError from None

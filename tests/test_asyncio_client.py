@@ -125,6 +125,13 @@ class TrioServers:
             self.ports["tls"] = await start_server(nursery, _echo_or_close, tls=self.certificate)
             self.ports["strict"] = await start_server(nursery, _echo_or_close, strict=True)
             self.ports["record"] = await start_server(nursery, self._record)
+            self.ports["paths"] = await start_server(
+                nursery,
+                _echo_or_close,
+                authorize_path="/a/auth",
+                push_path="/a/in",
+                pull_path="/a/out",
+            )
             self.ports["slow"] = await start_server(nursery, _never_reads, push_timeout=0.2)
             listeners = await nursery.start(
                 trio.serve_tcp,
@@ -358,5 +365,178 @@ def test_connect_errors(aio: Runner, servers: TrioServers) -> None:
             await pht.asyncio.open_pht_connection("127.0.0.1", 1, ssl="yes")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="push_window"):
             await pht.asyncio.open_pht_connection("127.0.0.1", 1, push_window=0)
+
+    aio(main())
+
+
+@pytest.mark.parametrize("authorize", [True, False], ids=["legacy-flow", "modern-flow"])
+def test_custom_paths_headers_and_window(
+    aio: Runner, servers: TrioServers, authorize: bool
+) -> None:
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1",
+            servers.ports["paths"],
+            authorize=authorize,
+            authorize_path="/a/auth",
+            push_path="/a/in",
+            pull_path="/a/out",
+            headers={"X-Tunnel": "yes"},
+            host_header="tunnel.example",
+            push_window=3,
+            max_push_size=1000,
+        )
+        # drain() may return with push_window - 1 pushes' worth unanswered.
+        assert writer.transport.get_write_buffer_limits()[1] == 2000
+        payload = bytes(range(256)) * 40
+        writer.write(payload)
+        await writer.drain()
+        assert await reader.readexactly(len(payload)) == payload
+        writer.close()
+        await writer.wait_closed()
+
+    aio(main())
+
+
+async def _one_pull_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stand-in server: accepts the pull, sends a line, then cuts the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head.startswith(b"GET /pull"):
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(pht.encode_line(b"hi"))
+            + pht.encode_line(b"hi")
+            + b"\r\n"
+        )
+        await writer.drain()
+    writer.transport.abort()
+
+
+def test_a_cut_pull_is_an_error_not_an_eof(aio: Runner) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(_one_pull_then_cut, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await pht.asyncio.open_pht_connection(
+                "127.0.0.1", port, authorize=False
+            )
+            assert await reader.readexactly(2) == b"hi"
+            with pytest.raises(pht.asyncio.TunnelResetError, match="pull from the PHT server"):
+                await reader.read()
+            writer.close()
+            with pytest.raises(pht.asyncio.TunnelResetError):
+                await writer.wait_closed()
+
+    aio(main())
+
+
+def test_cancelled_open_leaves_nothing_behind(aio: Runner) -> None:
+    async def main() -> None:
+        accepted = asyncio.Event()
+        gone = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set()
+            await reader.read()  # until the client closes the connection
+            gone.set()
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            opening = asyncio.ensure_future(pht.asyncio.open_pht_connection("127.0.0.1", port))
+            await accepted.wait()
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            await gone.wait()  # the client closed its connection
+
+    aio(main())
+
+
+def test_cancelled_reads_and_drains_leave_the_tunnel_usable(
+    aio: Runner, servers: TrioServers
+) -> None:
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection("127.0.0.1", servers.ports["plain"])
+        reading = asyncio.ensure_future(reader.read(100))
+        await asyncio.sleep(0)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        writer.write(b"one")
+        draining = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(0)
+        draining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await draining
+        writer.write(b"two")
+        await writer.drain()
+        assert await reader.readexactly(6) == b"onetwo"
+        writer.close()
+        await writer.wait_closed()
+
+    aio(main())
+
+
+def test_abort_ends_everything_at_once(aio: Runner, servers: TrioServers) -> None:
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection("127.0.0.1", servers.ports["plain"])
+        writer.write(b"never mind")
+        writer.transport.abort()
+        await writer.wait_closed()
+        assert writer.is_closing()
+        assert await reader.read() == b""
+
+    aio(main())
+
+
+def test_through_a_forward_http_proxy(aio: Runner, servers: TrioServers) -> None:
+    """Every request goes to the proxy, in absolute form, with the proxy's credentials."""
+
+    async def main() -> None:
+        target = servers.ports["plain"]
+        heads: list[bytes] = []
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        relays: list[asyncio.Task[object]] = []
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            relays.append(asyncio.current_task())  # type: ignore[arg-type]
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+            up_writer.write(head)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        proxy_port = proxy.sockets[0].getsockname()[1]
+        async with proxy:
+            reader, writer = await pht.asyncio.open_pht_connection(
+                "127.0.0.1",
+                target,
+                authorize=False,
+                proxy=f"http://me:secret@127.0.0.1:{proxy_port}",
+            )
+            writer.write(b"via the proxy")
+            await writer.drain()
+            assert await reader.readexactly(13) == b"via the proxy"
+            writer.close()
+            await writer.wait_closed()
+            proxy.close()
+            # Each relay ends once the client closed its connection and the server followed.
+            await asyncio.wait([task for task in relays if task is not asyncio.current_task()])
+        assert heads
+        assert heads[0].startswith(f"GET http://127.0.0.1:{target}/pull?token=".encode())
+        assert all(b"\r\nProxy-Authorization: Basic bWU6c2VjcmV0\r\n" in head for head in heads)
 
     aio(main())
