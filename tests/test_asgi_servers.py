@@ -110,10 +110,12 @@ class Site(harness.ManagedProcess):
         return self.log.read_text(errors="replace")
 
 
-def start_site(server: str, directory: Path, *, heartbeat: float = 10.0) -> Site:
-    """Run the site with ``server``'s command (as a user types it) on a free port."""
+def start_site(
+    server: str, directory: Path, *, heartbeat: float = 10.0, app: str = "tests.asgi_site:app"
+) -> Site:
+    """Run ``app`` with ``server``'s command (as a user types it) on a free port."""
     port = harness.free_port()
-    command = [str(BIN / server.partition("-")[0]), "tests.asgi_site:app"]
+    command = [str(BIN / server.partition("-")[0]), app]
     if server.startswith("uvicorn"):
         command += ["--host", "127.0.0.1", "--port", str(port)]
         command += ["--timeout-graceful-shutdown", str(GRACE), "--log-level", "warning"]
@@ -304,14 +306,22 @@ async def test_a_push_the_callback_does_not_consume_gets_410(site: Site) -> None
     await stream.aclose()
 
 
-async def test_stopping_the_server_closes_the_sessions(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("app", "mount"),
+    [("tests.asgi_site:app", "/tunnel"), ("tests.asgi_site:tunnel", "")],
+    ids=["mounted-in-starlette", "served-alone"],
+)
+async def test_stopping_the_server_closes_the_sessions(
+    tmp_path: Path, app: str, mount: str
+) -> None:
+    """Mounted, the framework's lifespan hands over; alone, PHTApp answers the lifespan."""
     for server in SERVERS:
-        site = start_site(server, tmp_path / server)
+        site = start_site(server, tmp_path / server, app=app)
         try:
             # A session whose client pushed, and has no pull open: only the
             # app's lifespan shutdown can end it.
             body = pht.encode_line(b"lonely")
-            push = b"POST /tunnel/push?token=lonelytoken HTTP/1.1\r\nHost: x\r\n"
+            push = b"POST %s/push?token=lonelytoken HTTP/1.1\r\nHost: x\r\n" % mount.encode()
             push += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
             assert (await http(site.port, push + body))[0] == 200
             site.process.send_signal(signal.SIGTERM)
