@@ -386,3 +386,36 @@ def test_a_percent_encoded_path_routes_as_it_reads() -> None:
         await app.shutdown()
 
     run(main)
+
+
+def test_a_pull_the_server_cannot_write_ends_the_session() -> None:
+    """A send() not done within pull_write_timeout: the client stopped reading."""
+
+    async def main() -> None:
+        ended = asyncio.Event()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+            ended.set()
+
+        app = PHTApp(echo, pull_write_timeout=0.05, shutdown_timeout=0)
+
+        async def receive() -> Message:
+            await asyncio.Event().wait()  # no disconnect: the client is there, not reading
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # the ASGI server's buffer stays full
+
+        pull = asyncio.get_running_loop().create_task(
+            app(http_scope("GET", "/pull", query=b"token=sessiontoken9"), receive, send)
+        )
+        assert await send_push(app, "sessiontoken9", b"x") == 200
+        await pull  # the pull gave up, without a last chunk...
+        await ended.wait()  # ...and the session ended: the callback read EOF
+        assert (await call(app, "GET", "/pull", query=b"token=sessiontoken9"))[0] == 403
+        await app.shutdown()
+
+    run(main)
