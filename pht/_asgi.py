@@ -50,6 +50,7 @@ from ._server_core import (
     ServerCore,
     SessionBuffers,
     ShutdownReport,
+    format_peer,
     short_token,
 )
 from ._server_session import (
@@ -730,10 +731,7 @@ def _note_peer(stream: _Stream, client: Any) -> None:
 
 def _peer_name(client: Any) -> str | None:
     """``host:port`` (``[v6]:port``) of the client, as the core's admission takes it."""
-    if not client:
-        return None
-    host, port = client[0], client[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_peer(client[0], client[1]) if client else None
 
 
 def _split_response(raw: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
