@@ -21,26 +21,33 @@ side is :class:`asyncio.Transport`'s API. Its adapter-facing side is small:
   (client: the server's answer to a push; server: room on the pull), through
   ``pause_writing`` / ``resume_writing`` as asyncio's flow control does;
 - tasks and the end: :meth:`~PHTTransport.start_task` runs an adapter's pump
-  task (what it raises ends the session with that error);
+  task and returns it (what it raises ends the session with that error);
   :meth:`~PHTTransport.lose` ends the session: it cancels the other tasks,
   waits for them, then calls the protocol's ``connection_lost`` once, so
   no task is left running when ``wait_closed()`` returns. ``close()`` calls
   :meth:`~PHTTransport._close_requested` (an adapter flushes, then loses).
 
-:func:`open_streams` connects a transport to asyncio's streams.
+:func:`open_streams` connects a transport to asyncio's streams;
+:func:`within` bounds an await by a timeout without losing a cancellation.
+Mid-stream failures are :class:`TunnelResetError` (a
+:class:`ConnectionResetError` and a :class:`~pht.TunnelError` with the
+status), what asyncio code already catches for a reset connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import TunnelError
 
-__all__ = ["DEFAULT_LIMIT", "PHTTransport", "TunnelResetError", "open_streams"]
+__all__ = ["DEFAULT_LIMIT", "PHTTransport", "TunnelResetError", "open_streams", "within"]
+
+T = TypeVar("T")
 
 _log = logging.getLogger("pht.asyncio")
 
@@ -281,22 +288,19 @@ class PHTTransport(asyncio.Transport):
         self._unacknowledged = max(0, self._unacknowledged - size)
         self._maybe_resume()
 
-    def start_task(self, coro: Coroutine[Any, Any, None], *, name: str | None = None) -> None:
+    def start_task(
+        self, coro: Coroutine[Any, Any, None], *, name: str | None = None
+    ) -> asyncio.Task[None]:
         """Run an adapter's task; an exception it raises ends the session with it."""
-        task = self._loop.create_task(self._guard(coro), name=name)
+        task = self._loop.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        return task
 
-    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.lose(exc)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: end, then propagate
-            self.lose(exc if isinstance(exc, Exception) else None)
-            raise
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.lose(task.exception())
 
     def lose(self, exc: BaseException | None) -> None:
         """End the session: cancel the other tasks, then tell the protocol (once).
@@ -375,3 +379,19 @@ def open_streams(
     protocol.connection_made(transport)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
+
+
+async def within(seconds: float, awaitable: Coroutine[Any, Any, T]) -> T:
+    """``await awaitable``, or :class:`TimeoutError` after ``seconds``.
+
+    :func:`asyncio.timeout` where there is one (Python 3.11+): before 3.12
+    :func:`asyncio.wait_for` loses a cancellation that arrives as the awaited
+    operation completes, and a cancelled open or close would then go on.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    try:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, seconds)
+    except asyncio.TimeoutError:  # pragma: no cover - not the builtin one before 3.11
+        raise TimeoutError from None

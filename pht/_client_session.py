@@ -56,8 +56,10 @@ __all__ = [
     "CollectAck",
     "Deliver",
     "EndOfStream",
+    "Established",
     "PollAgain",
     "PushChunk",
+    "SendAuthorize",
     "SendPull",
     "Wait",
     "WriteDone",
@@ -287,6 +289,16 @@ def render_transitions() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SendAuthorize:
+    """Write the authorize request (the legacy flow's first step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """The server accepted the pull: the handshake is over, the tunnel open."""
+
+
+@dataclass(frozen=True, slots=True)
 class SendPull:
     """Write the pull request for ``token`` (the handshake's second step)."""
 
@@ -321,7 +333,9 @@ class EndOfStream:
 PullAction = SendPull | PollAgain | Deliver | Wait | EndOfStream
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every push, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about a microsecond more.
+@dataclass(slots=True)
 class PushChunk:
     """Push the next ``size`` bytes (at most ``max_push_size``)."""
 
@@ -462,6 +476,26 @@ class ClientSession:
         self.token = self.options.token or self.options.token_source()
         self._enter("pull sent")
         return SendPull(self.token)
+
+    def handshake_step(
+        self, answer: ClientEvent | None = None
+    ) -> SendAuthorize | SendPull | Established:
+        """The next step of the handshake: call it with ``None`` to begin, then
+        with the answer to each request it named, until :class:`Established`.
+
+        Write each request on the pull connection, or on a new one when that
+        is not :meth:`~pht.ClientChannel.reusable` (a server may close the
+        connection after the token). A refusal raises :class:`~pht.TunnelError`.
+        """
+        if answer is None:
+            start = self.start()
+            return SendAuthorize() if start is None else start
+        action = self.pull_event(answer)
+        if isinstance(action, SendPull):
+            return action
+        # Any other answer moved the session to OPEN (PullStarted) or raised.
+        assert self._state is ClientSessionState.OPEN, self._state
+        return Established()
 
     def handshake_failed(self, exc: BaseException) -> TunnelError:
         """A connection of the handshake broke or spoke bad HTTP."""

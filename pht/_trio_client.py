@@ -18,9 +18,10 @@ from ._client_session import (
     CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
     PushChunk,
-    SendPull,
+    SendAuthorize,
     describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -573,18 +574,17 @@ async def _start_session(
 ) -> _Connection:
     """The handshake, as the session says; returns the connection the pull is on."""
     try:
-        start = session.start()
-        if start is None:
-            await pull.send(pull.channel.authorize())
-            action = session.pull_event(await pull.next_event())
+        step = session.handshake_step()
+        while not isinstance(step, Established):
             if not await pull.reusable():  # closed after the token: nothing of the pull sent
                 await pull.aclose()
                 pull = await connector.open(session.options.config)
-        else:
-            action = start
-        assert isinstance(action, SendPull)
-        await pull.send(pull.channel.pull(action.token))
-        session.pull_event(await pull.next_event())
+            channel = pull.channel
+            if isinstance(step, SendAuthorize):
+                await pull.send(channel.authorize())
+            else:
+                await pull.send(channel.pull(step.token))
+            step = session.handshake_step(await pull.next_event())
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await pull.aclose()
         raise session.handshake_failed(exc) from exc

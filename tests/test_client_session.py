@@ -17,8 +17,10 @@ from pht._client_session import (
     CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
     PushChunk,
+    SendAuthorize,
     SendPull,
     Wait,
     WriteDone,
@@ -289,6 +291,30 @@ def _drive_write(session: ClientSession, size: int, *, window: int, keep: int) -
             assert step == WriteDone()
             return steps
     raise AssertionError("the write never finished")
+
+
+def test_handshake_steps_legacy_flow() -> None:
+    session = ClientSession(_options(authorize=True))
+    assert session.handshake_step() == SendAuthorize()
+    assert session.handshake_step(Authorized(token="t1")) == SendPull("t1")
+    assert session.handshake_step(PullStarted()) == Established()
+    assert session.token == "t1"
+    assert _state(session) is State.OPEN
+
+
+def test_handshake_steps_modern_flow() -> None:
+    session = ClientSession(_options(authorize=False, token_source=lambda: "mine"))
+    assert session.handshake_step() == SendPull("mine")
+    assert session.handshake_step(PullStarted()) == Established()
+
+
+def test_handshake_refusal_raises_with_the_status() -> None:
+    session = ClientSession(_options(authorize=False, token_source=lambda: "mine"))
+    session.handshake_step()
+    with pytest.raises(pht.TunnelError) as caught:
+        session.handshake_step(_rejected(403))
+    assert caught.value.status == 403
+    assert _state(session) is State.ERROR
 
 
 def test_stop_and_wait_write() -> None:
