@@ -21,13 +21,17 @@ side is :class:`asyncio.Transport`'s API. Its adapter-facing side is small:
   (client: the server's answer to a push; server: room on the pull), through
   ``pause_writing`` / ``resume_writing`` as asyncio's flow control does;
 - tasks and the end: :meth:`~PHTTransport.start_task` runs an adapter's pump
-  task (what it raises ends the session with that error);
+  task and returns it (what it raises ends the session with that error);
   :meth:`~PHTTransport.lose` ends the session: it cancels the other tasks,
   waits for them, then calls the protocol's ``connection_lost`` once, so
   no task is left running when ``wait_closed()`` returns. ``close()`` calls
   :meth:`~PHTTransport._close_requested` (an adapter flushes, then loses).
 
-:func:`open_streams` connects a transport to asyncio's streams.
+:func:`open_streams` connects a transport to asyncio's streams;
+:func:`within` bounds an await by a timeout without losing a cancellation.
+Mid-stream failures are :class:`TunnelResetError` (a
+:class:`ConnectionResetError` and a :class:`~pht.TunnelError` with the
+status), what asyncio code already catches for a reset connection.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -512,7 +512,7 @@ class Watchdog:
     rest of the request.
     """
 
-    __slots__ = ("interval", "watched")
+    __slots__ = ("add", "discard", "interval", "watched")
 
     def __init__(self, options: ServerOptions) -> None:
         self.interval = min(
@@ -522,12 +522,11 @@ class Watchdog:
             1.0,
         )
         self.watched: set[Expiring] = set()
-
-    def add(self, item: Expiring) -> None:
-        self.watched.add(item)
-
-    def discard(self, item: Expiring) -> None:
-        self.watched.discard(item)
+        # The set's own methods: these run for every push, so no Python call.
+        #: Watch an item (its ``deadline`` may change while it is watched).
+        self.add: Callable[[Expiring], None] = self.watched.add
+        #: Stop watching an item (it need not be watched).
+        self.discard: Callable[[Expiring], None] = self.watched.discard
 
     def expire_due(self, now: float) -> int:
         """Call ``expire()`` on everything whose deadline passed; returns how many."""

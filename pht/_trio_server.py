@@ -74,28 +74,40 @@ class _ServerStream(SessionBuffers, PHTStream):
         super().__init__(session, remote_address, max_buffered)
         self.pull_writer: _PullWriter | None = None
         self.pull_parked = False
-        self._data_arrived = trio.Event()
+        # Each event is made when a task is about to wait on it (``None``:
+        # nobody waits): thousands of idle tunnels hold none of them.
+        self._data_arrived: trio.Event | None = None
         self.consumed = trio.lowlevel.ParkingLot()
-        self._outbound_ready = trio.Event()
-        self._outbound_drained = trio.Event()
-        self.finished_event = trio.Event()
+        self._outbound_ready: trio.Event | None = None
+        self._outbound_drained: trio.Event | None = None
+        self._finished_event: trio.Event | None = None
         self._receiving = ConflictDetector("another task is already receiving on this stream")
         self._sending = ConflictDetector("another task is already sending on this stream")
 
     def _wake_reader(self) -> None:
-        self._data_arrived.set()
+        if self._data_arrived is not None:
+            self._data_arrived.set()
 
     def _wake_pushes(self) -> None:
         self.consumed.unpark_all()
 
     def _wake_pull(self) -> None:
-        self._outbound_ready.set()
+        if self._outbound_ready is not None:
+            self._outbound_ready.set()
 
     def _wake_sender(self) -> None:
-        self._outbound_drained.set()
+        if self._outbound_drained is not None:
+            self._outbound_drained.set()
 
     def _wake_finished(self) -> None:
-        self.finished_event.set()
+        if self._finished_event is not None:
+            self._finished_event.set()
+
+    async def wait_finished(self) -> None:
+        """Wait until nothing more goes to or comes from the client."""
+        if not self.finished:
+            self._finished_event = trio.Event()
+            await self._finished_event.wait()
 
     # -- called by the handler --------------------------------------------------
 
@@ -106,13 +118,13 @@ class _ServerStream(SessionBuffers, PHTStream):
             if self.handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
             waited = False
-            while not self.readable:
+            while not self._inbound:  # the core's buffer (read here: hot path)
                 if self.session.closed:
                     if not waited:
                         await trio.lowlevel.checkpoint()
                     return b""
-                self._data_arrived = trio.Event()
-                await self._data_arrived.wait()
+                self._data_arrived = arrived = trio.Event()
+                await arrived.wait()
                 waited = True
                 if self.handler_closed:
                     raise trio.ClosedResourceError("stream was closed")
@@ -135,16 +147,16 @@ class _ServerStream(SessionBuffers, PHTStream):
                     # a task switch, and the bytes leave before the push that
                     # caused them is acknowledged (the client sees both sooner).
                     await writer.write(self.take_outbound())
-                    if self.has_outbound or writer.error is not None or not self.pull_parked:
-                        self._outbound_ready.set()  # the rest, an error, or a waiter
+                    if self._outbound or writer.error is not None or not self.pull_parked:
+                        self._wake_pull()  # the rest, an error, or a waiter
                     return
-                self._outbound_ready.set()
+                self._wake_pull()
             await trio.lowlevel.checkpoint()
 
     async def _wait_room(self) -> None:
         while self.must_wait_room:
-            self._outbound_drained = trio.Event()
-            await self._outbound_drained.wait()
+            self._outbound_drained = drained = trio.Event()
+            await drained.wait()
             if self.handler_closed:
                 raise trio.ClosedResourceError("stream was closed")
 
@@ -162,8 +174,8 @@ class _ServerStream(SessionBuffers, PHTStream):
 
     async def wait_outbound(self) -> None:
         if not self.has_outbound and not self.finished:
-            self._outbound_ready = trio.Event()
-            await self._outbound_ready.wait()
+            self._outbound_ready = ready = trio.Event()
+            await ready.wait()
 
     async def wait_writer(self) -> None:
         """Wait until the handler's own pull write is over."""
@@ -214,7 +226,7 @@ class _Server(ServerCore[_ServerStream]):
             await stream.aclose()
             # Give the pull a moment to deliver what the handler wrote last.
             with trio.move_on_after(self.options.push_timeout):
-                await stream.finished_event.wait()
+                await stream.wait_finished()
             if self.handler_done(stream, trio.current_time(), started):
                 self.all_done.set()
 
@@ -315,7 +327,8 @@ class _Server(ServerCore[_ServerStream]):
                 if not data:
                     return
                 del data  # the core has it: not kept alive while a push waits
-                watch.received(trio.current_time())
+                if watch.between_requests:
+                    watch.received(trio.current_time())
                 continue
             watch.answering()  # push_timeout etc. apply
             if type(event) is PushData:

@@ -335,6 +335,12 @@ async def send_then_receive(stream: pht.PHTStream) -> bytes:
         return b""
 
 
+def test_pht_asyncio_exports_the_server() -> None:
+    import pht.asyncio
+
+    assert pht.asyncio.start_pht_server is start_pht_server
+
+
 def test_bad_arguments_are_refused_before_listening() -> None:
     async def main() -> None:
         with pytest.raises(TypeError, match="ssl"):
