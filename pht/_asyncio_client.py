@@ -34,6 +34,7 @@ from ._client_session import (
     PollAgain,
     PushChunk,
     SendAuthorize,
+    SendPull,
     describe_failure,
 )
 from ._common import plan_writes
@@ -228,8 +229,7 @@ class _ClientTransport(PHTTransport):
                 "cipher": info("cipher"),
                 "peercert": info("peercert"),
             },
-            # drain() returns with at most push_window - 1 pushes unanswered.
-            high_water=(options.push_window - 1) * options.max_push_size,
+            high_water=options.unanswered_bytes,
         )
         self.token = session.token
         self._session = session
@@ -494,15 +494,16 @@ async def _start_session(
     try:
         step = session.handshake_step()
         while not isinstance(step, Established):
-            if not pull.reusable():  # closed after the token: nothing of the pull sent
-                pull.close()
-                pull = await connector.open()
             channel = pull.channel
             if isinstance(step, SendAuthorize):
                 await pull.send(channel.authorize())
             else:
                 await pull.send(channel.pull(step.token))
             step = session.handshake_step(await pull.next_event())
+            if isinstance(step, SendPull) and not pull.reusable():
+                # Closed after the token: nothing of the pull was sent yet.
+                pull.close()
+                pull = await connector.open()
     except (OSError, RemoteProtocolError) as exc:
         pull.close()
         raise session.handshake_failed(exc) from exc

@@ -169,6 +169,16 @@ class ClientOptions:
         return max(2, self.push_window)
 
     @property
+    def unanswered_bytes(self) -> int:
+        """How many written bytes may await their acknowledgement when a write returns.
+
+        ``(push_window - 1) * max_push_size``: ``0`` for GOST's stop and wait.
+        An adapter whose writes are queued (asyncio's ``drain()``) waits
+        until no more than this is unanswered.
+        """
+        return (self.push_window - 1) * self.max_push_size
+
+    @property
     def dial_address(self) -> tuple[str, int]:
         """Where every connection goes: the proxy when there is one, else the server."""
         return self.proxy or (self.host, self.port)
@@ -434,6 +444,8 @@ class ClientSession:
         self._push_sizes: deque[int] = deque()
         #: Bytes the server acknowledged so far (an adapter reports progress from it).
         self.acknowledged = 0
+        #: How many pushes a write may leave unanswered: ``push_window - 1``.
+        self.keep_after_write = options.push_window - 1
 
     @property
     def state(self) -> ClientSessionState:
@@ -608,11 +620,6 @@ class ClientSession:
         """
         window = self.options.push_window
         return window if size <= self.options.max_push_size else max(2, window)
-
-    @property
-    def keep_after_write(self) -> int:
-        """How many pushes a write may leave unanswered: ``push_window - 1``."""
-        return self.options.push_window - 1
 
     def next_push_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
         """What the push side does next, with ``queued`` bytes still to push.

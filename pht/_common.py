@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from ._errors import LocalProtocolError
 
-__all__ = ["DEFAULT_PATHS", "Paths", "plan_writes"]
+__all__ = ["DEFAULT_PATHS", "JOIN_LIMIT", "Paths", "plan_writes"]
 
 #: Pieces that add up to this much are joined into one write.
-_JOIN_LIMIT = 64 * 1024
+JOIN_LIMIT = 64 * 1024
 #: Small pieces are written together with this much of a large neighbour.
 _EDGE = 16 * 1024
 
@@ -51,7 +51,7 @@ def plan_writes(pieces: list[bytes]) -> list[bytes | memoryview]:
     """
     if len(pieces) == 1:
         return [pieces[0]]
-    if sum(len(piece) for piece in pieces) <= _JOIN_LIMIT:
+    if sum(len(piece) for piece in pieces) <= JOIN_LIMIT:
         return [b"".join(pieces)]
     writes: list[bytes | memoryview] = []
     small: list[bytes | memoryview] = []

@@ -22,6 +22,7 @@ from ._client_session import (
     PollAgain,
     PushChunk,
     SendAuthorize,
+    SendPull,
     describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -576,15 +577,16 @@ async def _start_session(
     try:
         step = session.handshake_step()
         while not isinstance(step, Established):
-            if not await pull.reusable():  # closed after the token: nothing of the pull sent
-                await pull.aclose()
-                pull = await connector.open(session.options.config)
             channel = pull.channel
             if isinstance(step, SendAuthorize):
                 await pull.send(channel.authorize())
             else:
                 await pull.send(channel.pull(step.token))
             step = session.handshake_step(await pull.next_event())
+            if isinstance(step, SendPull) and not await pull.reusable():
+                # Closed after the token: nothing of the pull was sent yet.
+                await pull.aclose()
+                pull = await connector.open(session.options.config)
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await pull.aclose()
         raise session.handshake_failed(exc) from exc

@@ -6,7 +6,7 @@ from types import TracebackType
 
 import trio
 
-from ._common import plan_writes
+from ._common import JOIN_LIMIT, plan_writes
 from ._errors import LocalProtocolError, TunnelError
 
 __all__ = [
@@ -86,6 +86,9 @@ async def write_pieces(transport: trio.abc.Stream, pieces: list[bytes]) -> None:
     """Write ``pieces`` in order, as :func:`~pht._common.plan_writes` groups them."""
     if len(pieces) == 1:
         await transport.send_all(pieces[0])
+        return
+    if sum(len(piece) for piece in pieces) <= JOIN_LIMIT:  # plan_writes's first case, inline
+        await transport.send_all(b"".join(pieces))
         return
     for write in plan_writes(pieces):
         await transport.send_all(write)

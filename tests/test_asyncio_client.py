@@ -540,3 +540,39 @@ def test_through_a_forward_http_proxy(aio: Runner, servers: TrioServers) -> None
         assert all(b"\r\nProxy-Authorization: Basic bWU6c2VjcmV0\r\n" in head for head in heads)
 
     aio(main())
+
+
+def test_authorize_answer_that_closes_its_connection(aio: Runner) -> None:
+    """A server may close the connection after the token: the pull goes on a new one."""
+
+    async def main() -> None:
+        connections: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the push connection: closed unused
+                return
+            connections.append(head.split(b" ", 2)[1])
+            if head.startswith(b"GET /authorize"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoken=t1"
+                )
+            elif head.startswith(b"GET /pull"):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\naGk=\n\r\n"
+                )
+                await reader.read()  # until the client closes
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await pht.asyncio.open_pht_connection("127.0.0.1", port)
+            assert writer.get_extra_info("pht_token") == "t1"
+            assert await reader.readexactly(2) == b"hi"
+            writer.transport.abort()
+            await writer.wait_closed()
+        assert connections[:2] == [b"/authorize", b"/pull?token=t1"]
+
+    aio(main())

@@ -351,6 +351,11 @@ def test_channel_window_is_two_at_least() -> None:
     assert _options(authorize=False, push_window=1).channel_push_window == 2
 
 
+def test_unanswered_bytes_after_a_write() -> None:
+    assert _options(authorize=False, push_window=1).unanswered_bytes == 0
+    assert _options(authorize=False, push_window=3, max_push_size=10).unanswered_bytes == 20
+
+
 def test_a_refused_push_forgets_the_sizes_in_flight() -> None:
     session = _open_modern()
     session.pushed(3)
