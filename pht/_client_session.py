@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -52,11 +53,16 @@ __all__ = [
     "ClientOptions",
     "ClientSession",
     "ClientSessionState",
+    "CollectAck",
     "Deliver",
     "EndOfStream",
+    "Established",
     "PollAgain",
+    "PushChunk",
+    "SendAuthorize",
     "SendPull",
     "Wait",
+    "WriteDone",
     "render_transitions",
 ]
 
@@ -153,6 +159,41 @@ class ClientOptions:
         """The server as ``host:port`` (``[host]:port`` for IPv6), for messages."""
         return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
 
+    @property
+    def channel_push_window(self) -> int:
+        """The push window a connection's :class:`~pht.ClientChannel` needs.
+
+        Two at least: one write larger than ``max_push_size`` pipelines two
+        pushes whatever ``push_window`` is (:meth:`ClientSession.push_window_for`).
+        """
+        return max(2, self.push_window)
+
+    @property
+    def dial_address(self) -> tuple[str, int]:
+        """Where every connection goes: the proxy when there is one, else the server."""
+        return self.proxy or (self.host, self.port)
+
+    def _dialled(self) -> str:
+        if self.proxy is None:
+            return self.address
+        return f"proxy {self.proxy[0]}:{self.proxy[1]}"
+
+    def connect_failed(self, exc: BaseException) -> TunnelError:
+        """Connecting to :attr:`dial_address` failed with ``exc``."""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return TunnelError(f"cannot connect to {self._dialled()}: {reason}")
+
+    def connect_timed_out(self) -> TunnelError:
+        """Connecting to :attr:`dial_address` took longer than ``connect_timeout``."""
+        return TunnelError(f"timed out connecting to {self._dialled()}")
+
+    def tls_failed(self, cause: BaseException) -> TunnelError:
+        """The TLS handshake failed (or timed out) with ``cause``."""
+        return TunnelError(
+            f"TLS handshake with {self.address} failed: {cause}; is the server "
+            "speaking phts, and does the client trust its certificate?"
+        )
+
     @classmethod
     def build(
         cls,
@@ -248,6 +289,16 @@ def render_transitions() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SendAuthorize:
+    """Write the authorize request (the legacy flow's first step)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """The server accepted the pull: the handshake is over, the tunnel open."""
+
+
+@dataclass(frozen=True, slots=True)
 class SendPull:
     """Write the pull request for ``token`` (the handshake's second step)."""
 
@@ -281,6 +332,30 @@ class EndOfStream:
 
 PullAction = SendPull | PollAgain | Deliver | Wait | EndOfStream
 
+
+# Not frozen: one is made for every push, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about a microsecond more.
+@dataclass(slots=True)
+class PushChunk:
+    """Push the next ``size`` bytes (at most ``max_push_size``)."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CollectAck:
+    """Read the answer to the oldest push in flight, for :meth:`ClientSession.push_answer`."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteDone:
+    """Nothing to push and no answer due: the write is complete."""
+
+
+PushStep = PushChunk | CollectAck | WriteDone
+_COLLECT_ACK = CollectAck()
+_WRITE_DONE = WriteDone()
+
 _PATH_HINTS = {
     404: "the server has no such path; do the client's and server's paths match?",
     429: "the server has too many pending sessions; try again later",
@@ -290,6 +365,17 @@ _PATH_HINTS = {
     ),
     410: "the session is gone (closed, or its data was not consumed in time)",
 }
+
+
+def describe_failure(exc: BaseException, idle_for: float) -> str:
+    """``exc`` as a message; with the connection's idle time before the request, if long.
+
+    A request that fails on a connection idle for a while points at a
+    middlebox that dropped it; a sudden failure does not.
+    """
+    if idle_for >= 1.0:
+        return f"{exc} (the connection had been idle for {idle_for:.0f} s)"
+    return str(exc)
 
 
 def explain_rejection(
@@ -344,6 +430,10 @@ class ClientSession:
         self._push_loss: str | None = None
         # Unanswered pushes of writes that have returned (push_window > 1).
         self._earlier_pushes = 0
+        # Sizes of the pushes awaiting their answer, oldest first.
+        self._push_sizes: deque[int] = deque()
+        #: Bytes the server acknowledged so far (an adapter reports progress from it).
+        self.acknowledged = 0
 
     @property
     def state(self) -> ClientSessionState:
@@ -386,6 +476,26 @@ class ClientSession:
         self.token = self.options.token or self.options.token_source()
         self._enter("pull sent")
         return SendPull(self.token)
+
+    def handshake_step(
+        self, answer: ClientEvent | None = None
+    ) -> SendAuthorize | SendPull | Established:
+        """The next step of the handshake: call it with ``None`` to begin, then
+        with the answer to each request it named, until :class:`Established`.
+
+        Write each request on the pull connection, or on a new one when that
+        is not :meth:`~pht.ClientChannel.reusable` (a server may close the
+        connection after the token). A refusal raises :class:`~pht.TunnelError`.
+        """
+        if answer is None:
+            start = self.start()
+            return SendAuthorize() if start is None else start
+        action = self.pull_event(answer)
+        if isinstance(action, SendPull):
+            return action
+        # Any other answer moved the session to OPEN (PullStarted) or raised.
+        assert self._state is ClientSessionState.OPEN, self._state
+        return Established()
 
     def handshake_failed(self, exc: BaseException) -> TunnelError:
         """A connection of the handshake broke or spoke bad HTTP."""
@@ -499,6 +609,30 @@ class ClientSession:
         window = self.options.push_window
         return window if size <= self.options.max_push_size else max(2, window)
 
+    @property
+    def keep_after_write(self) -> int:
+        """How many pushes a write may leave unanswered: ``push_window - 1``."""
+        return self.options.push_window - 1
+
+    def next_push_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
+        """What the push side does next, with ``queued`` bytes still to push.
+
+        Push while fewer than ``window`` pushes are unanswered
+        (:meth:`push_window_for`), else collect the oldest answer; once all
+        is pushed, collect answers until at most ``keep`` are unanswered
+        (:attr:`keep_after_write` for a write that returns, ``0`` to settle
+        them all, as before a close), then the write is done.
+        """
+        if queued > 0:
+            if in_flight < window:
+                return PushChunk(min(queued, self.options.max_push_size))
+            return _COLLECT_ACK
+        return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
+
+    def pushed(self, size: int) -> None:
+        """A push of ``size`` bytes was written; its answer is due."""
+        self._push_sizes.append(size)
+
     @staticmethod
     def should_settle(in_flight: int, unused_for: float) -> bool:
         """Whether to collect a push connection's answers before the next push.
@@ -540,6 +674,8 @@ class ClientSession:
             raise self.push_failed(message, status=event.status_code)
         if not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
+        if self._push_sizes:
+            self.acknowledged += self._push_sizes.popleft()
         if closed and still_in_flight:
             raise self.push_failed("the server closed the push connection with pushes unanswered")
         return closed
@@ -551,6 +687,7 @@ class ClientSession:
         """
         self._push_loss = message
         self._earlier_pushes = 0  # the push connection is dropped with them
+        self._push_sizes.clear()
         return self.break_sending(message, status=status)
 
     def break_sending(self, message: str, *, status: int | None = None) -> TunnelError:

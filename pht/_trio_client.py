@@ -15,10 +15,14 @@ from ._client_session import (
     ClientOptions,
     ClientSession,
     ClientSessionState,
+    CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
-    SendPull,
+    PushChunk,
+    SendAuthorize,
+    describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
@@ -100,12 +104,6 @@ class _Connection:
         self.idle_for = trio.current_time() - self.last_used
         return channel.reusable(self.idle_for)
 
-    def describe_failure(self, exc: BaseException) -> str:
-        """``exc`` as a message; with the idle time before the request, when there was one."""
-        if self.idle_for >= 1.0:
-            return f"{exc} (the connection had been idle for {self.idle_for:.0f} s)"
-        return str(exc)
-
     async def send(self, pieces: bytes | list[bytes]) -> None:
         self.last_used = trio.current_time()
         try:
@@ -168,60 +166,72 @@ class _ClientStream(PHTStream):
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
-            size = session.options.max_push_size
-            window = session.push_window_for(len(view))
             try:
-                await self._settle_idle_pushes()
-                for start in range(0, len(view), size):
-                    await self._push_once(view[start : start + size], window)
-                # A window of N lets this call return with N - 1 unacknowledged.
-                await self._collect_acks(session.options.push_window - 1)
+                push = self._push
+                if push is not None and session.should_settle(
+                    push.channel.pushes_in_flight, trio.current_time() - push.last_used
+                ):
+                    await self._pump_pushes(view[:0], window=1, keep=0)
+                window = session.push_window_for(len(view))
+                await self._pump_pushes(view, window=window, keep=session.keep_after_write)
             except trio.Cancelled:
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
             if self._push is not None:
                 session.write_returned(self._push.channel.pushes_in_flight)
 
-    async def _push_once(self, chunk: memoryview, window: int) -> None:
-        await self._collect_acks(window - 1)
+    async def _pump_pushes(self, view: memoryview, *, window: int, keep: int) -> None:
+        """Push ``view`` and collect answers, each step as the session says."""
+        session = self._session
+        offset = 0
+        while True:
+            push = self._push
+            step = session.next_push_step(
+                queued=len(view) - offset,
+                in_flight=0 if push is None else push.channel.pushes_in_flight,
+                window=window,
+                keep=keep,
+            )
+            if type(step) is PushChunk:
+                end = offset + step.size
+                await self._push_once(view[offset:end])
+                offset = end
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._collect_ack(push)
+            else:
+                return
+
+    async def _push_once(self, chunk: memoryview) -> None:
         connection = await self._push_connection()
         try:
             await connection.send(connection.channel.push(self.token, chunk))
         except (trio.BrokenResourceError, OSError, PHTError) as exc:
             raise await self._push_failed(connection, exc) from exc
+        self._session.pushed(len(chunk))
 
-    async def _settle_idle_pushes(self) -> None:
-        """Collect the answers to pushes left unacknowledged on an idle connection."""
-        connection = self._push
-        if connection is not None and self._session.should_settle(
-            connection.channel.pushes_in_flight, trio.current_time() - connection.last_used
-        ):
-            await self._collect_acks(0)
-
-    async def _collect_acks(self, keep: int) -> None:
-        """Read acknowledgements until at most ``keep`` pushes are unanswered."""
-        connection = self._push
-        while connection is not None and connection.channel.pushes_in_flight > keep:
-            try:
-                event = await connection.next_event()
-            except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                raise await self._push_failed(connection, exc) from exc
-            channel = connection.channel
-            try:
-                done = self._session.push_answer(
-                    event,
-                    closed=channel.state is ChannelState.CLOSED,
-                    still_in_flight=channel.pushes_in_flight,
-                )
-            except TunnelError as exc:
-                raise await self._drop_push(connection, exc) from None
-            if done:
-                self._push = None
-                await connection.aclose()
-                return
+    async def _collect_ack(self, connection: _Connection) -> None:
+        """Read and judge the answer to the oldest push."""
+        try:
+            event = await connection.next_event()
+        except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            raise await self._push_failed(connection, exc) from exc
+        channel = connection.channel
+        try:
+            done = self._session.push_answer(
+                event,
+                closed=channel.state is ChannelState.CLOSED,
+                still_in_flight=channel.pushes_in_flight,
+            )
+        except TunnelError as exc:
+            raise await self._drop_push(connection, exc) from None
+        if done:
+            self._push = None
+            await connection.aclose()
 
     async def _push_failed(self, connection: _Connection, exc: BaseException) -> BrokenTunnelError:
-        message = f"push to the PHT server failed: {connection.describe_failure(exc)}"
+        reason = describe_failure(exc, connection.idle_for)
+        message = f"push to the PHT server failed: {reason}"
         return await self._drop_push(connection, self._session.push_failed(message))
 
     async def _drop_push(self, connection: _Connection, error: TunnelError) -> BrokenTunnelError:
@@ -359,7 +369,7 @@ class _ClientStream(PHTStream):
             return None
         with trio.move_on_after(self._session.options.close_timeout):
             try:
-                await self._collect_acks(0)
+                await self._pump_pushes(memoryview(b""), window=1, keep=0)
             except BrokenTunnelError as exc:
                 return exc
             return None
@@ -400,13 +410,11 @@ class _Connector:
         server_hostname: str | None,
         open_transport: TransportOpener | None = None,
     ) -> None:
-        self.host, self.port = options.host, options.port
         self.open_transport = open_transport
-        # Channels allow two pushes in flight at least: one send_all pipelines its pushes.
-        self.push_window = max(2, options.push_window)
+        self.push_window = options.channel_push_window
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or options.host
-        self.proxy = options.proxy
+        self.options = options
         self.connect_timeout = options.connect_timeout
         self.address = options.address
 
@@ -418,21 +426,16 @@ class _Connector:
 
     async def _open_transport(self) -> trio.abc.Stream:
         """A byte stream to the server (or the proxy): TCP, or ``open_transport``'s."""
-        target_host, target_port = self.proxy or (self.host, self.port)
-        where = f"proxy {target_host}:{target_port}" if self.proxy else self.address
+        target_host, target_port = self.options.dial_address
         try:
             with trio.fail_after(self.connect_timeout):
                 if self.open_transport is None:
                     return await trio.open_tcp_stream(target_host, target_port)
                 return await self.open_transport(target_host, target_port)
         except trio.TooSlowError:
-            raise TunnelError(f"timed out connecting to {where}") from None
-        except OSError as exc:
-            raise TunnelError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
-        except Exception as exc:  # open_transport's own failures: its message, chained
-            if self.open_transport is None:  # pragma: no cover - trio raises OSError
-                raise
-            raise TunnelError(f"cannot connect to {where}: {exc}") from exc
+            raise self.options.connect_timed_out() from None
+        except Exception as exc:  # OSError, or open_transport's own failures: chained
+            raise self.options.connect_failed(exc) from exc
 
     async def _start_tls(
         self, transport: trio.abc.Stream, context: ssl.SSLContext
@@ -458,11 +461,7 @@ class _Connector:
                 await handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(tls)
-            cause = exc.__cause__ or exc
-            raise TunnelError(
-                f"TLS handshake with {self.address} failed: {cause}; is the server "
-                "speaking phts, and does the client trust its certificate?"
-            ) from exc
+            raise self.options.tls_failed(exc.__cause__ or exc) from exc
         return tls
 
 
@@ -575,18 +574,17 @@ async def _start_session(
 ) -> _Connection:
     """The handshake, as the session says; returns the connection the pull is on."""
     try:
-        start = session.start()
-        if start is None:
-            await pull.send(pull.channel.authorize())
-            action = session.pull_event(await pull.next_event())
+        step = session.handshake_step()
+        while not isinstance(step, Established):
             if not await pull.reusable():  # closed after the token: nothing of the pull sent
                 await pull.aclose()
                 pull = await connector.open(session.options.config)
-        else:
-            action = start
-        assert isinstance(action, SendPull)
-        await pull.send(pull.channel.pull(action.token))
-        session.pull_event(await pull.next_event())
+            channel = pull.channel
+            if isinstance(step, SendAuthorize):
+                await pull.send(channel.authorize())
+            else:
+                await pull.send(channel.pull(step.token))
+            step = session.handshake_step(await pull.next_event())
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await pull.aclose()
         raise session.handshake_failed(exc) from exc

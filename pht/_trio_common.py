@@ -6,6 +6,7 @@ from types import TracebackType
 
 import trio
 
+from ._common import plan_writes
 from ._errors import LocalProtocolError, TunnelError
 
 __all__ = [
@@ -20,9 +21,6 @@ __all__ = [
 
 #: Bytes asked of a socket per read: large reads keep the per-call overhead low.
 RECEIVE_SIZE = 256 * 1024
-_JOIN_LIMIT = 64 * 1024
-#: Small pieces are written together with this much of a large neighbour.
-_EDGE = 16 * 1024
 
 
 class BrokenTunnelError(trio.BrokenResourceError, TunnelError):
@@ -85,41 +83,9 @@ class PHTStream(trio.abc.Stream):
 
 
 async def write_pieces(transport: trio.abc.Stream, pieces: list[bytes]) -> None:
-    """Write ``pieces`` in order, in as few writes as a small copy allows.
-
-    Small pieces are joined. Large ones are written from a memoryview, but
-    a small piece next to one (a request head, a body's final newline) goes
-    out joined with ``_EDGE`` bytes of it: a write of a few bytes becomes a
-    TCP segment of its own, and a relay with Nagle's algorithm on holds such
-    a segment for a delayed ACK (a 40 ms wait per push). The copy is at most
-    ``2 * _EDGE`` bytes per large piece, whatever its size.
-    """
+    """Write ``pieces`` in order, as :func:`~pht._common.plan_writes` groups them."""
     if len(pieces) == 1:
         await transport.send_all(pieces[0])
         return
-    total = sum(len(piece) for piece in pieces)
-    if total <= _JOIN_LIMIT:
-        await transport.send_all(b"".join(pieces))
-        return
-    for write in _coalesce(pieces):
+    for write in plan_writes(pieces):
         await transport.send_all(write)
-
-
-def _coalesce(pieces: list[bytes]) -> list[bytes | memoryview]:
-    """The writes for ``pieces``: each large piece's middle alone, the rest joined."""
-    writes: list[bytes | memoryview] = []
-    small: list[bytes | memoryview] = []
-    for piece in pieces:
-        if len(piece) < 3 * _EDGE:
-            small.append(piece)
-            continue
-        view = memoryview(piece)
-        if small:
-            small.append(view[:_EDGE])
-            writes.append(b"".join(small))
-            view = view[_EDGE:]
-        writes.append(view[:-_EDGE])
-        small = [view[-_EDGE:]]
-    if small:
-        writes.append(b"".join(small) if len(small) > 1 else small[0])
-    return writes

@@ -14,11 +14,17 @@ from pht._client_session import (
     ClientOptions,
     ClientSession,
     ClientSessionState,
+    CollectAck,
     Deliver,
     EndOfStream,
+    Established,
     PollAgain,
+    PushChunk,
+    SendAuthorize,
     SendPull,
     Wait,
+    WriteDone,
+    describe_failure,
     render_transitions,
 )
 from pht._events import (
@@ -60,8 +66,8 @@ def _open_legacy() -> ClientSession:
     return session
 
 
-def _open_modern() -> ClientSession:
-    session = ClientSession(_options(authorize=False, token_source=lambda: "made"))
+def _open_modern(**kwargs: object) -> ClientSession:
+    session = ClientSession(_options(authorize=False, token_source=lambda: "made", **kwargs))
     assert session.start() == SendPull("made")
     assert _state(session) is State.STARTING
     assert session.pull_event(PullStarted()) == Wait()
@@ -264,6 +270,119 @@ def test_push_window_within_one_large_write() -> None:
     assert session.push_window_for(11) == 2
     wide = ClientSession(_options(authorize=False, max_push_size=10, push_window=4))
     assert wide.push_window_for(11) == 4
+
+
+def _drive_write(session: ClientSession, size: int, *, window: int, keep: int) -> list[str]:
+    """The steps of one write of ``size`` bytes, answers arriving when collected."""
+    steps: list[str] = []
+    queued, in_flight = size, 0
+    for _ in range(100):
+        step = session.next_push_step(queued=queued, in_flight=in_flight, window=window, keep=keep)
+        if isinstance(step, PushChunk):
+            steps.append(f"push {step.size}")
+            session.pushed(step.size)
+            queued -= step.size
+            in_flight += 1
+        elif isinstance(step, CollectAck):
+            steps.append("ack")
+            in_flight -= 1
+            session.push_answer(PushAcknowledged(), closed=False, still_in_flight=in_flight)
+        else:
+            assert step == WriteDone()
+            return steps
+    raise AssertionError("the write never finished")
+
+
+def test_handshake_steps_legacy_flow() -> None:
+    session = ClientSession(_options(authorize=True))
+    assert session.handshake_step() == SendAuthorize()
+    assert session.handshake_step(Authorized(token="t1")) == SendPull("t1")
+    assert session.handshake_step(PullStarted()) == Established()
+    assert session.token == "t1"
+    assert _state(session) is State.OPEN
+
+
+def test_handshake_steps_modern_flow() -> None:
+    session = ClientSession(_options(authorize=False, token_source=lambda: "mine"))
+    assert session.handshake_step() == SendPull("mine")
+    assert session.handshake_step(PullStarted()) == Established()
+
+
+def test_handshake_refusal_raises_with_the_status() -> None:
+    session = ClientSession(_options(authorize=False, token_source=lambda: "mine"))
+    session.handshake_step()
+    with pytest.raises(pht.TunnelError) as caught:
+        session.handshake_step(_rejected(403))
+    assert caught.value.status == 403
+    assert _state(session) is State.ERROR
+
+
+def test_stop_and_wait_write() -> None:
+    session = _open_modern(max_push_size=10, push_window=1)
+    window = session.push_window_for(5)
+    assert _drive_write(session, 5, window=window, keep=session.keep_after_write) == [
+        "push 5",
+        "ack",
+    ]
+    assert session.acknowledged == 5
+
+
+def test_large_write_pipelines_two_pushes_and_returns_acknowledged() -> None:
+    session = _open_modern(max_push_size=10, push_window=1)
+    window = session.push_window_for(25)
+    steps = _drive_write(session, 25, window=window, keep=session.keep_after_write)
+    assert steps == ["push 10", "push 10", "ack", "push 5", "ack", "ack"]
+    assert session.acknowledged == 25
+
+
+def test_windowed_write_returns_with_pushes_in_flight() -> None:
+    session = _open_modern(max_push_size=10, push_window=3)
+    assert session.keep_after_write == 2
+    assert session.options.channel_push_window == 3
+    steps = _drive_write(session, 40, window=session.push_window_for(40), keep=2)
+    assert steps == ["push 10", "push 10", "push 10", "ack", "push 10", "ack"]
+    assert session.acknowledged == 20  # two of the four pushes are still unanswered
+    # Settling (before a close, or on an idle connection) collects them all.
+    assert session.next_push_step(queued=0, in_flight=3, window=1, keep=0) == CollectAck()
+    assert session.next_push_step(queued=0, in_flight=0, window=1, keep=0) == WriteDone()
+
+
+def test_channel_window_is_two_at_least() -> None:
+    assert _options(authorize=False, push_window=1).channel_push_window == 2
+
+
+def test_a_refused_push_forgets_the_sizes_in_flight() -> None:
+    session = _open_modern()
+    session.pushed(3)
+    session.pushed(4)
+    with pytest.raises(pht.TunnelError):
+        session.push_answer(_rejected(410, RequestKind.PUSH), closed=True, still_in_flight=1)
+    session.pushed(5)
+    session.push_answer(PushAcknowledged(), closed=False, still_in_flight=0)
+    assert session.acknowledged == 5
+
+
+def test_connect_failures_name_what_was_dialled() -> None:
+    options = ClientOptions.build("example.com", 8080, connect_timeout=3)
+    assert options.dial_address == ("example.com", 8080)
+    assert str(options.connect_failed(ConnectionRefusedError(111, "Connection refused"))) == (
+        "cannot connect to example.com:8080: Connection refused"
+    )
+    proxied = ClientOptions.build("example.com", 8080, proxy="http://10.0.0.1:3128")
+    assert proxied.dial_address == ("10.0.0.1", 3128)
+    assert str(proxied.connect_timed_out()) == "timed out connecting to proxy 10.0.0.1:3128"
+    assert str(proxied.connect_failed(RuntimeError("no route"))) == (
+        "cannot connect to proxy 10.0.0.1:3128: no route"
+    )
+    message = str(options.tls_failed(ValueError("bad certificate")))
+    assert message.startswith("TLS handshake with example.com:8080 failed: bad certificate;")
+
+
+def test_failure_mentions_a_long_idle_time() -> None:
+    assert describe_failure(OSError("reset"), 0.5) == "reset"
+    assert describe_failure(OSError("reset"), 61.2) == (
+        "reset (the connection had been idle for 61 s)"
+    )
 
 
 def test_idle_pushes_are_settled_after_a_while() -> None:

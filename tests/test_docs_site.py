@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("pht", "pht.proxy")
+MODULES = ("pht", "pht.proxy", "pht.asyncio")
 
 
 def public_names(module: str) -> list[str]:

@@ -1,0 +1,512 @@
+"""The asyncio client adapter: :func:`open_pht_connection`.
+
+The same :class:`~pht.ClientSession` and :class:`~pht.ClientChannel` as the
+trio client decide everything; this module moves bytes. Each HTTP connection
+is an asyncio protocol that feeds its channel as bytes arrive, so an idle
+connection's close is already known when the session asks whether it may be
+reused. The tunnel is a :class:`~pht._asyncio_common.PHTTransport` with two
+tasks: the pull pump (events of the pull connection, as the session says) and
+the push pump (the application's writes, in the steps the session gives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as _ssl
+from typing import cast
+
+from ._asyncio_common import (
+    DEFAULT_LIMIT,
+    PHTTransport,
+    TunnelResetError,
+    open_streams,
+    within,
+)
+from ._client import ClientChannel, HeaderInput
+from ._client_session import (
+    DEFAULT_MAX_PUSH_SIZE,
+    ClientOptions,
+    ClientSession,
+    CollectAck,
+    Deliver,
+    EndOfStream,
+    Established,
+    PollAgain,
+    PushChunk,
+    SendAuthorize,
+    describe_failure,
+)
+from ._common import plan_writes
+from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
+from ._events import NEED_DATA, ChannelState, ClientEvent
+from ._token import TokenSource, new_token
+
+__all__ = ["open_pht_connection"]
+
+_BROKEN = (OSError, PHTError)
+
+
+def _reset(error: TunnelError) -> TunnelResetError:
+    """``error`` as asyncio's readers and ``drain()`` raise it (and still a pht error)."""
+    return TunnelResetError(str(error), status=error.status)
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP connection of the client: an asyncio transport and its sans-IO channel."""
+
+    def __init__(self, channel: ClientChannel, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel = channel
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.last_used = loop.time()
+        #: How long the connection was idle before its latest request.
+        self.idle_for = 0.0
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.channel.receive_data(data)
+        except LocalProtocolError:  # bytes after an EOF: the connection is unusable anyway
+            pass
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None:
+            self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _end(self) -> None:
+        if not self._eof:
+            self._eof = True
+            try:
+                self.channel.receive_data(b"")
+            except LocalProtocolError:
+                pass
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # for the tunnel
+
+    def reusable(self) -> bool:
+        """Whether a request may be written here (:meth:`ClientChannel.reusable`)."""
+        if self.channel.state is not ChannelState.IDLE:
+            return False
+        self.idle_for = self.loop.time() - self.last_used
+        return self.channel.reusable(self.idle_for)
+
+    async def send(self, pieces: bytes | list[bytes]) -> None:
+        transport = self.transport
+        assert transport is not None
+        self.last_used = self.loop.time()
+        if self._eof or transport.is_closing():
+            self.channel.send_failed()
+            raise ConnectionResetError("the connection to the PHT server is closed")
+        if isinstance(pieces, bytes):
+            transport.write(pieces)
+        else:
+            for write in plan_writes(pieces):
+                transport.write(write)
+        if self._drained is not None:
+            await self._drained
+
+    async def next_event(self) -> ClientEvent:
+        channel = self.channel
+        while True:
+            event = channel.next_event()
+            if event is not NEED_DATA:
+                self.last_used = self.loop.time()
+                return event
+            if self._eof or channel.state in (ChannelState.CLOSED, ChannelState.ERROR):
+                raise ConnectionResetError("connection to the PHT server is closed")
+            self._waiter = waiter = self.loop.create_future()
+            await waiter
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._eof:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._eof:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Connector:
+    """Opens the HTTP connections of one tunnel (TCP, TLS, or to a proxy)."""
+
+    def __init__(
+        self,
+        options: ClientOptions,
+        ssl_context: _ssl.SSLContext | None,
+        server_hostname: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.options = options
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or options.host
+        self.loop = loop
+
+    async def open(self) -> _Connection:
+        options = self.options
+        channel = ClientChannel(options.config, push_window=options.channel_push_window)
+        host, port = options.dial_address
+        context = self.ssl_context
+        try:
+            _, connection = await within(
+                options.connect_timeout,
+                self.loop.create_connection(
+                    lambda: _Connection(channel, self.loop),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=None if context is None else self.server_hostname,
+                ),
+            )
+        except TimeoutError:
+            raise options.connect_timed_out() from None
+        except (_ssl.SSLError, _ssl.CertificateError) as exc:
+            raise options.tls_failed(exc) from exc
+        except ConnectionResetError as exc:
+            if context is None:
+                raise options.connect_failed(exc) from exc
+            raise options.tls_failed(exc) from exc
+        except OSError as exc:
+            raise options.connect_failed(exc) from exc
+        return connection
+
+
+class _ClientTransport(PHTTransport):
+    """The client's end of a tunnel: pumps bytes as its :class:`ClientSession` says."""
+
+    def __init__(
+        self,
+        session: ClientSession,
+        connector: _Connector,
+        pull: _Connection,
+        push: _Connection,
+    ) -> None:
+        options = session.options
+        assert session.token is not None
+        assert pull.transport is not None
+        info = pull.transport.get_extra_info
+        super().__init__(
+            connector.loop,
+            extra={
+                "pht_token": session.token,
+                "peername": info("peername"),
+                "sockname": info("sockname"),
+                "ssl_object": info("ssl_object"),
+                "cipher": info("cipher"),
+                "peercert": info("peercert"),
+            },
+            # drain() returns with at most push_window - 1 pushes unanswered.
+            high_water=(options.push_window - 1) * options.max_push_size,
+        )
+        self.token = session.token
+        self._session = session
+        self._connector = connector
+        self._pull = pull
+        self._push: _Connection | None = push
+        self._push_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the pumps (once the protocol is attached)."""
+        self.start_task(self._pull_pump(), name="pht pull")
+        self._push_task = self.start_task(self._push_pump(), name="pht push")
+
+    # -- the pull -----------------------------------------------------------------
+
+    async def _pull_pump(self) -> None:
+        session = self._session
+        while True:
+            pull = self._pull
+            try:
+                event = await pull.next_event()
+            except _BROKEN as exc:
+                quiet = self.loop.time() - pull.last_used
+                raise _reset(session.pull_failed(exc, quiet_for=quiet)) from exc
+            try:
+                action = session.pull_event(event)
+            except TunnelError as exc:
+                raise _reset(exc) from None
+            if type(action) is Deliver:
+                self.deliver(action.data)
+                if not self.is_reading() and not self.is_closing():
+                    pull.pause_reading()
+                    await self.wait_reading()
+                    pull.resume_reading()
+            elif type(action) is EndOfStream:
+                self.deliver_eof()
+                return
+            elif isinstance(action, PollAgain):
+                try:
+                    await self._poll_again(action.token)
+                except _BROKEN as exc:
+                    raise _reset(session.repoll_failed(exc)) from exc
+
+    async def _poll_again(self, token: str) -> None:
+        # Nothing of the new GET was written yet: a new connection is safe
+        # when the old one ended (or aged) while idle.
+        if not self._pull.reusable():
+            self._pull.close()
+            self._pull = await self._connector.open()
+        await self._pull.send(self._pull.channel.pull(token))
+
+    # -- the pushes ---------------------------------------------------------------
+
+    async def _push_pump(self) -> None:
+        """Push what the application writes; return once closing left nothing to do."""
+        session = self._session
+        while True:
+            push = self._push
+            in_flight = 0 if push is None else push.channel.pushes_in_flight
+            queued = self.queued
+            if not queued and not in_flight:
+                if self.is_closing():
+                    return
+                await self.wait_outbound()
+                continue
+            if session.send_error is not None:
+                raise _reset(session.send_error)
+            step = session.next_push_step(
+                queued=queued,
+                in_flight=in_flight,
+                window=session.push_window_for(queued),
+                keep=0,  # answers are read as they come: drain() counts them
+            )
+            if type(step) is PushChunk:
+                await self._push_once(step.size)
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._collect_ack(push)
+
+    async def _push_once(self, size: int) -> None:
+        connection = await self._push_connection()
+        chunk = self.take_outbound(size)
+        try:
+            await connection.send(connection.channel.push(self.token, chunk))
+        except _BROKEN as exc:
+            raise self._push_failed(connection, exc) from exc
+        self._session.pushed(len(chunk))
+
+    async def _collect_ack(self, connection: _Connection) -> None:
+        session = self._session
+        try:
+            event = await connection.next_event()
+        except _BROKEN as exc:
+            raise self._push_failed(connection, exc) from exc
+        channel = connection.channel
+        before = session.acknowledged
+        try:
+            done = session.push_answer(
+                event,
+                closed=channel.state is ChannelState.CLOSED,
+                still_in_flight=channel.pushes_in_flight,
+            )
+        except TunnelError as exc:
+            self._drop_push(connection)
+            raise _reset(exc) from None
+        self.acknowledge(session.acknowledged - before)
+        if done:
+            self._drop_push(connection)
+
+    def _push_failed(self, connection: _Connection, exc: BaseException) -> TunnelResetError:
+        reason = describe_failure(exc, connection.idle_for)
+        self._drop_push(connection)
+        return _reset(self._session.push_failed(f"push to the PHT server failed: {reason}"))
+
+    def _drop_push(self, connection: _Connection) -> None:
+        if self._push is connection:
+            self._push = None
+        connection.close()
+
+    async def _push_connection(self) -> _Connection:
+        """The push connection; a new one if the current one ended while idle."""
+        connection = self._push
+        if (
+            connection is not None
+            and not connection.channel.pushes_in_flight
+            and not connection.reusable()
+        ):
+            self._drop_push(connection)
+        if self._push is None:
+            try:
+                self._push = await self._connector.open()
+            except TunnelError as exc:
+                raise _reset(self._session.break_sending(str(exc))) from exc
+        return self._push
+
+    # -- the end ------------------------------------------------------------------
+
+    def _close_requested(self) -> None:
+        self.start_task(self._close(), name="pht close")
+
+    async def _close(self) -> None:
+        """As asyncio's close: the queued bytes go out first (up to ``close_timeout``)."""
+        session = self._session
+        timeout = session.options.close_timeout
+        refused: TunnelError | None = None
+        push_pump = self._push_task
+        if push_pump is not None and not push_pump.done():
+            done, _ = await asyncio.wait([push_pump], timeout=timeout)
+            if not done:
+                push_pump.cancel()
+                refused = _reset(session.acks_timed_out())
+        if session.close(pushes_settled=refused is None):
+            try:
+                await within(timeout, self._notify_close())
+            except (TimeoutError, *_BROKEN):
+                pass
+        self.lose(refused)
+
+    async def _notify_close(self) -> None:
+        """Send the close notification, as modern GOST clients do (best effort)."""
+        push = self._push
+        if push is None or not push.reusable():
+            push = self._push = await self._connector.open()
+        await push.send(push.channel.close_session(self.token))
+        await push.next_event()
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        if self._push is not None:
+            self._push.close()
+        self._pull.close()
+        super()._connection_lost(exc)
+
+
+async def open_pht_connection(
+    host: str,
+    port: int,
+    *,
+    ssl: bool | _ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    authorize: bool = True,
+    authorize_path: str = "/authorize",
+    push_path: str = "/push",
+    pull_path: str = "/pull",
+    headers: HeaderInput = None,
+    host_header: str | None = None,
+    proxy: str | None = None,
+    token: str | None = None,
+    token_source: TokenSource = new_token,
+    max_push_size: int = DEFAULT_MAX_PUSH_SIZE,
+    connect_timeout: float = 30.0,
+    close_timeout: float = 5.0,
+    push_window: int = 1,
+    limit: int = DEFAULT_LIMIT,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a PHT tunnel to ``host:port`` as :func:`asyncio.open_connection` opens a TCP one.
+
+    The keyword arguments are :func:`pht.open_pht_stream`'s, with asyncio's
+    names where asyncio has one: ``ssl`` (``None``/``False``, ``True`` for a
+    default verifying context, or an :class:`ssl.SSLContext`) instead of
+    ``tls``, and ``limit`` (the reader's buffer limit). ``drain()`` waits for
+    the server's acknowledgement of the written bytes: with ``push_window=1``
+    (GOST's stop and wait) for all of them, with ``N`` until at most
+    ``N - 1`` pushes' worth are unanswered.
+
+    Returns once the server has accepted the pull; a refusal raises
+    :class:`~pht.TunnelError` with the HTTP ``status``. Later failures reach
+    the reader and ``drain()`` as :class:`~pht.asyncio.TunnelResetError` (a
+    :class:`ConnectionResetError` and a :class:`~pht.TunnelError`).
+    ``writer.close()`` sends what is queued, then the close notification;
+    ``await writer.wait_closed()`` returns once nothing of the tunnel runs.
+    """
+    ssl_context: _ssl.SSLContext | None
+    if ssl is True:
+        ssl_context = _ssl.create_default_context()
+    elif ssl is None or ssl is False:
+        ssl_context = None
+    elif isinstance(ssl, _ssl.SSLContext):
+        ssl_context = ssl
+    else:
+        raise TypeError(f"ssl must be None, a bool or an ssl.SSLContext, not {type(ssl).__name__}")
+    options = ClientOptions.build(
+        host,
+        port,
+        secure=ssl_context is not None,
+        authorize=authorize,
+        authorize_path=authorize_path,
+        push_path=push_path,
+        pull_path=pull_path,
+        headers=headers,
+        host_header=host_header,
+        proxy=proxy,
+        token=token,
+        token_source=token_source,
+        max_push_size=max_push_size,
+        push_window=push_window,
+        connect_timeout=connect_timeout,
+        close_timeout=close_timeout,
+    )
+    loop = asyncio.get_running_loop()
+    connector = _Connector(options, ssl_context, server_hostname, loop)
+    session = ClientSession(options)
+    pull = await connector.open()
+    try:
+        try:
+            pull = await within(connect_timeout, _start_session(connector, pull, session))
+        except TimeoutError:
+            raise session.handshake_timed_out() from None
+        push = await connector.open()
+    except BaseException:
+        pull.close()
+        raise
+    transport = _ClientTransport(session, connector, pull, push)
+    reader, writer = open_streams(transport, limit=limit)
+    transport.start()
+    return reader, writer
+
+
+async def _start_session(
+    connector: _Connector, pull: _Connection, session: ClientSession
+) -> _Connection:
+    """The handshake, as the session says; returns the connection the pull is on."""
+    try:
+        step = session.handshake_step()
+        while not isinstance(step, Established):
+            if not pull.reusable():  # closed after the token: nothing of the pull sent
+                pull.close()
+                pull = await connector.open()
+            channel = pull.channel
+            if isinstance(step, SendAuthorize):
+                await pull.send(channel.authorize())
+            else:
+                await pull.send(channel.pull(step.token))
+            step = session.handshake_step(await pull.next_event())
+    except (OSError, RemoteProtocolError) as exc:
+        pull.close()
+        raise session.handshake_failed(exc) from exc
+    except BaseException:
+        pull.close()
+        raise
+    return pull
