@@ -174,3 +174,25 @@ def _load_e2e() -> Any:
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def test_quick_adapters_benchmark_produces_every_figure(tmp_path: Path) -> None:
+    """trio, asyncio and uvloop: every client adapter against every server adapter."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick",
+         "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    pairs = json.loads((tmp_path / "adapters.json").read_text())["pairs"]
+    adapters = ("trio", "asyncio", "uvloop")
+    for client in adapters:
+        for server in adapters:
+            for label in (f"{client}/{server}", f"{client}/{server} tcp"):
+                assert set(pairs[label]) == {"upload", "download", "rtt_median", "rtt_p99"}
+                for figure in pairs[label].values():
+                    assert len(figure["runs"]) == 1
+            assert "vs_tcp" in pairs[f"{client}/{server}"]["upload"]
