@@ -7,7 +7,9 @@
 #   scripts/setup.sh           pht, plus PyYAML (the cli extra) and the test,
 #                              docs and fuzz tools (requirements-*.txt)
 #   scripts/setup.sh test      the same, plus curl, nginx and squid, which the
-#                              end-to-end tests drive (--system is the old name)
+#                              end-to-end tests drive, and valgrind, which
+#                              benchmarks/instructions.py counts instructions
+#                              with (--system is the old name)
 #
 # Safe to run again: a stamp in .venv remembers what was installed from which
 # pyproject.toml and requirements files, and only a change reinstalls.
@@ -103,7 +105,7 @@ fi
 # --- System programs ---------------------------------------------------------
 case "$profile" in
     demo) programs=(curl) ;;
-    test) programs=(curl nginx squid) ;;
+    test) programs=(curl nginx squid valgrind) ;;
     *) programs=() ;;
 esac
 missing=()

@@ -174,3 +174,52 @@ def _load_e2e() -> Any:
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def test_quick_adapters_benchmark_produces_every_figure(tmp_path: Path) -> None:
+    """trio, asyncio and uvloop: every client adapter against every server adapter."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick",
+         "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    pairs = json.loads((tmp_path / "adapters.json").read_text())["pairs"]
+    adapters = ("trio", "asyncio", "uvloop")
+    for client in adapters:
+        for server in adapters:
+            for label in (f"{client}/{server}", f"{client}/{server} tcp"):
+                assert set(pairs[label]) == {"upload", "download", "rtt_median", "rtt_p99"}
+                for figure in pairs[label].values():
+                    assert len(figure["runs"]) == 1
+            assert "vs_tcp" in pairs[f"{client}/{server}"]["upload"]
+
+
+@pytest.mark.parametrize("workload", ["rtt", "upload", "download"])
+@pytest.mark.parametrize("path", ["tcp", "pht"])
+def test_instruction_workloads_run(workload: str, path: str) -> None:
+    """Each workload of benchmarks/instructions.py, natively (valgrind is slow)."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "instructions.py"), "--inner", workload,
+         path, "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+def test_instructions_are_counted_under_valgrind() -> None:
+    """One run under callgrind gives a whole-process instruction count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        instructions = importlib.import_module("instructions")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # A Python process that starts trio and makes one round trip runs far
+    # more than ten million instructions.
+    assert instructions.count_instructions("rtt", "tcp", 1) > 10_000_000

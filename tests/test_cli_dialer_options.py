@@ -5,10 +5,15 @@ from __future__ import annotations
 import ssl
 
 import pytest
+import trio
+import trio.testing
 
+import pht
 from pht.cli._chain import ChainDialer, _proxy_url
 from pht.cli._run import build_config, prepare
 from pht.cli._spec import ConfigError
+
+from .support import start_server
 
 
 def test_listener_options_on_the_generated_certificate() -> None:
@@ -75,3 +80,48 @@ def test_proxy_hop_credentials_become_the_proxy_url() -> None:
     (hop,) = dialer._hops
     (node,) = hop.nodes
     assert dialer._proxies[id(node)] == "http://tunnel:s3cret%3Apass@127.0.0.1:3128"
+
+
+# --- pushWindow reaches the PHT dialer -------------------------------------------------
+
+
+@pytest.mark.parametrize(("window", "returned"), [(4, 3), (1, 0)])
+async def test_push_window_lets_writes_return_before_their_answer(
+    window: int, returned: int
+) -> None:
+    # The server answers a push only once its handler took the bytes. With
+    # pushWindow=4, three writes return while the handler reads nothing; with
+    # pushWindow=1 (GOST's stop-and-wait) the first one waits for the handler.
+    read = trio.Event()
+    received = bytearray()
+
+    async def late_reader(stream: pht.PHTStream) -> None:
+        await read.wait()
+        while len(received) < 3 * 1024:
+            received.extend(await stream.receive_some())
+
+    writes = 0
+
+    async def writer(stream: trio.abc.Stream) -> None:
+        nonlocal writes
+        for _ in range(3):
+            await stream.send_all(b"x" * 1024)
+            writes += 1
+
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, late_reader)
+        config = build_config([":0"], [f"forward+pht://127.0.0.1:{port}?pushWindow={window}"])
+        stream = await ChainDialer(config.chains[0])("127.0.0.1", 1)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as writing:
+                writing.start_soon(writer, stream)
+                # Client and server run in this process: once every task waits,
+                # the pushes sent so far have reached the server.
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert writes == returned
+                read.set()
+            while len(received) < 3 * 1024:
+                await trio.sleep(0.01)
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert received == b"x" * 3 * 1024

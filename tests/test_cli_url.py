@@ -8,6 +8,7 @@ import re
 import pytest
 
 from pht.cli._spec import (
+    DEFAULT_PUSH_WINDOW,
     Address,
     ClientTLS,
     ConfigError,
@@ -225,6 +226,17 @@ def test_connect_timeout_and_proxy_on_a_node() -> None:
 def test_proxy_needs_the_plain_pht_dialer() -> None:
     with pytest.raises(ConfigError, match="proxy= works with the pht dialer only"):
         parse_node("socks5+phts://server:8443?proxy=http://squid:3128")
+
+
+def test_push_window_on_a_pht_node() -> None:
+    (node,) = parse_node("forward+pht://server:8443?pushWindow=2").nodes
+    assert node.push_window == 2
+    (node,) = parse_node("forward+phts://server:8443").nodes
+    assert node.push_window == DEFAULT_PUSH_WINDOW == 1
+    with pytest.raises(ConfigError, match="pushWindow"):
+        parse_node("forward+pht://server:8443?pushWindow=0")
+    with pytest.raises(ConfigError, match="pushWindow works with the pht and phts dialers only"):
+        parse_node("socks5://server:1080?pushWindow=2")
 
 
 def test_tls_options() -> None:

@@ -298,7 +298,11 @@ def test_yaml_headers_nodelay_tls_options_metrics_and_log() -> None:
               connector: {type: relay, metadata: {nodelay: true, connectTimeout: 5s}}
               dialer:
                 type: pht
-                metadata: {header.ServiceToken: t, header: {X-Key: v}, proxy: "http://sq:3128"}
+                metadata:
+                  header.ServiceToken: t
+                  header: {X-Key: v}
+                  proxy: "http://sq:3128"
+                  pushWindow: 3
         metrics: {addr: ":9000"}
         log: {level: warn, format: json, output: stdout}
         """
@@ -312,6 +316,7 @@ def test_yaml_headers_nodelay_tls_options_metrics_and_log() -> None:
     assert node.nodelay
     assert node.connect_timeout == 5.0
     assert node.proxy == "http://sq:3128"
+    assert node.push_window == 3
     assert config.metrics is not None
     assert config.metrics.addr.port == 9000
     assert config.metrics.path == "/metrics"

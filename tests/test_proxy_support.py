@@ -12,7 +12,12 @@ import trio.testing
 
 from pht.proxy import PrefixedStream, relay
 from pht.proxy._dial import DialFailure, classify_dial_error
-from pht.proxy._stream import HandshakeReader, Truncated
+from pht.proxy._stream import (
+    RELAY_BULK_SIZE,
+    RELAY_CHUNK_SIZE,
+    HandshakeReader,
+    Truncated,
+)
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -175,6 +180,47 @@ async def test_relay_copies_both_ways_and_closes_both() -> None:
         assert await receive_all(b_outer) == b""
         assert await receive_all(a_outer) == b""
     assert result == [(100_000, 5)]
+
+
+class _ReadSizes(trio.abc.Stream):
+    """A stream that records the ``max_bytes`` of every read (for relay's read sizes)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sizes: list[int | None] = []
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self.sizes.append(max_bytes)
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_relay_reads_big_while_busy_and_small_when_interactive() -> None:
+    a_outer, a_inner = trio.testing.memory_stream_pair()
+    b_inner, b_outer = trio.testing.memory_stream_pair()
+    source = _ReadSizes(a_inner)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, source, b_inner)
+        await a_outer.send_all(b"x" * (2 * RELAY_BULK_SIZE))
+        await receive_exactly(b_outer, 2 * RELAY_BULK_SIZE)
+        await a_outer.send_all(b"y")
+        await receive_exactly(b_outer, 1)
+        await a_outer.send_all(b"z")
+        await receive_exactly(b_outer, 1)
+        await a_outer.send_eof()
+    # 64 KiB first; once a read fills that, 512 KiB until a short read.
+    sizes = source.sizes
+    assert sizes[0] == RELAY_CHUNK_SIZE
+    assert sizes[1] == RELAY_BULK_SIZE
+    assert sizes[-2:] == [RELAY_CHUNK_SIZE, RELAY_CHUNK_SIZE]  # after "y", after "z"
 
 
 async def test_dial_errors_from_a_real_refused_connection_map_to_refused() -> None:

@@ -268,6 +268,7 @@ class ChainDialer:
             host_header=node.host_header,
             proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
             open_transport=open_transport,
+            push_window=node.push_window,
         )
 
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:

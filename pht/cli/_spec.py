@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_PULL_PATH",
     "DEFAULT_PUSH_PATH",
+    "DEFAULT_PUSH_WINDOW",
     "Address",
     "ChainSpec",
     "ClientTLS",
@@ -38,6 +39,9 @@ DEFAULT_AUTHORIZE_PATH = "/authorize"
 DEFAULT_PUSH_PATH = "/push"
 DEFAULT_PULL_PATH = "/pull"
 DEFAULT_BACKLOG = 128
+#: Pushes a ``pht``/``phts`` node keeps awaiting their answer (``pushWindow``):
+#: 1, as GOST (a write returns once the server took its bytes).
+DEFAULT_PUSH_WINDOW = 1
 
 HandlerType = Literal["auto", "http", "socks5", "socks4", "relay", "forward", "tcp"]
 ListenerType = Literal["tcp", "pht", "phts"]
@@ -180,6 +184,7 @@ class NodeSpec:
     headers: tuple[tuple[str, str], ...] = ()
     tls: ClientTLS = ClientTLS()
     proxy: str | None = None
+    push_window: int = DEFAULT_PUSH_WINDOW
     nodelay: bool = False
     connect_timeout: float | None = None
 

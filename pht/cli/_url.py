@@ -27,6 +27,7 @@ from ._spec import (
     DEFAULT_BACKLOG,
     DEFAULT_PULL_PATH,
     DEFAULT_PUSH_PATH,
+    DEFAULT_PUSH_WINDOW,
     ClientTLS,
     ConfigError,
     ConnectorType,
@@ -473,6 +474,16 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
 DIRECT = "direct"
 
 
+def node_push_window(meta: Metadata, dialer: DialerType) -> int:
+    """``pushWindow=N``: how many pushes a pht/phts node keeps awaiting their answer."""
+    window = meta.integer("pushWindow", minimum=1)
+    if window is None:
+        return DEFAULT_PUSH_WINDOW
+    if dialer == "tcp":
+        raise ConfigError(f"{meta.where}: pushWindow works with the pht and phts dialers only")
+    return window
+
+
 def node_proxy(meta: Metadata, dialer: DialerType) -> str | None:
     """``proxy=http://[user:pass@]host:port``: a forward HTTP proxy for a pht dialer.
 
@@ -519,6 +530,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     headers = meta.headers()
     tls = dialer_tls(client_tls(meta), dialer, where)
     proxy = node_proxy(meta, dialer)
+    push_window = node_push_window(meta, dialer)
     nodelay = bool(meta.boolean("nodelay"))
     if nodelay and connector != "relay":
         log.warning("%s: nodelay is a relay connector option: it has no effect here", where)
@@ -541,6 +553,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
             headers=headers,
             tls=tls,
             proxy=proxy,
+            push_window=push_window,
             nodelay=nodelay,
             connect_timeout=connect_timeout,
         )

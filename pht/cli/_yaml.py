@@ -35,6 +35,7 @@ from ._url import (
     dialer_tls,
     node_paths,
     node_proxy,
+    node_push_window,
     normalize_connector,
     normalize_dialer,
     normalize_handler,
@@ -273,6 +274,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     host_header = meta.string("host") or None
     headers = meta.headers()
     proxy = node_proxy(meta, dialer)
+    push_window = node_push_window(meta, dialer)
     meta.report_unused()
     connector_meta = connector_section.metadata().merged(node.metadata())
     nodelay = bool(connector_meta.boolean("nodelay"))
@@ -293,6 +295,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
         headers=headers,
         tls=tls,
         proxy=proxy,
+        push_window=push_window,
         nodelay=nodelay,
         connect_timeout=connect_timeout,
     )

@@ -11,6 +11,7 @@ from ._dial import HopError
 from ._errors import ProxyError
 
 __all__ = [
+    "RELAY_BULK_SIZE",
     "RELAY_CHUNK_SIZE",
     "HandshakeReader",
     "PrefixedStream",
@@ -21,6 +22,13 @@ __all__ = [
 
 #: Size of each read in :func:`relay`.
 RELAY_CHUNK_SIZE = 64 * 1024
+#: What :func:`relay` reads at once while a direction is busy. Each read
+#: becomes one push (or pull line batch), and every push costs a round trip, so
+#: bulk transfers want big reads; but a read's buffer is allocated at its full
+#: size, and above 128 KiB that costs an ``mmap`` (~25 µs here) even for one
+#: byte, so interactive traffic keeps 64 KiB reads. 512 KiB of data is a push
+#: body of ~700 KB, within nginx's default ``client_max_body_size`` (1 MiB).
+RELAY_BULK_SIZE = 512 * 1024
 
 _log = logging.getLogger("pht.proxy")
 
@@ -165,10 +173,13 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> tuple[int, int]:
         source: trio.abc.Stream, sink: trio.abc.Stream, index: int, scope: trio.CancelScope
     ) -> None:
         try:
+            size = RELAY_CHUNK_SIZE
             while True:
-                data = await source.receive_some(RELAY_CHUNK_SIZE)
+                data = await source.receive_some(size)
                 if not data:
                     break
+                # A read that filled a small buffer means more is waiting.
+                size = RELAY_BULK_SIZE if len(data) >= RELAY_CHUNK_SIZE else RELAY_CHUNK_SIZE
                 await sink.send_all(data)
                 counts[index] += len(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
