@@ -623,7 +623,7 @@ class PullWriteTimer:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ShutdownReport:
-    """What a graceful shutdown of :func:`serve_pht` did."""
+    """What a graceful shutdown did (:func:`pht.serve_pht`, or an asyncio server's ``close()``)."""
 
     #: Sessions that ended on their own within the grace period.
     finished: int
