@@ -24,6 +24,7 @@ in, and where a waiter may proceed the core calls one of the adapter's
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import math
 from collections import deque
@@ -41,11 +42,13 @@ __all__ = [
     "PULL_WRITE_SIZE",
     "TEARDOWN_BATCH",
     "UNPULLED_ROOM",
+    "AcceptFailures",
     "ConnectionTimer",
     "Expiring",
     "HeartbeatTimer",
     "HeartbeatWheel",
     "PullAction",
+    "PullInput",
     "PullWriteTimer",
     "Push",
     "ServerCore",
@@ -618,12 +621,91 @@ class PullWriteTimer:
         ]
 
 
+class PullInput:
+    """What a client sends up a connection while its pull is open.
+
+    The adapter reads the connection during a pull only to notice at once
+    that the client went away (GOST waits for a failed write). What arrives
+    is a pipelined request, kept for later: a proxy sends the next request
+    as soon as the pull's end went out, and it may arrive before the pull is
+    over. No client streams more than a request head up an open pull.
+    """
+
+    __slots__ = ("_conn", "_left")
+
+    def __init__(self, conn: ServerConnection, options: ServerOptions) -> None:
+        self._conn = conn
+        self._left = options.max_header_size
+
+    def received(self, data: bytes | bytearray) -> bool:
+        """Keep ``data``; whether to read on (``False``: the client closed, or sent too much)."""
+        if not data:
+            return False
+        self._conn.receive_data(data)  # never dropped
+        self._left -= len(data)
+        if self._left < 0:
+            log.debug("pull connection sent more than a request head: no longer read")
+            return False
+        return True
+
+
+# --- accepting ---------------------------------------------------------------------
+
+
+#: accept() errors that mean "out of resources", not "listener broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    code
+    for code in (
+        getattr(errno, "EMFILE", None),
+        getattr(errno, "ENFILE", None),
+        getattr(errno, "ENOMEM", None),
+        getattr(errno, "ENOBUFS", None),
+    )
+    if code is not None
+)
+
+
+class AcceptFailures:
+    """What a listener does when ``accept()`` fails for lack of resources.
+
+    At the file descriptor limit (and other resource errors) accepting backs
+    off for :attr:`backoff` seconds, and one warning per :attr:`interval`
+    says how many attempts failed since the last one, instead of an error
+    with a traceback per attempt. Other errors are the listener's end.
+    """
+
+    __slots__ = ("_failures", "_warned_at", "backoff", "interval")
+
+    def __init__(self, interval: float = 10.0, backoff: float = 0.1) -> None:
+        self.interval = interval
+        self.backoff = backoff
+        self._failures = 0
+        self._warned_at = -math.inf
+
+    def failed(self, exc: OSError, now: float) -> None:
+        """Count a failed ``accept()``; re-raises ``exc`` unless it is a resource error.
+
+        The adapter then waits :attr:`backoff` seconds before accepting again.
+        """
+        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+            raise exc
+        self._failures += 1
+        if now - self._warned_at >= self.interval:
+            log.warning(
+                "cannot accept connections: %s (%d times since the last warning);"
+                " raise the file descriptor limit (ulimit -n) or lower max_sessions",
+                exc.strerror or exc,
+                self._failures,
+            )
+            self._warned_at, self._failures = now, 0
+
+
 # --- one listener ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ShutdownReport:
-    """What a graceful shutdown of :func:`serve_pht` did."""
+    """What a graceful shutdown did (:func:`pht.serve_pht`, or an asyncio server's ``close()``)."""
 
     #: Sessions that ended on their own within the grace period.
     finished: int

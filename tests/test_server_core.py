@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import subprocess
 import sys
@@ -14,9 +16,11 @@ from pht._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
     UNPULLED_ROOM,
+    AcceptFailures,
     ConnectionTimer,
     HeartbeatWheel,
     PullAction,
+    PullInput,
     PullWriteTimer,
     Push,
     ServerCore,
@@ -391,3 +395,26 @@ def test_requests_that_need_no_waiting_are_answered_and_counted() -> None:
     assert isinstance(refused, BadRequest)
     refusal = core.answer(conn, refused, "127.0.0.1:1", 0.0)
     assert refusal.startswith(b"HTTP/1.1 404")
+
+
+def test_accept_failures_back_off_and_warn_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures = AcceptFailures(interval=10.0, backoff=0.1)
+    full = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.WARNING, logger="pht.server"):
+        for tenth in range(250):  # 25 s of failures, one per backoff
+            failures.failed(full, tenth * 0.1)
+    assert len(caplog.records) == 3  # at 0 s, 10 s and 20 s
+    assert "(100 times since the last warning)" in caplog.records[1].getMessage()
+    with pytest.raises(OSError, match="broken"):
+        failures.failed(OSError(errno.EBADF, "broken"), 30.0)
+
+
+def test_pull_input_keeps_a_pipelined_request_and_stops_past_a_head() -> None:
+    options = ServerOptions(max_header_size=64)
+    conn = Core(options).new_connection()
+    watch = PullInput(conn, options)
+    assert watch.received(b"GET /authorize HTTP/1.1\r\n")
+    assert not watch.received(b"X: " + b"a" * 64)  # more than a request head
+    assert not PullInput(conn, options).received(b"")  # the client closed
