@@ -581,9 +581,11 @@ class PHTServer:
         return tuple(self._listener.sockets) if self._closing is None else ()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the server runs on."""
         return self._loop
 
     def is_serving(self) -> bool:
+        """Whether the server accepts new tunnels (``False`` once closing)."""
         return self._closing is None
 
     async def start_serving(self) -> None:
