@@ -68,17 +68,30 @@ async def test_tunnel_through_squid_without_connect(
     assert await _http_status(squid.port, connect.encode()) == 403
     # ...which is all PHT needs.
     await _check_tunnel(backend, f"http://127.0.0.1:{squid.port}", authorize=authorize)
-    _assert_relayed(squid, backend)
+    await _assert_relayed(squid, backend)
 
 
-def _assert_relayed(squid: harness.ManagedProcess, backend: int) -> None:
+async def _assert_relayed(squid: harness.ManagedProcess, backend: int) -> None:
     """squid's access log shows the pushes and pulls it relayed to the server.
 
+    squid logs a request when its transaction ends, and a pull's ends only
+    after squid notices the tunnel's close: the line may come a moment after
+    the tunnel closed, so the log is read again for up to ``HANG_BOUND``.
     (squid's default strip_query_terms keeps the tokens out of its log.)
     """
-    log = (squid.log.parent / "access.log").read_text(errors="replace")
-    for method, path in (("POST", "/push"), ("GET", "/pull")):
-        assert f"{method} http://127.0.0.1:{backend}{path}? " in log, log[-2000:]
+    expected = [
+        f"{method} http://127.0.0.1:{backend}{path}? "
+        for method, path in (("POST", "/push"), ("GET", "/pull"))
+    ]
+    log = ""
+    with trio.move_on_after(HANG_BOUND):
+        while True:
+            log = (squid.log.parent / "access.log").read_text(errors="replace")
+            if all(line in log for line in expected):
+                return
+            await trio.sleep(0.05)
+    for line in expected:
+        assert line in log, log[-2000:]
 
 
 def _auth_rules(listen: str, directory: Path) -> str:
@@ -114,7 +127,7 @@ async def test_tunnel_through_squid_with_proxy_authentication(
     # The password has a ':' in it, percent-encoded in the URL.
     proxy = f"http://tunnel:s3cret%3Apass@127.0.0.1:{squid.port}"
     await _check_tunnel(backend, proxy, authorize=False)
-    _assert_relayed(squid, backend)
+    await _assert_relayed(squid, backend)
     connect = (
         f"CONNECT 127.0.0.1:{backend} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\n"
         "Proxy-Authorization: Basic dHVubmVsOnMzY3JldDpwYXNz\r\n\r\n"
