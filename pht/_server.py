@@ -104,7 +104,7 @@ _PUSH_ACK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 _HEARTBEAT_CHUNK = b"1\r\n\n\r\n"
 #: The head of a pull response to a fast-path push (a client's mistake,
 #: answered as h11 answers it on the fallback path).
-_PULL_HEAD = b"HTTP/1.1 200 \r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"
+_PULL_HEAD = b"HTTP/1.1 200 OK\r\nX-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"
 #: The end of a chunked body.
 _LAST_CHUNK = b"0\r\n\r\n"
 _AFTER_EOF = "receive_data() got bytes after b'' (the end of the connection)"
@@ -609,6 +609,7 @@ class ServerConnection:
         response = h11.Response(
             status_code=200,
             headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
+            reason=b"OK",  # as GOST's (Go's) status line
         )
         data = self._send(response)
         # RFC 9112: an HTTP/1.1 client gets a chunked body; an HTTP/1.0 one
