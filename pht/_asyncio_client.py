@@ -237,6 +237,8 @@ class _ClientTransport(PHTTransport):
         self._pull = pull
         self._push: _Connection | None = push
         self._push_task: asyncio.Task[None] | None = None
+        #: Set while the pull pump waits for the answers of pushes in flight.
+        self._answers_heard: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         """Start the pumps (once the protocol is attached)."""
@@ -253,6 +255,7 @@ class _ClientTransport(PHTTransport):
                 event = await pull.next_event()
             except _BROKEN as exc:
                 quiet = self.loop.time() - pull.last_used
+                await self._hear_push_answers()
                 raise _reset(session.pull_failed(exc, quiet_for=quiet)) from exc
             try:
                 action = session.pull_event(event)
@@ -272,6 +275,31 @@ class _ClientTransport(PHTTransport):
                     await self._poll_again(action.token)
                 except _BROKEN as exc:
                     raise _reset(session.repoll_failed(exc)) from exc
+
+    async def _hear_push_answers(self) -> None:
+        """Before a cut pull is reported, let the pushes in flight be answered.
+
+        A server cuts the pull of a session that refused pushed bytes (``410``)
+        and answers the push about the same moment: when the cut comes first,
+        the answer still names the cause, as the trio client reports it. A
+        refusal ends the session from the push pump (this task is cancelled);
+        an acknowledgement lets the pull's own failure be reported.
+        """
+        push = self._push
+        if push is None or not push.channel.pushes_in_flight:
+            return
+        self._answers_heard = self.loop.create_future()
+        try:
+            await within(self._session.options.close_timeout, self._answers_heard)
+        except TimeoutError:
+            pass
+        finally:
+            self._answers_heard = None
+
+    def _answers_done(self) -> None:
+        waiter = self._answers_heard
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _poll_again(self, token: str) -> None:
         # Nothing of the new GET was written yet: a new connection is safe
@@ -338,6 +366,8 @@ class _ClientTransport(PHTTransport):
         self.acknowledge(session.acknowledged - before)
         if done:
             self._drop_push(connection)
+        elif not channel.pushes_in_flight:
+            self._answers_done()
 
     def _push_failed(self, connection: _Connection, exc: BaseException) -> TunnelResetError:
         reason = describe_failure(exc, connection.idle_for)
@@ -348,6 +378,7 @@ class _ClientTransport(PHTTransport):
         if self._push is connection:
             self._push = None
         connection.close()
+        self._answers_done()
 
     async def _push_connection(self) -> _Connection:
         """The push connection; a new one if the current one ended while idle."""

@@ -40,7 +40,7 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from ._errors import TunnelError
@@ -381,7 +381,7 @@ def open_streams(
     return reader, writer
 
 
-async def within(seconds: float, awaitable: Coroutine[Any, Any, T]) -> T:
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
     """``await awaitable``, or :class:`TimeoutError` after ``seconds``.
 
     :func:`asyncio.timeout` where there is one (Python 3.11+): before 3.12
