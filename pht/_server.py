@@ -134,7 +134,9 @@ class ServerConnection:
         self.paths = paths
         self.max_push_line = max_push_line
         self._max_header_size = max_header_size
-        self._conn = self._new_h11()
+        # h11 is made when a request needs it (most never do: the fast path
+        # reads them); an idle tunnel's two connections then hold none.
+        self._h11: h11.Connection | None = None
         self._state = ServerConnectionState.IDLE
         self._routes = {
             paths.authorize: RequestKind.AUTHORIZE,
@@ -157,8 +159,15 @@ class ServerConnection:
         self._chunked_pull = True
         self._reset_request()
 
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header_size)
+    @property
+    def _conn(self) -> h11.Connection:
+        """The h11 connection, made on first use (between requests, a fresh one is the same)."""
+        conn = self._h11
+        if conn is None:
+            conn = self._h11 = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self._max_header_size
+            )
+        return conn
 
     def _reset_request(self) -> None:
         self._kind: RequestKind | None = None
@@ -703,7 +712,7 @@ class ServerConnection:
                 # old one, and what the old one had not read yet is moved over.
                 pending, closed = self._conn.trailing_data
                 if pending or closed:
-                    self._conn = self._new_h11()
+                    self._h11 = None  # a fresh one when needed
                     self._buffer += pending
                     self._eof = closed
                 self._fast = True

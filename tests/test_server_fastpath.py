@@ -427,6 +427,7 @@ def test_canonical_push_is_read_without_h11() -> None:
     assert conn.send_push_ack() == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert conn.next_event() == pht.PushRequest(token="t", data=b"x")
     conn.send_push_ack()
+    assert conn._h11 is None  # never made: an idle connection holds no h11 machine
     assert conn._conn.their_state is conn._conn.our_state is h11.IDLE
     assert conn._conn.trailing_data == (b"", False)
 

@@ -1,0 +1,741 @@
+"""The asyncio server adapter: :func:`start_pht_server`, shaped like :func:`asyncio.start_server`.
+
+Every rule comes from the server core (:mod:`pht._server_core` and the
+session machine beneath it), as in the trio adapter: this module reads
+requests, writes the core's answers and waits where the core says. Each
+session is a :class:`~pht._asyncio_common.PHTTransport` under asyncio's own
+:class:`asyncio.StreamReader` / :class:`asyncio.StreamWriter`, fed by two
+pump tasks: pushed bytes go to the reader as the handler's protocol accepts
+them (a push is acknowledged once they are in its buffer, GOST's
+"consumed"), and what the application writes goes into the core's
+outbound buffer for the pull; ``drain()`` returns once the pull wrote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl as _ssl
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import NEED_DATA, PullRequest, PushData, PushRequest, ServerConnectionState
+from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
+from ._server_core import (
+    PULL_PROGRESS,
+    ConnectionTimer,
+    PullAction,
+    PullWriteTimer,
+    ServerCore,
+    SessionBuffers,
+    ShutdownReport,
+    format_peer,
+    server_ssl_context,
+    short_token,
+)
+from ._server_session import (
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    DEFAULT_MAX_PENDING_PER_ADDRESS,
+    DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    Input,
+    Network,
+    PushVerdict,
+    ServerOptions,
+    ServerSession,
+    ServerSessions,
+    host_of,
+)
+from ._stats import PHTStatsSink
+from ._tls import SelfSignedCertificate
+from ._token import TokenSource, new_token
+
+__all__ = ["PHTServer", "start_pht_server"]
+
+log = logging.getLogger("pht.server")
+
+ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
+
+#: Bytes asked of a connection per read.
+_RECEIVE_SIZE = 256 * 1024
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+_BROKEN = (ConnectionError, OSError, LocalProtocolError)
+
+
+class _Stream(SessionBuffers):
+    """A session's buffers with asyncio events for the core's wake-ups."""
+
+    def __init__(
+        self, session: ServerSession[Any], remote_address: str | None, max_buffered: int
+    ) -> None:
+        super().__init__(session, remote_address, max_buffered)
+        self.transport: _SessionTransport | None = None
+        self.started = 0.0
+        self.readable_event = asyncio.Event()
+        self.consumed = asyncio.Event()
+        self.pull_event = asyncio.Event()
+        self.room_event = asyncio.Event()
+        self.finished_event = asyncio.Event()
+
+    def _wake_reader(self) -> None:
+        self.readable_event.set()
+
+    def _wake_pushes(self) -> None:
+        self.consumed.set()
+
+    def _wake_pull(self) -> None:
+        self.pull_event.set()
+
+    def _wake_sender(self) -> None:
+        self.room_event.set()
+
+    def _wake_finished(self) -> None:
+        self.finished_event.set()
+        if self.handler_closed and not self.session.closed and self.transport is not None:
+            # The application closed and its last bytes are out: the session
+            # ends now, before the pull's last chunk reaches the client (a
+            # request it sends next must find the token closed).
+            self.transport.session_done()
+
+
+async def _wait(event: asyncio.Event) -> None:
+    event.clear()
+    await event.wait()
+
+
+class _SessionTransport(PHTTransport):
+    """The application's transport of one session; its end ends the handler's part."""
+
+    def __init__(self, server: _Server, stream: _Stream, extra: dict[str, Any]) -> None:
+        super().__init__(server.loop, extra=extra)
+        self._server = server
+        self._stream = stream
+
+    def _close_requested(self) -> None:
+        if self._stream.session.closed:
+            self.lose(None)  # nothing can go out any more
+        else:
+            self._stream._wake_reader()  # the outbound pump flushes, then ends it
+
+    def session_done(self) -> None:
+        """The handler's part is over: end the session's machine at once."""
+        self._server.end_handled(self._stream)
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self._stream._wake_reader()
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        super()._connection_lost(exc)
+        self._server.session_lost(self._stream)
+
+
+class _Deadline(ConnectionTimer):
+    """A connection's timer: the watchdog cancels the connection's task."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, options: ServerOptions, now: float, task: asyncio.Task[Any]) -> None:
+        super().__init__(options, now)
+        self.task = task
+        self.fired = False
+
+    def expire(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
+class _PullWriter(PullWriteTimer):
+    """An open pull answer; ``ended`` says why its task was cancelled, if it was."""
+
+    __slots__ = ("conn", "ended", "loop", "stream", "task", "writer")
+
+    def __init__(
+        self,
+        writer: asyncio.StreamWriter,
+        conn: ServerConnection,
+        stream: _Stream,
+        task: asyncio.Task[Any],
+        options: ServerOptions,
+    ) -> None:
+        super().__init__(options.pull_write_timeout)
+        self.writer = writer
+        self.conn = conn
+        self.stream = stream
+        self.task = task
+        self.loop = task.get_loop()
+        self.ended: str | None = None
+
+    def _cancel(self) -> None:
+        self.end("stalled")
+
+    def end(self, why: str) -> None:
+        """End the pull from outside its task (replaced, hung up, stalled)."""
+        if self.ended is None:
+            self.ended = why
+            self.task.cancel()
+
+    async def send(self, data: bytes) -> None:
+        """Write response bytes, each piece under the server's pull write timeout."""
+        writer = self.writer
+        try:
+            for piece in self.pieces(data):
+                self.writing(self.loop.time())
+                writer.write(piece)
+                await writer.drain()
+        finally:
+            self.written()
+
+
+class _Server(ServerCore[_Stream]):
+    """One :func:`start_pht_server` listener's state, on top of the server core."""
+
+    def __init__(
+        self,
+        callback: ClientConnected,
+        options: ServerOptions,
+        sessions: ServerSessions[_Stream],
+        stats: PHTStatsSink | None,
+        limit: int,
+    ) -> None:
+        super().__init__(options, sessions, _Stream, stats)
+        self.callback = callback
+        self.limit = limit
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[asyncio.Task[Any]] = set()
+        self.handlers: set[asyncio.Task[Any]] = set()
+        self.background: list[asyncio.Task[None]] = []
+        #: Open pulls, and an event set whenever there are none.
+        self.pulls: set[_PullWriter] = set()
+        self.no_pulls = asyncio.Event()
+        self.no_pulls.set()
+        self.beat_added = asyncio.Event()
+        self.all_done = asyncio.Event()
+        self.all_done.set()
+
+    # -- sessions -------------------------------------------------------------------
+
+    def _start_handler(self, stream: _Stream) -> None:
+        info = {"pht_token": stream.token, "peername": stream.remote_address}
+        transport = stream.transport = _SessionTransport(self, stream, info)
+        reader, writer = open_streams(transport, limit=self.limit)
+        stream.started = self.loop.time()
+        self.handler_started(stream)
+        self.all_done.clear()
+        transport.start_task(self._inbound(stream, transport), name="pht inbound")
+        transport.start_task(self._outbound(stream, transport), name="pht outbound")
+        try:
+            result = self.callback(reader, writer)
+        except Exception:
+            log.exception("handler for session %s raised", short_token(stream.token))
+            transport.close()
+            return
+        if asyncio.iscoroutine(result):
+            task = self.loop.create_task(result)
+            self.handlers.add(task)
+            task.add_done_callback(lambda done: self._handler_returned(done, stream))
+
+    def _handler_returned(self, task: asyncio.Task[Any], stream: _Stream) -> None:
+        self.handlers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # One broken handler must not take the other tunnels down.
+            log.error(
+                "handler for session %s raised",
+                short_token(stream.token),
+                exc_info=task.exception(),
+            )
+            if stream.transport is not None:
+                stream.transport.close()
+
+    def end_handled(self, stream: _Stream) -> None:
+        stream.session.end(Input.HANDLER_DONE)
+        self.end_session(stream, self.loop.time())
+
+    def session_lost(self, stream: _Stream) -> None:
+        """The session's transport is gone: the handler's part is over."""
+        if self.handler_done(stream, self.loop.time(), stream.started):
+            self.all_done.set()
+
+    async def _inbound(self, stream: _Stream, transport: _SessionTransport) -> None:
+        """Pushed bytes to the reader as it accepts them; EOF once the session ended."""
+        while not transport.is_closing():  # else the outbound pump ends the session
+            if stream.readable:
+                if transport.is_reading():
+                    transport.deliver(stream.take(_RECEIVE_SIZE))
+                    continue
+            elif stream.session.closed:
+                transport.deliver_eof()
+                transport.lose(None)
+                return
+            # Woken by pushed bytes, the session's end, resume_reading() or close().
+            await _wait(stream.readable_event)
+
+    async def _outbound(self, stream: _Stream, transport: _SessionTransport) -> None:
+        """The application's bytes into the core's buffer for the pull, as room allows."""
+        while True:
+            await transport.wait_outbound()
+            while transport.queued:
+                while stream.must_wait_room:
+                    await _wait(stream.room_event)
+                if stream.session.closed:
+                    return  # the inbound pump ends the session
+                stream.queue(transport.take_outbound(stream.room_left))
+                stream._wake_pull()
+            if transport.is_closing():
+                stream.close_handler()
+                # Give the pull a moment to deliver what the handler wrote last.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stream.finished_event.wait(), self.options.push_timeout)
+                transport.lose(None)
+                return
+
+    # -- background tasks -----------------------------------------------------------
+
+    def start_background(self) -> None:
+        for coro in (self._watchdog(), self._reaper(), self._heartbeats()):
+            self.background.append(self.loop.create_task(coro))
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.watchdog.interval)
+            self.watchdog.expire_due(self.loop.time())
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            for _ in self.reap(self.loop.time()):
+                await asyncio.sleep(0)
+
+    async def _heartbeats(self) -> None:
+        wheel = self.wheel
+        while True:
+            deadline = wheel.next_deadline()
+            if deadline == float("inf"):
+                await _wait(self.beat_added)
+                continue
+            await asyncio.sleep(max(0.0, deadline - self.loop.time()))
+            for pull in wheel.due(self.loop.time()):
+                assert isinstance(pull, _PullWriter)
+                pull.stream._wake_pull()
+
+    # -- connections ----------------------------------------------------------------
+
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the requests of one accepted connection until it closes."""
+        peer = _peer_of(writer.get_extra_info("peername"))
+        host = host_of(peer)
+        if not self.connection_opened(host):
+            log.debug("refused a connection from %s: over its budget", peer)
+            writer.transport.abort()
+            return
+        sock = writer.get_extra_info("socket")
+        if _NOTSENT_LOWAT is not None and sock is not None:
+            # As the trio server: a pull that stopped reading shows at once.
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        watch = _Deadline(self.options, self.loop.time(), task)
+        self.watchdog.add(watch)
+        try:
+            await self._serve_requests(reader, writer, self.new_connection(), peer, watch)
+        except asyncio.CancelledError:
+            # Timed out, or the server stops. Not re-raised: asyncio's
+            # start_server reports a connection task that ends cancelled.
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            if watch.fired:
+                log.debug("connection from %s timed out", peer)
+        except _BROKEN as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            self.watchdog.discard(watch)
+            self.connections.discard(task)
+            self.connection_closed(host)
+            writer.transport.abort()
+
+    async def _serve_requests(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: ServerConnection,
+        peer: str | None,
+        watch: _Deadline,
+    ) -> None:
+        streaming = False
+        while True:
+            try:
+                event = conn.next_event()
+            except RemoteProtocolError as exc:
+                writer.write(self.bad_http(conn, exc.status_hint, peer, exc))
+                await writer.drain()
+                return
+            if event is NEED_DATA:
+                if conn.state is not ServerConnectionState.IDLE:
+                    return
+                if conn.expects_continue:
+                    writer.write(conn.send_continue())
+                data = await reader.read(PUSH_PIECE if streaming else _RECEIVE_SIZE)
+                conn.receive_data(data)
+                if not data:
+                    return
+                del data  # the core has it: not kept alive while a push waits
+                watch.received(self.loop.time())
+                continue
+            watch.answering()
+            if type(event) is PushData:
+                streaming = True
+                status = await self._deliver(event, conn, peer)
+                if status != 200:
+                    gone = "push not consumed in time"
+                    conn.discard_push(
+                        self.refused(status), gone if status == 410 else "push refused"
+                    )
+                watch.reading_on(self.loop.time())
+                continue
+            streaming = False
+            if isinstance(event, PushRequest):
+                status = self.push_answered(await self._deliver(event, conn, peer))
+                writer.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
+            elif isinstance(event, PullRequest):
+                await self._pull(reader, writer, conn, event, peer)
+            else:
+                writer.write(self.answer(conn, event, peer, self.loop.time()))
+            await writer.drain()
+            if conn.state is ServerConnectionState.CLOSED:
+                return
+            watch.idle(self.loop.time())
+
+    async def _deliver(
+        self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
+    ) -> int:
+        push = self.push(event.token, event.data, peer, conn.forwarded_for, self.loop.time())
+        if isinstance(push, int):
+            return push
+        stream = push.stream
+        assert isinstance(stream, _Stream)
+        self.watchdog.add(push)
+        try:
+            while (verdict := push.step(self.loop.time())) is PushVerdict.WAIT:
+                await _wait(stream.consumed)
+        finally:
+            self.watchdog.discard(push)
+        return self.push_over(push, verdict, self.loop.time())
+
+    async def _pull(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: ServerConnection,
+        event: PullRequest,
+        peer: str | None,
+    ) -> None:
+        stream = self.stream_for(event.token, peer, conn.forwarded_for, self.loop.time())
+        if isinstance(stream, int):
+            writer.write(conn.send_status(self.refused(stream)))
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        pull = _PullWriter(writer, conn, stream, task, self.options)
+        replaced, start = self.attach_pull(stream, pull, self.loop.time())
+        if isinstance(replaced, _PullWriter):
+            replaced.end("replaced")  # a newer long poll replaces a stale one
+        self.watchdog.add(pull)
+        self.pulls.add(pull)
+        self.no_pulls.clear()
+        timer = None
+        watcher: asyncio.Task[None] | None = None
+        hung_up = False
+        try:
+            await pull.send(conn.start_pull())
+            timer, wake = self.pull_started(stream, pull, start)
+            if wake:
+                self.beat_added.set()
+            watcher = self.loop.create_task(self._watch_for_hangup(reader, conn, pull))
+            await self._feed_pull(stream, pull)
+        except asyncio.CancelledError:
+            if pull.ended is None:
+                raise
+            hung_up = pull.ended == "hung up"
+        except _BROKEN:
+            hung_up = True  # the write failed: the client is gone
+        finally:
+            if pull.ended is None:
+                pull.ended = "over"  # from now on, nobody cancels this task for it
+            self.watchdog.discard(pull)
+            self.pulls.discard(pull)
+            if not self.pulls:
+                self.no_pulls.set()
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait([watcher])
+        self.pull_over(
+            stream,
+            pull,
+            timer,
+            hung_up=hung_up,
+            stalled=pull.timed_out,
+            now=self.loop.time(),
+        )
+        if pull.timed_out or hung_up:
+            raise ConnectionResetError("pull write timed out" if pull.timed_out else "hung up")
+
+    async def _feed_pull(self, stream: _Stream, pull: _PullWriter) -> None:
+        conn, session = pull.conn, stream.session
+        while True:
+            action = stream.pull_action(self.loop.time())
+            if action is PullAction.WRITE:
+                data = stream.take_outbound()
+                await pull.send(conn.send_pull_data(data))
+                session.wrote(self.loop.time())
+                self.sessions.touch(session, session.last_write)
+                if stream.transport is not None:
+                    stream.transport.acknowledge(len(data))
+            elif action is PullAction.HEARTBEAT:
+                await pull.send(conn.send_heartbeat())
+            elif action is PullAction.END:
+                await pull.send(conn.end_pull())
+                return
+            elif action is PullAction.CUT:
+                raise ConnectionResetError("session ended with pushed bytes refused")
+            else:
+                await _wait(stream.pull_event)
+
+    async def _watch_for_hangup(
+        self, reader: asyncio.StreamReader, conn: ServerConnection, pull: _PullWriter
+    ) -> None:
+        """Notice at once when a pulling client goes away (as the trio server)."""
+        allowance = self.options.max_header_size  # a pipelined request head, at most
+        with contextlib.suppress(*_BROKEN):
+            while True:
+                data = await reader.read(_RECEIVE_SIZE)
+                if not data:
+                    break
+                conn.receive_data(data)  # a pipelined request is kept for later
+                allowance -= len(data)
+                if allowance < 0:
+                    log.debug("pull connection sent more than a request head: dropped")
+                    break
+        pull.end("hung up")
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def shut_down(self, timeout: float) -> ShutdownReport:
+        """Let the sessions finish for up to ``timeout`` seconds, then cut the rest."""
+        at_start = self.drain()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.all_done.wait(), timeout)
+        cut = self.cut(self.loop.time())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.all_done.wait(), min(timeout, 5.0))  # handlers see EOF
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.no_pulls.wait(), 1.0)  # the pulls' last chunks
+        await self.stop()
+        return ShutdownReport(finished=max(len(at_start) - len(cut), 0), cut=cut)
+
+    async def stop(self) -> None:
+        """End what is left: sessions, connections and background tasks; wait for them."""
+        for stream in list(self.active):
+            if stream.transport is not None:
+                stream.transport.abort()  # a reader that never read its EOF
+        tasks = [*self.connections, *self.background]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+def _peer_of(address: Any) -> str | None:
+    if not isinstance(address, tuple) or len(address) < 2:
+        return None
+    return format_peer(address[0], address[1])
+
+
+class PHTServer:
+    """A running :func:`start_pht_server`: the :class:`asyncio.Server` API.
+
+    ``close()`` shuts down gracefully, as :func:`pht.serve_pht`'s
+    ``shutdown`` event does: the listeners close, requests that would open
+    a session get ``503``, open sessions have ``shutdown_timeout`` seconds
+    to end, then the rest are closed (their readers see EOF).
+    ``wait_closed()`` returns once that is done and no task of the server
+    runs any more; :attr:`shutdown_report` then tells what happened.
+    """
+
+    def __init__(self, listener: asyncio.Server, server: _Server) -> None:
+        self._listener = listener
+        self._server = server
+        self._loop = server.loop
+        self._closing: asyncio.Task[ShutdownReport] | None = None
+        self._serving_forever: asyncio.Future[None] | None = None
+        #: Set once a shutdown is over.
+        self.shutdown_report: ShutdownReport | None = None
+
+    def __repr__(self) -> str:
+        return f"<PHTServer sockets={self.sockets!r}>"
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets (empty once closed)."""
+        return tuple(self._listener.sockets) if self._closing is None else ()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._closing is None
+
+    async def start_serving(self) -> None:
+        """Already serving since :func:`start_pht_server` returned (as its default)."""
+        if self._closing is not None:
+            raise RuntimeError(f"{self!r} is closed")
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled; then close, as :meth:`asyncio.Server.serve_forever`."""
+        if self._closing is not None:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._serving_forever is not None:
+            raise RuntimeError(f"{self!r} is already being awaited on serve_forever()")
+        self._serving_forever = self._loop.create_future()
+        try:
+            await self._serving_forever
+        except asyncio.CancelledError:
+            try:
+                self.close()
+                await self.wait_closed()
+            finally:
+                raise
+        finally:
+            self._serving_forever = None
+
+    def close(self) -> None:
+        """Stop listening and begin the graceful shutdown (see the class docstring)."""
+        if self._closing is not None:
+            return
+        self._listener.close()
+        self._closing = self._loop.create_task(
+            self._server.shut_down(self._server.options.shutdown_timeout)
+        )
+        if self._serving_forever is not None and not self._serving_forever.done():
+            self._serving_forever.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` is over (returns at once if it was never called)."""
+        if self._closing is None:
+            return
+        self.shutdown_report = await asyncio.shield(self._closing)
+        await self._listener.wait_closed()
+
+    async def __aenter__(self) -> PHTServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def start_pht_server(
+    client_connected_cb: ClientConnected,
+    host: str | list[str] | None = None,
+    port: int | None = None,
+    *,
+    ssl: bool | _ssl.SSLContext | SelfSignedCertificate | None = None,
+    limit: int = DEFAULT_LIMIT,
+    authorize_path: str = "/authorize",
+    push_path: str = "/push",
+    pull_path: str = "/pull",
+    backlog: int = 128,
+    listen_backlog: int | None = None,
+    heartbeat_interval: float = 10.0,
+    strict: bool = False,
+    max_sessions: int = 10_000,
+    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
+    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    trusted_proxies: Iterable[str | Network] = (),
+    idle_timeout: float | None = 600.0,
+    issued_timeout: float = 60.0,
+    lazy_timeout: float = 10.0,
+    push_timeout: float = 30.0,
+    pull_write_timeout: float = 60.0,
+    request_timeout: float = 60.0,
+    keepalive_timeout: float = 120.0,
+    max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_push_line: int = DEFAULT_MAX_PUSH_LINE,
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+    token_source: TokenSource = new_token,
+    shutdown_timeout: float = 30.0,
+    stats: PHTStatsSink | None = None,
+) -> PHTServer:
+    """Serve PHT tunnels, calling ``client_connected_cb(reader, writer)`` per session.
+
+    As :func:`asyncio.start_server`: the callback gets asyncio's own
+    :class:`asyncio.StreamReader` and :class:`asyncio.StreamWriter` (a
+    coroutine callback runs as a task), ``limit`` is the reader's buffer
+    limit, and the returned :class:`PHTServer` has the
+    :class:`asyncio.Server` API. ``writer.get_extra_info("pht_token")`` is
+    the session's token, ``"peername"`` the client's ``host:port``.
+    ``ssl`` is ``None`` / ``False``, an :class:`ssl.SSLContext`, a
+    :class:`~pht.SelfSignedCertificate`, or ``True`` for GOST's self-signed
+    certificate made at start-up.
+
+    The other keywords are :func:`pht.serve_pht`'s, with the same meanings
+    and defaults (``backlog`` is the pending-token bound, ``listen_backlog``
+    the kernel's queue). A push is acknowledged once its bytes are in the
+    reader's buffer; ``drain()`` returns once the pull wrote what was
+    written. The session ends when the client closes it (the reader sees
+    EOF) or when the application closes its writer (after its last bytes
+    went out).
+    """
+    options = ServerOptions.build(
+        authorize_path=authorize_path,
+        push_path=push_path,
+        pull_path=pull_path,
+        trusted_proxies=trusted_proxies,
+        backlog=backlog,
+        heartbeat_interval=heartbeat_interval,
+        strict=strict,
+        max_sessions=max_sessions,
+        max_sessions_per_address=max_sessions_per_address,
+        max_pending_per_address=max_pending_per_address,
+        max_connections_per_address=max_connections_per_address,
+        idle_timeout=idle_timeout,
+        issued_timeout=issued_timeout,
+        lazy_timeout=lazy_timeout,
+        push_timeout=push_timeout,
+        pull_write_timeout=pull_write_timeout,
+        request_timeout=request_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_buffered=max_buffered,
+        max_push_line=max_push_line,
+        max_header_size=max_header_size,
+        shutdown_timeout=shutdown_timeout,
+    )
+    if not callable(client_connected_cb):
+        raise TypeError("client_connected_cb must be callable")
+    ssl_context: _ssl.SSLContext | None = server_ssl_context(ssl)
+    sessions: ServerSessions[_Stream] = ServerSessions(options, token_source)
+    server = _Server(client_connected_cb, options, sessions, stats, limit)
+    listener = await asyncio.start_server(
+        server.connection,
+        host,
+        port,
+        ssl=ssl_context,
+        ssl_handshake_timeout=request_timeout if ssl_context is not None else None,
+        backlog=listen_backlog if listen_backlog is not None else socket.SOMAXCONN,
+    )
+    server.stats.enable_pht()
+    server.start_background()
+    return PHTServer(listener, server)
