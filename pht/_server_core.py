@@ -24,6 +24,7 @@ in, and where a waiter may proceed the core calls one of the adapter's
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import math
 from collections import deque
@@ -41,6 +42,7 @@ __all__ = [
     "PULL_WRITE_SIZE",
     "TEARDOWN_BATCH",
     "UNPULLED_ROOM",
+    "AcceptFailures",
     "ConnectionTimer",
     "Expiring",
     "HeartbeatTimer",
@@ -616,6 +618,57 @@ class PullWriteTimer:
         return [
             view[start : start + PULL_PROGRESS] for start in range(0, len(view), PULL_PROGRESS)
         ]
+
+
+# --- accepting ---------------------------------------------------------------------
+
+
+#: accept() errors that mean "out of resources", not "listener broken".
+_ACCEPT_CAPACITY_ERRNOS = frozenset(
+    code
+    for code in (
+        getattr(errno, "EMFILE", None),
+        getattr(errno, "ENFILE", None),
+        getattr(errno, "ENOMEM", None),
+        getattr(errno, "ENOBUFS", None),
+    )
+    if code is not None
+)
+
+
+class AcceptFailures:
+    """What a listener does when ``accept()`` fails for lack of resources.
+
+    At the file descriptor limit (and other resource errors) accepting backs
+    off for :attr:`backoff` seconds, and one warning per :attr:`interval`
+    says how many attempts failed since the last one, instead of an error
+    with a traceback per attempt. Other errors are the listener's end.
+    """
+
+    __slots__ = ("_failures", "_warned_at", "backoff", "interval")
+
+    def __init__(self, interval: float = 10.0, backoff: float = 0.1) -> None:
+        self.interval = interval
+        self.backoff = backoff
+        self._failures = 0
+        self._warned_at = -math.inf
+
+    def failed(self, exc: OSError, now: float) -> None:
+        """Count a failed ``accept()``; re-raises ``exc`` unless it is a resource error.
+
+        The adapter then waits :attr:`backoff` seconds before accepting again.
+        """
+        if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+            raise exc
+        self._failures += 1
+        if now - self._warned_at >= self.interval:
+            log.warning(
+                "cannot accept connections: %s (%d times since the last warning);"
+                " raise the file descriptor limit (ulimit -n) or lower max_sessions",
+                exc.strerror or exc,
+                self._failures,
+            )
+            self._warned_at, self._failures = now, 0
 
 
 # --- one listener ------------------------------------------------------------------

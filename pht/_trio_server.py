@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import math
@@ -28,6 +27,7 @@ from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE,
 from ._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
+    AcceptFailures,
     ConnectionTimer,
     PullAction,
     PullWriteTimer,
@@ -565,53 +565,19 @@ def _peer_of(transport: trio.abc.Stream) -> str | None:
     return None
 
 
-#: accept() errors that mean "out of resources", not "listener broken".
-_ACCEPT_CAPACITY_ERRNOS = frozenset(
-    code
-    for code in (
-        getattr(errno, "EMFILE", None),
-        getattr(errno, "ENFILE", None),
-        getattr(errno, "ENOMEM", None),
-        getattr(errno, "ENOBUFS", None),
-    )
-    if code is not None
-)
-#: Seconds between two "out of file descriptors" warnings.
-_ACCEPT_WARNING_INTERVAL = 10.0
-#: Seconds accept() waits after running out of file descriptors.
-_ACCEPT_BACKOFF = 0.1
-
-
 async def _accept_loop(
     listener: trio.abc.Listener[Any],
     handle: Callable[[Any], Awaitable[None]],
     nursery: trio.Nursery,
 ) -> None:
-    """Accept connections until cancelled.
-
-    At the file descriptor limit (and other resource errors) accept backs
-    off briefly and logs one warning per interval with the count since the
-    last one, instead of an error with a traceback per attempt.
-    """
-    failures = 0
-    warned_at = -math.inf
+    """Accept connections until cancelled (resource errors: see :class:`AcceptFailures`)."""
+    failures = AcceptFailures()
     while True:
         try:
             stream = await listener.accept()
         except OSError as exc:
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                raise
-            failures += 1
-            now = trio.current_time()
-            if now - warned_at >= _ACCEPT_WARNING_INTERVAL:
-                log.warning(
-                    "cannot accept connections: %s (%d times since the last warning);"
-                    " raise the file descriptor limit (ulimit -n) or lower max_sessions",
-                    exc.strerror or exc,
-                    failures,
-                )
-                warned_at, failures = now, 0
-            await trio.sleep(_ACCEPT_BACKOFF)
+            failures.failed(exc, trio.current_time())
+            await trio.sleep(failures.backoff)
             continue
         nursery.start_soon(handle, stream)
 

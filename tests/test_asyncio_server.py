@@ -25,6 +25,7 @@ import trio
 import pht
 from pht._asyncio_server import PHTServer, start_pht_server
 from pht._server_core import ShutdownReport
+from pht._stats import ServiceStats
 
 from .asyncio_support import LOOPS, loop_factory
 from .test_conformance_server import (  # run here against the asyncio server
@@ -333,6 +334,25 @@ async def send_then_receive(stream: pht.PHTStream) -> bytes:
         return bytes(await stream.receive_some())
     except pht.TunnelError:
         return b""
+
+
+async def test_stats_count_sessions_pushes_pulls_and_refusals(
+    serve: Callable[..., ServerThread],
+) -> None:
+    stats = ServiceStats("pht-asyncio")
+    server = serve(stats=stats)
+    assert stats.pht_enabled  # counters exist, at zero, once it listens
+    with trio.fail_after(GUARD):
+        stream = await pht.open_pht_stream("127.0.0.1", server.port)
+        await echo_round_trip(stream)
+        await stream.aclose()
+        answer, _ = await exchange(server.port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.status == 404
+    report = await trio.to_thread.run_sync(server.stop)  # the session ended first
+    assert report == ShutdownReport(finished=0, cut=())
+    assert (stats.sessions_total, stats.sessions_open, stats.pulls_total) == (1, 0, 1)
+    assert stats.pushes_total >= 1
+    assert stats.refusals[404] == 1
 
 
 def test_pht_asyncio_exports_the_server() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pht._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
     UNPULLED_ROOM,
+    AcceptFailures,
     ConnectionTimer,
     HeartbeatWheel,
     PullAction,
@@ -391,3 +394,17 @@ def test_requests_that_need_no_waiting_are_answered_and_counted() -> None:
     assert isinstance(refused, BadRequest)
     refusal = core.answer(conn, refused, "127.0.0.1:1", 0.0)
     assert refusal.startswith(b"HTTP/1.1 404")
+
+
+def test_accept_failures_back_off_and_warn_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures = AcceptFailures(interval=10.0, backoff=0.1)
+    full = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.WARNING, logger="pht.server"):
+        for tenth in range(250):  # 25 s of failures, one per backoff
+            failures.failed(full, tenth * 0.1)
+    assert len(caplog.records) == 3  # at 0 s, 10 s and 20 s
+    assert "(100 times since the last warning)" in caplog.records[1].getMessage()
+    with pytest.raises(OSError, match="broken"):
+        failures.failed(OSError(errno.EBADF, "broken"), 30.0)
