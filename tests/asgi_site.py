@@ -4,7 +4,8 @@ The tests run it with the real ``uvicorn`` and ``hypercorn`` commands
 (``tests.asgi_site:app``). ``/tunnel`` echoes; ``/farewell`` writes a greeting
 and closes the session from the server's side; ``/stuck`` never reads (its
 pushes get 410 after half a second); ``/small`` issues one pending token at
-most (429 beyond); ``/hello`` is an ordinary route. ``PHT_HEARTBEAT`` sets
+most (429 beyond); ``/hello`` is an ordinary route. ``conformance`` is
+served alone, for the GOST capture replay. ``PHT_HEARTBEAT`` sets
 the heartbeat interval (seconds). Every session end is printed as
 ``session-ended <token> <bytes echoed>``, for the tests to read.
 """
@@ -51,6 +52,21 @@ async def stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     await writer.wait_closed()  # the session's end, without reading a byte
 
 
+async def echo_or_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """GOST's echo server of the conformance captures; 'farclose' sessions get its bye."""
+    if writer.get_extra_info("pht_token").startswith("farclose"):
+        writer.write(b"bye #1\n")
+        writer.close()
+        return
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    writer.close()
+
+
 async def hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse("hello from the site\n")
 
@@ -61,6 +77,8 @@ closing = PHTApp(farewell, heartbeat_interval=heartbeat, shutdown_timeout=1.0)
 stuck_app = PHTApp(stuck, push_timeout=0.5, shutdown_timeout=1.0)
 small = PHTApp(echo, backlog=1, shutdown_timeout=1.0)
 APPS = (tunnel, closing, stuck_app, small)
+#: Served alone (at the root, as GOST's captures ask) by the conformance replay.
+conformance = PHTApp(echo_or_bye, heartbeat_interval=0.2, shutdown_timeout=1.0)
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -111,17 +112,30 @@ class Site(harness.ManagedProcess):
 
 
 def start_site(
-    server: str, directory: Path, *, heartbeat: float = 10.0, app: str = "tests.asgi_site:app"
+    server: str,
+    directory: Path,
+    *,
+    heartbeat: float = 10.0,
+    app: str = "tests.asgi_site:app",
+    certificate: tuple[Path, Path] | None = None,
 ) -> Site:
-    """Run ``app`` with ``server``'s command (as a user types it) on a free port."""
+    """Run ``app`` with ``server``'s command (as a user types it) on a free port.
+
+    ``certificate`` (key file, certificate file) makes it serve HTTPS.
+    """
     port = harness.free_port()
     command = [str(BIN / server.partition("-")[0]), app]
     if server.startswith("uvicorn"):
         command += ["--host", "127.0.0.1", "--port", str(port)]
         command += ["--timeout-graceful-shutdown", str(GRACE), "--log-level", "warning"]
         command += ["--loop", "asyncio" if server.endswith("asyncio-loop") else "auto"]
+        if certificate is not None:
+            command += ["--ssl-keyfile", str(certificate[0])]
+            command += ["--ssl-certfile", str(certificate[1])]
     else:
         command += ["--bind", f"127.0.0.1:{port}", "--graceful-timeout", str(GRACE)]
+        if certificate is not None:
+            command += ["--keyfile", str(certificate[0]), "--certfile", str(certificate[1])]
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / f"{server}.log"
     env = {**os.environ, "PHT_HEARTBEAT": str(heartbeat), "PYTHONUNBUFFERED": "1"}
@@ -204,6 +218,29 @@ async def test_16_mib_each_way(site: Site, authorize: bool) -> None:
         await exchange(stream, 16 * 1024 * 1024, seed=1)
     assert stream.token is not None
     await wait_for_output(site, f"session-ended {stream.token} {16 * 1024 * 1024}")
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_phts_when_the_server_terminates_tls(server: str, tmp_path: Path) -> None:
+    """The ASGI server's TLS (its own options) carries phts, pht's TLS client through it."""
+    trustme = pytest.importorskip("trustme")
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    key, chain = tmp_path / "key.pem", tmp_path / "chain.pem"
+    issued.private_key_pem.write_to_path(key)
+    issued.cert_chain_pems[0].write_to_path(chain)
+    for pem in issued.cert_chain_pems[1:]:
+        pem.write_to_path(chain, append=True)
+    site = start_site(server, tmp_path / server, certificate=(key, chain))
+    try:
+        context = ssl.create_default_context()
+        authority.configure_trust(context)
+        for authorize in (True, False):
+            stream = await site.open(authorize=authorize, tls=context)
+            async with stream:
+                await exchange(stream, 2 * 1024 * 1024 + 1, seed=7)
+    finally:
+        site.stop()
 
 
 async def test_several_tunnels_at_once(site: Site) -> None:
