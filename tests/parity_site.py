@@ -15,7 +15,7 @@ server runs their twins in :mod:`tests.adapters`. Behaviours:
 
 ``uvicorn --factory tests.parity_site:make_app`` builds a Starlette site that
 mounts one ``PHTApp`` per entry of the JSON list in ``PHT_PARITY_SPECS``
-(``{"name", "behaviour", "size", "options"}``) under ``/<name>``. Reports
+(``{"mount", "behaviour", "size", "options"}``) under its mount. Reports
 go to standard output, one line each, for the test process to read.
 """
 
@@ -125,5 +125,5 @@ def make_app() -> Any:
                 await stack.enter_async_context(pht_app.lifespan(site))
             yield
 
-    routes = [Mount(f"/{spec['name']}", app=app) for spec, app in zip(specs, apps, strict=True)]
+    routes = [Mount(spec["mount"], app=app) for spec, app in zip(specs, apps, strict=True)]
     return Starlette(routes=routes, lifespan=lifespan)
