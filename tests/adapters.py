@@ -158,7 +158,18 @@ def _trio_handler(
     async def stuck(stream: pht.PHTStream) -> None:
         await trio.sleep_forever()
 
-    handlers = {"echo": echo, "sink": sink, "source": source, "gost": gost, "stuck": stuck}
+    async def crash(stream: pht.PHTStream) -> None:
+        await stream.receive_some(1)
+        raise RuntimeError("a handler bug (on purpose)")
+
+    handlers = {
+        "echo": echo,
+        "sink": sink,
+        "source": source,
+        "gost": gost,
+        "stuck": stuck,
+        "crash": crash,
+    }
     return handlers[behaviour]
 
 

@@ -11,7 +11,8 @@ server runs their twins in :mod:`tests.adapters`. Behaviours:
   session ends from the server's side);
 - ``gost``: GOST's echo target of the conformance captures ('farclose'
   sessions get its ``bye #1`` and the server closes);
-- ``stuck``: never read (pushes beyond the reader's buffer are not consumed).
+- ``stuck``: never read (pushes beyond the reader's buffer are not consumed);
+- ``crash``: read a byte, then raise (a bug in the application).
 
 ``uvicorn --factory tests.parity_site:make_app`` builds a Starlette site that
 mounts one ``PHTApp`` per entry of the JSON list in ``PHT_PARITY_SPECS``
@@ -95,7 +96,12 @@ def asyncio_handler(behaviour: str, size: int = 0, report: Report = _print_repor
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()  # holds the writer (dropping it would close it)
 
+    async def crash(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        raise RuntimeError("a handler bug (on purpose)")
+
     handlers: dict[str, Callback] = {
+        "crash": crash,
         "echo": echo,
         "sink": sink,
         "source": source,

@@ -49,6 +49,8 @@ SPECS = [
     Spec("full", options={"max_sessions": 2}),
     Spec("stuck", "stuck", options={"push_timeout": 0.5}),
     Spec("single", options={"max_sessions": 1}),
+    Spec("strict", options={"strict": True}),
+    Spec("crash", "crash"),
 ]
 FLOWS = pytest.mark.parametrize("authorize", [True, False], ids=["legacy-flow", "modern-flow"])
 
@@ -131,6 +133,8 @@ def test_close_from_the_server_is_eof_for_the_client(
         tunnel = await client.open(servers["source"], authorize=authorize)
         received = await tunnel.receive_until_eof()
         assert await tunnel.receive() == b""  # EOF stays EOF
+        with pytest.raises(TunnelBroken, match="session is over"):  # no half-close
+            await tunnel.send(b"too late")
         await tunnel.close()
         return received
 
@@ -273,6 +277,37 @@ def test_a_full_table_refuses_a_client_with_429(client: str, servers: ServerSet)
         return statuses
 
     assert run_client(client, scenario) == [429, 429, 10]
+
+
+def test_a_strict_server_knows_only_the_tokens_it_issued(client: str, servers: ServerSet) -> None:
+    async def scenario(client: Client) -> tuple[str, int | None]:
+        issued = await echo_exchange(client, servers["strict"], 1000, seed=6, authorize=True)
+        try:
+            tunnel = await client.open(servers["strict"], authorize=False)
+            await tunnel.send(b"mine")
+            await tunnel.receive()
+        except TunnelBroken as exc:
+            return issued, exc.status
+        await tunnel.close()
+        return issued, None
+
+    assert run_client(client, scenario) == (digest(payload(1000, seed=6)), 403)
+
+
+def test_a_handler_that_raises_ends_only_its_session(client: str, servers: ServerSet) -> None:
+    """The trio server's rule: its client reads EOF; the server and other tunnels carry on."""
+
+    async def scenario(client: Client) -> list[bytes]:
+        outcomes = []
+        for authorize in (True, False):
+            tunnel = await client.open(servers["crash"], authorize=authorize)
+            await tunnel.send(b"x")
+            outcomes.append(await tunnel.receive())
+            await tunnel.close()
+        return outcomes
+
+    assert run_client(client, scenario) == [b"", b""]
+    echo_works(servers["echo"])
 
 
 # --- the hardening answers, from raw HTTP ---------------------------------------------
