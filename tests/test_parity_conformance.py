@@ -144,6 +144,7 @@ class Seen:
     content_length: bytes | None
     body: bytes
     x_test: bytes | None
+    host: bytes | None = field(default=None, compare=False)
 
 
 class ScriptedGost:
@@ -178,6 +179,7 @@ class ScriptedGost:
                     headers.get(b"content-length"),
                     body,
                     headers.get(b"x-test"),
+                    headers.get(b"host"),
                 )
             )
 
@@ -581,3 +583,25 @@ def test_the_pull_status_line_is_gosts(adapter: str, tmp_path: Path) -> None:
     finally:
         servers.stop()
     assert status_line == gost_status_line == b"HTTP/1.1 200 OK"
+
+
+@pytest.mark.parametrize("generation", ["legacy", "modern"])
+def test_host_header_is_gosts_host_option(
+    client: str, gost: ScriptedServers, generation: str
+) -> None:
+    """GOST's client ``host`` option: the Host header of every request, the server unchanged."""
+
+    async def scenario(client: Client) -> str:
+        tunnel = await client.open(
+            gost.endpoint(generation),
+            authorize=generation == "legacy",
+            host_header="tunnel.example:8443",
+        )
+        await tunnel.send(b"hi")
+        assert await tunnel.receive_exactly(2) == b"hi"
+        await tunnel.close()
+        return tunnel.token
+
+    token = run_client(client, scenario)
+    hosts = {request.host for request in gost.servers[generation].requests(token)}
+    assert hosts == {b"tunnel.example:8443"}
