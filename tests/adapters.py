@@ -413,7 +413,8 @@ class Client:
 
     name = ""
 
-    async def open(self, endpoint: Endpoint, **options: Any) -> Tunnel:
+    async def open(self, endpoint: Endpoint, host: str = "127.0.0.1", **options: Any) -> Tunnel:
+        """Open a tunnel to ``endpoint`` (``host`` is only for a proxy to resolve)."""
         raise NotImplementedError
 
     async def both(
@@ -459,11 +460,11 @@ class _TrioTunnel(Tunnel):
 class _TrioClient(Client):
     name = "trio"
 
-    async def open(self, endpoint: Endpoint, **options: Any) -> Tunnel:
+    async def open(self, endpoint: Endpoint, host: str = "127.0.0.1", **options: Any) -> Tunnel:
         tls: ssl.SSLContext | bool = client_tls_context() if endpoint.tls else False
         try:
             stream = await pht.open_pht_stream(
-                "127.0.0.1", endpoint.port, tls=tls, **endpoint.paths(), **options
+                host, endpoint.port, tls=tls, **endpoint.paths(), **options
             )
         except _FAILURES as exc:
             raise _broken(exc) from exc
@@ -511,11 +512,11 @@ class _AsyncioClient(Client):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    async def open(self, endpoint: Endpoint, **options: Any) -> Tunnel:
+    async def open(self, endpoint: Endpoint, host: str = "127.0.0.1", **options: Any) -> Tunnel:
         context = client_tls_context() if endpoint.tls else None
         try:
             reader, writer = await pht.asyncio.open_pht_connection(
-                "127.0.0.1", endpoint.port, ssl=context, **endpoint.paths(), **options
+                host, endpoint.port, ssl=context, **endpoint.paths(), **options
             )
         except _FAILURES as exc:
             raise _broken(exc) from exc

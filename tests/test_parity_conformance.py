@@ -605,3 +605,34 @@ def test_host_header_is_gosts_host_option(
     token = run_client(client, scenario)
     hosts = {request.host for request in gost.servers[generation].requests(token)}
     assert hosts == {b"tunnel.example:8443"}
+
+
+@pytest.mark.parametrize("generation", ["legacy", "modern"])
+def test_through_a_forward_proxy_every_request_is_absolute_form(
+    client: str, gost: ScriptedServers, generation: str
+) -> None:
+    """``proxy=``: the requests go to the proxy (here the scripted server) in absolute form."""
+    proxy = gost.endpoint(generation)
+
+    async def scenario(client: Client) -> str:
+        target = Endpoint("via-proxy", 18702, "", False, {})
+        tunnel = await client.open(
+            target,
+            host="gost.example",
+            authorize=generation == "legacy",
+            proxy=f"http://127.0.0.1:{proxy.port}",
+        )
+        await tunnel.send(b"hi")
+        assert await tunnel.receive_exactly(2) == b"hi"
+        await tunnel.close()
+        return tunnel.token
+
+    token = run_client(client, scenario)
+    seen = gost.servers[generation].requests(token)
+    assert len(seen) >= 3  # (authorize,) pull, push, close notification
+    assert {request.target.split(b"?")[0] for request in seen} <= {
+        b"http://gost.example:18702/authorize",
+        b"http://gost.example:18702/pull",
+        b"http://gost.example:18702/push",
+    }
+    assert {request.host for request in seen} == {b"gost.example:18702"}
