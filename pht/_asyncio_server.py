@@ -30,6 +30,7 @@ from ._server_core import (
     PULL_PROGRESS,
     ConnectionTimer,
     PullAction,
+    PullInput,
     PullWriteTimer,
     ServerCore,
     SessionBuffers,
@@ -512,17 +513,10 @@ class _Server(ServerCore[_Stream]):
         self, reader: asyncio.StreamReader, conn: ServerConnection, pull: _PullWriter
     ) -> None:
         """Notice at once when a pulling client goes away (as the trio server)."""
-        allowance = self.options.max_header_size  # a pipelined request head, at most
+        watch = PullInput(conn, self.options)
         with contextlib.suppress(*_BROKEN):
-            while True:
-                data = await reader.read(_RECEIVE_SIZE)
-                if not data:
-                    break
-                conn.receive_data(data)  # a pipelined request is kept for later
-                allowance -= len(data)
-                if allowance < 0:
-                    log.debug("pull connection sent more than a request head: dropped")
-                    break
+            while watch.received(await reader.read(_RECEIVE_SIZE)):
+                pass
         pull.end("hung up")
 
     # -- shutdown -------------------------------------------------------------------

@@ -48,6 +48,7 @@ __all__ = [
     "HeartbeatTimer",
     "HeartbeatWheel",
     "PullAction",
+    "PullInput",
     "PullWriteTimer",
     "Push",
     "ServerCore",
@@ -618,6 +619,34 @@ class PullWriteTimer:
         return [
             view[start : start + PULL_PROGRESS] for start in range(0, len(view), PULL_PROGRESS)
         ]
+
+
+class PullInput:
+    """What a client sends up a connection while its pull is open.
+
+    The adapter reads the connection during a pull only to notice at once
+    that the client went away (GOST waits for a failed write). What arrives
+    is a pipelined request, kept for later: a proxy sends the next request
+    as soon as the pull's end went out, and it may arrive before the pull is
+    over. No client streams more than a request head up an open pull.
+    """
+
+    __slots__ = ("_conn", "_left")
+
+    def __init__(self, conn: ServerConnection, options: ServerOptions) -> None:
+        self._conn = conn
+        self._left = options.max_header_size
+
+    def received(self, data: bytes | bytearray) -> bool:
+        """Keep ``data``; whether to read on (``False``: the client closed, or sent too much)."""
+        if not data:
+            return False
+        self._conn.receive_data(data)  # never dropped
+        self._left -= len(data)
+        if self._left < 0:
+            log.debug("pull connection sent more than a request head: no longer read")
+            return False
+        return True
 
 
 # --- accepting ---------------------------------------------------------------------

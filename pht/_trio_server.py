@@ -30,6 +30,7 @@ from ._server_core import (
     AcceptFailures,
     ConnectionTimer,
     PullAction,
+    PullInput,
     PullWriteTimer,
     ServerCore,
     SessionBuffers,
@@ -459,22 +460,10 @@ class _Server(ServerCore[_ServerStream]):
         scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
-        allowance = self.options.max_header_size  # a pipelined request head, at most
+        watch = PullInput(conn, self.options)
         try:
-            while True:
-                data = await transport.receive_some(RECEIVE_SIZE)
-                if not data:
-                    break
-                # A pipelined request is kept for later. Never drop bytes here:
-                # a proxy sends the next request as soon as the pull's end has
-                # gone out, and it may arrive before this task is cancelled.
-                conn.receive_data(data)
-                allowance -= len(data)
-                if allowance < 0:
-                    # No client streams data up an open pull: stop reading
-                    # (at most one read past the bound is buffered).
-                    log.debug("pull connection sent more than a request head: dropped")
-                    break
+            while watch.received(await transport.receive_some(RECEIVE_SIZE)):
+                pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
         hung_up.set()

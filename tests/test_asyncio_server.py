@@ -298,8 +298,10 @@ async def test_close_is_graceful_then_cuts_what_is_left(
         await echo_round_trip(closing)
         await closing.aclose()
         report = await trio.to_thread.run_sync(server.stop)
-        assert report.finished == 0
         assert report.cut == (held.token[:8] + "…",)
+        # The closed session may still be ending when close() begins: then
+        # it is one that finished within the grace period.
+        assert report.finished in (0, 1)
         assert await held.receive_some() == b""  # the cut session's client sees EOF
         with pytest.raises(pht.TunnelError, match="cannot connect"):
             await pht.open_pht_stream("127.0.0.1", server.port)  # nobody listens

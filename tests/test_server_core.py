@@ -20,6 +20,7 @@ from pht._server_core import (
     ConnectionTimer,
     HeartbeatWheel,
     PullAction,
+    PullInput,
     PullWriteTimer,
     Push,
     ServerCore,
@@ -408,3 +409,12 @@ def test_accept_failures_back_off_and_warn_once_per_interval(
     assert "(100 times since the last warning)" in caplog.records[1].getMessage()
     with pytest.raises(OSError, match="broken"):
         failures.failed(OSError(errno.EBADF, "broken"), 30.0)
+
+
+def test_pull_input_keeps_a_pipelined_request_and_stops_past_a_head() -> None:
+    options = ServerOptions(max_header_size=64)
+    conn = Core(options).new_connection()
+    watch = PullInput(conn, options)
+    assert watch.received(b"GET /authorize HTTP/1.1\r\n")
+    assert not watch.received(b"X: " + b"a" * 64)  # more than a request head
+    assert not PullInput(conn, options).received(b"")  # the client closed
