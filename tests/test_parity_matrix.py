@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .adapters import (
     CLIENT_ADAPTERS,
@@ -308,6 +310,39 @@ def test_a_handler_that_raises_ends_only_its_session(client: str, servers: Serve
 
     assert run_client(client, scenario) == [b"", b""]
     echo_works(servers["echo"])
+
+
+@pytest.mark.parametrize("client_name", CLIENT_ADAPTERS, ids=lambda name: f"client={name}")
+@settings(max_examples=6, deadline=None)
+@given(
+    writes=st.lists(st.integers(min_value=0, max_value=70_000), min_size=1, max_size=6),
+    authorize=st.booleans(),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_any_write_boundaries_come_back_in_order(
+    client_name: str, servers: ServerSet, writes: list[int], authorize: bool, seed: int
+) -> None:
+    """A property: whatever the writes' sizes (empty ones too), the echo is the same bytes."""
+    data = payload(sum(writes), seed)
+
+    async def scenario(client: Client) -> bytes:
+        tunnel = await client.open(servers["echo"], authorize=authorize)
+        echoed = bytearray()
+
+        async def send() -> None:
+            offset = 0
+            for size in writes:
+                await tunnel.send(data[offset : offset + size])
+                offset += size
+
+        async def receive() -> None:
+            echoed.extend(await tunnel.receive_exactly(len(data)))
+
+        await client.both(send, receive)
+        await tunnel.close()
+        return bytes(echoed)
+
+    assert run_client(client_name, scenario) == data
 
 
 # --- the hardening answers, from raw HTTP ---------------------------------------------
