@@ -18,10 +18,13 @@ trio and under asyncio. :func:`run_client` runs it in the test's own thread,
 on a fresh event loop of the adapter's kind, bounded by a timeout.
 
 Why this shape: each side keeps its own event loop (no loop is shared across
-threads, nothing is polled on a timer except the uvicorn process's report
-lines), the servers are started once per module (uvicorn takes about a
-second to start), and a failure in a scenario is an ordinary exception in
-the test's thread with the adapter's own traceback.
+threads; nothing is polled on a timer except the uvicorn process's output,
+for its handlers' reports); a scenario is written once, not once per
+library; the servers start once per module (uvicorn takes about a second);
+and a failure in a scenario is an ordinary exception in the test's thread,
+with the adapter's own traceback. Subprocess clients would cost a start-up
+per test and hide the tracebacks; one shared loop would hide exactly the
+loop-specific behaviour these tests look for.
 """
 
 from __future__ import annotations
@@ -109,15 +112,21 @@ class Reports:
 
     def __init__(self) -> None:
         self._lines: list[str] = []
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def add(self, line: str) -> None:
-        with self._lock:
+        with self._changed:
             self._lines.append(line)
+            self._changed.notify_all()
 
     def lines(self) -> list[str]:
-        with self._lock:
+        with self._changed:
             return list(self._lines)
+
+    def wait_for(self, found: Callable[[list[str]], bool], timeout: float) -> None:
+        """Wait until ``found(lines)`` holds, or ``timeout`` passed (the caller checks)."""
+        with self._changed:
+            self._changed.wait_for(lambda: found(self._lines), timeout)
 
 
 def _trio_handler(
@@ -328,14 +337,23 @@ class ServerSet:
 
     def wait_report(self, kind: str, token: str) -> list[str]:
         """The fields of the handler's ``<kind> <token> ...`` report, once there (bounded)."""
-        deadline = time.monotonic() + GUARD
-        while time.monotonic() < deadline:
-            for line in self.report_lines():
+
+        def find(lines: list[str]) -> list[str] | None:
+            for line in lines:
                 fields = line.split()
                 if len(fields) >= 2 and fields[1] == token and fields[0] in (kind, "broken"):
                     return fields
-            time.sleep(0.01)
-        raise AssertionError(f"no {kind} report for {token}: {self.report_lines()[-20:]}")
+            return None
+
+        if self._site is None:
+            self.reports.wait_for(lambda lines: find(lines) is not None, GUARD)
+        else:  # another process: read its output until the line is there (bounded)
+            deadline = time.monotonic() + GUARD
+            while find(self.report_lines()) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        fields = find(self.report_lines())
+        assert fields is not None, f"no {kind} report for {token}: {self.log_tail()}"
+        return fields
 
     def log_tail(self) -> str:
         return "\n".join(self.report_lines()[-30:])
