@@ -228,8 +228,9 @@ LOST_410 = pytest.mark.xfail(
         "(the trio, asyncio and uvicorn servers, in every run here; not the uvloop server) "
         "drain() and read() raise TunnelResetError('pull from the PHT server failed: the "
         "server closed the connection in the middle of its answer to the pull') and the 410 "
-        "is never reported; the trio client reports the 410 from send_all and receive_some "
-        "with every server"
+        "is never reported (ClientSession.pull_failed names a push loss only once "
+        "push_failed recorded it, pht/_client_session.py); the trio client reports the 410 "
+        "from send_all and receive_some with every server"
     ),
 )
 
