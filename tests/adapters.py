@@ -259,9 +259,12 @@ class ServerSet:
         async def main() -> None:
             for spec in self.specs:
                 handler = asyncio_handler(spec.behaviour, spec.size, self.reports.add)
-                ssl_option = {"ssl": self.certificate} if self.tls else {}
                 server = await pht.asyncio.start_pht_server(
-                    handler, "127.0.0.1", 0, **ssl_option, **self._options(spec)
+                    handler,
+                    "127.0.0.1",
+                    0,
+                    ssl=self.certificate if self.tls else None,
+                    **self._options(spec),
                 )
                 servers.append(server)
                 self._endpoint(spec, server.sockets[0].getsockname()[1])

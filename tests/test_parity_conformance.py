@@ -550,23 +550,12 @@ def test_answers_are_byte_for_byte_the_trio_servers(
     assert answers == trio_reference
 
 
-_EMPTY_REASON = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the server core's pull head has no reason phrase: pht/_server.py "
-        "ServerConnection.start_pull sends h11.Response(status_code=200) (and _PULL_HEAD "
-        "on the fast path), i.e. 'HTTP/1.1 200 ', where GOST writes 'HTTP/1.1 200 OK'; "
-        "serve_pht and start_pht_server share it, PHTApp's ASGI server writes its own"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "adapter",
     [
-        pytest.param("trio", marks=_EMPTY_REASON),
-        pytest.param("asyncio", marks=_EMPTY_REASON),
-        pytest.param("uvloop", marks=_EMPTY_REASON),
+        "trio",
+        "asyncio",
+        "uvloop",
         "uvicorn",
     ],
     ids=lambda name: f"server={name}",

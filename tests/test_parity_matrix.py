@@ -219,28 +219,12 @@ def test_sixteen_tunnels_at_once(client: str, servers: ServerSet) -> None:
     assert run_client(client, scenario) == expected
 
 
-#: The asyncio client loses a push's 410 when the server's cut of the pull arrives first.
-LOST_410 = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "asyncio client (pht/_asyncio_client.py): a server refusing a push with 410 ends the "
-        "session and cuts its pull; when the cut reaches the client before the 410 answer "
-        "(the trio, asyncio and uvicorn servers, in every run here; not the uvloop server) "
-        "drain() and read() raise TunnelResetError('pull from the PHT server failed: the "
-        "server closed the connection in the middle of its answer to the pull') and the 410 "
-        "is never reported (ClientSession.pull_failed names a push loss only once "
-        "push_failed recorded it, pht/_client_session.py); the trio client reports the 410 "
-        "from send_all and receive_some with every server"
-    ),
-)
+def test_a_push_nobody_consumes_is_an_error_not_eof(client: str, servers: ServerSet) -> None:
+    """410 after push_timeout: the client's send fails, and reading says so (no EOF).
 
-
-def test_a_push_nobody_consumes_is_an_error_not_eof(
-    client: str, servers: ServerSet, request: pytest.FixtureRequest
-) -> None:
-    """410 after push_timeout: the client's send fails, and reading says so (no EOF)."""
-    if client != "trio" and servers.adapter != "uvloop":
-        request.applymarker(LOST_410)
+    The server cuts the session's pull as it refuses the push; whichever the
+    client hears first, the 410 is what it reports.
+    """
 
     async def scenario(client: Client) -> tuple[int | None, int | None]:
         tunnel = await client.open(servers["stuck"], authorize=False)
