@@ -15,6 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
+
+def run_benchmark(
+    script: str, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/SCRIPT ARGS`` with this Python; fail with its stderr unless it exits 0."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
 EXPECTED = {
     "core_push_encode",
     "core_push_decode",
@@ -36,15 +52,7 @@ EXPECTED = {
 
 
 def test_quick_benchmark_produces_every_figure(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-plot",
-         "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("run.py", "--quick", "--no-plot", "--output", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     figures = results["figures"]
     concurrency = results["settings"]["concurrency"]
@@ -71,15 +79,7 @@ TUNNEL_CPU = {"cpu_upload", "cpu_download"}
 
 def test_quick_e2e_benchmark_produces_every_figure(tmp_path: Path) -> None:
     """The command-line benchmark: raw TCP, pht and phts, every figure, the backends."""
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--no-plot",
-         "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("e2e.py", "--quick", "--no-plot", "--output", str(tmp_path))
     results = json.loads((tmp_path / "e2e.json").read_text())
     assert list(results["backends"]) == ["installed"]
     group = results["backends"]["installed"]
@@ -112,15 +112,9 @@ def test_quick_e2e_benchmark_with_a_gost_binary(tmp_path: Path) -> None:
         f"#!{sys.executable}\nimport sys\nfrom pht.cli import main\nsys.exit(main())\n"
     )
     stand_in.chmod(0o755)
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", "--no-plot",
-         "--gost", str(stand_in), "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    run_benchmark(
+        "e2e.py", "--quick", "--no-plot", "--gost", str(stand_in), "--output", str(tmp_path)
+    )
     results = json.loads((tmp_path / "e2e.json").read_text())
     kinds = ["raw", "pht", "phts", "gost", "gosts", "pht-to-gost", "gost-to-pht"]
     assert results["kinds"] == kinds
@@ -178,15 +172,7 @@ def _load_e2e() -> Any:
 
 def test_quick_adapters_benchmark_produces_every_figure(tmp_path: Path) -> None:
     """trio, asyncio and uvloop: every client adapter against every server adapter."""
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick",
-         "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    run_benchmark("adapters.py", "--quick", "--output", str(tmp_path))
     pairs = json.loads((tmp_path / "adapters.json").read_text())["pairs"]
     adapters = ("trio", "asyncio", "uvloop")
     for client in adapters:
@@ -202,15 +188,7 @@ def test_quick_adapters_benchmark_produces_every_figure(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", ["tcp", "pht"])
 def test_instruction_workloads_run(workload: str, path: str) -> None:
     """Each workload of benchmarks/instructions.py, natively (valgrind is slow)."""
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "instructions.py"), "--inner", workload,
-         path, "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    run_benchmark("instructions.py", "--inner", workload, path, "1", timeout=120)
 
 
 def test_instructions_are_counted_under_valgrind() -> None:
