@@ -1122,6 +1122,8 @@ class ServerCore(Generic[S]):
         if isinstance(stream, int):
             return stream
         session = stream.session
+        if session.grace:
+            self.sessions.pushed(session, now)  # a grace period running starts again
         offset = None
         resume = session.resume
         if resume is not None:
@@ -1138,7 +1140,6 @@ class ServerCore(Generic[S]):
                 self.close(token, now, Input.EXPIRED)
                 return 400
             stream.acked()
-            self.sessions.pushed(session, now)
             if not data and conn.resume_offset is None:
                 conn.response_headers = resume.received_headers()
                 return 200  # an ack-only push: answered at once
@@ -1150,7 +1151,7 @@ class ServerCore(Generic[S]):
             if offset is None:
                 offset = fields.offset
             conn.resume_offset = offset + len(data)
-        elif fields.ack is not None or fields.offset is not None:
+        elif fields is not _NO_FIELDS and (fields.ack is not None or fields.offset is not None):
             return 400  # a session without the extension: not affected
         if data and session.push_data():
             self._start_handler(stream)
