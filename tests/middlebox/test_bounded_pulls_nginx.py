@@ -16,7 +16,6 @@ import pytest
 import trio
 
 import pht
-
 from pht._stats import NullStats
 
 from . import harness
