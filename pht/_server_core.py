@@ -383,6 +383,8 @@ class SessionBuffers:
         session's pull ends once the handler finished and every byte went
         out (the client polls again: the session is not over).
         """
+        if self._outbound and self.session.resume is None and self.meter is None:
+            return PullAction.WRITE  # plain PHT, unbounded: the common case first
         session = self.session
         meter = self.meter
         if meter is not None and meter.must_end(now) and not self.finished:
@@ -1161,7 +1163,7 @@ class ServerCore(Generic[S]):
             return 400  # a session without the extension: not affected
         if data and session.push_data():
             self._start_handler(stream)
-        push = stream.push(data, now, offset, conn)
+        push = stream.push(data, now, offset, None if resume is None else conn)
         if push is True:
             if resume is not None:
                 assert conn is not None
@@ -1173,9 +1175,9 @@ class ServerCore(Generic[S]):
 
     def push_over(self, push: Push, verdict: PushVerdict, now: float) -> int:
         """The status that answers ``push``, given its final ``verdict``."""
+        conn = push.conn  # a resume session's push only
         resume = push.stream.session.resume
-        conn = push.conn
-        if resume is not None and conn is not None:
+        if conn is not None and resume is not None:
             if verdict is PushVerdict.GONE:
                 conn.response_headers = ResponseFields.gone_headers(GoneReason.ABORTED)
             else:

@@ -150,12 +150,13 @@ class _ServerStream(SessionBuffers, PHTStream):
                     # caused them is acknowledged (the client sees both sooner).
                     await writer.write(self.take_outbound())
                     if (
-                        self.has_outbound
+                        self._outbound  # the rest (resume: bytes waiting for room)
                         or writer.error is not None
                         or not self.pull_parked
-                        or self.meter is not None
+                        or self.meter is not None  # a bound may be reached
+                        or self.session.resume is not None  # the replay may hold more
                     ):
-                        self._wake_pull()  # the rest, an error, a waiter, or a bound
+                        self._wake_pull()
                     return
                 self._wake_pull()
             await trio.lowlevel.checkpoint()
@@ -182,11 +183,10 @@ class _ServerStream(SessionBuffers, PHTStream):
     async def wait_outbound(self) -> None:
         if not self.has_outbound and not self.finished:
             self._outbound_ready = ready = trio.Event()
-            deadline = self.pull_deadline()
-            if deadline == math.inf:
+            if self.meter is None:
                 await ready.wait()
             else:  # a bounded pull ends at its deadline
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(self.pull_deadline()):
                     await ready.wait()
 
     async def wait_writer(self) -> None:
