@@ -980,7 +980,7 @@ class ServerCore(Generic[S]):
             status = event.status_code
             log.info("refused a request from %s (%d): %s", peer, status, event.reason)
             if event.token is not None:
-                self.close(event.token, now)
+                self.close(event.token, now, Input.REFUSED)
             return conn.send_status(self.refused(status))
         raise TypeError(f"{type(event).__name__} is answered by the adapter")
 
@@ -1023,7 +1023,7 @@ class ServerCore(Generic[S]):
             return 409
         except (AckOutOfRange, ResumeHeaderError) as exc:
             log.info("session %s: %s", short_token(token), exc)
-            self.close(token, now, Input.EXPIRED)
+            self.close(token, now, Input.REFUSED)
             return 400
         if stream is not None:
             stream.acked()
@@ -1093,7 +1093,7 @@ class ServerCore(Generic[S]):
             return 409
         except AckOutOfRange as exc:
             log.info("session %s: %s", short_token(token), exc)
-            self.close(token, now, Input.EXPIRED)
+            self.close(token, now, Input.REFUSED)
             return 400
         stream.acked()
         conn.response_headers = headers
@@ -1139,13 +1139,13 @@ class ServerCore(Generic[S]):
             if fields.offset is None or fields.ack is None:
                 # A hop dropped the headers: data and retries look alike now.
                 log.info("session %s: a push without PHT-Offset or PHT-Ack", short_token(token))
-                self.close(token, now, Input.EXPIRED)
+                self.close(token, now, Input.REFUSED)
                 return 400
             try:
                 resume.apply_ack(fields.ack)  # on arrival, not at the push's turn
             except AckOutOfRange as exc:
                 log.info("session %s: %s", short_token(token), exc)
-                self.close(token, now, Input.EXPIRED)
+                self.close(token, now, Input.REFUSED)
                 return 400
             stream.acked()
             if not data and conn.resume_offset is None:

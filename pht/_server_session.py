@@ -277,6 +277,7 @@ class Input(enum.Enum):
     SHUTDOWN = "shutdown"  #: the server cut it at the end of a graceful shutdown
     HANDLER_DONE = "handler done"  #: the handler returned and its last bytes went out
     GRACE_EXPIRED = "grace expired"  #: no pull came back within the grace period
+    REFUSED = "refused"  #: a request of the session was refused, and that ends it (400, 413)
 
 
 _S = ServerSessionState
@@ -287,6 +288,7 @@ _ENDS = (
     Input.EXPIRED,
     Input.SHUTDOWN,
     Input.HANDLER_DONE,
+    Input.REFUSED,
 )
 
 #: The session machine: ``(state, input) -> next state``. A pair that is not
@@ -542,6 +544,7 @@ class ServerSession(Generic[H]):
             Input.SHUTDOWN,
             Input.HANDLER_DONE,
             Input.GRACE_EXPIRED,
+            Input.REFUSED,
         ):
             self._fail(f"{event.value!r} does not end a session by itself")
         return self._enter(event)

@@ -482,3 +482,15 @@ def test_pulls_cut_anywhere_and_reattached_deliver_every_byte_once(
         assert again is stream
     assert bytes(got) == data
     assert stream.finished  # the last pull's ack covered the end
+
+
+def test_a_refused_request_that_ends_a_resume_session_buries_it_as_aborted() -> None:
+    core = Core(ServerOptions(max_push_line=64))
+    token = "a" * 22
+    _, stream = resume_session(core, token)
+    conn, event = request(core, resume_push(token, bytes(100), 0, 0))
+    assert isinstance(event, BadRequest)
+    assert event.status_code == 413
+    assert core.answer(conn, event, PEER, 1.0).startswith(b"HTTP/1.1 413")
+    assert stream.session.ended_by is Input.REFUSED
+    assert core.sessions.tombstones.reason(token, 2.0) is GoneReason.ABORTED
