@@ -23,6 +23,11 @@ import pytest
 import pht
 
 from .test_cli_run import START_TIMEOUT, PhtProcess, child_env, free_port
+from .test_cli_run import cli_backend as cli_backend  # the fixture, used by name
+
+#: Runs a test once per event loop (``--backend``): the tests that move bytes
+#: and fail connections; the configuration-only twins run on the default one.
+on_every_backend = pytest.mark.usefixtures("cli_backend")
 
 pytestmark = [
     pytest.mark.slow,
@@ -150,6 +155,7 @@ CASES = {
 }
 
 
+@on_every_backend
 @pytest.mark.parametrize("name", list(CASES))
 def test_proxy_over_pht(name: str, origin: int) -> None:
     case = CASES[name]
@@ -163,6 +169,7 @@ def test_proxy_over_pht(name: str, origin: int) -> None:
         server.wait_for(rf"-> 127\.0\.0\.1:{origin} opened")
 
 
+@on_every_backend
 def test_tcp_port_forwarding_through_the_chain(origin: int) -> None:
     # gost -L tcp://:2222/10.0.0.5:22 -F pht://server:8443, with the origin as target
     with PhtProcess("-L", "pht://127.0.0.1:0") as server:
@@ -171,6 +178,7 @@ def test_tcp_port_forwarding_through_the_chain(origin: int) -> None:
             assert_body(curl(f"http://127.0.0.1:{client.port()}/blob"), server, client)
 
 
+@on_every_backend
 def test_forward_connector(origin: int) -> None:
     # The client's forward connector sends the stream as is; the server's
     # forward handler takes it to its own target.
@@ -180,6 +188,7 @@ def test_forward_connector(origin: int) -> None:
             assert_body(curl(f"http://127.0.0.1:{client.port()}/blob"), server, client)
 
 
+@on_every_backend
 def test_parallel_downloads_through_one_client(origin: int) -> None:
     with PhtProcess("-L", "socks5+pht://127.0.0.1:0") as server:
         node = f"socks5+pht://127.0.0.1:{server.port()}"
@@ -357,6 +366,7 @@ services:
 # --- failures are quick and say why ----------------------------------------------------
 
 
+@on_every_backend
 @pytest.mark.parametrize(
     ("server_url", "node"),
     [
@@ -376,6 +386,7 @@ def test_wrong_credentials_are_refused(server_url: str, node: str, origin: int) 
         assert f"127.0.0.1:{origin} opened" not in server.output()
 
 
+@on_every_backend
 @pytest.mark.parametrize(
     "server_query",
     ["pushPath=/elsewhere", "pullPath=/elsewhere", "authorizePath=/elsewhere"],
@@ -397,6 +408,7 @@ def test_mismatched_paths_fail_with_a_message(server_query: str, origin: int) ->
             assert "cannot reach" not in client.output()
 
 
+@on_every_backend
 def test_two_hop_chain(origin: int) -> None:
     # -F socks5+pht://S -F http://P: the PHT tunnel's SOCKS5 CONNECT reaches the
     # second hop (a plain HTTP proxy), whose CONNECT reaches the origin.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
@@ -104,6 +105,14 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
                 todo.append(inner)
 
 
+def _os_reason(exc: OSError) -> str:
+    """The OS's words for an error: asyncio puts its own text in ``strerror``
+    ("Connect call failed ('127.0.0.1', 1)"); resolver errors keep theirs."""
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno)
+    return str(exc.strerror)
+
+
 def describe_cause(exc: BaseException) -> str:
     """An exception in words for a log line: its message, plus the OS's reason
     found deeper in the chain (``Connection refused``), never a repr."""
@@ -113,11 +122,12 @@ def describe_cause(exc: BaseException) -> str:
         return f"TLS: {exc.reason or exc}"
     text = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
-        return exc.strerror
+        return _os_reason(exc)
     for inner in _causes(exc):
         if isinstance(inner, OSError) and inner.strerror and inner.errno is not None:
-            if inner.strerror not in text:
-                text = f"{text} ({inner.strerror})"
+            reason = _os_reason(inner)
+            if reason not in text:
+                text = f"{text} ({reason})"
             break
     return text
 
