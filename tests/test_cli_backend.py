@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from pht.cli import _backend
@@ -78,3 +83,25 @@ def test_version_names_every_event_loop() -> None:
     assert f"{choose_backend('auto').describe()} (auto)" in result.stdout
     for loop in BACKENDS:
         assert Backend(loop).describe() in result.stdout
+
+
+def _e2e_benchmark() -> Any:
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "e2e.py"
+    spec = importlib.util.spec_from_file_location("pht_benchmarks_e2e_loops", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_e2e_benchmark_starts_each_loops_pair_with_its_backend() -> None:
+    e2e = _e2e_benchmark()
+    pairs, loops = e2e.loop_pairs(["trio", "uvloop"])
+    assert list(pairs) == ["pht-trio", "phts-trio", "pht-uvloop", "phts-uvloop"]
+    assert loops["phts-uvloop"] == "uvloop"
+    client = e2e._client_arguments("phts", "127.0.0.1:9", 1, 2, loop="uvloop")
+    assert client[-2:] == ["--backend", "uvloop"]
+    assert e2e._server_arguments("pht", "127.0.0.1:9", 1)[-1].startswith("pht://")
+    assert set(e2e.available_loops()) == set(BACKENDS)
