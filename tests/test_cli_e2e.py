@@ -23,11 +23,14 @@ import pytest
 import pht
 
 from .test_cli_run import START_TIMEOUT, PhtProcess, child_env, free_port
-from .test_cli_run import cli_backend as cli_backend  # the fixture, used by name
+from .test_cli_run import cli_backend as cli_backend  # the fixtures, used by name
+from .test_cli_run import cli_backend_all as cli_backend_all
 
-#: Runs a test once per event loop (``--backend``): the tests that move bytes
-#: and fail connections; the configuration-only twins run on the default one.
+#: The tests that move bytes and fail connections run on trio and on asyncio
+#: (uvloop), the tunnel matrix on every loop; the configuration-only twins run
+#: on the default loop.
 on_every_backend = pytest.mark.usefixtures("cli_backend")
+on_every_loop = pytest.mark.usefixtures("cli_backend_all")
 
 pytestmark = [
     pytest.mark.slow,
@@ -155,7 +158,7 @@ CASES = {
 }
 
 
-@on_every_backend
+@on_every_loop
 @pytest.mark.parametrize("name", list(CASES))
 def test_proxy_over_pht(name: str, origin: int) -> None:
     case = CASES[name]

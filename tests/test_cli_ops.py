@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_e2e import BODY, assert_body, curl, fetch_via, on_every_backend
+from .test_cli_e2e import BODY, assert_body, curl, fetch_via, on_every_backend, on_every_loop
 from .test_cli_e2e import origin as origin  # the fixture
 from .test_cli_run import START_TIMEOUT, PhtProcess, free_port, run_pht
-from .test_cli_run import cli_backend as cli_backend  # the fixture
+from .test_cli_run import cli_backend as cli_backend  # the fixtures
+from .test_cli_run import cli_backend_all as cli_backend_all
 
 pytestmark = [
     pytest.mark.slow,
@@ -333,7 +334,7 @@ def test_socks5_chain_target_refused_is_socks5_refused() -> None:
     assert f"cannot reach 127.0.0.1:{refused}: connection refused" in line
 
 
-@on_every_backend
+@on_every_loop  # (asyncio's default loop words a refused connect its own way)
 def test_unreachable_tunnel_server_is_the_hops_fault() -> None:
     node = f"socks5+pht://127.0.0.1:{closed_port()}"
     with PhtProcess("-L", "socks5://127.0.0.1:0", "-F", node) as client:

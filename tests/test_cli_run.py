@@ -6,6 +6,7 @@ The helpers here (:class:`PhtProcess`, :func:`free_port`) are shared with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -42,15 +43,33 @@ def pht_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pht", *args, *loop]
 
 
-@pytest.fixture(params=BACKENDS)
-def cli_backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs the test once per event loop: its pht processes get ``--backend``."""
+#: What most I/O tests run on: trio, and the asyncio loop ``auto`` picks (uvloop
+#: when installed). The widest tests run on every loop (:func:`cli_backend_all`).
+IO_BACKENDS = ["trio", "uvloop" if "uvloop" in BACKENDS else "asyncio"]
+
+
+@contextlib.contextmanager
+def _backend_of_pht_processes(name: str) -> Iterator[str]:
     global _backend
-    _backend = request.param
+    _backend = name
     try:
-        yield request.param
+        yield name
     finally:
         _backend = None
+
+
+@pytest.fixture(params=IO_BACKENDS)
+def cli_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test on trio and on asyncio (uvloop): its pht processes get ``--backend``."""
+    with _backend_of_pht_processes(request.param) as name:
+        yield name
+
+
+@pytest.fixture(params=BACKENDS)
+def cli_backend_all(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test on every event loop installed (trio, asyncio, uvloop)."""
+    with _backend_of_pht_processes(request.param) as name:
+        yield name
 
 
 def child_env() -> dict[str, str]:
@@ -298,7 +317,7 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 # --- start-up lines and signals ---------------------------------------------------------
 
 
-@pytest.mark.usefixtures("cli_backend")
+@pytest.mark.usefixtures("cli_backend_all")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_cleanly(signum: int) -> None:
     with PhtProcess(
