@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="LOOP",
         help="the event loop: " + ", ".join(BACKEND_CHOICES) + " (default: auto, the fastest "
-        "installed one, as measured; see the documentation)",
+        "as measured: uvloop if installed, else asyncio; trio where only trio can run the "
+        "configuration)",
     )
     parser.add_argument(
         "-V",
