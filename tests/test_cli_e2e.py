@@ -22,13 +22,19 @@ import pytest
 
 import pht
 
-from .test_cli_run import START_TIMEOUT, PhtProcess, child_env, free_port
+from .test_cli_run import (
+    START_TIMEOUT,
+    PhtProcess,
+    backend_of_pht_processes,
+    child_env,
+    free_port,
+)
 from .test_cli_run import cli_backend as cli_backend  # the fixtures, used by name
 from .test_cli_run import cli_backend_all as cli_backend_all
 
 #: The tests that move bytes and fail connections run on trio and on asyncio
-#: (uvloop), the tunnel matrix on every loop; the configuration-only twins run
-#: on the default loop.
+#: (uvloop), a few on every loop; the configuration-only twins run on the
+#: default loop.
 on_every_backend = pytest.mark.usefixtures("cli_backend")
 on_every_loop = pytest.mark.usefixtures("cli_backend_all")
 
@@ -158,9 +164,21 @@ CASES = {
 }
 
 
-@on_every_loop
+@on_every_backend
 @pytest.mark.parametrize("name", list(CASES))
 def test_proxy_over_pht(name: str, origin: int) -> None:
+    _proxy_over_pht(name, origin)
+
+
+@pytest.mark.parametrize("name", ["http+phts", "relay+pht", "pht-forward-to-socks5"])
+def test_proxy_over_pht_on_asyncios_own_loop(name: str, origin: int) -> None:
+    # The matrix runs on trio and uvloop; asyncio's default loop shares
+    # pht.asyncio with uvloop: a listener of each kind, pht and phts, there.
+    with backend_of_pht_processes("asyncio"):
+        _proxy_over_pht(name, origin)
+
+
+def _proxy_over_pht(name: str, origin: int) -> None:
     case = CASES[name]
     with PhtProcess(*case.server()) as server:
         node = case.node.format(port=server.port())

@@ -49,7 +49,8 @@ IO_BACKENDS = ["trio", "uvloop" if "uvloop" in BACKENDS else "asyncio"]
 
 
 @contextlib.contextmanager
-def _backend_of_pht_processes(name: str) -> Iterator[str]:
+def backend_of_pht_processes(name: str) -> Iterator[str]:
+    """Within it, the pht processes a test starts get ``--backend name``."""
     global _backend
     _backend = name
     try:
@@ -61,14 +62,14 @@ def _backend_of_pht_processes(name: str) -> Iterator[str]:
 @pytest.fixture(params=IO_BACKENDS)
 def cli_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs the test on trio and on asyncio (uvloop): its pht processes get ``--backend``."""
-    with _backend_of_pht_processes(request.param) as name:
+    with backend_of_pht_processes(request.param) as name:
         yield name
 
 
 @pytest.fixture(params=BACKENDS)
 def cli_backend_all(request: pytest.FixtureRequest) -> Iterator[str]:
     """Runs the test on every event loop installed (trio, asyncio, uvloop)."""
-    with _backend_of_pht_processes(request.param) as name:
+    with backend_of_pht_processes(request.param) as name:
         yield name
 
 
