@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -208,9 +209,12 @@ def _pht_command(backend: str, args: Sequence[str]) -> list[str]:
 def describe_backends(backend: str) -> dict[str, str]:
     """What the tunnel processes run with, asked of a process started the same way."""
     code = (
-        "import json, ssl, sys, h11, trio, pht; print(json.dumps({"
+        "import json, ssl, sys, importlib.util, importlib.metadata as m, h11, trio, pht; "
+        "print(json.dumps({"
         "'pht': pht.__version__, 'base64': pht.BASE64_BACKEND, 'ssl': ssl.OPENSSL_VERSION,"
-        "'trio': trio.__version__, 'h11': h11.__version__, 'python': sys.version.split()[0]}))"
+        "'trio': trio.__version__, 'h11': h11.__version__, 'python': sys.version.split()[0],"
+        "'anyio': m.version('anyio'), 'uvloop': ("
+        "m.version('uvloop') if importlib.util.find_spec('uvloop') else None)}))"
     )
     output = subprocess.run(
         _python_command(backend, code), capture_output=True, text=True, check=True, timeout=60
@@ -239,24 +243,63 @@ def _accepts(port: int) -> bool:
     return True
 
 
-def _server_arguments(kind: str, target: str, port: int) -> list[str]:
-    return ["-L", f"{kind}://{HOST}:{port}/{target}"]
+def _loop_arguments(loop: str | None) -> list[str]:
+    return ["--backend", loop] if loop else []
 
 
-def _client_arguments(kind: str, target: str, server: int, port: int) -> list[str]:
-    return ["-L", f"tcp://{HOST}:{port}/{target}", "-F", f"forward+{kind}://{HOST}:{server}"]
+def _server_arguments(kind: str, target: str, port: int, loop: str | None = None) -> list[str]:
+    return ["-L", f"{kind}://{HOST}:{port}/{target}", *_loop_arguments(loop)]
+
+
+def _client_arguments(
+    kind: str, target: str, server: int, port: int, loop: str | None = None
+) -> list[str]:
+    return [
+        "-L",
+        f"tcp://{HOST}:{port}/{target}",
+        "-F",
+        f"forward+{kind}://{HOST}:{server}",
+        *_loop_arguments(loop),
+    ]
+
+
+#: What ``--loops`` takes: pht's ``--backend`` values (``all``: every one installed).
+LOOPS = ("trio", "asyncio", "uvloop")
+
+
+def available_loops() -> list[str]:
+    """The event loops both tunnel ends can run on here (uvloop only if installed)."""
+    return [loop for loop in LOOPS if loop != "uvloop" or importlib.util.find_spec("uvloop")]
+
+
+def loop_pairs(loops: Sequence[str]) -> tuple[dict[str, Pair], dict[str, str]]:
+    """A pht and a phts pair per event loop (``pht-trio``...), and kind -> loop."""
+    pairs: dict[str, Pair] = {}
+    kinds: dict[str, str] = {}
+    for loop in loops:
+        for scheme in ("pht", "phts"):
+            pairs[f"{scheme}-{loop}"] = Pair("pht", "pht", scheme)
+            kinds[f"{scheme}-{loop}"] = loop
+    return pairs, kinds
 
 
 class Processes:
     """The target and, per tunnel (``Pair``), a server and a client process."""
 
     def __init__(
-        self, backend: str, logs: Path, pairs: dict[str, Pair], gost: str | None = None
+        self,
+        backend: str,
+        logs: Path,
+        pairs: dict[str, Pair],
+        gost: str | None = None,
+        loops: dict[str, str] | None = None,
     ) -> None:
         self.backend = backend
         self.logs = logs
         self.pairs = pairs
         self.gost = gost
+        #: kind -> the ``--backend`` of its pht ends (none: pht's default)
+        self.loops = loops or {}
         self.children: list[subprocess.Popen[bytes]] = []
         self.target_port = 0
         #: kind -> (client port, [client pid, server pid])
@@ -275,13 +318,16 @@ class Processes:
         self.target_port = int(sink.stdout.readline())
         target = f"{HOST}:{self.target_port}"
         for kind, pair in self.pairs.items():
+            loop = self.loops.get(kind)
             server_port, server = self._start_tunnel_end(
-                f"{kind}-server", pair.server, partial(_server_arguments, pair.scheme, target)
+                f"{kind}-server",
+                pair.server,
+                partial(_server_arguments, pair.scheme, target, loop=loop),
             )
             client_port, client = self._start_tunnel_end(
                 f"{kind}-client",
                 pair.client,
-                partial(_client_arguments, pair.scheme, target, server_port),
+                partial(_client_arguments, pair.scheme, target, server_port, loop=loop),
             )
             self.tunnels[kind] = (client_port, [client.pid, server.pid])
 
@@ -675,7 +721,8 @@ def render_table(results: dict[str, Any]) -> str:
         info = group["versions"]
         lines.append(
             f"tunnel processes: base64 {info['base64']} ({backend}), {info['ssl']}, "
-            f"trio {info['trio']}, Python {info['python']}"
+            f"trio {info['trio']}, anyio {info.get('anyio')}, uvloop {info.get('uvloop')}, "
+            f"Python {info['python']}"
         )
         rows = [["figure", "unit", "path", "median (min-max)", "raw TCP", "/raw", "GOST",
                  "/GOST"]]  # fmt: skip
@@ -816,6 +863,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH",
         help="a GOST binary: also measure GOST's pairs and pht with a GOST end, same runs",
     )
+    parser.add_argument(
+        "--loops",
+        metavar="LIST",
+        help="measure pht and phts per event loop instead of pht's default: a comma-separated "
+        f"list of {', '.join(LOOPS)}, or all (those installed); kinds pht-LOOP, phts-LOOP",
+    )
     parser.add_argument("--output", type=Path, default=_ROOT / "results", help="result folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--target", action="store_true", help=argparse.SUPPRESS)
@@ -835,7 +888,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = ["installed", "binascii"] if choice == "both" else [choice]
     args.output.mkdir(parents=True, exist_ok=True)
 
-    pairs = PHT_PAIRS | (GOST_PAIRS if args.gost else {})
+    loops: dict[str, str] = {}
+    if args.loops:
+        names = available_loops() if args.loops == "all" else args.loops.split(",")
+        unknown = sorted(set(names) - set(LOOPS))
+        if unknown:
+            parser.error(f"--loops: unknown {', '.join(unknown)} (choose from {', '.join(LOOPS)})")
+        tunnels, loops = loop_pairs(names)
+    else:
+        tunnels = PHT_PAIRS
+    pairs = tunnels | (GOST_PAIRS if args.gost else {})
     results: dict[str, Any] = {
         "command": " ".join(["benchmarks/e2e.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": asdict(settings),
@@ -846,6 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kinds": ["raw", *pairs],
         "gost_version": _gost_version(args.gost) if args.gost else None,
         "pairs": {kind: asdict(pair) for kind, pair in pairs.items()},
+        "loops": loops,
         "backends": {},
     }
     started = time.monotonic()
@@ -855,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             installed = results["backends"].get("installed")
             if installed and installed["versions"]["base64"] == versions["base64"]:
                 continue  # pybase64 is not installed: it would be the same run again
-            processes = Processes(backend, Path(logs), pairs, args.gost)
+            processes = Processes(backend, Path(logs), pairs, args.gost, loops)
             try:
                 processes.start()
                 runs = measure(processes, settings)

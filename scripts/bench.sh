@@ -4,7 +4,8 @@
 # and the adapters side by side (benchmarks/adapters.py: trio, asyncio, uvloop).
 #   scripts/bench.sh [--quick]       all three (--quick: small sizes, the smoke-test mode)
 #   scripts/bench.sh library ARGS    only run.py with ARGS (e.g. --only bulk, --runs 5)
-#   scripts/bench.sh e2e ARGS        only e2e.py with ARGS (e.g. --runs 7, --profile)
+#   scripts/bench.sh e2e ARGS        only e2e.py with ARGS (e.g. --runs 7, --profile,
+#                                    --loops all: per event loop, trio / asyncio / uvloop)
 #   scripts/bench.sh adapters ARGS   only adapters.py with ARGS (e.g. --runs 7)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,6 @@ quick=()
 for argument in "$@"; do
     if [[ $argument == --quick ]]; then quick=(--quick); fi
 done
-.venv/bin/python benchmarks/e2e.py "${quick[@]}"
+# End to end on every event loop the command line can run on (pht-trio, pht-uvloop...).
+.venv/bin/python benchmarks/e2e.py "${quick[@]}" --loops all
 exec .venv/bin/python benchmarks/adapters.py "${quick[@]}"

@@ -12,6 +12,7 @@ import pht
 from pht.cli._chain import ChainDialer, _proxy_url
 from pht.cli._run import build_config, prepare
 from pht.cli._spec import ConfigError
+from pht.proxy._stream import as_trio
 
 from .support import start_server
 
@@ -111,7 +112,7 @@ async def test_push_window_lets_writes_return_before_their_answer(
     async with trio.open_nursery() as nursery:
         port = await start_server(nursery, late_reader)
         config = build_config([":0"], [f"forward+pht://127.0.0.1:{port}?pushWindow={window}"])
-        stream = await ChainDialer(config.chains[0])("127.0.0.1", 1)
+        stream = as_trio(await ChainDialer(config.chains[0])("127.0.0.1", 1))
         with trio.fail_after(10):
             async with trio.open_nursery() as writing:
                 writing.start_soon(writer, stream)

@@ -18,6 +18,7 @@ import pht
 from pht import proxy
 from pht.cli._chain import ChainDialer
 from pht.cli._run import build_config
+from pht.proxy._stream import as_trio
 
 
 async def _echo(stream: trio.abc.Stream) -> None:
@@ -29,7 +30,7 @@ async def _echo(stream: trio.abc.Stream) -> None:
 async def _round_trip(node: str, port: int) -> None:
     config = build_config([":0"], [node.format(port=port)])
     dialer = ChainDialer(config.chains[0])
-    stream = await dialer("target.invalid", 80)  # forward: the server's handler echoes
+    stream = as_trio(await dialer("target.invalid", 80))  # forward: the server's handler echoes
     async with stream:
         await stream.send_all(b"ping")
         assert await stream.receive_some() == b"ping"

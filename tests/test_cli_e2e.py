@@ -22,7 +22,21 @@ import pytest
 
 import pht
 
-from .test_cli_run import START_TIMEOUT, PhtProcess, child_env, free_port
+from .test_cli_run import (
+    START_TIMEOUT,
+    PhtProcess,
+    backend_of_pht_processes,
+    child_env,
+    free_port,
+)
+from .test_cli_run import cli_backend as cli_backend  # the fixtures, used by name
+from .test_cli_run import cli_backend_all as cli_backend_all
+
+#: The tests that move bytes and fail connections run on trio and on asyncio
+#: (uvloop), a few on every loop; the configuration-only twins run on the
+#: default loop.
+on_every_backend = pytest.mark.usefixtures("cli_backend")
+on_every_loop = pytest.mark.usefixtures("cli_backend_all")
 
 pytestmark = [
     pytest.mark.slow,
@@ -150,8 +164,21 @@ CASES = {
 }
 
 
+@on_every_backend
 @pytest.mark.parametrize("name", list(CASES))
 def test_proxy_over_pht(name: str, origin: int) -> None:
+    _proxy_over_pht(name, origin)
+
+
+@pytest.mark.parametrize("name", ["http+phts", "relay+pht", "pht-forward-to-socks5"])
+def test_proxy_over_pht_on_asyncios_own_loop(name: str, origin: int) -> None:
+    # The matrix runs on trio and uvloop; asyncio's default loop shares
+    # pht.asyncio with uvloop: a listener of each kind, pht and phts, there.
+    with backend_of_pht_processes("asyncio"):
+        _proxy_over_pht(name, origin)
+
+
+def _proxy_over_pht(name: str, origin: int) -> None:
     case = CASES[name]
     with PhtProcess(*case.server()) as server:
         node = case.node.format(port=server.port())
@@ -163,6 +190,7 @@ def test_proxy_over_pht(name: str, origin: int) -> None:
         server.wait_for(rf"-> 127\.0\.0\.1:{origin} opened")
 
 
+@on_every_backend
 def test_tcp_port_forwarding_through_the_chain(origin: int) -> None:
     # gost -L tcp://:2222/10.0.0.5:22 -F pht://server:8443, with the origin as target
     with PhtProcess("-L", "pht://127.0.0.1:0") as server:
@@ -171,6 +199,7 @@ def test_tcp_port_forwarding_through_the_chain(origin: int) -> None:
             assert_body(curl(f"http://127.0.0.1:{client.port()}/blob"), server, client)
 
 
+@on_every_backend
 def test_forward_connector(origin: int) -> None:
     # The client's forward connector sends the stream as is; the server's
     # forward handler takes it to its own target.
@@ -180,6 +209,7 @@ def test_forward_connector(origin: int) -> None:
             assert_body(curl(f"http://127.0.0.1:{client.port()}/blob"), server, client)
 
 
+@on_every_backend
 def test_parallel_downloads_through_one_client(origin: int) -> None:
     with PhtProcess("-L", "socks5+pht://127.0.0.1:0") as server:
         node = f"socks5+pht://127.0.0.1:{server.port()}"
@@ -357,6 +387,7 @@ services:
 # --- failures are quick and say why ----------------------------------------------------
 
 
+@on_every_backend
 @pytest.mark.parametrize(
     ("server_url", "node"),
     [
@@ -376,6 +407,7 @@ def test_wrong_credentials_are_refused(server_url: str, node: str, origin: int) 
         assert f"127.0.0.1:{origin} opened" not in server.output()
 
 
+@on_every_backend
 @pytest.mark.parametrize(
     "server_query",
     ["pushPath=/elsewhere", "pullPath=/elsewhere", "authorizePath=/elsewhere"],
@@ -397,6 +429,7 @@ def test_mismatched_paths_fail_with_a_message(server_query: str, origin: int) ->
             assert "cannot reach" not in client.output()
 
 
+@on_every_backend
 def test_two_hop_chain(origin: int) -> None:
     # -F socks5+pht://S -F http://P: the PHT tunnel's SOCKS5 CONNECT reaches the
     # second hop (a plain HTTP proxy), whose CONNECT reaches the origin.

@@ -13,6 +13,7 @@ from pht import proxy
 from pht.cli._log import JSONFormatter, TextFormatter, redact
 from pht.cli._run import Service
 from pht.cli._spec import Address, ServiceSpec
+from pht.proxy._stream import as_anyio
 
 TOKEN = "0123456789abcdefghijklmnop"
 
@@ -52,7 +53,7 @@ async def test_internal_error_is_an_error_with_the_traceback_at_debug(
     service = _service()
     _client, server = trio.testing.memory_stream_pair()
     with caplog.at_level(logging.DEBUG, logger="pht.cli"):
-        await service.handle(server)
+        await service.handle(as_anyio(server))
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "internal error: RuntimeError: a bug" in errors[0].getMessage()

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_e2e import BODY, assert_body, curl, fetch_via
+from .test_cli_e2e import BODY, assert_body, curl, fetch_via, on_every_backend, on_every_loop
 from .test_cli_e2e import origin as origin  # the fixture
 from .test_cli_run import START_TIMEOUT, PhtProcess, free_port, run_pht
+from .test_cli_run import cli_backend as cli_backend  # the fixtures
+from .test_cli_run import cli_backend_all as cli_backend_all
 
 pytestmark = [
     pytest.mark.slow,
@@ -133,6 +135,7 @@ def sample(samples: dict[str, float], name: str, service: str) -> float:
 # --- header.NAME=VALUE ------------------------------------------------------------------
 
 
+@on_every_backend
 def test_header_option_reaches_the_server(capture: tuple[int, list[dict[str, str]]]) -> None:
     port, seen = capture
     node = f"socks5+pht://127.0.0.1:{port}?header.ServiceToken=t0k&header=X-Other:2"
@@ -228,6 +231,7 @@ needs_prometheus = pytest.mark.skipif(
 )
 
 
+@on_every_backend
 @needs_prometheus
 def test_metrics_count_a_tunnel(origin: int) -> None:
     with PhtProcess("-L", "socks5+pht://127.0.0.1:0", "-metrics", "127.0.0.1:0") as server:
@@ -256,6 +260,7 @@ def test_metrics_count_a_tunnel(origin: int) -> None:
     assert not any(key.startswith("pht_") for key in after)
 
 
+@on_every_backend
 @needs_prometheus
 def test_metrics_count_handler_and_chain_errors() -> None:
     hop = f"socks5://127.0.0.1:{closed_port()}"
@@ -275,6 +280,7 @@ def test_metrics_count_handler_and_chain_errors() -> None:
 # --- failures through chains: the protocol's own answer, a readable line -----------------
 
 
+@on_every_backend
 def test_relay_chain_wrong_password_is_a_502_for_http(origin: int) -> None:
     with PhtProcess("-L", "relay+pht://user:secret@127.0.0.1:0") as server:
         node = f"relay+pht://user:wrong@127.0.0.1:{server.port()}"
@@ -288,6 +294,7 @@ def test_relay_chain_wrong_password_is_a_502_for_http(origin: int) -> None:
     assert "Error(" not in client.output()
 
 
+@on_every_backend
 @pytest.mark.parametrize("entry", ["http", "socks5"])
 def test_eager_relay_chain_answers_each_cause(entry: str) -> None:
     refused = closed_port()
@@ -316,6 +323,7 @@ def test_eager_relay_chain_answers_each_cause(entry: str) -> None:
     assert "hop-0 (relay+pht://127.0.0.1:" in login_line
 
 
+@on_every_backend
 def test_socks5_chain_target_refused_is_socks5_refused() -> None:
     refused = closed_port()
     with PhtProcess("-L", "socks5+pht://127.0.0.1:0") as server:
@@ -326,6 +334,7 @@ def test_socks5_chain_target_refused_is_socks5_refused() -> None:
     assert f"cannot reach 127.0.0.1:{refused}: connection refused" in line
 
 
+@on_every_loop  # (asyncio's default loop words a refused connect its own way)
 def test_unreachable_tunnel_server_is_the_hops_fault() -> None:
     node = f"socks5+pht://127.0.0.1:{closed_port()}"
     with PhtProcess("-L", "socks5://127.0.0.1:0", "-F", node) as client:
@@ -336,6 +345,7 @@ def test_unreachable_tunnel_server_is_the_hops_fault() -> None:
     assert "cannot reach" not in line
 
 
+@on_every_backend
 def test_plain_pht_client_against_phts_server_gets_a_hint() -> None:
     with PhtProcess("-L", "socks5+phts://127.0.0.1:0") as server:
         node = f"socks5+pht://127.0.0.1:{server.port()}"
@@ -345,6 +355,7 @@ def test_plain_pht_client_against_phts_server_gets_a_hint() -> None:
     assert "is it a phts server? then write phts://" in line
 
 
+@on_every_backend
 @pytest.mark.parametrize("scheme", ["http+pht", "socks5+pht"])
 def test_wrong_password_at_a_hop_is_a_general_failure(scheme: str) -> None:
     with PhtProcess("-L", f"{scheme}://user:secret@127.0.0.1:0") as server:

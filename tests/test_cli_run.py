@@ -6,6 +6,8 @@ The helpers here (:class:`PhtProcess`, :func:`free_port`) are shared with
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -29,8 +31,46 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
 
+#: The event loops the command line can run on here (``--backend``).
+BACKENDS = ["trio", "asyncio", *(["uvloop"] if importlib.util.find_spec("uvloop") else [])]
+#: The ``--backend`` of the pht processes a test starts (``None``: pht's default);
+#: set by the :func:`cli_backend` fixture.
+_backend: str | None = None
+
+
 def pht_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pht", *args]
+    loop = ["--backend", _backend] if _backend is not None else []
+    return [sys.executable, "-m", "pht", *args, *loop]
+
+
+#: What most I/O tests run on: trio, and the asyncio loop ``auto`` picks (uvloop
+#: when installed). The widest tests run on every loop (:func:`cli_backend_all`).
+IO_BACKENDS = ["trio", "uvloop" if "uvloop" in BACKENDS else "asyncio"]
+
+
+@contextlib.contextmanager
+def backend_of_pht_processes(name: str) -> Iterator[str]:
+    """Within it, the pht processes a test starts get ``--backend name``."""
+    global _backend
+    _backend = name
+    try:
+        yield name
+    finally:
+        _backend = None
+
+
+@pytest.fixture(params=IO_BACKENDS)
+def cli_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test on trio and on asyncio (uvloop): its pht processes get ``--backend``."""
+    with backend_of_pht_processes(request.param) as name:
+        yield name
+
+
+@pytest.fixture(params=BACKENDS)
+def cli_backend_all(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test on every event loop installed (trio, asyncio, uvloop)."""
+    with backend_of_pht_processes(request.param) as name:
+        yield name
 
 
 def child_env() -> dict[str, str]:
@@ -213,6 +253,7 @@ def test_nothing_to_run() -> None:
     assert_one_line_error(run_pht("-F", "pht://server:8443"), 2, "-F needs a -L service")
 
 
+@pytest.mark.usefixtures("cli_backend")
 @pytest.mark.parametrize("scheme", ["socks5", "socks5+pht", "http+phts"])
 def test_port_in_use(busy_port: int, scheme: str) -> None:
     result = run_pht("-L", f"{scheme}://127.0.0.1:{busy_port}")
@@ -277,6 +318,7 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
 # --- start-up lines and signals ---------------------------------------------------------
 
 
+@pytest.mark.usefixtures("cli_backend_all")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_cleanly(signum: int) -> None:
     with PhtProcess(
@@ -356,6 +398,7 @@ def test_debug_flag_overrides_nothing_but_level() -> None:
     assert status == 0
 
 
+@pytest.mark.usefixtures("cli_backend")
 def test_connections_do_not_outlive_a_failing_upstream() -> None:
     # The only target is a closed port: the connection is refused and logged,
     # the service keeps running.

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 import trio
 import trio.testing
@@ -187,3 +192,63 @@ async def test_socks5_refused_over_loopback(nursery: trio.Nursery) -> None:
         b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + closed_port.to_bytes(2, "big")
     )
     assert await receive_all(tcp) == b"\x05\x00\x05\x05\x00\x01" + bytes(6)
+
+
+# --- the same handlers and connectors on every anyio backend ----------------------------
+
+_LOOPS = [
+    ("trio", {}),
+    ("asyncio", {"use_uvloop": False}),
+    *([("asyncio", {"use_uvloop": True})] if importlib.util.find_spec("uvloop") else []),
+]
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"), _LOOPS, ids=[f"{b}-uvloop" if o else b for b, o in _LOOPS]
+)
+@pytest.mark.parametrize(
+    ("handler", "connect"),
+    [
+        (Socks5Handler(auth=Auth("u", "p")), partial(socks5_connect, auth=Auth("u", "p"))),
+        (HTTPProxyHandler(), http_connect),
+        (RelayHandler(), relay_connect),
+    ],
+    ids=["socks5", "http", "relay"],
+)
+def test_handlers_and_connectors_on_anyio_streams(
+    backend: str,
+    options: dict[str, bool],
+    handler: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+    connect: Any,
+) -> None:
+    """Real TCP on each event loop: anyio streams in, anyio streams out."""
+    payload = os.urandom(300_000)
+
+    async def echo(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await stream.send(await stream.receive())
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            target = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            proxy = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            group.start_soon(target.serve, echo)
+            group.start_soon(proxy.serve, handler)
+            target_port = target.extra(anyio.abc.SocketAttribute.local_port)
+            tcp = await anyio.connect_tcp(
+                "127.0.0.1", proxy.extra(anyio.abc.SocketAttribute.local_port)
+            )
+            with anyio.fail_after(30):
+                stream = await connect(tcp, "127.0.0.1", target_port)
+                assert isinstance(stream, anyio.abc.ByteStream)
+                await stream.send(payload)
+                received = bytearray()
+                while len(received) < len(payload):
+                    received += await stream.receive()
+                assert received == payload
+                await stream.aclose()
+            group.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend, backend_options=options)

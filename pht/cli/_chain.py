@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import quote
 
+import anyio
+import anyio.abc
 import trio
 
 import pht
 from pht import proxy
 from pht._stats import ChainStats
 
+from ._backend import Backend, open_pht
 from ._spec import Address, ChainSpec, Credentials, HopSpec, NodeSpec
 from ._tls import client_context
 from ._url import DIRECT
@@ -28,8 +32,12 @@ __all__ = ["ChainDialer", "RoundRobin", "describe_cause", "to_auth"]
 
 log = logging.getLogger("pht.cli")
 
-#: ``open_pht_stream``'s ``open_transport``: a stream to ``(host, port)``.
-_Opener = Callable[[str, int], Awaitable[trio.abc.Stream]]
+#: ``open_pht``'s ``open_transport``: a stream to ``(host, port)``.
+_Opener = Callable[[str, int], Awaitable[anyio.abc.ByteStream]]
+
+
+#: What a failed tunnel or connection open raises (the trio client may raise trio's).
+_OPEN_ERRORS = (OSError, pht.PHTError, anyio.BrokenResourceError, trio.BrokenResourceError)
 
 
 def to_auth(credentials: Credentials | None) -> proxy.Auth | None:
@@ -97,29 +105,38 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
                 todo.append(inner)
 
 
+def _os_reason(exc: OSError) -> str:
+    """The OS's words for an error: asyncio puts its own text in ``strerror``
+    ("Connect call failed ('127.0.0.1', 1)"); resolver errors keep theirs."""
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno)
+    return str(exc.strerror)
+
+
 def describe_cause(exc: BaseException) -> str:
     """An exception in words for a log line: its message, plus the OS's reason
     found deeper in the chain (``Connection refused``), never a repr."""
-    if isinstance(exc, trio.TooSlowError):
+    if isinstance(exc, (TimeoutError, trio.TooSlowError)):
         return "timed out"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     text = str(exc) or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
-        return exc.strerror
+        return _os_reason(exc)
     for inner in _causes(exc):
         if isinstance(inner, OSError) and inner.strerror and inner.errno is not None:
-            if inner.strerror not in text:
-                text = f"{text} ({inner.strerror})"
+            reason = _os_reason(inner)
+            if reason not in text:
+                text = f"{text} ({reason})"
             break
     return text
 
 
-class _HopErrors(trio.abc.Stream):
+class _HopErrors(anyio.abc.ByteStream):
     """Turns a lazy relay hop's refusal (raised on the first read) into a HopError
     that names the hop, so that the handler's log line and reply say who failed."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, hop: str, connector: str) -> None:
+    def __init__(self, transport_stream: anyio.abc.ByteStream, hop: str, connector: str) -> None:
         self.transport_stream = transport_stream
         self._hop = hop
         self._connector = connector
@@ -131,20 +148,20 @@ class _HopErrors(trio.abc.Stream):
             )
         return proxy.HopError(f"{self._hop}: {exc}")
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive(self, max_bytes: int = 65536) -> bytes:
         try:
-            return await self.transport_stream.receive_some(max_bytes)
+            return await self.transport_stream.receive(max_bytes)
         except proxy.ProxyError as exc:
             raise self._wrap(exc) from exc
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(self, item: bytes) -> None:
         try:
-            await self.transport_stream.send_all(data)
+            await self.transport_stream.send(item)
         except proxy.ProxyError as exc:
             raise self._wrap(exc) from exc
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
@@ -200,8 +217,11 @@ class ChainDialer:
     (not the hop itself) cannot be reached.
     """
 
-    def __init__(self, chain: ChainSpec, stats: ChainStats | None = None) -> None:
+    def __init__(
+        self, chain: ChainSpec, stats: ChainStats | None = None, backend: Backend | None = None
+    ) -> None:
         self.chain = chain
+        self.backend = backend if backend is not None else Backend("trio")
         self.stats = stats if stats is not None else ChainStats(chain.name)
         where = f"chain {chain.name!r}"
         self._hops, self._proxies = _fold_proxy_hop(chain)
@@ -249,17 +269,30 @@ class ChainDialer:
     def _label(hop: HopSpec, node: NodeSpec) -> str:
         return f"{hop.name} ({node.scheme}://{node.addr})"
 
+    def needs_trio(self) -> str | None:
+        """What of this chain only the trio client can do (``None``: nothing).
+
+        A PHT hop behind other hops opens its HTTP connections through them
+        (``open_transport``), which :mod:`pht.asyncio` has not got.
+        """
+        for position, hop in enumerate(self._hops):
+            if position > 0 and any(node.dialer != "tcp" for node in hop.nodes):
+                return f"chain {self.chain.name!r}: {hop.name}, a PHT hop behind other hops,"
+        return None
+
     async def _open(
         self, node: NodeSpec, open_transport: _Opener | None = None
-    ) -> trio.abc.Stream:
+    ) -> anyio.abc.ByteStream:
         if node.dialer == "tcp":
             if open_transport is not None:
                 return await open_transport(node.addr.host, node.addr.port)
-            return await trio.open_tcp_stream(node.addr.host, node.addr.port)
-        return await pht.open_pht_stream(
+            return await anyio.connect_tcp(node.addr.host, node.addr.port)
+        return await open_pht(
+            self.backend,
             node.addr.host,
             node.addr.port,
-            tls=self._contexts.get(id(node), False),
+            tls=self._contexts.get(id(node)),
+            open_transport=open_transport,
             server_hostname=node.tls.server_name,
             authorize_path=node.paths.authorize_path,
             push_path=node.paths.push_path,
@@ -267,7 +300,6 @@ class ChainDialer:
             headers=list(node.headers) or None,
             host_header=node.host_header,
             proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
-            open_transport=open_transport,
             push_window=node.push_window,
         )
 
@@ -280,16 +312,18 @@ class ChainDialer:
             for inner in chain
         )
         # (A phts client meeting a plain server gets the library's own hint.)
-        if node.dialer == "pht" and (reset or "Connection reset" in cause):
-            # A TLS server drops a plain HTTP request.
+        dropped = reset or "Connection reset" in cause or "closed the connection without" in cause
+        if node.dialer == "pht" and dropped:
+            # A TLS server drops a plain HTTP request (a reset, or on asyncio
+            # often a plain close before any answer).
             hint = " (is it a phts server? then write phts://)"
         return f"{self._label(hop, node)}: {cause}{hint}"
 
     async def _connect(
-        self, node: NodeSpec, stream: trio.abc.Stream, target: Address
-    ) -> trio.abc.Stream:
+        self, node: NodeSpec, stream: anyio.abc.ByteStream, target: Address
+    ) -> anyio.abc.ByteStream:
         auth = to_auth(node.auth)
-        with trio.fail_after(node.connect_timeout or float("inf")):
+        with anyio.fail_after(node.connect_timeout or None):
             if node.connector == "http":
                 return await proxy.http_connect(stream, target.host, target.port, auth=auth)
             if node.connector == "socks5":
@@ -301,7 +335,7 @@ class ChainDialer:
         # forward: the node itself forwards the stream to its own target.
         return stream
 
-    async def __call__(self, host: str, port: int) -> trio.abc.Stream:
+    async def __call__(self, host: str, port: int) -> anyio.abc.ByteStream:
         # The first hop's node is chosen (with failover) as it is dialled.
         path = [self._hops[0].nodes[0]]
         for hop, selector in zip(self._hops[1:], self._selectors[1:], strict=True):
@@ -316,7 +350,7 @@ class ChainDialer:
         *,
         last: bool = False,
         for_pht: bool = False,
-    ) -> trio.abc.Stream:
+    ) -> anyio.abc.ByteStream:
         """A stream to ``target`` through the nodes of ``path`` up to ``position``."""
         hop, node = self._hops[position], path[position]
         stream = await self._reach(position, path)
@@ -327,10 +361,10 @@ class ChainDialer:
                 self.stats.error(path[position].name)
                 raise
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
             raise
 
-    async def _reach(self, position: int, path: list[NodeSpec]) -> trio.abc.Stream:
+    async def _reach(self, position: int, path: list[NodeSpec]) -> anyio.abc.ByteStream:
         """A stream to the service of ``path[position]``, through the nodes before it.
 
         On the first hop, a node that cannot be reached is skipped for the next.
@@ -342,24 +376,24 @@ class ChainDialer:
         if node.dialer == "tcp":
             return await self._through(position - 1, path, node.addr)
 
-        async def open_transport(host: str, port: int) -> trio.abc.Stream:
+        async def open_transport(host: str, port: int) -> anyio.abc.ByteStream:
             return await self._through(position - 1, path, Address(host, port), for_pht=True)
 
         try:
             return await self._open(node, open_transport)
-        except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+        except _OPEN_ERRORS as exc:
             if not any(isinstance(inner, proxy.HopError) for inner in _causes(exc)):
                 self.stats.error(node.name)  # (a hop before it failed: counted there)
             raise proxy.HopError(self._open_failure(hop, node, exc)) from exc
 
-    async def _open_first(self, path: list[NodeSpec]) -> trio.abc.Stream:
+    async def _open_first(self, path: list[NodeSpec]) -> anyio.abc.ByteStream:
         hop = self._hops[0]
         failures: list[str] = []
         for index in self._selectors[0].order():
             node = hop.nodes[index]
             try:
                 stream = await self._open(node)
-            except (OSError, pht.PHTError, trio.BrokenResourceError) as exc:
+            except _OPEN_ERRORS as exc:
                 self.stats.error(node.name)
                 failures.append(self._open_failure(hop, node, exc))
                 log.debug("%s: %s", self.chain.name, failures[-1])
@@ -372,12 +406,12 @@ class ChainDialer:
         self,
         hop: HopSpec,
         node: NodeSpec,
-        stream: trio.abc.Stream,
+        stream: anyio.abc.ByteStream,
         target: Address,
         *,
         last: bool,
         for_pht: bool,
-    ) -> trio.abc.Stream:
+    ) -> anyio.abc.ByteStream:
         """Run ``node``'s connector; failures become HopError naming the hop.
 
         A lazy relay hop (not ``nodelay``) reports a refusal on the first
@@ -387,17 +421,18 @@ class ChainDialer:
         label = self._label(hop, node)
         try:
             stream = await self._connect(node, stream, target)
+        except TimeoutError:
+            # (Before OSError, which TimeoutError is.)
+            raise proxy.HopError(
+                f"{label}: no answer within connectTimeout={node.connect_timeout or 0:g}s"
+            ) from None
         except proxy.ProxyConnectError as exc:
             # The hop answered: it cannot reach what it was asked for. That is
             # the target's fault only on the last hop.
             failure = _target_failure(node.connector, exc) if last else None
             raise proxy.HopError(f"{label}: {exc}", target_failure=failure) from exc
-        except (proxy.ProxyError, OSError, trio.BrokenResourceError) as exc:
+        except (proxy.ProxyError, OSError, anyio.BrokenResourceError) as exc:
             raise proxy.HopError(f"{label}: {describe_cause(exc)}") from exc
-        except trio.TooSlowError:
-            raise proxy.HopError(
-                f"{label}: no answer within connectTimeout={node.connect_timeout or 0:g}s"
-            ) from None
         if node.connector == "relay" and not node.nodelay and not for_pht:
             stream = _HopErrors(stream, label, node.connector)
         return stream

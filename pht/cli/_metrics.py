@@ -10,7 +10,7 @@ counters (``pht_sessions_*``, ``pht_pushes_total``, ``pht_pulls_total``,
 ``pht_refusals_total`` by ``status``) appear once a PHT server feeds them.
 
 The values are read from the stats object at each scrape (a collector), so
-counting costs no Prometheus call. The endpoint is a small trio HTTP server
+counting costs no Prometheus call. The endpoint is a small anyio HTTP server
 (h11) serving ``GET path``; ``prometheus-client`` is an optional extra.
 """
 
@@ -21,10 +21,12 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.abc
 import h11
-import trio
 
 from pht._stats import Stats
+from pht.proxy._stream import read_some
 
 from ._spec import ConfigError, MetricsSpec
 
@@ -165,23 +167,28 @@ class MetricsServer:
         return data
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        task_status: anyio.abc.TaskStatus[list[socket.socket]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        await trio.serve_tcp(
-            self._handle,
-            self.spec.addr.port,
-            host=self.spec.addr.host or None,
-            task_status=task_status,
+        """Listen on ``spec.addr``; report the listening sockets to ``task_status``."""
+        listener = await anyio.create_tcp_listener(
+            local_host=self.spec.addr.host or None, local_port=self.spec.addr.port
         )
+        async with listener:
+            task_status.started(
+                [inner.extra(anyio.abc.SocketAttribute.raw_socket) for inner in listener.listeners]
+            )
+            await listener.serve(self._handle)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
         try:
-            with trio.move_on_after(30):
+            with anyio.move_on_after(30):
                 while True:
                     event = connection.next_event()
                     if event is h11.NEED_DATA:
-                        data = await stream.receive_some(_MAX_REQUEST)
+                        data = await read_some(stream, _MAX_REQUEST)
                         connection.receive_data(data)
                         if not data:
                             return
@@ -204,9 +211,9 @@ class MetricsServer:
                     if event.method != b"HEAD":
                         out = (out or b"") + (connection.send(h11.Data(data=body)) or b"")
                     out = (out or b"") + (connection.send(h11.EndOfMessage()) or b"")
-                    await stream.send_all(out)
+                    await stream.send(out)
                     return
-        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (h11.ProtocolError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             log.debug("metrics: request ended: %s", exc or type(exc).__name__)
         finally:
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)

@@ -13,19 +13,24 @@ import argparse
 import dataclasses
 import itertools
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import IO, NoReturn
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import IO, Any, NoReturn
 
+import anyio
+import anyio.abc
 import trio
 
 import pht
 from pht import proxy
 from pht._stats import ServiceStats, Stats
+from pht.proxy._stream import AnyStream, describe_peer
 
+from ._backend import BACKEND_CHOICES, Backend, choose_backend, serve_pht, uvloop_available
 from ._chain import ChainDialer, RoundRobin, describe_cause, to_auth
 from ._log import JSONFormatter, TextFormatter, open_output
 from ._meta import parse_address
@@ -47,7 +52,7 @@ __all__ = ["build_config", "build_parser", "run"]
 
 log = logging.getLogger("pht.cli")
 
-Handler = Callable[[trio.abc.Stream], Awaitable[None]]
+Handler = Callable[[anyio.abc.ByteStream], Awaitable[None]]
 HandlerFactory = Callable[[proxy.Dialer], Handler]
 
 EXIT_OK = 0
@@ -67,12 +72,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _version() -> str:
-    """The version and the backends in use: base64 codec, TLS library, trio, Python."""
+def _version(backend: Backend | None = None) -> str:
+    """The version and the backends in use: base64 codec, TLS library, event loop, Python.
+
+    Without ``backend`` (``--version``) it names what ``--backend auto`` runs on.
+    """
     python = ".".join(str(part) for part in sys.version_info[:3])
+    if backend is not None:
+        loop = f"event loop {backend.describe()}"
+    else:
+        default = choose_backend("auto")
+        others = [
+            Backend(name).describe()
+            for name in ("uvloop", "trio", "asyncio")
+            if name != default.name and (name != "uvloop" or uvloop_available())
+        ]
+        loop = f"event loops {default.describe()} (auto), {', '.join(others)}"
     return (
         f"pht {pht.__version__} (base64 {pht.BASE64_BACKEND}, TLS {ssl.OPENSSL_VERSION}, "
-        f"trio {trio.__version__}, python {python})"
+        f"{loop}, python {python})"
     )
 
 
@@ -140,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="serve Prometheus metrics on ADDR (e.g. :9000) at /metrics, as GOST's -metrics; "
         "needs pip install 'pht-tunnel[metrics]'",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        metavar="LOOP",
+        help="the event loop: " + ", ".join(BACKEND_CHOICES) + " (default: auto, the fastest "
+        "as measured: uvloop if installed, else asyncio; trio where only trio can run the "
+        "configuration)",
     )
     parser.add_argument(
         "-V",
@@ -248,29 +274,12 @@ def _handler_factory(spec: ServiceSpec) -> HandlerFactory:
     return forward
 
 
-def _peer(stream: trio.abc.Stream) -> str:
-    remote = getattr(stream, "remote_address", None)
-    if isinstance(remote, str):
-        return remote
-    while not isinstance(stream, trio.SocketStream):
-        inner = getattr(stream, "transport_stream", None)
-        if not isinstance(inner, trio.abc.Stream):
-            return "?"
-        stream = inner
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    if isinstance(address, tuple):
-        return str(Address(str(address[0]), int(address[1])))
-    return str(address)
-
-
 def _listener_addresses(listeners: Sequence[object]) -> str:
     names = []
     for listener in listeners:
+        # A socket (or asyncio's socket-like object), or a trio listener that holds one.
         inner = getattr(listener, "transport_listener", listener)
-        sock = getattr(inner, "socket", None)
+        sock: Any = inner if hasattr(inner, "getsockname") else getattr(inner, "socket", None)
         if sock is None:
             continue
         address = sock.getsockname()
@@ -281,30 +290,32 @@ def _listener_addresses(listeners: Sequence[object]) -> str:
     return ", ".join(names) or "?"
 
 
-class _CountingStream(trio.abc.Stream):
+class _CountingStream(anyio.abc.ByteStream):
     """Counts the bytes read from and written to a client into the service's stats."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, stats: ServiceStats) -> None:
+    def __init__(self, transport_stream: anyio.abc.ByteStream, stats: ServiceStats) -> None:
         self.transport_stream = transport_stream
         self._stats = stats
-        remote = getattr(transport_stream, "remote_address", None)
-        if isinstance(remote, str):
-            self.remote_address = remote
+        self.remote_address = describe_peer(transport_stream)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.transport_stream.receive_some(max_bytes)
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        data = await self.transport_stream.receive(max_bytes)
         self._stats.transferred(received=len(data))
         return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-        self._stats.transferred(sent=len(data))
+    async def send(self, item: bytes) -> None:
+        await self.transport_stream.send(item)
+        self._stats.transferred(sent=len(item))
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self.transport_stream.extra_attributes
 
 
 class Service:
@@ -319,6 +330,7 @@ class Service:
         route: str,
         tls: bool | ssl.SSLContext,
         stats: ServiceStats | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.spec = spec
         self.make_handler = make_handler
@@ -326,6 +338,7 @@ class Service:
         self.route = route
         self.tls = tls
         self.stats = stats if stats is not None else ServiceStats(spec.name)
+        self.backend = backend if backend is not None else Backend("trio")
 
     def describe(self) -> str:
         details = self.spec.scheme
@@ -338,20 +351,28 @@ class Service:
         return details
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[Sequence[object]] = trio.TASK_STATUS_IGNORED
+        self,
+        *,
+        task_status: anyio.abc.TaskStatus[Sequence[object]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Listen and run :meth:`handle` per connection; report the sockets to ``task_status``."""
         spec = self.spec
         host = spec.listen.host or None
         if spec.listener == "tcp":
-            await trio.serve_tcp(
-                self.handle,
-                spec.listen.port,
-                host=host,
-                backlog=spec.backlog,
-                task_status=task_status,
+            listener = await anyio.create_tcp_listener(
+                local_host=host, local_port=spec.listen.port, backlog=spec.backlog
             )
+            async with listener:
+                task_status.started(
+                    [
+                        inner.extra(anyio.abc.SocketAttribute.raw_socket)
+                        for inner in listener.listeners
+                    ]
+                )
+                await listener.serve(self.handle)
         else:
-            await pht.serve_pht(
+            await serve_pht(
+                self.backend,
                 self.handle,
                 spec.listen.port,
                 host=host,
@@ -367,18 +388,18 @@ class Service:
                 task_status=task_status,
             )
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
+    async def handle(self, stream: anyio.abc.ByteStream) -> None:
         """Run one connection; a failing handler is logged, never fatal to the service."""
-        peer = _peer(stream)
+        peer = describe_peer(stream)
         name = self.spec.name
         # GOST's context fields, for JSON log lines.
         fields = {"service": name, "remote": peer}
         stats = self.stats
         failed = False
-        started = trio.current_time()
+        started = anyio.current_time()
         stats.request_started()
 
-        async def dial(host: str, port: int) -> trio.abc.Stream:
+        async def dial(host: str, port: int) -> AnyStream:
             nonlocal failed
             target = Address(host, port)
             try:
@@ -395,7 +416,13 @@ class Service:
 
         try:
             await self.make_handler(dial)(_CountingStream(stream, stats))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, pht.PHTError) as exc:
+        except (
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            pht.PHTError,
+        ) as exc:
             failed = True
             log.warning(
                 "%s: %s: connection failed: %s", name, peer, describe_cause(exc), extra=fields
@@ -413,20 +440,30 @@ class Service:
             )
             log.debug("%s: traceback", name, exc_info=True, extra=fields)
         finally:
-            stats.request_finished(trio.current_time() - started, failed=failed)
-            await trio.aclose_forcefully(stream)
+            stats.request_finished(anyio.current_time() - started, failed=failed)
+            await anyio.aclose_forcefully(stream)
 
 
-def prepare(config: Config, stats: Stats | None = None) -> list[Service]:
+def prepare(config: Config, stats: Stats | None = None, backend: str = "trio") -> list[Service]:
     """Build every service (handlers, chains, TLS contexts) or raise ConfigError.
 
     Their counters go to ``stats`` (a fresh :class:`Stats` if not given).
+    ``backend`` is what ``--backend`` asked for; the services' ``backend`` is
+    what runs (see :func:`choose_backend`).
     """
     if stats is None:
         stats = Stats()
     dialers: dict[str, ChainDialer] = {}
     for chain in config.chains:
         dialers[chain.name] = ChainDialer(chain, stats.chain(chain.name))
+    used = {spec.chain for spec in config.services}
+    needs_trio = next(
+        (reason for name, d in dialers.items() if name in used and (reason := d.needs_trio())),
+        None,
+    )
+    chosen = choose_backend(backend, needs_trio=needs_trio)
+    for dialer in dialers.values():
+        dialer.backend = chosen
     default_tls: bool | ssl.SSLContext | None = None  # made on first use
     services = []
     for spec in config.services:
@@ -459,6 +496,7 @@ def prepare(config: Config, stats: Stats | None = None) -> list[Service]:
                 route=route,
                 tls=tls,
                 stats=stats.service(spec.name),
+                backend=chosen,
             )
         )
     return services
@@ -494,14 +532,14 @@ def _default_server_tls(
 
 
 async def _watch_signals(
-    cancel_scope: trio.CancelScope,
+    cancel_scope: anyio.CancelScope,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     wanted = [signal.SIGINT]
     if hasattr(signal, "SIGTERM"):
         wanted.append(signal.SIGTERM)
-    with trio.open_signal_receiver(*wanted) as signals:
+    with anyio.open_signal_receiver(*wanted) as signals:
         task_status.started()
         async for signum in signals:
             log.info("%s: stopping", signal.Signals(signum).name)
@@ -512,7 +550,7 @@ async def _watch_signals(
 async def serve_all(services: Sequence[Service], metrics: MetricsServer | None = None) -> None:
     """Start every service (all or none) and the metrics endpoint, then run until a signal."""
     failure: str | None = None
-    async with trio.open_nursery() as nursery:
+    async with anyio.create_task_group() as nursery:
         await nursery.start(_watch_signals, nursery.cancel_scope)
         if metrics is not None:
             try:
@@ -544,7 +582,10 @@ async def serve_all(services: Sequence[Service], metrics: MetricsServer | None =
                 if cause is None:
                     raise
                 reason = str(cause)
-                if isinstance(cause, OSError) and cause.strerror:
+                if isinstance(cause, OSError) and cause.errno is not None:
+                    # (asyncio words its bind errors its own way: the OS's words.)
+                    reason = os.strerror(cause.errno)
+                elif isinstance(cause, OSError) and cause.strerror:
                     reason = cause.strerror
                 failure = f"{spec.name}: cannot listen on {spec.listen}: {reason}"
                 nursery.cancel_scope.cancel()
@@ -556,7 +597,7 @@ async def serve_all(services: Sequence[Service], metrics: MetricsServer | None =
                 service.describe(),
             )
         if failure is None:
-            log.info("%s: running", _version())
+            log.info("%s: running", _version(services[0].backend if services else None))
     if failure is not None:
         raise StartupError(failure)
 
@@ -676,7 +717,10 @@ def _run(args: argparse.Namespace, explicit_level: str | None, logs: _LogSetup) 
             args.log_output or config.log_output or "stderr",
         )
         stats = Stats()
-        services = prepare(config, stats)
+        services = prepare(config, stats, args.backend)
+        backend = services[0].backend
+        if backend.reason:
+            log.debug("event loop: %s (--backend auto: %s)", backend.name, backend.reason)
         metrics = MetricsServer(config.metrics, stats) if config.metrics else None
     except ConfigError as exc:
         # What was logged so far (warnings about options) goes where the
@@ -689,7 +733,7 @@ def _run(args: argparse.Namespace, explicit_level: str | None, logs: _LogSetup) 
         _fail(str(exc))
         return EXIT_USAGE
     try:
-        trio.run(serve_all, services, metrics)
+        backend.run(serve_all, services, metrics)
     except StartupError as exc:
         _fail(str(exc))
         return EXIT_RUNTIME

@@ -1,4 +1,7 @@
-"""Proxy handlers and connectors that run over any ``trio.abc.Stream``.
+"""Proxy handlers and connectors that run over anyio byte streams (trio or asyncio).
+
+On trio they also take ``trio.abc.Stream`` objects, and a connector given one
+returns one.
 
 Handlers (server side) are objects with ``async def __call__(stream)``: they
 run the whole exchange on a stream a client opened (a PHT stream, a TCP

@@ -9,6 +9,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
+import anyio.abc
 import trio
 
 __all__ = [
@@ -22,10 +24,11 @@ __all__ = [
     "tcp_dialer",
 ]
 
-Dialer = Callable[[str, int], Awaitable[trio.abc.Stream]]
+Dialer = Callable[[str, int], Awaitable[anyio.abc.ByteStream | trio.abc.Stream]]
 """How handlers reach their targets: ``await dial(host, port)`` returns an open
-stream. :func:`tcp_dialer` is the default; pass another one to chain proxies or
-to restrict where a handler may connect."""
+stream (an anyio byte stream; on the trio backend a trio stream will do).
+:func:`tcp_dialer` is the default; pass another one to chain proxies or to
+restrict where a handler may connect."""
 
 DEFAULT_DIAL_TIMEOUT = 10.0
 """Seconds a handler waits for an upstream connection by default."""
@@ -42,9 +45,10 @@ class Auth:
         return f"Auth(username={self.username!r}, password='***')"
 
 
-async def tcp_dialer(host: str, port: int) -> trio.abc.Stream:
-    """The default :data:`Dialer`: a plain TCP connection (happy eyeballs)."""
-    return await trio.open_tcp_stream(host, port)
+async def tcp_dialer(host: str, port: int) -> anyio.abc.ByteStream:
+    """The default :data:`Dialer`: a plain TCP connection (happy eyeballs), on
+    whichever backend runs (``anyio.connect_tcp``)."""
+    return await anyio.connect_tcp(host, port)
 
 
 class DialFailure(enum.Enum):
@@ -106,12 +110,13 @@ _ERRNO_FAILURES = {
 def classify_dial_error(exc: BaseException) -> DialFailure:
     """Map an exception from a dialer to a :class:`DialFailure`.
 
-    ``trio.open_tcp_stream`` wraps the per-address errors in an exception
-    group attached as ``__cause__``; the first one with an ``errno`` decides.
+    ``anyio.connect_tcp`` and ``trio.open_tcp_stream`` attach the
+    per-address errors (an exception group) as ``__cause__``; the first one
+    with an ``errno`` decides.
     """
     if isinstance(exc, HopError):
         return exc.failure
-    if isinstance(exc, trio.TooSlowError):
+    if isinstance(exc, (TimeoutError, trio.TooSlowError)):
         return DialFailure.TIMEOUT
     if isinstance(exc, socket.gaierror):
         # The name does not resolve.
@@ -133,16 +138,19 @@ def classify_dial_error(exc: BaseException) -> DialFailure:
 
 async def dial_upstream(
     dialer: Dialer, host: str, port: int, timeout: float | None
-) -> trio.abc.Stream:
+) -> anyio.abc.ByteStream:
     """Call ``dialer`` within ``timeout`` seconds; raise :class:`DialFailed`.
 
     Any exception from the dialer (OS errors, a chained proxy's errors) becomes
-    :class:`DialFailed`; cancellation passes through.
+    :class:`DialFailed`; cancellation passes through. A trio stream is
+    returned as an anyio one.
     """
+    from ._stream import as_anyio
+
     try:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
-            return await dialer(host, port)
-    except trio.TooSlowError:
+        with anyio.fail_after(timeout):
+            return as_anyio(await dialer(host, port))
+    except TimeoutError:
         raise DialFailed(DialFailure.TIMEOUT, f"no connection within {timeout} s") from None
     except HopError as exc:
         raise DialFailed(exc.failure, str(exc), hop=exc.target_failure is None) from exc

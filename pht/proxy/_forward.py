@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import trio
+import anyio
+import anyio.abc
 
 from ._address import format_hostport
 from ._dial import DEFAULT_DIAL_TIMEOUT, Auth, Dialer, DialFailed, dial_upstream, tcp_dialer
 from ._http import HTTPProxyHandler
 from ._serve import Connected, Reject, serve_handshake
 from ._socks import SOCKS4_VERSION, SOCKS5_VERSION, Socks4Handler, Socks5Handler
-from ._stream import PrefixedStream, describe_peer
+from ._stream import AnyStream, PrefixedStream, as_anyio, describe_peer, read_some
 
 __all__ = ["AutoHandler", "ForwardHandler"]
 
@@ -38,11 +39,11 @@ class ForwardHandler:
         self.dial = dial
         self.dial_timeout = dial_timeout
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
+    async def __call__(self, stream: AnyStream) -> None:
         """Relay ``stream`` to the fixed target until either side closes, then close both."""
         await serve_handshake(self.log, "forward", stream, self._handshake)
 
-    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
+    async def _handshake(self, stream: anyio.abc.ByteStream, peer: str) -> Connected:
         target = format_hostport(self.target_host, self.target_port)
         try:
             upstream = await dial_upstream(
@@ -76,24 +77,25 @@ class AutoHandler:
         self.socks4 = Socks4Handler(auth=auth, dial=dial, dial_timeout=dial_timeout)
         self.http = HTTPProxyHandler(auth=auth, dial=dial, dial_timeout=dial_timeout)
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
-        """Look at the first bytes of ``stream`` and serve it as SOCKS5, SOCKS4 or HTTP."""
+    async def __call__(self, client: AnyStream) -> None:
+        """Look at the first bytes of ``client`` and serve it as SOCKS5, SOCKS4 or HTTP."""
+        stream = as_anyio(client)
         try:
-            first = await stream.receive_some()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            first = await read_some(stream)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.log.debug(
                 "auto %s: closed before the first byte: %s",
                 describe_peer(stream),
                 exc or type(exc).__name__,
             )
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
             return
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
             raise
         if not first:
             self.log.debug("auto %s: closed before the first byte", describe_peer(stream))
-            await trio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(stream)
             return
         wrapped = PrefixedStream(stream, first)
         if first[0] == SOCKS5_VERSION:

@@ -11,7 +11,10 @@ import hmac
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import overload
 
+import anyio
+import anyio.abc
 import h11
 import trio
 
@@ -28,7 +31,15 @@ from ._dial import (
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
 from ._serve import send_quietly
-from ._stream import RELAY_CHUNK_SIZE, PrefixedStream, describe_peer, relay
+from ._stream import (
+    AnyStream,
+    PrefixedStream,
+    as_anyio,
+    describe_peer,
+    like,
+    read_some,
+    relay,
+)
 
 __all__ = ["HTTPProxyHandler", "http_connect"]
 
@@ -118,8 +129,8 @@ class _UpstreamFailed(Exception):
 
 # A chained proxy (a lazy relay hop) reports its refusal on the first read.
 _UPSTREAM_ERRORS = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
     h11.ProtocolError,
     PHTError,
     HopError,
@@ -139,7 +150,7 @@ class _Upstream:
 
     host: str
     port: int
-    stream: trio.abc.Stream
+    stream: anyio.abc.ByteStream
     connection: h11.Connection = field(
         default_factory=lambda: h11.Connection(
             h11.CLIENT, max_incomplete_event_size=MAX_HEADER_SIZE
@@ -158,7 +169,7 @@ class _Upstream:
         try:
             data = self.connection.send(event)
             if data:
-                await self.stream.send_all(data)
+                await self.stream.send(data)
                 self.sent += len(data)
         except _UPSTREAM_ERRORS as exc:
             raise _UpstreamFailed(_reason("sending failed", exc)) from exc
@@ -168,9 +179,7 @@ class _Upstream:
             while True:
                 event = self.connection.next_event()
                 if event is h11.NEED_DATA:
-                    self.connection.receive_data(
-                        bytes(await self.stream.receive_some(RELAY_CHUNK_SIZE))
-                    )
+                    self.connection.receive_data(await read_some(self.stream))
                     continue
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
                     raise _UpstreamFailed("the server closed the connection")
@@ -192,12 +201,12 @@ class HTTPProxyHandler(DialingHandler):
     malformed request: ``400``. Error responses close the connection.
     """
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
+    async def __call__(self, stream: AnyStream) -> None:
         """Serve one HTTP proxy client (CONNECT or plain requests) on ``stream``, then close it."""
-        session = _Session(self, stream)
+        session = _Session(self, as_anyio(stream))
         try:
             await session.run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, h11.ProtocolError) as exc:
             self.log.debug(
                 "http %s: connection ended: %s", session.peer, exc or type(exc).__name__
             )
@@ -208,7 +217,7 @@ class HTTPProxyHandler(DialingHandler):
 class _Session:
     """The state of one client connection to :class:`HTTPProxyHandler`."""
 
-    def __init__(self, handler: HTTPProxyHandler, stream: trio.abc.Stream) -> None:
+    def __init__(self, handler: HTTPProxyHandler, stream: anyio.abc.ByteStream) -> None:
         self.handler = handler
         self.log = handler.log
         self.stream = stream
@@ -219,18 +228,18 @@ class _Session:
 
     async def close(self) -> None:
         await self._drop_upstream()
-        await trio.aclose_forcefully(self.stream)
+        await anyio.aclose_forcefully(self.stream)
 
     async def _drop_upstream(self) -> None:
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
-            await trio.aclose_forcefully(upstream.stream)
+            await anyio.aclose_forcefully(upstream.stream)
 
     async def _client_event(self) -> h11.Event:
         while True:
             event = self.client.next_event()
             if event is h11.NEED_DATA:
-                self.client.receive_data(bytes(await self.stream.receive_some(RELAY_CHUNK_SIZE)))
+                self.client.receive_data(await read_some(self.stream))
                 continue
             assert isinstance(event, h11.Event), event
             return event
@@ -238,7 +247,7 @@ class _Session:
     async def _send_client(self, event: h11.Event) -> None:
         data = self.client.send(event)
         if data:
-            await self.stream.send_all(data)
+            await self.stream.send(data)
             self.sent_to_client += len(data)
 
     async def _error(
@@ -294,7 +303,7 @@ class _Session:
             else:
                 return
 
-    async def _dial(self, host: str, port: int) -> trio.abc.Stream | None:
+    async def _dial(self, host: str, port: int) -> anyio.abc.ByteStream | None:
         """Open an upstream connection, or answer 502 / 504 and return ``None``."""
         try:
             return await dial_upstream(self.handler.dial, host, port, self.handler.dial_timeout)
@@ -321,7 +330,7 @@ class _Session:
             await self._error(400, "Bad Request", "a CONNECT request must not have a body")
             return
         await self._drop_upstream()
-        started = trio.current_time()
+        started = anyio.current_time()
         upstream = await self._dial(host, port)
         if upstream is None:
             return
@@ -330,7 +339,7 @@ class _Session:
                 h11.Response(status_code=200, reason=b"Connection established", headers=[])
             )
         except BaseException:
-            await trio.aclose_forcefully(upstream)
+            await anyio.aclose_forcefully(upstream)
             raise
         trailing, _ = self.client.trailing_data
         client = PrefixedStream(self.stream, trailing) if trailing else self.stream
@@ -343,7 +352,7 @@ class _Session:
             target,
             up,
             down,
-            trio.current_time() - started,
+            anyio.current_time() - started,
         )
 
     async def _upstream_for(self, host: str, port: int) -> tuple[_Upstream, bool] | None:
@@ -359,7 +368,7 @@ class _Session:
 
     async def _forward(self, request: h11.Request) -> bool:
         """Forward one absolute-form request; ``True`` if the client may go on."""
-        started = trio.current_time()
+        started = anyio.current_time()
         try:
             host, port, authority, path = _split_absolute_url(request.target)
             headers = [
@@ -435,7 +444,7 @@ class _Session:
             response.status_code,
             upstream.sent,
             self.sent_to_client - sent_before,
-            trio.current_time() - started,
+            anyio.current_time() - started,
         )
         connection = upstream.connection
         if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
@@ -478,17 +487,26 @@ class _Session:
             raise _UpstreamFailed(f"unexpected {type(event).__name__} before the response")
 
 
+@overload
 async def http_connect(
-    stream: trio.abc.Stream, host: str, port: int, *, auth: Auth | None = None
-) -> trio.abc.Stream:
+    stream: trio.abc.Stream, host: str, port: int, *, auth: Auth | None = ...
+) -> trio.abc.Stream: ...
+@overload
+async def http_connect(
+    stream: anyio.abc.ByteStream, host: str, port: int, *, auth: Auth | None = ...
+) -> anyio.abc.ByteStream: ...
+async def http_connect(
+    stream: AnyStream, host: str, port: int, *, auth: Auth | None = None
+) -> AnyStream:
     """Send ``CONNECT host:port`` to the HTTP proxy at the other end of ``stream``.
 
     With ``auth``, sends ``Proxy-Authorization: Basic``. Returns a stream that
     reaches the target on a 2xx answer. Raises :class:`ProxyAuthError` on 407,
     :class:`ProxyConnectError` (``code`` = the HTTP status) on other answers,
     :class:`ProxyProtocolError` if the proxy does not answer HTTP; ``stream``
-    is left open then.
+    is left open then. Given a trio stream it returns a trio stream.
     """
+    channel = as_anyio(stream)
     target = format_hostport(host, port)
     try:
         authority = target.encode("ascii")
@@ -499,12 +517,12 @@ async def http_connect(
         headers.append((b"Proxy-Authorization", _basic_credentials(auth)))
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_SIZE)
     request = connection.send(h11.Request(method=b"CONNECT", target=authority, headers=headers))
-    await stream.send_all((request or b"") + (connection.send(h11.EndOfMessage()) or b""))
+    await channel.send((request or b"") + (connection.send(h11.EndOfMessage()) or b""))
     try:
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                connection.receive_data(bytes(await stream.receive_some(RELAY_CHUNK_SIZE)))
+                connection.receive_data(await read_some(channel))
             elif isinstance(event, h11.Response):
                 break
             elif not isinstance(event, h11.InformationalResponse):
@@ -519,7 +537,7 @@ async def http_connect(
     reason = event.reason.decode("ascii", "replace")
     if 200 <= status < 300:
         trailing, _ = connection.trailing_data
-        return PrefixedStream(stream, trailing) if trailing else stream
+        return like(stream, PrefixedStream(channel, trailing) if trailing else channel)
     if status == 407:
         if auth is None:
             raise ProxyAuthError(

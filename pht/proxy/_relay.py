@@ -12,7 +12,10 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Iterable
+from typing import overload
 
+import anyio
+import anyio.abc
 import trio
 
 from ._address import AddressError, decode_address, encode_address, format_hostport
@@ -28,7 +31,7 @@ from ._dial import (
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
 from ._serve import Connected, Reject, serve_handshake
-from ._stream import HandshakeReader, Truncated
+from ._stream import AnyStream, HandshakeReader, Truncated, as_anyio, like
 
 __all__ = ["RelayClientStream", "RelayHandler", "relay_connect"]
 
@@ -169,11 +172,11 @@ class RelayHandler(DialingHandler):
         self.target = target
         self.lazy_reply = lazy_reply
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
+    async def __call__(self, stream: AnyStream) -> None:
         """Serve one GOST relay client on ``stream``: read its request, dial, relay, close."""
         await serve_handshake(self.log, "relay", stream, self._handshake)
 
-    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
+    async def _handshake(self, stream: anyio.abc.ByteStream, peer: str) -> Connected:
         reader = HandshakeReader(stream)
         header = await reader.read_exactly(4)
         bad_request = _response(STATUS_BAD_REQUEST)
@@ -233,9 +236,9 @@ class RelayHandler(DialingHandler):
         if self.lazy_reply:
             return Connected(_HeldReplyStream(client, ok), upstream, target)
         try:
-            await stream.send_all(ok)
+            await stream.send(ok)
         except BaseException:
-            await trio.aclose_forcefully(upstream)
+            await anyio.aclose_forcefully(upstream)
             raise
         return Connected(client, upstream, target)
 
@@ -247,24 +250,24 @@ def _credentials_ok(auth: Auth, credentials: tuple[bytes, bytes] | None) -> bool
     return credentials is not None and user_ok & pass_ok
 
 
-class _HeldReplyStream(trio.abc.Stream):
+class _HeldReplyStream(anyio.abc.ByteStream):
     """Sends ``reply`` in front of the first data sent (the lazy OK response)."""
 
-    def __init__(self, transport_stream: trio.abc.Stream, reply: bytes) -> None:
+    def __init__(self, transport_stream: anyio.abc.ByteStream, reply: bytes) -> None:
         self.transport_stream = transport_stream
         self._reply = reply
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.transport_stream.receive_some(max_bytes)
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.transport_stream.receive(max_bytes)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send(self, item: bytes) -> None:
         if self._reply:
             reply, self._reply = self._reply, b""
-            data = reply + bytes(data)
-        await self.transport_stream.send_all(data)
+            item = reply + bytes(item)
+        await self.transport_stream.send(item)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
 
     async def aclose(self) -> None:
         await self.transport_stream.aclose()
@@ -305,14 +308,27 @@ async def _read_response(reader: HandshakeReader, target: str) -> None:
     )
 
 
+@overload
 async def relay_connect(
-    stream: trio.abc.Stream,
+    stream: trio.abc.Stream, host: str, port: int, *, auth: Auth | None = ..., lazy: bool = ...
+) -> trio.abc.Stream: ...
+@overload
+async def relay_connect(
+    stream: anyio.abc.ByteStream,
+    host: str,
+    port: int,
+    *,
+    auth: Auth | None = ...,
+    lazy: bool = ...,
+) -> anyio.abc.ByteStream: ...
+async def relay_connect(
+    stream: AnyStream,
     host: str,
     port: int,
     *,
     auth: Auth | None = None,
     lazy: bool = True,
-) -> trio.abc.Stream:
+) -> AnyStream:
     """Ask the GOST relay server at the other end of ``stream`` for ``host:port``.
 
     With ``lazy=True`` (the default, as GOST's client) nothing is sent yet:
@@ -324,6 +340,8 @@ async def relay_connect(
     response is read before this returns; that needs a server that answers at
     once (GOST ``nodelay``, ``RelayHandler(lazy_reply=False)``) or a target
     that speaks first, else both sides wait for each other.
+
+    Given a trio stream it returns a trio stream (wrapping the anyio one).
     """
     target = format_hostport(host, port)
     try:
@@ -331,30 +349,31 @@ async def relay_connect(
     except (AddressError, RelayFormatError) as exc:
         raise ProxyConnectError(f"cannot ask for {target}: {exc}") from None
     if lazy:
-        return RelayClientStream(stream, request, target)
-    await stream.send_all(request)
-    reader = HandshakeReader(stream)
+        return like(stream, RelayClientStream(stream, request, target))
+    channel = as_anyio(stream)
+    await channel.send(request)
+    reader = HandshakeReader(channel)
     await _read_response(reader, target)
-    return reader.stream()
+    return like(stream, reader.stream())
 
 
-class RelayClientStream(trio.abc.Stream):
+class RelayClientStream(anyio.abc.ByteStream):
     """A lazy relay client connection (what ``relay_connect(lazy=True)`` returns).
 
-    The first :meth:`send_all` sends the CONNECT request together with its
-    data; a :meth:`receive_some` before any send sends the request alone. The
-    first :meth:`receive_some` reads the response first and raises
+    The first :meth:`send` sends the CONNECT request together with its data;
+    a :meth:`receive` before any send sends the request alone. The first
+    :meth:`receive` reads the response first and raises
     :class:`ProxyAuthError` / :class:`ProxyConnectError` /
     :class:`ProxyProtocolError` if it is not OK (and again on every later
     receive).
     """
 
-    def __init__(self, transport_stream: trio.abc.Stream, request: bytes, target: str) -> None:
-        self.transport_stream = transport_stream
+    def __init__(self, transport_stream: AnyStream, request: bytes, target: str) -> None:
+        self.transport_stream = as_anyio(transport_stream)
         self._request: bytes | None = request
         self._target = target
-        self._request_lock = trio.Lock()
-        self._reader: HandshakeReader | None = HandshakeReader(transport_stream)
+        self._request_lock = anyio.Lock()
+        self._reader: HandshakeReader | None = HandshakeReader(self.transport_stream)
         self._pending = b""
         self._failure: Exception | None = None
         self._sending = False
@@ -363,42 +382,43 @@ class RelayClientStream(trio.abc.Stream):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError("the stream is closed")
+            raise anyio.ClosedResourceError
 
-    async def _send_request(self, data: bytes | bytearray | memoryview = b"") -> bool:
+    async def _send_request(self, data: bytes = b"") -> bool:
         """Send the request (with ``data``) if it is still pending."""
         async with self._request_lock:
             if self._request is None:
                 return False
             payload = self._request + bytes(data)
             self._request = None
-            await self.transport_stream.send_all(payload)
+            await self.transport_stream.send(payload)
             return True
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data``; the first call carries the relay request with it (lazy connect)."""
+    async def send(self, item: bytes) -> None:
+        """Send ``item``; the first call carries the relay request with it (lazy connect)."""
         self._check_open()
         if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
+            raise anyio.BusyResourceError("writing to")
         self._sending = True
         try:
-            if not await self._send_request(data):
-                await self.transport_stream.send_all(data)
+            if not await self._send_request(item):
+                await self.transport_stream.send(item)
         finally:
             self._sending = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        """Wait on the stream to the relay."""
+    async def send_eof(self) -> None:
+        """Half-close the stream to the relay (sending the request first if pending)."""
         self._check_open()
-        await self.transport_stream.wait_send_all_might_not_block()
+        await self._send_request()
+        await self.transport_stream.send_eof()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+    async def receive(self, max_bytes: int = 65536) -> bytes:
         """Read the relay's reply once (raising its refusal), then the target's bytes."""
         self._check_open()
-        if max_bytes is not None and max_bytes < 1:
+        if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
+            raise anyio.BusyResourceError("reading from")
         self._receiving = True
         try:
             if self._failure is not None:
@@ -407,7 +427,7 @@ class RelayClientStream(trio.abc.Stream):
                 if self._request is not None:
                     try:
                         await self._send_request()
-                    except trio.BrokenResourceError:
+                    except anyio.BrokenResourceError:
                         # The peer may still have sent an answer (or an EOF)
                         # before it went away: read that.
                         pass
@@ -419,10 +439,9 @@ class RelayClientStream(trio.abc.Stream):
                 self._pending = self._reader.take_buffered()
                 self._reader = None
             if self._pending:
-                size = len(self._pending) if max_bytes is None else max_bytes
-                chunk, self._pending = self._pending[:size], self._pending[size:]
+                chunk, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
                 return chunk
-            return await self.transport_stream.receive_some(max_bytes)
+            return await self.transport_stream.receive(max_bytes)
         finally:
             self._receiving = False
 

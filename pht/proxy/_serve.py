@@ -6,9 +6,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import trio
+import anyio
+import anyio.abc
 
-from ._stream import Truncated, describe_peer, relay
+from ._stream import AnyStream, Truncated, as_anyio, describe_peer, relay
 
 __all__ = ["Connected", "Reject", "send_quietly", "serve_handshake"]
 
@@ -31,26 +32,26 @@ class Connected:
     """A finished handshake: the client side (with read-ahead pushed back),
     the upstream stream, and ``host:port`` for the log."""
 
-    client: trio.abc.Stream
-    upstream: trio.abc.Stream
+    client: anyio.abc.ByteStream
+    upstream: anyio.abc.ByteStream
     target: str
 
 
-async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+async def send_quietly(stream: anyio.abc.ByteStream, data: bytes) -> None:
     """Send ``data`` if the stream still takes it; a client that left is no error."""
     if not data:
         return
     try:
-        await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
 
 
 async def serve_handshake(
     log: logging.Logger,
     protocol: str,
-    stream: trio.abc.Stream,
-    handshake: Callable[[trio.abc.Stream, str], Awaitable[Connected]],
+    stream: AnyStream,
+    handshake: Callable[[anyio.abc.ByteStream, str], Awaitable[Connected]],
 ) -> None:
     """Run ``handshake(stream, peer)``, then relay; always close ``stream``.
 
@@ -58,18 +59,19 @@ async def serve_handshake(
     breaks mid-handshake is logged at DEBUG. Nothing caused by client input
     escapes.
     """
-    peer = describe_peer(stream)
+    client = as_anyio(stream)
+    peer = describe_peer(client)
     # Context fields for structured log output (GOST's names).
     fields = {"handler": protocol, "remote": peer}
-    started = trio.current_time()
+    started = anyio.current_time()
     try:
-        connected = await handshake(stream, peer)
+        connected = await handshake(client, peer)
     except Reject as exc:
         log.log(exc.level, "%s %s: %s", protocol, peer, exc, extra=fields)
-        await send_quietly(stream, exc.reply)
-        await trio.aclose_forcefully(stream)
+        await send_quietly(client, exc.reply)
+        await anyio.aclose_forcefully(client)
         return
-    except (Truncated, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+    except (Truncated, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
         log.debug(
             "%s %s: handshake ended: %s",
             protocol,
@@ -77,10 +79,10 @@ async def serve_handshake(
             exc or type(exc).__name__,
             extra=fields,
         )
-        await trio.aclose_forcefully(stream)
+        await anyio.aclose_forcefully(client)
         return
     except BaseException:
-        await trio.aclose_forcefully(stream)
+        await anyio.aclose_forcefully(client)
         raise
     log.debug("%s %s -> %s connected", protocol, peer, connected.target, extra=fields)
     up, down = await relay(connected.client, connected.upstream)
@@ -91,6 +93,6 @@ async def serve_handshake(
         connected.target,
         up,
         down,
-        trio.current_time() - started,
+        anyio.current_time() - started,
         extra=fields,
     )

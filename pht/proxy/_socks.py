@@ -6,8 +6,12 @@ import hmac
 import ipaddress
 import logging
 import socket
+from typing import overload
 
+import anyio
+import anyio.abc
 import trio
+from anyio.abc import SocketAttribute
 
 from ._address import (
     AddressError,
@@ -26,7 +30,7 @@ from ._dial import (
 )
 from ._errors import ProxyAuthError, ProxyConnectError, ProxyProtocolError
 from ._serve import Connected, Reject, serve_handshake
-from ._stream import HandshakeReader, Truncated
+from ._stream import AnyStream, HandshakeReader, Truncated, as_anyio, like
 
 __all__ = ["Socks4Handler", "Socks5Handler", "socks5_connect"]
 
@@ -80,19 +84,17 @@ def socks5_reply(code: int, bound: tuple[str, int] | None = None) -> bytes:
     return bytes([SOCKS5_VERSION, code, 0x00]) + encode_address(host, port)
 
 
-def local_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+def local_address(stream: anyio.abc.ByteStream) -> tuple[str, int] | None:
     """The local IP address and port of a TCP stream, else ``None``."""
-    if isinstance(stream, trio.SocketStream) and stream.socket.family in (
-        socket.AF_INET,
-        socket.AF_INET6,
-    ):
-        try:
-            address = stream.socket.getsockname()
-            ipaddress.ip_address(address[0])
-        except (OSError, ValueError):
+    try:
+        family = stream.extra(SocketAttribute.family, None)
+        if family not in (socket.AF_INET, socket.AF_INET6):
             return None
-        return str(address[0]), int(address[1])
-    return None
+        address = stream.extra(SocketAttribute.local_address)
+        ipaddress.ip_address(address[0])
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+    return str(address[0]), int(address[1])
 
 
 def _printable(name: bytes) -> str:
@@ -116,11 +118,11 @@ class Socks5Handler(DialingHandler):
     local address when there is one.
     """
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
+    async def __call__(self, stream: AnyStream) -> None:
         """Serve one SOCKS5 client on ``stream``: negotiate, dial, relay, close."""
         await serve_handshake(self.log, "socks5", stream, self._handshake)
 
-    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
+    async def _handshake(self, stream: anyio.abc.ByteStream, peer: str) -> Connected:
         reader = HandshakeReader(stream)
         version, method_count = await reader.read_exactly(2)
         if version != SOCKS5_VERSION:
@@ -132,7 +134,7 @@ class Socks5Handler(DialingHandler):
                 bytes([SOCKS5_VERSION, METHOD_NONE_ACCEPTABLE]),
                 f"no acceptable method among {methods.hex(' ') or 'none'}",
             )
-        await stream.send_all(bytes([SOCKS5_VERSION, wanted]))
+        await stream.send(bytes([SOCKS5_VERSION, wanted]))
         if self.auth is not None:
             await self._authenticate(reader, stream, self.auth)
 
@@ -162,14 +164,14 @@ class Socks5Handler(DialingHandler):
                 level=logging.WARNING,
             ) from None
         try:
-            await stream.send_all(socks5_reply(REP_SUCCEEDED, local_address(upstream)))
+            await stream.send(socks5_reply(REP_SUCCEEDED, local_address(upstream)))
         except BaseException:
-            await trio.aclose_forcefully(upstream)
+            await anyio.aclose_forcefully(upstream)
             raise
         return Connected(reader.stream(), upstream, target)
 
     async def _authenticate(
-        self, reader: HandshakeReader, stream: trio.abc.Stream, auth: Auth
+        self, reader: HandshakeReader, stream: anyio.abc.ByteStream, auth: Auth
     ) -> None:
         version, username_length = await reader.read_exactly(2)
         failure = bytes([USERPASS_VERSION, 0x01])
@@ -184,7 +186,7 @@ class Socks5Handler(DialingHandler):
                 f"wrong credentials for user {_printable(username)}",
                 level=logging.WARNING,
             )
-        await stream.send_all(bytes([USERPASS_VERSION, 0x00]))
+        await stream.send(bytes([USERPASS_VERSION, 0x00]))
 
 
 async def _read_address(reader: HandshakeReader, atyp: int) -> tuple[str, int]:
@@ -206,11 +208,11 @@ class Socks4Handler(DialingHandler):
     empty (as GOST does), so a password-protected server rejects SOCKS4.
     """
 
-    async def __call__(self, stream: trio.abc.Stream) -> None:
+    async def __call__(self, stream: AnyStream) -> None:
         """Serve one SOCKS4/4a client on ``stream``: read its request, dial, relay, close."""
         await serve_handshake(self.log, "socks4", stream, self._handshake)
 
-    async def _handshake(self, stream: trio.abc.Stream, peer: str) -> Connected:
+    async def _handshake(self, stream: anyio.abc.ByteStream, peer: str) -> Connected:
         reader = HandshakeReader(stream)
         header = await reader.read_exactly(8)
         rejected = bytes([0x00, SOCKS4_REJECTED]) + bytes(6)
@@ -247,16 +249,24 @@ class Socks4Handler(DialingHandler):
                 level=logging.WARNING,
             ) from None
         try:
-            await stream.send_all(bytes([0x00, SOCKS4_GRANTED]) + bytes(6))
+            await stream.send(bytes([0x00, SOCKS4_GRANTED]) + bytes(6))
         except BaseException:
-            await trio.aclose_forcefully(upstream)
+            await anyio.aclose_forcefully(upstream)
             raise
         return Connected(reader.stream(), upstream, target)
 
 
+@overload
 async def socks5_connect(
-    stream: trio.abc.Stream, host: str, port: int, *, auth: Auth | None = None
-) -> trio.abc.Stream:
+    stream: trio.abc.Stream, host: str, port: int, *, auth: Auth | None = ...
+) -> trio.abc.Stream: ...
+@overload
+async def socks5_connect(
+    stream: anyio.abc.ByteStream, host: str, port: int, *, auth: Auth | None = ...
+) -> anyio.abc.ByteStream: ...
+async def socks5_connect(
+    stream: AnyStream, host: str, port: int, *, auth: Auth | None = None
+) -> AnyStream:
     """Ask the SOCKS5 proxy at the other end of ``stream`` to connect to ``host:port``.
 
     Offers "no authentication", plus username/password when ``auth`` is
@@ -264,7 +274,9 @@ async def socks5_connect(
     wrapper if the proxy sent target data right after its reply). Raises
     :class:`ProxyAuthError`, :class:`ProxyConnectError` (``code`` = the REP
     byte) or :class:`ProxyProtocolError`; ``stream`` is left open then.
+    Given a trio stream it returns a trio stream.
     """
+    original, stream = stream, as_anyio(stream)
     target = format_hostport(host, port)
     try:
         request = bytes([SOCKS5_VERSION, CMD_CONNECT, 0x00]) + encode_address(host, port)
@@ -275,7 +287,7 @@ async def socks5_connect(
         methods += bytes([METHOD_USERNAME_PASSWORD])
     reader = HandshakeReader(stream)
     try:
-        await stream.send_all(bytes([SOCKS5_VERSION, len(methods)]) + methods)
+        await stream.send(bytes([SOCKS5_VERSION, len(methods)]) + methods)
         version, method = await reader.read_exactly(2)
         if version != SOCKS5_VERSION:
             raise ProxyProtocolError(
@@ -285,7 +297,7 @@ async def socks5_connect(
             username, password = auth.username.encode(), auth.password.encode()
             if len(username) > 255 or len(password) > 255:
                 raise ProxyAuthError("SOCKS5 username and password must be at most 255 bytes")
-            await stream.send_all(
+            await stream.send(
                 bytes([USERPASS_VERSION, len(username)])
                 + username
                 + bytes([len(password)])
@@ -307,7 +319,7 @@ async def socks5_connect(
             raise ProxyProtocolError(
                 f"the SOCKS5 proxy chose method 0x{method:02x}, which was not offered"
             )
-        await stream.send_all(request)
+        await stream.send(request)
         version, code, _reserved, atyp = await reader.read_exactly(4)
         if version != SOCKS5_VERSION:
             raise ProxyProtocolError(f"bad version 0x{version:02x} in the SOCKS5 proxy's reply")
@@ -325,4 +337,4 @@ async def socks5_connect(
             f"the SOCKS5 proxy cannot connect to {target}: {message} (reply 0x{code:02x})",
             code=code,
         )
-    return reader.stream()
+    return like(original, reader.stream())
