@@ -425,7 +425,9 @@ class ClientSession:
     failure of the pull puts the session in ``ERROR`` (:attr:`error` keeps
     it); a failure of a push only breaks sending (:attr:`send_error`), as the
     pull may still deliver what the server has, but the session's end is
-    then an error, never an EOF.
+    then an error, never an EOF. The exception is the refusal of a push of an
+    earlier write (:attr:`refused`): no write reported it, so it ends
+    receiving too (:meth:`watch_answers`).
     """
 
     def __init__(self, options: ClientOptions) -> None:
@@ -436,6 +438,10 @@ class ClientSession:
         self.error: TunnelError | None = None
         #: Why sending is impossible, once it is (the pull side may go on).
         self.send_error: TunnelError | None = None
+        #: The refusal of a push of an earlier write (``push_window > 1``): the
+        #: application has not been told by the write, so its next send or
+        #: receive raises it, and a receive waiting for the pull is woken with it.
+        self.refused: TunnelError | None = None
         self._pull_failure: str | None = None
         self._push_loss: str | None = None
         # Unanswered pushes of writes that have returned (push_window > 1).
@@ -651,6 +657,17 @@ class ClientSession:
         """
         return in_flight > 0 and unused_for >= SETTLE_ACKS
 
+    def watch_answers(self, in_flight: int) -> bool:
+        """Whether a receive must also read the answers of the ``in_flight`` pushes.
+
+        A write that returns with pushes unanswered (``push_window > 1``) may
+        be the application's last for a while: nothing else would read a
+        refusal of them (a wrong ``push_path``, a ``410``), and a receive
+        waiting for the server's reply would wait for nothing. So while such
+        pushes are in flight, a waiting receive reads their answers too.
+        """
+        return in_flight > 0 and self.keep_after_write > 0
+
     def write_returned(self, in_flight: int) -> None:
         """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).
 
@@ -676,9 +693,14 @@ class ClientSession:
                 authorize=config.authorize,
                 session_ended=self._how_session_ended(),
             )
-            if earlier:
-                message = f"an earlier push was refused: {message}"
-            raise self.push_failed(message, status=event.status_code)
+            if not earlier:
+                raise self.push_failed(message, status=event.status_code)
+            error = self.push_failed(
+                f"an earlier push was refused: {message}", status=event.status_code
+            )
+            if self.refused is None:
+                self.refused = error
+            raise error
         if not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
         if self._push_sizes:

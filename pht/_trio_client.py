@@ -153,6 +153,16 @@ class _ClientStream(PHTStream):
         self._receive_conflict = ConflictDetector(
             "another task is already receiving on this stream"
         )
+        # Push answers are read by one task at a time: the sending task, or a
+        # receive waiting for the pull while pushes of earlier writes are in
+        # flight (ClientSession.watch_answers). ``_receive_scope`` lets the
+        # sending side wake such a receive: to report a refusal, or to make it
+        # watch the pushes that a returning write left in flight.
+        self._answers_lock = trio.Lock()
+        self._receive_scope: trio.CancelScope | None = None
+        self._receive_watching = False
+        # A pull event read just before such a wake-up: not lost, returned next.
+        self._stashed_event: ClientEvent | None = None
 
     # -- sending ----------------------------------------------------------------
 
@@ -178,8 +188,12 @@ class _ClientStream(PHTStream):
             except trio.Cancelled:
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
-            if self._push is not None:
-                session.write_returned(self._push.channel.pushes_in_flight)
+            push = self._push
+            if push is not None:
+                in_flight = push.channel.pushes_in_flight
+                session.write_returned(in_flight)
+                if session.watch_answers(in_flight) and not self._receive_watching:
+                    self._wake_receive()
 
     async def _pump_pushes(self, view: memoryview, *, window: int, keep: int) -> None:
         """Push ``view`` and collect answers, each step as the session says."""
@@ -200,6 +214,8 @@ class _ClientStream(PHTStream):
             elif type(step) is CollectAck:
                 assert push is not None
                 await self._collect_ack(push)
+                if session.send_error is not None:  # a receive read a refusal
+                    raise _broken(session.send_error)
             else:
                 return
 
@@ -212,23 +228,33 @@ class _ClientStream(PHTStream):
         self._session.pushed(len(chunk))
 
     async def _collect_ack(self, connection: _Connection) -> None:
-        """Read and judge the answer to the oldest push."""
-        try:
-            event = await connection.next_event()
-        except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            raise await self._push_failed(connection, exc) from exc
-        channel = connection.channel
-        try:
-            done = self._session.push_answer(
-                event,
-                closed=channel.state is ChannelState.CLOSED,
-                still_in_flight=channel.pushes_in_flight,
-            )
-        except TunnelError as exc:
-            raise await self._drop_push(connection, exc) from None
-        if done:
-            self._push = None
-            await connection.aclose()
+        """Read and judge the answer to the oldest push (unless another task did)."""
+        async with self._answers_lock:
+            channel = connection.channel
+            if self._push is not connection or not channel.pushes_in_flight:
+                return
+            try:
+                event = await connection.next_event()
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                raise await self._push_failed(connection, exc) from exc
+            try:
+                done = self._session.push_answer(
+                    event,
+                    closed=channel.state is ChannelState.CLOSED,
+                    still_in_flight=channel.pushes_in_flight,
+                )
+            except TunnelError as exc:
+                if self._session.refused is not None:
+                    self._wake_receive()
+                raise await self._drop_push(connection, exc) from None
+            if done:
+                self._push = None
+                await connection.aclose()
+
+    def _wake_receive(self) -> None:
+        """Make a receive waiting for the pull look at the push side again."""
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
 
     async def _push_failed(self, connection: _Connection, exc: BaseException) -> BrokenTunnelError:
         reason = describe_failure(exc, connection.idle_for)
@@ -271,6 +297,8 @@ class _ClientStream(PHTStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._receive_conflict:
             self._check_open()
+            if self._session.refused is not None:
+                raise _broken(self._session.refused)
             if max_bytes is None:
                 max_bytes = RECEIVE_SIZE
             elif operator.index(max_bytes) < 1:
@@ -304,10 +332,12 @@ class _ClientStream(PHTStream):
         session = self._session
         while True:
             try:
-                event = await self._pull.next_event()  # _poll_again may replace it
+                event = await self._next_pull_event()  # _poll_again may replace the pull
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
                 if self._closed:
                     raise ClosedTunnelError("stream was closed") from None
+                if session.refused is not None:
+                    raise _broken(session.refused) from None
                 quiet = trio.current_time() - self._pull.last_used
                 raise _broken(session.pull_failed(exc, quiet_for=quiet)) from exc
             try:
@@ -325,6 +355,61 @@ class _ClientStream(PHTStream):
                     await self._poll_again(action.token)
                 except (TunnelError, trio.BrokenResourceError, OSError) as exc:
                     raise _broken(session.repoll_failed(exc)) from exc
+
+    async def _next_pull_event(self) -> ClientEvent:
+        """The pull's next event; a refusal of an earlier write's push raises instead."""
+        session = self._session
+        if not session.keep_after_write:  # stop and wait: writes report their refusals
+            return await self._pull.next_event()
+        while True:
+            if session.refused is not None:
+                raise _broken(session.refused)
+            event, self._stashed_event = self._stashed_event, None
+            if event is not None:
+                return event
+            push = self._push
+            watch = push is not None and session.watch_answers(push.channel.pushes_in_flight)
+            with trio.CancelScope() as scope:
+                self._receive_scope = scope
+                self._receive_watching = watch
+                try:
+                    if push is None or not watch:
+                        return await self._pull.next_event()
+                    return await self._pull_watching_answers(push)
+                finally:
+                    self._receive_scope = None
+                    self._receive_watching = False
+            # Woken by the sending side (the scope was cancelled): look again.
+
+    async def _pull_watching_answers(self, push: _Connection) -> ClientEvent:
+        """The pull's next event, reading the answers of the pushes in flight meanwhile."""
+        failure: BaseException | None = None
+
+        async def pull() -> None:
+            nonlocal failure
+            try:
+                self._stashed_event = await self._pull.next_event()
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pull)
+            while push is self._push and push.channel.pushes_in_flight:
+                try:
+                    await self._collect_ack(push)
+                except BrokenTunnelError:
+                    break  # the session has it: a refusal, or sending broken
+            self._receive_watching = False
+            if self._session.refused is not None:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        event, self._stashed_event = self._stashed_event, None
+        if event is None:
+            assert self._session.refused is not None
+            raise _broken(self._session.refused)
+        return event
 
     async def _poll_again(self, token: str) -> None:
         # Nothing of the new GET was written yet: a new connection is safe
@@ -504,10 +589,12 @@ async def open_pht_stream(
     server acknowledged all its bytes. With ``N > 1`` it may return while up
     to ``N - 1`` pushes are unanswered, so the next write overlaps the
     server's work: faster uploads. Their answers are read before later
-    pushes exceed the window and in ``aclose`` (up to ``close_timeout``); a
-    refused push then breaks the stream: the next ``send_all`` (or
-    ``aclose``) raises :class:`trio.BrokenResourceError` saying that an
-    earlier push was refused. Pushes stay on one connection, in order (GOST's
+    pushes exceed the window, by a ``receive_some`` waiting meanwhile, and in
+    ``aclose`` (up to ``close_timeout``); a refused push then breaks the
+    stream both ways: a waiting ``receive_some`` is woken, and the next
+    ``send_all`` or ``receive_some`` (or ``aclose``) raises
+    :class:`trio.BrokenResourceError` saying that an earlier push was
+    refused, with its status. Pushes stay on one connection, in order (GOST's
     and ``pht``'s servers answer pipelined requests in order). Within one
     ``send_all`` larger than ``max_push_size`` two pushes are in flight even
     with a window of 1.
