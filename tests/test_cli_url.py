@@ -232,7 +232,7 @@ def test_push_window_on_a_pht_node() -> None:
     (node,) = parse_node("forward+pht://server:8443?pushWindow=2").nodes
     assert node.push_window == 2
     (node,) = parse_node("forward+phts://server:8443").nodes
-    assert node.push_window == DEFAULT_PUSH_WINDOW == 1
+    assert node.push_window == DEFAULT_PUSH_WINDOW == 4
     with pytest.raises(ConfigError, match="pushWindow"):
         parse_node("forward+pht://server:8443?pushWindow=0")
     with pytest.raises(ConfigError, match="pushWindow works with the pht and phts dialers only"):
