@@ -535,7 +535,7 @@ class ClientSession:
         return SendPull(self.token)
 
     def handshake_step(
-        self, answer: ClientEvent | None = None
+        self, answer: ClientEvent | None = None, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> SendAuthorize | SendPull | Established:
         """The next step of the handshake: call it with ``None`` to begin, then
         with the answer to each request it named, until :class:`Established`.
@@ -547,7 +547,7 @@ class ClientSession:
         if answer is None:
             start = self.start()
             return SendAuthorize() if start is None else start
-        action = self.pull_event(answer)
+        action = self.pull_event(answer, headers)
         if isinstance(action, SendPull):
             return action
         # Any other answer moved the session to OPEN (PullStarted) or raised.
@@ -900,6 +900,15 @@ class ClientSession:
             raise self._fail_with(self._reconnect.gave_up(str(reason)))
         return delay
 
+    def retry_delay(self, reason: BaseException | str, now: float) -> float:
+        """A request of a resume session other than a pull or a data push (an
+        ack-only push) failed at ``now``: the delay before sending it again."""
+        assert self._reconnect is not None
+        delay = self._reconnect.failed(now)
+        if delay is None:
+            raise self._fail_with(self._reconnect.gave_up(str(reason)))
+        return delay
+
     def close_headers(self) -> list[tuple[bytes, bytes]]:
         """The resume headers of the close notification (none without resume)."""
         return [] if self.resume is None else self.resume.close_headers()
@@ -955,7 +964,7 @@ class ClientSession:
         waiting for the server's reply would wait for nothing. So while such
         pushes are in flight, a waiting receive reads their answers too.
         """
-        return in_flight > 0 and self.keep_after_write > 0
+        return in_flight > 0 and self.keep_after_write > 0 and self.resume is None
 
     def write_returned(self, in_flight: int) -> None:
         """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).

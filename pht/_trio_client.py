@@ -21,16 +21,19 @@ from ._client_session import (
     Established,
     PollAgain,
     PushChunk,
+    Reattach,
     SendAuthorize,
     SendPull,
     describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
+from ._resume import SessionGone
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import (
     RECEIVE_SIZE,
+    BrokenSessionGone,
     BrokenTunnelError,
     ClosedTunnelError,
     ConflictDetector,
@@ -146,6 +149,7 @@ class _ClientStream(PHTStream):
         self._config = session.options.config
         self._pull = pull
         self._push: _Connection | None = push
+        self._ack: _Connection | None = None  # ack-only pushes (resume)
         self._pending = b""
         self._pending_offset = 0
         self._closed = False
@@ -177,6 +181,13 @@ class _ClientStream(PHTStream):
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
+            if session.resume is not None:
+                try:
+                    await self._send_resumable(view)
+                except trio.Cancelled:
+                    session.break_sending("a send_all was cancelled; the stream is broken")
+                    raise
+                return
             try:
                 push = self._push
                 if push is not None and session.should_settle(
@@ -288,6 +299,124 @@ class _ClientStream(PHTStream):
                 raise _broken(self._session.break_sending(str(exc))) from exc
         return self._push
 
+    # -- sending, resume session -------------------------------------------------
+
+    async def _send_resumable(self, view: memoryview, *, keep: int | None = None) -> None:
+        """Write ``view`` through the replay buffer; pushes lost on the way are pushed again."""
+        session = self._session
+        window = session.push_window_for(len(view))
+        if keep is None:
+            keep = session.keep_after_write
+        offset = 0
+        while True:
+            if session.send_error is not None:
+                raise _broken(session.send_error)
+            if offset < len(view):
+                offset += session.resume_write(view[offset:])
+            push = self._push
+            step = session.resume_step(
+                writing=offset < len(view),
+                in_flight=0 if push is None else push.channel.pushes_in_flight,
+                window=window,
+                keep=keep,
+            )
+            if type(step) is PushChunk:
+                await self._resume_push_once()
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._resume_collect(push)
+            else:
+                return
+
+    async def _resume_push_once(self) -> None:
+        data, headers = self._session.resume_push()
+        try:
+            connection = self._push
+            if (
+                connection is not None
+                and connection.channel.state is ChannelState.IDLE
+                and not await connection.reusable()
+            ):
+                self._push = None
+                await connection.aclose()
+            if self._push is None:
+                self._push = await self._connect.open(self._config)
+            connection = self._push
+            await connection.send(connection.channel.push(self.token, data, headers))
+        except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            await self._resume_push_lost(exc)
+
+    async def _resume_collect(self, connection: _Connection) -> None:
+        """Read and judge the answer to the oldest push of a resume session."""
+        session = self._session
+        try:
+            event = await connection.next_event()
+        except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            await self._resume_push_lost(exc)
+            return
+        channel = connection.channel
+        try:
+            again = session.resume_push_answer(event, channel.resume_headers)
+        except TunnelError as exc:
+            raise await self._drop_push(connection, exc) from None
+        if again:
+            await self._resume_push_lost(f"the server answered {event}")
+        elif channel.state is ChannelState.CLOSED:
+            if channel.pushes_in_flight:
+                await self._resume_push_lost("the server closed the push connection")
+            else:
+                self._push = None
+                await connection.aclose()
+
+    async def _resume_push_lost(self, reason: BaseException | str) -> None:
+        """Drop the push connection: its pushes are pushed again after a back-off."""
+        connection, self._push = self._push, None
+        if connection is not None:
+            await connection.aclose()
+        try:
+            delay = self._session.push_lost(reason, trio.current_time())
+        except TunnelError as exc:
+            raise _broken(exc) from None
+        await trio.sleep(delay)
+
+    async def _send_ack_only(self) -> None:
+        """Tell the server what arrived (its replay buffer is half full), on a
+        connection of its own: never pipelined behind a data push."""
+        session = self._session
+        while session.ack_due:
+            ack, headers = session.ack_only_headers()
+            try:
+                connection = self._ack
+                if connection is not None and not await connection.reusable():
+                    self._ack = None
+                    await connection.aclose()
+                if self._ack is None:
+                    self._ack = await self._connect.open(self._config)
+                connection = self._ack
+                await connection.send(connection.channel.ack_only(self.token, headers))
+                event = await connection.next_event()
+                again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
+                if connection.channel.state is ChannelState.CLOSED:
+                    self._ack = None
+                    await connection.aclose()
+                if not again:
+                    return
+                reason: BaseException | str = f"the server answered {event}"
+            except TunnelError as exc:
+                if session.error is exc:
+                    raise _broken(exc) from None
+                reason = exc
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                reason = exc
+            if self._ack is not None:
+                await self._ack.aclose()
+                self._ack = None
+            try:
+                delay = session.retry_delay(reason, trio.current_time())
+            except TunnelError as exc:
+                raise _broken(exc) from None
+            await trio.sleep(delay)
+
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         await trio.lowlevel.checkpoint()
@@ -338,28 +467,38 @@ class _ClientStream(PHTStream):
                     raise ClosedTunnelError("stream was closed") from None
                 if session.refused is not None:
                     raise _broken(session.refused) from None
+                if session.resuming:
+                    await self._reattach(exc)
+                    continue
                 quiet = trio.current_time() - self._pull.last_used
                 raise _broken(session.pull_failed(exc, quiet_for=quiet)) from exc
             try:
-                action = session.pull_event(event)
+                action = session.pull_event(event, self._pull.channel.resume_headers)
             except TunnelError as exc:
                 raise _broken(exc) from None
             if isinstance(action, Deliver):
                 self._pending, self._pending_offset = action.data, 0
+                if session.ack_due:
+                    await self._send_ack_only()
                 return self._take(max_bytes)
             if isinstance(action, EndOfStream):
                 await trio.lowlevel.checkpoint()
                 return b""
-            if isinstance(action, PollAgain):
+            if isinstance(action, Reattach):
+                await self._reattach(action.reason)
+            elif isinstance(action, PollAgain):
                 try:
                     await self._poll_again(action.token)
                 except (TunnelError, trio.BrokenResourceError, OSError) as exc:
-                    raise _broken(session.repoll_failed(exc)) from exc
+                    if not session.resuming:
+                        raise _broken(session.repoll_failed(exc)) from exc
+                    await self._reattach(exc)
 
     async def _next_pull_event(self) -> ClientEvent:
         """The pull's next event; a refusal of an earlier write's push raises instead."""
         session = self._session
-        if not session.keep_after_write:  # stop and wait: writes report their refusals
+        if not session.keep_after_write or session.resume is not None:
+            # Stop and wait: writes report their refusals; resume: they retry.
             return await self._pull.next_event()
         while True:
             if session.refused is not None:
@@ -417,7 +556,24 @@ class _ClientStream(PHTStream):
         if not await self._pull.reusable():
             await self._pull.aclose()
             self._pull = await self._connect.open(self._config)
-        await self._pull.send(self._pull.channel.pull(token))
+        await self._pull.send(self._pull.channel.pull(token, self._session.pull_headers()))
+
+    async def _reattach(self, reason: BaseException | str) -> None:
+        """Re-attach a resume session's pull on a new connection, after a back-off."""
+        session = self._session
+        while True:
+            try:
+                delay = session.pull_lost(reason, trio.current_time())
+            except TunnelError as exc:
+                raise _broken(exc) from None
+            await trio.sleep(delay)
+            await self._pull.aclose()
+            try:
+                self._pull = await self._connect.open(self._config)
+                await self._pull.send(self._pull.channel.pull(self.token, session.pull_headers()))
+                return
+            except (TunnelError, trio.BrokenResourceError, OSError) as exc:
+                reason = exc
 
     # -- closing ----------------------------------------------------------------
 
@@ -446,15 +602,27 @@ class _ClientStream(PHTStream):
                     await push.aclose()
             finally:  # a cancelled close of one still closes the other
                 await self._pull.aclose()
+                if self._ack is not None:
+                    await self._ack.aclose()
         if refused is not None:
             raise refused
 
     async def _finish_pushes(self) -> BrokenTunnelError | None:
         """Wait (up to ``close_timeout``) for the acknowledgements still due."""
-        if self._push is None or not self._push.channel.pushes_in_flight:
+        session = self._session
+        if session.resume is not None:
+            if session.send_error is not None or (
+                not session.resume.unpushed
+                and (self._push is None or not self._push.channel.pushes_in_flight)
+            ):
+                return None
+        elif self._push is None or not self._push.channel.pushes_in_flight:
             return None
-        with trio.move_on_after(self._session.options.close_timeout):
+        with trio.move_on_after(session.options.close_timeout):
             try:
+                if session.resume is not None:
+                    await self._send_resumable(memoryview(b""), keep=0)
+                    return None
                 await self._pump_pushes(memoryview(b""), window=1, keep=0)
             except BrokenTunnelError as exc:
                 return exc
@@ -477,12 +645,15 @@ class _ClientStream(PHTStream):
                 pass
 
     async def _send_close(self, connection: _Connection) -> None:
-        await connection.send(connection.channel.close_session(self.token))
+        headers = self._session.close_headers()
+        await connection.send(connection.channel.close_session(self.token, headers))
         await connection.next_event()
 
 
 def _broken(error: TunnelError) -> BrokenTunnelError:
     """``error`` as trio's stream contract wants it (and still a pht error)."""
+    if isinstance(error, SessionGone):
+        return BrokenSessionGone(error.reason)
     return BrokenTunnelError(str(error), status=error.status)
 
 
@@ -571,6 +742,7 @@ async def open_pht_stream(
     close_timeout: float = 5.0,
     push_window: int = 1,
     open_transport: TransportOpener | None = None,
+    resume: bool = False,
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
@@ -610,6 +782,16 @@ async def open_pht_stream(
     for a close, so it retires idle connections by their idle time alone
     (``keepalive_expiry``, 50 s: below common servers' keep-alive limits).
 
+    ``resume=True`` offers the resume extension (``docs/resume.md``): if
+    the server grants it, a cut pull or a push whose answer was lost is
+    repeated on a new connection (with a jittered back-off, within the
+    server's grace period) without losing or duplicating a byte, and the
+    application sees only a slower stream. The server's ``410`` with a
+    ``PHT-Gone`` other than ``closed`` raises :class:`~pht.SessionGone`
+    (also a :class:`trio.BrokenResourceError`); reconnects failing past the
+    grace period a :class:`TunnelError` that says so. A server that does not
+    grant it (GOST) gets today's protocol.
+
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
@@ -639,6 +821,7 @@ async def open_pht_stream(
         push_window=push_window,
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
+        resume=resume,
     )
     config = options.config
     connector = _Connector(options, ssl_context, server_hostname, open_transport)
@@ -668,8 +851,9 @@ async def _start_session(
             if isinstance(step, SendAuthorize):
                 await pull.send(channel.authorize())
             else:
-                await pull.send(channel.pull(step.token))
-            step = session.handshake_step(await pull.next_event())
+                await pull.send(channel.pull(step.token, session.pull_headers()))
+            event = await pull.next_event()
+            step = session.handshake_step(event, pull.channel.resume_headers)
             if isinstance(step, SendPull) and not await pull.reusable():
                 # Closed after the token: nothing of the pull was sent yet.
                 await pull.aclose()

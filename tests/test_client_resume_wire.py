@@ -1,0 +1,114 @@
+"""The trio client's resume extension over real loopback sockets.
+
+Against a scripted resume server (``tests/resume_server.py``), through the
+fault relay (``tests/faults.py``) that cuts connections at exact byte
+offsets, and against GOST's server as captured (no grant: today's protocol).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+import trio.testing
+
+import pht
+
+from .faults import Cut, FaultRelay
+from .resume_server import ResumeServer, serve_resume
+from .support import receive_exactly
+
+
+async def _echo_through(stream: pht.PHTStream, payload: bytes, piece: int = 256 * 1024) -> bytes:
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(payload):
+            data = await stream.receive_some()
+            assert data, "EOF before everything came back"
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for start in range(0, len(payload), piece):
+            await stream.send_all(payload[start : start + piece])
+    return bytes(got)
+
+
+async def _read_to_the_end(stream: pht.PHTStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+async def test_echo_without_cuts(nursery: trio.Nursery) -> None:
+    server = ResumeServer()
+    port = await serve_resume(nursery, server)
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False, resume=True)
+    payload = os.urandom(300_000)
+    with trio.fail_after(20):
+        assert await _echo_through(stream, payload) == payload
+        await stream.aclose()
+    (token,) = server.delivered
+    assert bytes(server.delivered[token]) == payload
+    opening = server.requests[0]
+    assert opening[:2] == ("GET", "/pull")
+    assert opening[2] == {b"pht-resume": b"1"}
+    assert all(
+        b"pht-offset" in pht_headers
+        for method, _, pht_headers in server.requests
+        if method == "POST"
+    )
+    assert token not in server.sessions  # the close notification ended it
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        Cut("down", 2000, "rst", kind="pull", anchor="body"),
+        Cut("down", 70_000, "fin", kind="pull", anchor="body"),
+        Cut("up", 5000, "rst", kind="push", anchor="body"),
+        Cut("down", 0, "rst", kind="push", anchor="body"),  # the answer is lost
+        Cut("up", 10, "fin", kind="push"),
+    ],
+    ids=str,
+)
+async def test_one_cut_is_survived(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, cut: Cut
+) -> None:
+    server = ResumeServer()
+    port = await serve_resume(nursery, server)
+    relay = FaultRelay(port, [cut], fin_linger=1.0)
+    relay_port = await nursery.start(relay.serve)
+    stream = await pht.open_pht_stream("127.0.0.1", relay_port, authorize=False, resume=True)
+    payload = os.urandom(200_000)
+    with trio.fail_after(60):
+        got = await _echo_through(stream, payload, piece=50_000)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
+    assert relay.faults, relay.describe()
+    await stream.aclose()
+
+
+async def test_session_gone_is_a_named_error(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = ResumeServer()
+    port = await serve_resume(nursery, server)
+    relay = FaultRelay(port, [Cut("down", 100, "rst", kind="pull", anchor="body")])
+    relay_port = await nursery.start(relay.serve)
+    stream = await pht.open_pht_stream("127.0.0.1", relay_port, authorize=False, resume=True)
+    await stream.send_all(b"x" * 50)
+    assert await receive_exactly(stream, 50) == b"x" * 50
+    (token,) = server.sessions
+    server._end(token, pht.GoneReason.EXPIRED)  # as if the grace period ran out
+    with trio.fail_after(30), pytest.raises(pht.SessionGone) as caught:
+        await stream.send_all(b"y" * 100)
+    assert isinstance(caught.value, trio.BrokenResourceError)
+    assert caught.value.reason is pht.GoneReason.EXPIRED
+    assert caught.value.status == 410
+    assert "grace period" in str(caught.value)
+    with trio.fail_after(30), pytest.raises(pht.SessionGone) as caught:
+        await _read_to_the_end(stream)  # the pull is cut: re-attaching finds it gone
+    assert isinstance(caught.value, trio.BrokenResourceError)
+    await stream.aclose()
