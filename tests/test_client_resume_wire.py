@@ -19,6 +19,7 @@ import pht
 from .faults import Cut, FaultRelay
 from .resume_server import ResumeServer, serve_resume
 from .support import receive_exactly
+from .transcripts import wire_pieces
 
 
 async def _echo_through(stream: pht.PHTStream, payload: bytes, piece: int = 256 * 1024) -> bytes:
@@ -112,3 +113,98 @@ async def test_session_gone_is_a_named_error(
         await _read_to_the_end(stream)  # the pull is cut: re-attaching finds it gone
     assert isinstance(caught.value, trio.BrokenResourceError)
     await stream.aclose()
+
+
+# -- GOST's server does not grant: today's protocol ------------------------------------
+
+
+class ReplayedGost:
+    """GOST's modern server as captured (``modern_go_client_wire.txt``), echoing pushes.
+
+    Its answers are the captured bytes: the pull's head, the pushes'
+    acknowledgements, each pushed line sent back as one chunk of the pull, a
+    heartbeat after the first, and the last chunk after the close
+    notification. It ignores the ``PHT-*`` headers, as GOST does.
+    """
+
+    def __init__(self, *, cut_pull_after_first: bool = False) -> None:
+        pieces = wire_pieces("modern_go_client_wire.txt")
+        answers = [p.data for p in pieces if p.direction == "S>C"]
+        self.pull_head, self.ack, self.heartbeat, self.last = (
+            answers[0],
+            answers[1],
+            answers[3],
+            answers[-1],
+        )
+        self.cut_pull_after_first = cut_pull_after_first
+        self.heads: list[bytes] = []
+        self.pull: trio.SocketStream | None = None
+        self.lines = 0
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        buffer = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.heads.append(head)
+                if head.startswith(b"GET "):
+                    self.pull = stream
+                    await stream.send_all(self.pull_head)
+                    continue
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                body, buffer = buffer[:length], buffer[length:]
+                await stream.send_all(self.ack)
+                await self._to_pull(body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client hung up, or this is the pull connection the test cut
+
+    async def _to_pull(self, body: bytes) -> None:
+        assert self.pull is not None
+        if not body:  # the close notification ends the session
+            await self.pull.send_all(self.last)
+            return
+        await self.pull.send_all(b"%x\r\n%s\r\n" % (len(body), body))
+        self.lines += 1
+        if self.lines == 1:
+            await self.pull.send_all(self.heartbeat)
+            if self.cut_pull_after_first:
+                await trio.aclose_forcefully(self.pull)
+
+
+async def test_gost_does_not_grant_and_sees_todays_traffic(nursery: trio.Nursery) -> None:
+    gost = ReplayedGost()
+    listeners = await nursery.start(trio.serve_tcp, gost, 0)
+    port = listeners[0].socket.getsockname()[1]
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False, resume=True)
+    with trio.fail_after(10):
+        await stream.send_all(b"hello\n")
+        assert await receive_exactly(stream, 6) == b"hello\n"
+        await stream.send_all(b"again\n")
+        assert await receive_exactly(stream, 6) == b"again\n"
+        await stream.aclose()
+    opening, *later = gost.heads
+    assert opening.startswith(b"GET /pull?token=")
+    assert b"\r\nPHT-Resume: 1" in opening  # the only difference: an ignored header
+    assert [head.split(b" ")[0] for head in later] == [b"POST"] * 3
+    assert not any(b"pht-" in head.lower() for head in later)
+
+
+async def test_without_a_grant_a_cut_pull_is_never_re_opened(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    gost = ReplayedGost(cut_pull_after_first=True)
+    listeners = await nursery.start(trio.serve_tcp, gost, 0)
+    port = listeners[0].socket.getsockname()[1]
+    stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False, resume=True)
+    await stream.send_all(b"hello\n")
+    with trio.fail_after(30), pytest.raises(trio.BrokenResourceError, match="pull"):
+        await _read_to_the_end(stream)
+    await stream.aclose()
+    assert sum(head.startswith(b"GET ") for head in gost.heads) == 1
