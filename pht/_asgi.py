@@ -38,6 +38,7 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
+from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
 from ._server import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PUSH_LINE,
@@ -283,7 +284,7 @@ class _Core(ServerCore[_Stream]):
             writer.close()
             # Give the pull a moment to deliver what the callback wrote last.
             with contextlib.suppress(asyncio.TimeoutError):
-                await _within(stream.finished_event.wait(), self.options.push_timeout)
+                await _within(stream.finished_event.wait(), self.linger(stream))
             self.handler_done(stream, loop.time(), started)
 
     async def _run_reaper(self) -> None:
@@ -358,6 +359,13 @@ class PHTApp:
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         shutdown_timeout: float = 30.0,
         token_source: TokenSource = new_token,
+        resume: bool = True,
+        resume_window: int = DEFAULT_WINDOW,
+        grace_period: int = DEFAULT_GRACE,
+        max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
+        legacy_grace: bool = False,
+        pull_max_bytes: int | None = None,
+        pull_max_ms: int | None = None,
         stats: PHTStatsSink | None = None,
         **server_owned: object,
     ) -> None:
@@ -390,6 +398,13 @@ class PHTApp:
             max_buffered=max_buffered,
             max_push_line=max_push_line,
             max_header_size=max_header_size,
+            resume=resume,
+            resume_window=resume_window,
+            grace_period=grace_period,
+            max_grace_sessions=max_grace_sessions,
+            legacy_grace=legacy_grace,
+            pull_max_bytes=pull_max_bytes,
+            pull_max_ms=pull_max_ms,
             shutdown_timeout=shutdown_timeout,
         )
         self._sessions: ServerSessions[_Stream] = ServerSessions(self.options, token_source)
@@ -472,12 +487,7 @@ class PHTApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         core = self._bind()
         loop = core.loop
-        options = self.options
-        conn = ServerConnection(
-            options.paths,
-            max_push_line=options.max_push_line,
-            max_header_size=options.max_header_size,
-        )
+        conn = core.new_connection()
         head, chunked = _request_head(scope)
         conn.receive_data(head)
         client = scope.get("client")
@@ -537,7 +547,7 @@ class PHTApp:
     ) -> int:
         """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal)."""
         loop = core.loop
-        push = core.push(event.token, event.data, peer, conn.forwarded_for, loop.time())
+        push = core.push(event.token, event.data, peer, conn.forwarded_for, loop.time(), conn)
         if isinstance(push, int):
             return push
         stream = push.stream
@@ -559,7 +569,7 @@ class PHTApp:
         send: Send,
     ) -> None:
         loop = core.loop
-        stream = core.stream_for(event.token, peer, conn.forwarded_for, loop.time())
+        stream = core.pull_for(conn, event, peer, loop.time())
         if isinstance(stream, int):
             await _answer(send, conn.send_status(core.refused(stream)))
             return
@@ -617,7 +627,7 @@ class PHTApp:
                 return False  # pushed bytes were refused: never a clean end
             else:
                 stream.pull_ready.clear()
-                await stream.pull_ready.wait()
+                await _wait(stream.pull_ready, stream.pull_deadline(), loop)
 
     async def _send_pull(self, send: Send, pull: _Pull, message: Message) -> None:
         """Send a pull message; one not taken within pull_write_timeout stalls the pull."""

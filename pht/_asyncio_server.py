@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,6 +26,7 @@ from typing import Any
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import NEED_DATA, PullRequest, PushData, PushRequest, ServerConnectionState
+from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
 from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
@@ -291,7 +293,7 @@ class _Server(ServerCore[_Stream]):
                 stream.close_handler()
                 # Give the pull a moment to deliver what the handler wrote last.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stream.finished_event.wait(), self.options.push_timeout)
+                    await asyncio.wait_for(stream.finished_event.wait(), self.linger(stream))
                 transport.lose(None)
                 return
 
@@ -417,7 +419,7 @@ class _Server(ServerCore[_Stream]):
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
     ) -> int:
-        push = self.push(event.token, event.data, peer, conn.forwarded_for, self.loop.time())
+        push = self.push(event.token, event.data, peer, conn.forwarded_for, self.loop.time(), conn)
         if isinstance(push, int):
             return push
         stream = push.stream
@@ -438,7 +440,7 @@ class _Server(ServerCore[_Stream]):
         event: PullRequest,
         peer: str | None,
     ) -> None:
-        stream = self.stream_for(event.token, peer, conn.forwarded_for, self.loop.time())
+        stream = self.pull_for(conn, event, peer, self.loop.time())
         if isinstance(stream, int):
             writer.write(conn.send_status(self.refused(stream)))
             return
@@ -498,7 +500,8 @@ class _Server(ServerCore[_Stream]):
                 session.wrote(self.loop.time())
                 self.sessions.touch(session, session.last_write)
                 if stream.transport is not None:
-                    stream.transport.acknowledge(len(data))
+                    fresh = len(data) if session.resume is None else stream.fresh
+                    stream.transport.acknowledge(fresh)
             elif action is PullAction.HEARTBEAT:
                 await pull.send(conn.send_heartbeat())
             elif action is PullAction.END:
@@ -507,7 +510,14 @@ class _Server(ServerCore[_Stream]):
             elif action is PullAction.CUT:
                 raise ConnectionResetError("session ended with pushed bytes refused")
             else:
-                await _wait(stream.pull_event)
+                deadline = stream.pull_deadline()
+                if deadline == math.inf:
+                    await _wait(stream.pull_event)
+                else:  # a bounded pull ends at its deadline
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(
+                            _wait(stream.pull_event), max(0.0, deadline - self.loop.time())
+                        )
 
     async def _watch_for_hangup(
         self, reader: asyncio.StreamReader, conn: ServerConnection, pull: _PullWriter
@@ -673,6 +683,13 @@ async def start_pht_server(
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     token_source: TokenSource = new_token,
     shutdown_timeout: float = 30.0,
+    resume: bool = True,
+    resume_window: int = DEFAULT_WINDOW,
+    grace_period: int = DEFAULT_GRACE,
+    max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
+    legacy_grace: bool = False,
+    pull_max_bytes: int | None = None,
+    pull_max_ms: int | None = None,
     stats: PHTStatsSink | None = None,
 ) -> PHTServer:
     """Serve PHT tunnels, calling ``client_connected_cb(reader, writer)`` per session.
@@ -717,6 +734,13 @@ async def start_pht_server(
         max_buffered=max_buffered,
         max_push_line=max_push_line,
         max_header_size=max_header_size,
+        resume=resume,
+        resume_window=resume_window,
+        grace_period=grace_period,
+        max_grace_sessions=max_grace_sessions,
+        legacy_grace=legacy_grace,
+        pull_max_bytes=pull_max_bytes,
+        pull_max_ms=pull_max_ms,
         shutdown_timeout=shutdown_timeout,
     )
     if not callable(client_connected_cb):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from urllib.parse import parse_qs
@@ -38,6 +38,7 @@ from ._events import (
     ServerConnectionState,
     ServerEvent,
 )
+from ._resume import ACK, OFFSET, RESUME, RequestFields, ResumeHeaderError
 from ._token import TokenSource, is_plausible_token, new_token
 
 __all__ = [
@@ -66,6 +67,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    409: b"Conflict",
     410: b"Gone",
     413: b"Content Too Large",
     429: b"Too Many Requests",
@@ -96,6 +98,10 @@ _CANONICAL_HEAD = re.compile(
 _POST = b"POST "
 #: Headers by which a proxy in front reports the client's address.
 _FORWARDED_HEADERS = frozenset((b"x-forwarded-for", b"x-real-ip"))
+#: The resume extension's request headers (docs/resume.md).
+_RESUME_HEADERS = frozenset((RESUME, OFFSET, ACK))
+#: A request's resume fields when it carries none (one object: compared by identity).
+NO_RESUME_FIELDS = RequestFields.from_headers(())
 #: Headers that change how h11 reads the request or the connection.
 _H11_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 #: ``send_push_ack``'s bytes, exactly as h11 writes them for a keep-alive request.
@@ -128,11 +134,15 @@ class ServerConnection:
         *,
         max_push_line: int = DEFAULT_MAX_PUSH_LINE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        resume: bool = True,
         _fast_path: bool = True,
         _push_piece: int = PUSH_PIECE,
     ) -> None:
         self.paths = paths
         self.max_push_line = max_push_line
+        #: Whether the resume extension's request headers are read (else
+        #: ignored, as a server without the extension does).
+        self.resume_enabled = resume
         self._max_header_size = max_header_size
         # h11 is made when a request needs it (most never do: the fast path
         # reads them); an idle tunnel's two connections then hold none.
@@ -177,6 +187,14 @@ class ServerConnection:
         #: believe it is the caller's decision (trust only your own proxies).
         self.forwarded_for: bytes | None = None
         self._refusal: BadRequest | None = None
+        #: The current request's resume fields (docs/resume.md), read on
+        #: both paths; empty when it carries none or resume is off.
+        self.resume: RequestFields = NO_RESUME_FIELDS
+        #: Headers the answer to the current request carries besides its
+        #: own (the resume extension's, set by the server core).
+        self.response_headers: Sequence[tuple[bytes, bytes]] = ()
+        #: Resume: the upstream offset of the current push's next piece (the core's).
+        self.resume_offset: int | None = None
         self._token = ""
         self._is_form = False
         self._decoder: LineDecoder | None = None  # a push's line
@@ -307,6 +325,7 @@ class ServerConnection:
         hosts, content_length, content_type = 0, None, None
         forwarded: list[bytes] = []
         real_ip = None
+        resume: list[tuple[bytes, bytes]] | None = None
         for name, value in _FIELD.findall(buffer, head.start(2), head.end(2)):
             name = name.lower()
             if name in _FORWARDED_HEADERS:
@@ -325,6 +344,10 @@ class ServerConnection:
                     content_type = value
             elif name in _H11_HEADERS:
                 return None
+            elif name in _RESUME_HEADERS:
+                if resume is None:
+                    resume = []
+                resume.append((name, value))
             elif name == b"connection" and b"close" in {
                 option.strip().lower() for option in value.split(b",")
             }:
@@ -338,6 +361,8 @@ class ServerConnection:
         self._fast_request = True
         self._begin_request(b"POST", target, content_length, content_type)
         self.forwarded_for = b",".join(forwarded) if forwarded else real_ip
+        if resume is not None:
+            self._read_resume(resume)
         if self._refusal is not None and self._refusal.status_code == 413:
             self._must_close = True  # refused before reading the body
             return self._refusal
@@ -441,6 +466,20 @@ class ServerConnection:
             self.forwarded_for = b",".join(forwarded)
         else:
             self.forwarded_for = _header(request, b"x-real-ip")
+        self._read_resume(request.headers)
+
+    def _read_resume(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Read the resume fields; a malformed one refuses the request with 400.
+
+        The refusal names no token: the session is not affected.
+        """
+        if not self.resume_enabled or self._refusal is not None:
+            return
+        try:
+            self.resume = RequestFields.from_headers(headers)
+        except ResumeHeaderError as exc:
+            self._refusal = BadRequest(status_code=400, reason=str(exc))
+            self._decoder = None  # the body is read and dropped
 
     def _begin_request(
         self,
@@ -552,6 +591,7 @@ class ServerConnection:
         if (
             self._fast_request
             and not self._must_close
+            and not self.response_headers
             and self._state is ServerConnectionState.RESPONDING
         ):
             self._next_cycle()
@@ -603,12 +643,20 @@ class ServerConnection:
         """Open the pull response: headers flushed at once, chunked body."""
         self._expect(ServerConnectionState.RESPONDING, "start_pull")
         self._state = ServerConnectionState.PULLING
+        extra = self.response_headers
         if self._fast_request:  # a push read without h11 (an odd answer, but allowed)
             self._chunked_pull = True
+            if extra:
+                fields = b"".join(b"%s: %s\r\n" % header for header in extra)
+                return _PULL_HEAD[:-2] + fields + b"\r\n"
             return _PULL_HEAD
         response = h11.Response(
             status_code=200,
-            headers=[(b"X-Accel-Buffering", b"no"), (b"Transfer-Encoding", b"chunked")],
+            headers=[
+                (b"X-Accel-Buffering", b"no"),
+                (b"Transfer-Encoding", b"chunked"),
+                *extra,
+            ],
             reason=b"OK",  # as GOST's (Go's) status line
         )
         data = self._send(response)
@@ -661,6 +709,8 @@ class ServerConnection:
 
     def _respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         self._expect(ServerConnectionState.RESPONDING, "a response")
+        if self.response_headers:
+            headers = [*headers, *self.response_headers]
         if self._must_close:
             headers = [*headers, (b"Connection", b"close")]
         if not 200 <= status <= 999:

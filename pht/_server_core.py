@@ -32,8 +32,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._events import AuthorizeRequest, BadRequest, CloseRequest, ServerEvent
-from ._server import ServerConnection
+from ._events import AuthorizeRequest, BadRequest, CloseRequest, PullRequest, ServerEvent
+from ._resume import (
+    AckOutOfRange,
+    GoneReason,
+    OffsetGap,
+    PullMeter,
+    ResponseFields,
+    ResumeConflict,
+    ResumeHeaderError,
+)
+from ._server import NO_RESUME_FIELDS, ServerConnection
 from ._server_session import Input, PushVerdict, ServerOptions, ServerSession, ServerSessions
 from ._stats import NullStats, PHTStatsSink
 
@@ -63,6 +72,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("pht.server")
+
+_NO_FIELDS = NO_RESUME_FIELDS
 
 #: Bytes a handler may queue before the session's first pull attaches.
 UNPULLED_ROOM = 16 * 1024
@@ -142,10 +153,14 @@ class SessionBuffers:
         "_inbound",
         "_inbound_offset",
         "_outbound",
+        "_sent_high",
         "bytes_in",
         "bytes_out",
         "finished",
+        "fresh",
         "handler_closed",
+        "meter",
+        "pull_bytes",
         "remote_address",
         "room",
         "session",
@@ -169,6 +184,13 @@ class SessionBuffers:
         self.finished = False
         self.bytes_in = 0
         self.bytes_out = 0
+        #: Resume: bytes of the last :meth:`take_outbound` that no pull carried before.
+        self.fresh = 0
+        self._sent_high = 0
+        #: The bounds of the current pull response (``None``: unbounded pulls).
+        self.meter: PullMeter | None = None
+        #: Line bytes the current bounded pull response carried.
+        self.pull_bytes = 0
 
     # -- hooks (the adapter overrides them) ---------------------------------------
 
@@ -227,16 +249,38 @@ class SessionBuffers:
 
     @property
     def must_wait_room(self) -> bool:
-        """Whether the handler's next send waits (outbound full, session still open)."""
+        """Whether the handler's next send waits (outbound full, session still open).
+
+        In a resume session the replay buffer is the room: a send waits
+        while it is full (or bytes wait to go in), until an acknowledgement.
+        """
+        resume = self.session.resume
+        if resume is not None:
+            return (bool(self._outbound) or resume.downstream.full) and not self.session.closed
         return len(self._outbound) >= self.room and not self.session.closed
 
     @property
     def room_left(self) -> int:
         """Bytes the handler may queue before :attr:`must_wait_room` (0: none)."""
+        resume = self.session.resume
+        if resume is not None:
+            return 0 if self._outbound else resume.downstream.room
         return max(0, self.room - len(self._outbound))
 
     def queue(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue the handler's bytes for the client (the adapter wakes its pull)."""
+        """Queue the handler's bytes for the client (the adapter wakes its pull).
+
+        In a resume session they go into the replay buffer; what it has no
+        room for waits here (and the handler's next send waits).
+        """
+        resume = self.session.resume
+        if resume is not None:
+            taken = 0 if self._outbound else resume.write(data)
+            size = len(data) if not isinstance(data, memoryview) else data.nbytes
+            if taken < size:
+                self._outbound += memoryview(data).cast("B")[taken:]
+            self.bytes_out += size
+            return
         self._outbound += data
         self.bytes_out += len(data)
 
@@ -246,38 +290,128 @@ class SessionBuffers:
             return False
         self.handler_closed = True
         self._wake_all()
-        if not self._outbound:
+        resume = self.session.resume
+        if resume is not None:
+            if not self._outbound:
+                resume.finish()  # pulls now end after the last byte, with PHT-End
+        elif not self._outbound:
             self._finish()
         return True
+
+    # -- resume ---------------------------------------------------------------------
+
+    def negotiated(self) -> None:
+        """The session became a resume session: what the handler queued goes in the replay."""
+        self._restage()
+
+    def acked(self) -> None:
+        """The client acknowledged bytes: room in the replay buffer, maybe the end.
+
+        Bytes waiting for room go in; once the handler finished and the client
+        has every byte, the session is :attr:`finished` (its handler's part is over).
+        """
+        resume = self.session.resume
+        if resume is None:
+            return
+        self._restage()
+        if resume.done and not self.finished:
+            self._finish()
+
+    def _restage(self) -> None:
+        resume = self.session.resume
+        assert resume is not None
+        staged = self._outbound
+        if staged:
+            taken = resume.write(staged)
+            if taken:
+                del staged[:taken]
+                self._wake_pull()
+        if not staged:
+            if self.handler_closed:
+                resume.finish()
+                self._wake_pull()
+            else:
+                self._wake_sender()
 
     # -- the pull's side -----------------------------------------------------------
 
     @property
     def has_outbound(self) -> bool:
+        resume = self.session.resume
+        if resume is not None:
+            return resume.pending > 0
         return bool(self._outbound)
 
     def take_outbound(self, limit: int = PULL_WRITE_SIZE) -> bytes:
-        """Up to ``limit`` queued bytes for the pull."""
-        data = bytes(self._outbound[:limit])
-        del self._outbound[:limit]
-        if len(self._outbound) < self.room:
-            self._wake_sender()
-        if not self._outbound and self.handler_closed:
-            self._finish()
+        """Up to ``limit`` queued bytes for the pull.
+
+        In a resume session they stay in the replay buffer (until acknowledged);
+        :attr:`fresh` says how many of them no pull carried before.
+        """
+        meter = self.meter
+        if meter is not None and meter.max_bytes is not None:
+            # End the response near its bound: lines are base64, 4 bytes per 3.
+            limit = max(1, min(limit, (meter.max_bytes - self.pull_bytes) * 3 // 4))
+        resume = self.session.resume
+        if resume is not None:
+            data = resume.next_line(limit)
+            end = resume.downstream.end - resume.pending
+            self.fresh = max(0, end - self._sent_high)
+            self._sent_high = max(self._sent_high, end)
+        else:
+            data = bytes(self._outbound[:limit])
+            del self._outbound[:limit]
+            if len(self._outbound) < self.room:
+                self._wake_sender()
+            if not self._outbound and self.handler_closed:
+                self._finish()
+        if meter is not None:
+            size = len(data) * 4 // 3 + 4  # base64, its padding and the newline
+            self.pull_bytes += size
+            meter.line_sent(size)
         return data
 
     def pull_action(self, now: float) -> PullAction:
-        """What the pull does next at ``now`` (a heartbeat is counted as written)."""
-        if self._outbound:
-            return PullAction.WRITE
+        """What the pull does next at ``now`` (a heartbeat is counted as written).
+
+        A bounded pull (:attr:`meter`) ends after its bytes or its time, after
+        a complete line (a heartbeat first if it carried none); a resume
+        session's pull ends once the handler finished and every byte went
+        out (the client polls again: the session is not over).
+        """
         session = self.session
+        meter = self.meter
+        if meter is not None and meter.must_end(now) and not self.finished:
+            if meter.needs_heartbeat:
+                meter.line_sent(1)
+                session.wrote(now)
+                return PullAction.HEARTBEAT
+            return PullAction.END
+        resume = session.resume
+        if resume is not None:
+            if resume.pending and not session.closed:
+                return PullAction.WRITE
+            if not self.finished and resume.end is not None and not resume.pending:
+                return PullAction.END
+        elif self._outbound:
+            return PullAction.WRITE
         if self.finished:
             # Refused pushed bytes: no last chunk, the client must see an error.
             return PullAction.CUT if session.lost_data else PullAction.END
         if now >= session.heartbeat_due():
             session.wrote(now)
+            if meter is not None:
+                meter.line_sent(1)
             return PullAction.HEARTBEAT
         return PullAction.WAIT
+
+    def pull_deadline(self) -> float:
+        """When a waiting pull must wake to end its bounded response (``inf``: never)."""
+        meter = self.meter
+        if meter is None:
+            return math.inf
+        deadline = meter.deadline()
+        return math.inf if deadline is None else deadline
 
     def pull_attached(self) -> None:
         """A pull is attached: the handler may queue up to ``max_buffered`` now."""
@@ -293,19 +427,27 @@ class SessionBuffers:
 
     # -- pushes --------------------------------------------------------------------
 
-    def push(self, data: bytes, now: float) -> Push | bool:
+    def push(
+        self,
+        data: bytes,
+        now: float,
+        offset: int | None = None,
+        conn: ServerConnection | None = None,
+    ) -> Push | bool:
         """Start handing pushed ``data`` over.
 
         ``True``: acknowledge at once (an empty push), ``False``: refuse at
         once (410: the session or the handler is over); else a :class:`Push`
-        to :meth:`~Push.step` until it is not ``WAIT``.
+        to :meth:`~Push.step` until it is not ``WAIT``. In a resume session
+        ``offset`` is the data's upstream offset and ``conn`` the connection
+        whose answer carries ``PHT-Received``.
         """
         if self.handler_closed or self.session.closed:
             return False
         if not data:
             return True
         self.session.wait_for_push(now)
-        return Push(self, data)
+        return Push(self, data, offset, conn)
 
     def _deposit(self, data: bytes, now: float) -> int:
         self._inbound.append(data)
@@ -328,12 +470,22 @@ class Push:
     :attr:`deadline`), then steps again.
     """
 
-    __slots__ = ("_data", "_goal", "stream")
+    __slots__ = ("_data", "_goal", "conn", "offset", "stream")
 
-    def __init__(self, stream: SessionBuffers, data: bytes) -> None:
+    def __init__(
+        self,
+        stream: SessionBuffers,
+        data: bytes,
+        offset: int | None = None,
+        conn: ServerConnection | None = None,
+    ) -> None:
         self.stream = stream
         self._data: bytes | None = data
         self._goal: int | None = None
+        #: Resume: the data's upstream offset (checked at the push's turn).
+        self.offset = offset
+        #: Resume: the connection whose answer carries ``PHT-Received``.
+        self.conn = conn
 
     @property
     def deadline(self) -> float:
@@ -350,9 +502,21 @@ class Push:
         session = stream.session
         goal = self._goal
         if goal is None and session.may_deposit():
-            assert self._data is not None
-            goal = self._goal = stream._deposit(self._data, now)
+            data = self._data
+            assert data is not None
             self._data = None
+            if self.offset is not None and session.resume is not None:
+                # At its turn: earlier pushes were delivered or failed by now.
+                try:
+                    part = session.resume.push(self.offset, data)
+                except OffsetGap:
+                    session.push_over(PushVerdict.CONFLICT)
+                    return PushVerdict.CONFLICT
+                if not part:  # a retry of bytes delivered already
+                    session.push_over(PushVerdict.ACK)
+                    return PushVerdict.ACK
+                data = part if type(part) is bytes else bytes(part)
+            goal = self._goal = stream._deposit(data, now)
         verdict = session.verdict(session.deposited if goal is None else goal, now)
         if verdict is PushVerdict.WAIT:
             if not stream.handler_closed:
@@ -785,6 +949,7 @@ class ServerCore(Generic[S]):
             options.paths,
             max_push_line=options.max_push_line,
             max_header_size=options.max_header_size,
+            resume=options.resume,
         )
 
     def answer(
@@ -798,6 +963,9 @@ class ServerCore(Generic[S]):
             return conn.send_status(self.refused(token))
         if isinstance(event, CloseRequest):
             log.debug("session %s: %s", short_token(event.token), event.reason)
+            status = self._resume_close(conn, event.token, now)
+            if status is not None:
+                return conn.send_status(self.refused(status))
             self.close(event.token, now)
             return conn.send_push_ack()
         if isinstance(event, BadRequest):
@@ -814,6 +982,45 @@ class ServerCore(Generic[S]):
         """The bytes that answer HTTP that cannot be parsed (the connection then closes)."""
         log.info("bad request from %s: %s", peer, why)
         return conn.send_status(self.refused(status))
+
+    def _resume_close(self, conn: ServerConnection, token: str, now: float) -> int | None:
+        """The resume rules of a close notification: a status to refuse it, or ``None``.
+
+        ``None`` closes the session (its answer carries ``PHT-Received``
+        in a resume session); ``409`` says bytes are missing (the session
+        goes on); ``410`` answers a close for a session gone already.
+        """
+        fields = conn.resume
+        if fields is _NO_FIELDS:
+            return None
+        gone = self.sessions.gone(token, fields, now)
+        if gone is not None:
+            conn.response_headers = ResponseFields.gone_headers(gone)
+            return 410
+        record = self.sessions.registry.get(token)
+        session = None if record is None else record.payload
+        resume = None if session is None else session.resume
+        if resume is None:
+            if fields.ack is not None or fields.offset is not None:
+                return 400  # a session without the extension: not affected
+            return None
+        stream = session.handle if session is not None else None
+        try:
+            if fields.ack is not None:
+                resume.apply_ack(fields.ack)
+            if fields.offset is not None:
+                resume.close(fields.offset)
+        except OffsetGap:
+            conn.response_headers = resume.received_headers()
+            return 409
+        except (AckOutOfRange, ResumeHeaderError) as exc:
+            log.info("session %s: %s", short_token(token), exc)
+            self.close(token, now, Input.EXPIRED)
+            return 400
+        if stream is not None:
+            stream.acked()
+        conn.response_headers = resume.received_headers()
+        return None
 
     def refused(self, status: int) -> int:
         """Count a refusal; returns ``status``."""
@@ -836,25 +1043,122 @@ class ServerCore(Generic[S]):
             )
         return stream
 
+    def pull_for(
+        self, conn: ServerConnection, event: PullRequest, peer: str | None, now: float
+    ) -> S | int:
+        """The stream a pull goes to, or the status to answer (with the resume rules).
+
+        An opening pull that offers the extension negotiates it; a
+        re-attaching one (``PHT-Ack``) gets its replay from the ack on. The
+        answer's resume headers are set on ``conn``.
+        """
+        fields = conn.resume
+        token = event.token
+        if fields is not _NO_FIELDS:
+            gone = self.sessions.gone(token, fields, now)
+            if gone is not None:
+                conn.response_headers = ResponseFields.gone_headers(gone)
+                return 410
+        stream = self.stream_for(token, peer, conn.forwarded_for, now)
+        if isinstance(stream, int) or fields is _NO_FIELDS:
+            if not isinstance(stream, int) and stream.session.resume is not None:
+                log.info("session %s: a pull without PHT-Resume", short_token(token))
+                return 400
+            return stream
+        session = stream.session
+        resume = session.resume
+        if resume is None:
+            if fields.ack is not None:
+                return 400  # negotiated without the extension: not affected
+            if fields.offer is None or not self.sessions.negotiate(session, fields):
+                return stream
+            resume = session.resume
+            assert resume is not None
+            stream.negotiated()
+        elif fields.offer is None:
+            log.info("session %s: a pull without PHT-Resume", short_token(token))
+            return 400
+        try:
+            headers = resume.attach(fields.ack)
+        except ResumeConflict as exc:
+            log.info("session %s: %s", short_token(token), exc)
+            return 409
+        except AckOutOfRange as exc:
+            log.info("session %s: %s", short_token(token), exc)
+            self.close(token, now, Input.EXPIRED)
+            return 400
+        stream.acked()
+        conn.response_headers = headers
+        return stream
+
     def authorize(self, peer: str | None, forwarded: bytes | None, now: float) -> str | int:
         """A token for an authorize request, or the status that refuses it."""
         owner = self.sessions.client_of(peer, forwarded)[0]
         return self.sessions.authorize(now, owner)
 
     def push(
-        self, token: str, data: bytes, peer: str | None, forwarded: bytes | None, now: float
+        self,
+        token: str,
+        data: bytes,
+        peer: str | None,
+        forwarded: bytes | None,
+        now: float,
+        conn: ServerConnection | None = None,
     ) -> Push | int:
         """A push (or a piece of a long one): the status to answer, or a :class:`Push` to step.
 
-        Starts the session's handler with its first pushed byte.
+        Starts the session's handler with its first pushed byte. ``conn``
+        (the push's connection) brings the resume fields, and gets the
+        answer's resume headers.
         """
+        fields = _NO_FIELDS if conn is None else conn.resume
+        if fields is not _NO_FIELDS:
+            assert conn is not None
+            gone = self.sessions.gone(token, fields, now)
+            if gone is not None:
+                conn.response_headers = ResponseFields.gone_headers(gone)
+                return 410
         stream = self.stream_for(token, peer, forwarded, now)
         if isinstance(stream, int):
             return stream
-        if data and stream.session.push_data():
+        session = stream.session
+        offset = None
+        resume = session.resume
+        if resume is not None:
+            assert conn is not None
+            if fields.offset is None or fields.ack is None:
+                # A hop dropped the headers: data and retries look alike now.
+                log.info("session %s: a push without PHT-Offset or PHT-Ack", short_token(token))
+                self.close(token, now, Input.EXPIRED)
+                return 400
+            try:
+                resume.apply_ack(fields.ack)  # on arrival, not at the push's turn
+            except AckOutOfRange as exc:
+                log.info("session %s: %s", short_token(token), exc)
+                self.close(token, now, Input.EXPIRED)
+                return 400
+            stream.acked()
+            self.sessions.pushed(session, now)
+            if not data and conn.resume_offset is None:
+                conn.response_headers = resume.received_headers()
+                return 200  # an ack-only push: answered at once
+            if stream.handler_closed:
+                conn.response_headers = ResponseFields.gone_headers(GoneReason.CLOSED)
+                return 410  # the session goes on until the client has every byte
+            # A long push comes in pieces: each starts where the last ended.
+            offset = conn.resume_offset
+            if offset is None:
+                offset = fields.offset
+            conn.resume_offset = offset + len(data)
+        elif fields.ack is not None or fields.offset is not None:
+            return 400  # a session without the extension: not affected
+        if data and session.push_data():
             self._start_handler(stream)
-        push = stream.push(data, now)
+        push = stream.push(data, now, offset, conn)
         if push is True:
+            if resume is not None:
+                assert conn is not None
+                conn.response_headers = resume.received_headers()
             return 200
         if push is False:
             return self.push_refused(stream, now)
@@ -862,8 +1166,17 @@ class ServerCore(Generic[S]):
 
     def push_over(self, push: Push, verdict: PushVerdict, now: float) -> int:
         """The status that answers ``push``, given its final ``verdict``."""
+        resume = push.stream.session.resume
+        conn = push.conn
+        if resume is not None and conn is not None:
+            if verdict is PushVerdict.GONE:
+                conn.response_headers = ResponseFields.gone_headers(GoneReason.ABORTED)
+            else:
+                conn.response_headers = resume.received_headers()
         if verdict is PushVerdict.ACK:
             return 200
+        if verdict is PushVerdict.CONFLICT:
+            return 409
         return self.push_refused(push.stream, now)  # type: ignore[arg-type]
 
     def push_refused(self, stream: S, now: float) -> int:
@@ -886,6 +1199,15 @@ class ServerCore(Generic[S]):
         handler)``: the adapter ends the replaced pull, writes the head, then
         calls :meth:`pull_started`.
         """
+        options = self.options
+        if options.bounded_pulls:
+            max_ms = options.pull_max_ms
+            meter = stream.meter = PullMeter(
+                max_bytes=options.pull_max_bytes,
+                max_seconds=None if max_ms is None else max_ms / 1000,
+            )
+            meter.began(now)
+            stream.pull_bytes = 0
         return self.sessions.attach_pull(stream.session, pull, now)
 
     def pull_started(self, stream: S, pull: object, start: bool) -> tuple[HeartbeatTimer, bool]:
@@ -919,6 +1241,24 @@ class ServerCore(Generic[S]):
             # pull took over: the session cannot deliver anything any more.
             log.debug("session %s: pull %s", short_token(stream.token), session.ended_by)
             self.end_session(stream, now)
+        elif session.detached:
+            # It waits for its client to come back, for its grace period.
+            if self.sessions.detach(session, now):
+                log.debug("session %s: pull lost, in its grace period", short_token(stream.token))
+            else:
+                log.info("session %s: pull lost, no room for a grace period", stream.token[:8])
+                self.end_session(stream, now)
+
+    def linger(self, stream: S) -> float:
+        """How long a finished handler's session waits for its client to take the last bytes.
+
+        ``push_timeout``; in a resume session at least the grace period, since
+        the client must come back and acknowledge them.
+        """
+        timeout = self.options.push_timeout
+        if stream.session.resume is not None:
+            return max(timeout, float(self.options.grace_period))
+        return timeout
 
     def close(self, token: str, now: float, event: Input = Input.CLOSE) -> None:
         """End ``token``'s session, or make sure a late request cannot open one."""
@@ -964,6 +1304,12 @@ class ServerCore(Generic[S]):
         The adapter lets other tasks run at each yield: thousands expiring at
         once (a flood's junk) must not stall every other tunnel.
         """
+        for session in self.sessions.grace_expired(now):
+            log.info("session %s: no pull came back in its grace period", session.token[:8])
+            if session.handle is not None:
+                self.end_session(session.handle, now)
+            else:
+                self.sessions.forget(session, now)
         for number, record in enumerate(self.sessions.registry.expired(now), 1):
             if number % TEARDOWN_BATCH == 0:
                 yield

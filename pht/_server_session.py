@@ -27,6 +27,17 @@ from typing import Generic, NoReturn, TypeVar
 
 from ._common import DEFAULT_PATHS, Paths
 from ._errors import LocalProtocolError
+from ._resume import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_GRACE_SESSIONS,
+    DEFAULT_WINDOW,
+    GoneReason,
+    GraceTable,
+    RequestFields,
+    ResumeSettings,
+    ServerResume,
+    Tombstones,
+)
 from ._server import (
     DEFAULT_MAX_HEADER_SIZE,
     DEFAULT_MAX_PUSH_LINE,
@@ -93,6 +104,13 @@ class ServerOptions:
     max_push_line: int = DEFAULT_MAX_PUSH_LINE
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE
     shutdown_timeout: float = 30.0
+    resume: bool = True
+    resume_window: int = DEFAULT_WINDOW
+    grace_period: int = DEFAULT_GRACE
+    max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS
+    legacy_grace: bool = False
+    pull_max_bytes: int | None = None
+    pull_max_ms: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.paths, Paths):
@@ -122,7 +140,33 @@ class ServerOptions:
                 raise ValueError(f"{name} must be at least 1 (or None: no budget)")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must not be negative")
+        try:
+            self.resume_settings  # noqa: B018 (validates the three of them)
+        except LocalProtocolError as exc:
+            raise ValueError(
+                f"resume_window, grace_period or max_grace_sessions out of range: {exc}"
+            ) from None
+        for name, low in (("pull_max_bytes", 1), ("pull_max_ms", 1)):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise TypeError(f"{name} must be an int (or None: unbounded)")
+            if bound is not None and bound < low:
+                raise ValueError(f"{name} must be at least {low} (or None: unbounded)")
         object.__setattr__(self, "trusted_proxies", parse_networks(self.trusted_proxies))
+
+    @property
+    def resume_settings(self) -> ResumeSettings:
+        """The resume extension's limits (replay window, grace period, sessions in grace)."""
+        return ResumeSettings(
+            window=self.resume_window,
+            grace=self.grace_period,
+            max_grace_sessions=self.max_grace_sessions,
+        )
+
+    @property
+    def bounded_pulls(self) -> bool:
+        """Whether pull responses end after ``pull_max_bytes`` / ``pull_max_ms``."""
+        return self.pull_max_bytes is not None or self.pull_max_ms is not None
 
     @classmethod
     def build(
@@ -210,6 +254,7 @@ class ServerSessionState(enum.Enum):
     ADMITTED = "ADMITTED"  #: known, but nothing started its handler yet
     STARTED = "STARTED"  #: its handler runs; no pull attached yet
     PULLED = "PULLED"  #: its handler runs and a pull is attached
+    DETACHED = "DETACHED"  #: its handler runs; its pull was lost, it waits for one (grace)
     CLOSED = "CLOSED"  #: over (client close, expiry, 410, lost pull, shutdown, handler done)
     ERROR = "ERROR"  #: the adapter fed an input its state forbids
 
@@ -224,12 +269,14 @@ class Input(enum.Enum):
     PUSH_DATA = "push with data"  #: a push carried bytes for the handler
     PULL = "pull attached"  #: a pull attached (it replaces any older one)
     PULL_LOST = "pull lost"  #: the current pull's client hung up
+    PULL_DETACHED = "pull lost, grace"  #: the pull was lost; the session waits for another
     PULL_STALLED = "pull stalled"  #: a pull write made no progress in pull_write_timeout
     PUSH_EXPIRED = "push expired"  #: a push was not consumed within push_timeout (410)
     CLOSE = "close"  #: the client closed the session (empty or form push)
     EXPIRED = "expired"  #: idle, lazy or issued timeout
     SHUTDOWN = "shutdown"  #: the server cut it at the end of a graceful shutdown
     HANDLER_DONE = "handler done"  #: the handler returned and its last bytes went out
+    GRACE_EXPIRED = "grace expired"  #: no pull came back within the grace period
 
 
 _S = ServerSessionState
@@ -253,11 +300,21 @@ TRANSITIONS: dict[tuple[ServerSessionState, Input], ServerSessionState] = {
     (_S.STARTED, Input.PUSH_DATA): _S.STARTED,
     (_S.STARTED, Input.PULL): _S.PULLED,
     (_S.STARTED, Input.PULL_LOST): _S.CLOSED,
+    (_S.STARTED, Input.PULL_DETACHED): _S.STARTED,  # no pull to lose
+    (_S.STARTED, Input.GRACE_EXPIRED): _S.CLOSED,
     **{(_S.STARTED, end): _S.CLOSED for end in _ENDS},
     (_S.PULLED, Input.PUSH_DATA): _S.PULLED,
     (_S.PULLED, Input.PULL): _S.PULLED,
     (_S.PULLED, Input.PULL_LOST): _S.CLOSED,
+    (_S.PULLED, Input.PULL_DETACHED): _S.DETACHED,
+    (_S.PULLED, Input.GRACE_EXPIRED): _S.CLOSED,
     **{(_S.PULLED, end): _S.CLOSED for end in _ENDS},
+    (_S.DETACHED, Input.PUSH_DATA): _S.DETACHED,
+    (_S.DETACHED, Input.PULL): _S.PULLED,
+    (_S.DETACHED, Input.PULL_LOST): _S.DETACHED,  # an older pull: it had been lost
+    (_S.DETACHED, Input.PULL_DETACHED): _S.DETACHED,
+    (_S.DETACHED, Input.GRACE_EXPIRED): _S.CLOSED,
+    **{(_S.DETACHED, end): _S.CLOSED for end in _ENDS},
     **{(_S.CLOSED, event): _S.CLOSED for event in Input},
 }
 
@@ -272,6 +329,7 @@ class PushVerdict(enum.Enum):
     WAIT = "wait"  #: not consumed yet, deadline not reached: wait for consumption
     ACK = "ack"  #: consumed: answer 200
     GONE = "gone"  #: not consumed in time, or the session ended: answer 410
+    CONFLICT = "conflict"  #: resume: the push starts beyond what arrived: answer 409
 
 
 H = TypeVar("H")
@@ -303,6 +361,10 @@ class ServerSession(Generic[H]):
     push_deadline: float = math.inf
     #: When the current pull last carried something.
     last_write: float = 0.0
+    #: The resume extension's state, once a pull negotiated it (``None``: plain PHT).
+    resume: ServerResume | None = field(default=None, repr=False)
+    #: Whether losing the pull starts a grace period (``DETACHED``) instead of the end.
+    grace: bool = False
 
     # -- state ----------------------------------------------------------------
 
@@ -416,8 +478,17 @@ class ServerSession(Generic[H]):
 
         A stalled pull (the client stopped reading) ends it; so does a pull
         whose client hung up, unless a newer pull replaced it: nothing else
-        could deliver the handler's bytes.
+        could deliver the handler's bytes. A session with :attr:`grace`
+        enters ``DETACHED`` instead (the adapter starts its grace period) and
+        waits for a pull to come back.
         """
+        if self.grace and self.state is _S.PULLED:
+            if pull is not self.pull:
+                return False
+            self.pull = None
+            if hung_up or stalled:
+                self._enter(Input.PULL_DETACHED)
+            return False
         if stalled:
             return self._enter(Input.PULL_STALLED)
         if pull is not self.pull:
@@ -443,12 +514,35 @@ class ServerSession(Generic[H]):
 
     # -- ends -----------------------------------------------------------------
 
+    @property
+    def detached(self) -> bool:
+        """Whether the session lost its pull and waits for one (its grace period)."""
+        return self.state is _S.DETACHED
+
+    def gone_reason(self) -> GoneReason:
+        """Why the session ended, as a ``410``'s ``PHT-Gone`` says it."""
+        event = self.ended_by
+        resume = self.resume
+        if event is Input.CLOSE or (
+            event is Input.HANDLER_DONE and resume is not None and resume.done
+        ):
+            return GoneReason.CLOSED
+        if event is Input.GRACE_EXPIRED:
+            return GoneReason.EXPIRED
+        return GoneReason.ABORTED
+
     def end(self, event: Input) -> bool:
-        """End the session by ``event`` (close, expiry, shutdown, handler done).
+        """End the session by ``event`` (close, expiry, shutdown, handler done, grace over).
 
         Returns whether it ended just now (``False``: it was over already).
         """
-        if event not in (Input.CLOSE, Input.EXPIRED, Input.SHUTDOWN, Input.HANDLER_DONE):
+        if event not in (
+            Input.CLOSE,
+            Input.EXPIRED,
+            Input.SHUTDOWN,
+            Input.HANDLER_DONE,
+            Input.GRACE_EXPIRED,
+        ):
             self._fail(f"{event.value!r} does not end a session by itself")
         return self._enter(event)
 
@@ -474,6 +568,13 @@ class ServerSessions(Generic[H]):
         )
         #: Set by :meth:`drain`: requests that would open a session get 503.
         self.draining = False
+        settings = options.resume_settings
+        #: The resume extension's limits (``None``: resume is off).
+        self.resume: ResumeSettings | None = settings if options.resume else None
+        #: Sessions that lost their pull, until their grace period runs out.
+        self.grace = GraceTable(settings.grace, settings.max_grace_sessions)
+        #: Why recently ended resume sessions ended (their ``410``'s ``PHT-Gone``).
+        self.tombstones = Tombstones(keep=max(settings.grace, 600))
 
     def client_of(
         self, peer: str | None, forwarded: bytes | None
@@ -507,6 +608,21 @@ class ServerSessions(Generic[H]):
         token = self.registry.issue(now, owner)
         return 429 if token is None else token
 
+    def gone(self, token: str, fields: RequestFields, now: float) -> GoneReason | None:
+        """Why a request that continues a resume session must get ``410`` (``None``: admit it).
+
+        A request with ``PHT-Ack`` never creates a session (no resurrection):
+        without a live session for ``token`` it gets ``410`` with
+        ``PHT-Gone`` (why the session ended, or ``unknown``).
+        """
+        if not fields.continues or self.resume is None:
+            return None
+        record = self.registry.get(token)
+        live = None if record is None else record.payload
+        if live is None or live.closed:
+            return self.tombstones.reason(token, now)
+        return None
+
     def admit(self, token: str, now: float, owner: str | None) -> ServerSession[H] | int:
         """The session a push or pull for ``token`` goes to, or the status to answer.
 
@@ -526,8 +642,67 @@ class ServerSessions(Generic[H]):
         if session is None:
             options = self.options
             session = ServerSession(token, options.push_timeout, options.heartbeat_interval)
+            session.grace = options.legacy_grace
             record.payload = session
         return session
+
+    def negotiate(self, session: ServerSession[H], fields: RequestFields) -> bool:
+        """Whether an opening pull with ``fields`` makes ``session`` a resume session.
+
+        Only a session's first pull negotiates, before any byte was pushed
+        (a resume client pushes only once it is negotiated).
+        """
+        if (
+            self.resume is None
+            or session.resume is not None
+            or session.state not in (_S.ADMITTED, _S.STARTED)
+            or session.deposited
+        ):
+            return False
+        resume = ServerResume.negotiate(self.resume, fields)
+        if resume is None:
+            return False
+        session.resume = resume
+        session.grace = True
+        return True
+
+    def detach(self, session: ServerSession[H], now: float) -> bool:
+        """``session`` lost its pull: start its grace period; ``False``: end it now.
+
+        The table of sessions in grace is bounded (``max_grace_sessions``):
+        beyond it a session ends at once, the ones waiting keep theirs.
+        """
+        if self.grace.detach(session.token, now):
+            return True
+        session.end(Input.GRACE_EXPIRED)
+        return False
+
+    def grace_expired(self, now: float) -> list[ServerSession[H]]:
+        """Sessions whose grace period ran out (now ``CLOSED``: end them)."""
+        ended = []
+        for token in self.grace.expired(now):
+            record = self.registry.get(token)
+            session = None if record is None else record.payload
+            if session is not None and session.detached:
+                session.end(Input.GRACE_EXPIRED)
+                ended.append(session)
+        return ended
+
+    def next_grace_deadline(self) -> float:
+        """When the earliest grace period runs out (``inf``: none runs)."""
+        deadline = self.grace.next_deadline()
+        return math.inf if deadline is None else deadline
+
+    def pushed(self, session: ServerSession[H], now: float) -> None:
+        """A push for ``session`` arrived: a grace period running starts again."""
+        if session.detached:
+            self.grace.touch(session.token, now)
+
+    def _ended(self, session: ServerSession[H], now: float) -> None:
+        """``session`` is over: out of the grace table, and buried if it resumed."""
+        self.grace.attach(session.token)
+        if session.resume is not None:
+            self.tombstones.bury(session.token, session.gone_reason(), now)
 
     def record_of(self, session: ServerSession[H]) -> SessionRecord[ServerSession[H]] | None:
         """``session``'s registry record while the session is in the table."""
@@ -543,6 +718,7 @@ class ServerSessions(Generic[H]):
         from now on instead of ``lazy_timeout`` (a GOST client always pulls).
         """
         result = session.attach_pull(pull, now)
+        self.grace.attach(session.token)
         record = self.record_of(session)
         if record is not None and not record.alive:
             self.registry.mark_alive(record, now)
@@ -563,12 +739,14 @@ class ServerSessions(Generic[H]):
         session = None if record is None else record.payload
         if session is not None:
             session.end(event)
+            self._ended(session, now)
         return session
 
     def forget(self, session: ServerSession[H], now: float) -> None:
         """Drop an ended session from the table (its token stays refused)."""
         if self.record_of(session) is not None:
             self.registry.close(session.token, now)
+            self._ended(session, now)
 
     def expired(self, now: float) -> list[SessionRecord[ServerSession[H]]]:
         """Sessions idle for too long. A session with a pull attached is alive, not idle."""

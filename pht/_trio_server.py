@@ -23,6 +23,7 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
+from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
 from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
@@ -148,8 +149,13 @@ class _ServerStream(SessionBuffers, PHTStream):
                     # a task switch, and the bytes leave before the push that
                     # caused them is acknowledged (the client sees both sooner).
                     await writer.write(self.take_outbound())
-                    if self._outbound or writer.error is not None or not self.pull_parked:
-                        self._wake_pull()  # the rest, an error, or a waiter
+                    if (
+                        self.has_outbound
+                        or writer.error is not None
+                        or not self.pull_parked
+                        or self.meter is not None
+                    ):
+                        self._wake_pull()  # the rest, an error, a waiter, or a bound
                     return
                 self._wake_pull()
             await trio.lowlevel.checkpoint()
@@ -176,7 +182,12 @@ class _ServerStream(SessionBuffers, PHTStream):
     async def wait_outbound(self) -> None:
         if not self.has_outbound and not self.finished:
             self._outbound_ready = ready = trio.Event()
-            await ready.wait()
+            deadline = self.pull_deadline()
+            if deadline == math.inf:
+                await ready.wait()
+            else:  # a bounded pull ends at its deadline
+                with trio.move_on_at(deadline):
+                    await ready.wait()
 
     async def wait_writer(self) -> None:
         """Wait until the handler's own pull write is over."""
@@ -226,7 +237,7 @@ class _Server(ServerCore[_ServerStream]):
         finally:
             await stream.aclose()
             # Give the pull a moment to deliver what the handler wrote last.
-            with trio.move_on_after(self.options.push_timeout):
+            with trio.move_on_after(self.linger(stream)):
                 await stream.wait_finished()
             if self.handler_done(stream, trio.current_time(), started):
                 self.all_done.set()
@@ -364,7 +375,9 @@ class _Server(ServerCore[_ServerStream]):
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
     ) -> int:
         """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal)."""
-        push = self.push(event.token, event.data, peer, conn.forwarded_for, trio.current_time())
+        push = self.push(
+            event.token, event.data, peer, conn.forwarded_for, trio.current_time(), conn
+        )
         if isinstance(push, int):
             return push
         # No cancel scope per push (one costs more than the rest of this
@@ -384,7 +397,7 @@ class _Server(ServerCore[_ServerStream]):
         event: PullRequest,
         peer: str | None,
     ) -> None:
-        stream = self.stream_for(event.token, peer, conn.forwarded_for, trio.current_time())
+        stream = self.pull_for(conn, event, peer, trio.current_time())
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(self.refused(stream)))
             return
@@ -616,6 +629,13 @@ async def serve_pht(
     handler_nursery: trio.Nursery | None = None,
     shutdown: trio.Event | None = None,
     shutdown_timeout: float = 30.0,
+    resume: bool = True,
+    resume_window: int = DEFAULT_WINDOW,
+    grace_period: int = DEFAULT_GRACE,
+    max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
+    legacy_grace: bool = False,
+    pull_max_bytes: int | None = None,
+    pull_max_ms: int | None = None,
     stats: PHTStatsSink | None = None,
     task_status: trio.TaskStatus[
         list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
@@ -665,6 +685,21 @@ async def serve_pht(
     sessions finish for up to ``shutdown_timeout`` seconds, then closes the
     rest (their handlers see EOF) and returns a :class:`ShutdownReport`.
 
+    The resume extension (``docs/resume.md``) is served to a client that
+    offers it on its opening pull (``resume=False``: plain PHT for
+    everyone): byte offsets and acknowledgements, a replay buffer of
+    ``resume_window`` bytes per session (64 KiB to 64 MiB; the handler's
+    sends wait while it is full) and a grace period of ``grace_period``
+    seconds (1 to 3600) in which a session whose pull was lost waits for its
+    client, at most ``max_grace_sessions`` at once; an ended session's
+    token gets ``410`` with ``PHT-Gone``, never a new session.
+    ``legacy_grace=True`` gives sessions without the extension the same
+    grace, so that a GOST client re-opening a dropped pull keeps its
+    session (what the cut response carried is lost: GOST's own defect).
+    ``pull_max_bytes`` / ``pull_max_ms`` end each pull response after that
+    many bytes of lines or milliseconds, after a complete line, keeping the
+    session (for a buffering proxy in front; ``None``: pulls stay open).
+
     ``stats`` (a :class:`pht._stats.PHTStatsSink`, such as the command
     line's per-service counters) is told of sessions opened and closed,
     pushes and pulls accepted, and requests refused, by status.
@@ -691,6 +726,13 @@ async def serve_pht(
         max_buffered=max_buffered,
         max_push_line=max_push_line,
         max_header_size=max_header_size,
+        resume=resume,
+        resume_window=resume_window,
+        grace_period=grace_period,
+        max_grace_sessions=max_grace_sessions,
+        legacy_grace=legacy_grace,
+        pull_max_bytes=pull_max_bytes,
+        pull_max_ms=pull_max_ms,
         shutdown_timeout=shutdown_timeout,
     )
     sessions: ServerSessions[_ServerStream] = ServerSessions(options, token_source)
