@@ -269,6 +269,7 @@ class ChainDialer:
             proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
             open_transport=open_transport,
             push_window=node.push_window,
+            resume=node.resume,
         )
 
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:

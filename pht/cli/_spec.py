@@ -185,6 +185,7 @@ class NodeSpec:
     tls: ClientTLS = ClientTLS()
     proxy: str | None = None
     push_window: int = DEFAULT_PUSH_WINDOW
+    resume: bool = False
     nodelay: bool = False
     connect_timeout: float | None = None
 
