@@ -813,6 +813,12 @@ class ClientSession:
 
     # -- resume: the push side -------------------------------------------------------
 
+    @property
+    def resume_room(self) -> int:
+        """How many written bytes the replay buffer takes now (``0``: wait for answers)."""
+        assert self.resume is not None
+        return self.resume.upstream.room
+
     def resume_write(self, data: bytes | bytearray | memoryview) -> int:
         """Keep ``data`` in the replay buffer: how much it took (the rest waits)."""
         assert self.resume is not None
