@@ -12,7 +12,7 @@ import hashlib
 import os
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -22,6 +22,7 @@ import pht.asyncio
 
 from .asyncio_support import LOOPS, run
 from .faults import FaultRelay
+from .resume_server import ResumeServer, serve_resume
 from .support import echo, start_server
 from .test_resume_e2e import _cuts
 
@@ -58,6 +59,19 @@ class Relays:
             return relay_port, relay
 
         return trio.from_thread.run(start, trio_token=self._token)
+
+    def scripted(self) -> tuple[int, ResumeServer]:
+        """A scripted resume server (``tests/resume_server.py``), no relay."""
+
+        async def start() -> tuple[int, ResumeServer]:
+            assert self._nursery is not None
+            server = ResumeServer()
+            return await serve_resume(self._nursery, server), server
+
+        return trio.from_thread.run(start, trio_token=self._token)
+
+    def run_sync(self, function: Callable[[], object]) -> None:
+        trio.from_thread.run_sync(function, trio_token=self._token)
 
     def stop(self) -> None:
         assert self._nursery is not None
@@ -123,5 +137,30 @@ def test_a_server_without_resume_gets_todays_protocol(relays: Relays, loop: str)
         assert await reader.readexactly(4) == b"ping"
         writer.close()
         await writer.wait_closed()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_session_gone_ends_the_reader_with_a_named_error(relays: Relays, loop: str) -> None:
+    port, server = relays.scripted()
+
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1", port, authorize=False, resume=True
+        )
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        (token,) = server.sessions
+        relays.run_sync(lambda: server._end(token, pht.GoneReason.ABORTED))
+        with pytest.raises(pht.SessionGone) as caught:
+            await reader.read(100)
+        assert isinstance(caught.value, ConnectionResetError)
+        assert isinstance(caught.value, pht.asyncio.SessionGoneResetError)
+        assert caught.value.reason is pht.GoneReason.ABORTED
+        assert caught.value.status == 410
+        writer.close()
+        with pytest.raises(pht.SessionGone):
+            await writer.wait_closed()
 
     run(loop, main())

@@ -130,3 +130,32 @@ async def test_a_download_with_cut_pulls_ends_with_eof(
     assert len(relay.faults) >= 6, relay.describe()
     pushes = [c for c in relay.connections if c.kind == "push" and c.up]
     assert pushes, "no ack-only push was sent"
+
+
+async def test_reconnects_give_up_after_the_grace_period(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server vanishes: the client retries with back-off, then says why it stopped."""
+    port = await start_server(nursery, echo, resume=True, grace_period=5)
+    relay = FaultRelay(port)
+
+    async def run_relay(
+        task_status: trio.TaskStatus[tuple[int, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as inner:
+            inner_port = await inner.start(relay.serve)
+            task_status.started((inner_port, inner.cancel_scope))
+
+    relay_port, relay_scope = await nursery.start(run_relay)
+    stream = await pht.open_pht_stream("127.0.0.1", relay_port, authorize=False, resume=True)
+    await stream.send_all(b"ping")
+    with trio.fail_after(10):
+        assert await stream.receive_some() == b"ping"
+    started = trio.current_time()
+    relay_scope.cancel()  # every connection cut, and the listener gone
+    with trio.fail_after(60), pytest.raises(trio.BrokenResourceError) as caught:
+        await stream.receive_some()
+    assert isinstance(caught.value, pht.TunnelError)
+    assert "could not be reached within the session's 5 s grace period" in str(caught.value)
+    assert 5 <= trio.current_time() - started < 10
+    await stream.aclose()
