@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pht
 from pht._client_session import (
@@ -27,7 +31,7 @@ from pht._events import (
     Rejected,
     RequestKind,
 )
-from pht._resume import GoneReason, SessionGone
+from pht._resume import GoneReason, ResumeTerms, ServerResume, SessionGone
 
 GRANT = [(b"pht-resume", b"1; window=65536; grace=10"), (b"pht-offset", b"0")]
 TOKEN = "tok"
@@ -318,3 +322,58 @@ def test_a_bad_resume_header_value_is_refused() -> None:
     channel = pht.ClientChannel(pht.ClientConfig.build("h"))
     with pytest.raises(pht.LocalProtocolError):
         channel.push(TOKEN, b"abc", [(b"PHT-Offset", b"1\r\nX: y")])
+
+
+# -- the pull side over bytes, cut anywhere (Hypothesis) -------------------------------
+
+
+def _pull_response(server: ServerResume, ack: int, line_sizes: list[int]) -> bytes:
+    """A re-attached pull's answer as the server writes it: head, then chunked lines."""
+    head = [b"HTTP/1.1 200 OK"]
+    head += [b"%s: %s" % (name, value) for name, value in server.attach(ack)]
+    head.append(b"Transfer-Encoding: chunked")
+    body = bytearray()
+    for size in itertools.cycle(line_sizes):  # until everything not acknowledged is sent
+        data = server.next_line(size)
+        if not data:
+            break
+        line = pht.encode_line(data)
+        body += b"%x\r\n%s\r\n" % (len(line), line)
+    return b"\r\n".join(head) + b"\r\n\r\n" + bytes(body)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    stream=st.binary(min_size=300, max_size=4000),
+    line_sizes=st.lists(st.integers(1, 300), min_size=1, max_size=20),
+    cuts=st.lists(st.integers(0, 3000), max_size=6),
+    stale=st.lists(st.integers(0, 100), min_size=7, max_size=7),
+)
+def test_cut_pulls_deliver_every_byte_once(
+    stream: bytes, line_sizes: list[int], cuts: list[int], stale: list[int]
+) -> None:
+    """Pulls cut at any byte (head, chunk size, line) re-attach; a cut line counts
+    for nothing, and when the server replays from an older offset (the ack it
+    applied is ``stale`` percent behind: a delayed pull) the overlap is dropped."""
+    server = ServerResume(ResumeTerms(window=65536, grace=10))
+    server.write(stream)
+    session = open_resume()
+    delivered = bytearray()
+    for cut, percent in zip([*cuts, None], stale, strict=False):
+        session.pull_lost(OSError("cut"), now=0.0)
+        headers = dict(session.pull_headers())
+        channel = pht.ClientChannel(pht.ClientConfig.build("h", authorize=False))
+        channel.pull(TOKEN, list(headers.items()))
+        start, count = server.downstream.start, int(headers[b"PHT-Ack"])
+        ack = count - (count - start) * percent // 100
+        answer = _pull_response(server, ack, line_sizes)
+        channel.receive_data(answer if cut is None else answer[:cut])
+        channel.receive_data(b"")  # the connection ends here
+        try:
+            while not isinstance(event := channel.next_event(), pht.NeedData):
+                action = session.pull_event(event, channel.resume_headers)
+                if isinstance(action, Deliver):
+                    delivered += action.data
+        except pht.RemoteProtocolError:
+            pass  # the cut: re-attach
+    assert bytes(delivered) == stream
