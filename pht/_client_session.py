@@ -878,7 +878,10 @@ class ClientSession:
                 message = explain_rejection(
                     event, config.paths, authorize=config.authorize, session_ended=None
                 )
-                raise self.push_failed(message, status=status)
+                error = self.push_failed(message, status=status)
+                if self.refused is None and self.keep_after_write:
+                    self.refused = error  # a write may have returned before it: tell the reader
+                raise error
         elif not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
         fields = self._resume_fields(headers)
@@ -892,6 +895,13 @@ class ClientSession:
             return True
         self._reconnect.succeeded()
         return False
+
+    def push_abandoned(self) -> None:
+        """A push write was interrupted (cancelled): its connection is dropped, and
+        everything is pushed again from what the server has, without a back-off."""
+        assert self.resume is not None
+        self.resume.push_failed()
+        self._push_acks.clear()
 
     def push_lost(self, reason: BaseException | str, now: float) -> float:
         """The pushes in flight of a resume session were lost at ``now`` (their
@@ -970,7 +980,11 @@ class ClientSession:
         waiting for the server's reply would wait for nothing. So while such
         pushes are in flight, a waiting receive reads their answers too.
         """
-        return in_flight > 0 and self.keep_after_write > 0 and self.resume is None
+        if not self.keep_after_write:
+            return False
+        if self.resume is not None:  # lost answers are pushed again, by the receive if need be
+            return in_flight > 0 or self.resume.unpushed > 0
+        return in_flight > 0
 
     def write_returned(self, in_flight: int) -> None:
         """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).

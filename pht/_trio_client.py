@@ -163,6 +163,7 @@ class _ClientStream(PHTStream):
         # sending side wake such a receive: to report a refusal, or to make it
         # watch the pushes that a returning write left in flight.
         self._answers_lock = trio.Lock()
+        self._push_lock = trio.Lock()  # resume: one task writes pushes at a time
         self._receive_scope: trio.CancelScope | None = None
         self._receive_watching = False
         # A pull event read just before such a wake-up: not lost, returned next.
@@ -187,6 +188,7 @@ class _ClientStream(PHTStream):
                 except trio.Cancelled:
                     session.break_sending("a send_all was cancelled; the stream is broken")
                     raise
+                self._after_write()
                 return
             try:
                 push = self._push
@@ -201,10 +203,15 @@ class _ClientStream(PHTStream):
                 raise
             push = self._push
             if push is not None:
-                in_flight = push.channel.pushes_in_flight
-                session.write_returned(in_flight)
-                if session.watch_answers(in_flight) and not self._receive_watching:
-                    self._wake_receive()
+                session.write_returned(push.channel.pushes_in_flight)
+            self._after_write()
+
+    def _after_write(self) -> None:
+        """A write returns: a waiting receive watches what it left in flight."""
+        push = self._push
+        in_flight = 0 if push is None else push.channel.pushes_in_flight
+        if self._session.watch_answers(in_flight) and not self._receive_watching:
+            self._wake_receive()
 
     async def _pump_pushes(self, view: memoryview, *, window: int, keep: int) -> None:
         """Push ``view`` and collect answers, each step as the session says."""
@@ -329,54 +336,106 @@ class _ClientStream(PHTStream):
                 return
 
     async def _resume_push_once(self) -> None:
-        data, headers = self._session.resume_push()
-        try:
+        """Push the next bytes not pushed yet (one task at a time: ``_push_lock``)."""
+        session = self._session
+        async with self._push_lock:
+            assert session.resume is not None
+            if not session.resume.unpushed or session.send_error is not None:
+                return  # another task pushed them, or sending broke meanwhile
             connection = self._push
-            if (
-                connection is not None
-                and connection.channel.state is ChannelState.IDLE
-                and not await connection.reusable()
-            ):
-                self._push = None
-                await connection.aclose()
-            if self._push is None:
-                self._push = await self._connect.open(self._config)
-            connection = self._push
-            await connection.send(connection.channel.push(self.token, data, headers))
-        except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            await self._resume_push_lost(exc)
+            try:
+                if (
+                    connection is not None
+                    and connection.channel.state is ChannelState.IDLE
+                    and not await connection.reusable()
+                ):
+                    self._push = None
+                    await connection.aclose()
+                if self._push is None:
+                    connection = None
+                    self._push = await self._connect.open(self._config)
+                connection = self._push
+                data, headers = session.resume_push()
+                try:
+                    await connection.send(connection.channel.push(self.token, data, headers))
+                except trio.Cancelled:
+                    # Part of the push may be out: drop the connection, push it all again.
+                    if self._push is connection:
+                        self._push = None
+                    session.push_abandoned()
+                    await trio.aclose_forcefully(connection.transport)
+                    raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
+                await self._resume_push_lost(exc, connection=connection)
 
     async def _resume_collect(self, connection: _Connection) -> None:
         """Read and judge the answer to the oldest push of a resume session."""
         session = self._session
-        try:
-            event = await connection.next_event()
-        except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            await self._resume_push_lost(exc)
-            return
-        channel = connection.channel
-        try:
-            again = session.resume_push_answer(event, channel.resume_headers)
-        except TunnelError as exc:
-            raise await self._drop_push(connection, exc) from None
-        if again:
-            await self._resume_push_lost(f"the server answered {event}")
-        elif channel.state is ChannelState.CLOSED:
-            if channel.pushes_in_flight:
-                await self._resume_push_lost("the server closed the push connection")
-            else:
-                self._push = None
-                await connection.aclose()
+        async with self._answers_lock:
+            channel = connection.channel
+            if self._push is not connection or not channel.pushes_in_flight:
+                return  # another task read it, or the connection was dropped
+            try:
+                event = await connection.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
+                await self._resume_push_lost(exc, connection=connection)
+                return
+            try:
+                again = session.resume_push_answer(event, channel.resume_headers)
+            except TunnelError as exc:
+                if session.refused is not None:
+                    self._wake_receive()
+                raise await self._drop_push(connection, exc) from None
+            if again:
+                await self._resume_push_lost(f"the server answered {event}", connection=connection)
+            elif channel.state is ChannelState.CLOSED:
+                if channel.pushes_in_flight:
+                    await self._resume_push_lost(
+                        "the server closed the push connection", connection=connection
+                    )
+                else:
+                    self._push = None
+                    await connection.aclose()
 
-    async def _resume_push_lost(self, reason: BaseException | str) -> None:
-        """Drop the push connection: its pushes are pushed again after a back-off."""
-        connection, self._push = self._push, None
+    async def _resume_settle(self) -> None:
+        """Push what is not pushed and collect every answer (a receive does this
+        for writes that returned early; lost pushes are pushed again)."""
+        session = self._session
+        while session.send_error is None:
+            push = self._push
+            step = session.resume_step(
+                writing=False,
+                in_flight=0 if push is None else push.channel.pushes_in_flight,
+                window=session.options.push_window,
+                keep=0,
+            )
+            if type(step) is PushChunk:
+                await self._resume_push_once()
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._resume_collect(push)
+            else:
+                return
+
+    async def _resume_push_lost(
+        self, reason: BaseException | str, *, connection: _Connection | None
+    ) -> None:
+        """Drop the push connection: its pushes are pushed again after a back-off.
+
+        ``connection`` is the one that failed (``None``: connecting failed);
+        nothing happens if another task dropped it already.
+        """
         if connection is not None:
-            await connection.aclose()
+            if self._push is not connection:
+                return
+            self._push = None
         try:
-            delay = self._session.push_lost(reason, trio.current_time())
+            delay = self._session.push_lost(reason, trio.current_time())  # rewinds
         except TunnelError as exc:
             raise _broken(exc) from None
+        finally:
+            if connection is not None:
+                await connection.aclose()
         await trio.sleep(delay)
 
     async def _send_ack_only(self) -> None:
@@ -497,8 +556,7 @@ class _ClientStream(PHTStream):
     async def _next_pull_event(self) -> ClientEvent:
         """The pull's next event; a refusal of an earlier write's push raises instead."""
         session = self._session
-        if not session.keep_after_write or session.resume is not None:
-            # Stop and wait: writes report their refusals; resume: they retry.
+        if not session.keep_after_write:  # stop and wait: writes settle their pushes
             return await self._pull.next_event()
         while True:
             if session.refused is not None:
@@ -507,12 +565,12 @@ class _ClientStream(PHTStream):
             if event is not None:
                 return event
             push = self._push
-            watch = push is not None and session.watch_answers(push.channel.pushes_in_flight)
+            watch = session.watch_answers(0 if push is None else push.channel.pushes_in_flight)
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 self._receive_watching = watch
                 try:
-                    if push is None or not watch:
+                    if not watch:
                         return await self._pull.next_event()
                     return await self._pull_watching_answers(push)
                 finally:
@@ -520,8 +578,9 @@ class _ClientStream(PHTStream):
                     self._receive_watching = False
             # Woken by the sending side (the scope was cancelled): look again.
 
-    async def _pull_watching_answers(self, push: _Connection) -> ClientEvent:
-        """The pull's next event, reading the answers of the pushes in flight meanwhile."""
+    async def _pull_watching_answers(self, push: _Connection | None) -> ClientEvent:
+        """The pull's next event, reading the answers of the pushes in flight meanwhile
+        (and, in a resume session, pushing again what was lost)."""
         failure: BaseException | None = None
 
         async def pull() -> None:
@@ -534,7 +593,12 @@ class _ClientStream(PHTStream):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pull)
-            while push is self._push and push.channel.pushes_in_flight:
+            if self._session.resume is not None:
+                try:
+                    await self._resume_settle()
+                except BrokenTunnelError:
+                    pass  # the session has it: a refusal, or sending broken
+            while push is not None and push is self._push and push.channel.pushes_in_flight:
                 try:
                     await self._collect_ack(push)
                 except BrokenTunnelError:

@@ -377,3 +377,14 @@ def test_cut_pulls_deliver_every_byte_once(
         except pht.RemoteProtocolError:
             pass  # the cut: re-attach
     assert bytes(delivered) == stream
+
+
+def test_a_waiting_receive_settles_a_resume_sessions_pushes() -> None:
+    """push_window > 1: a receive also pushes again what a returned write lost."""
+    session = open_resume(push_window=4)
+    assert not session.watch_answers(0)
+    session.resume_write(b"abc")  # written, not pushed (a rewind, or a write cut short)
+    assert session.watch_answers(0)
+    session.resume_push()
+    assert session.watch_answers(1)
+    assert not open_resume(push_window=1).watch_answers(1)  # the write settles its own

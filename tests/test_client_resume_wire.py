@@ -18,7 +18,7 @@ import pht
 
 from .faults import Cut, FaultRelay
 from .resume_server import ResumeServer, serve_resume
-from .support import receive_exactly
+from .support import receive_exactly, start_server
 from .transcripts import wire_pieces
 
 
@@ -208,3 +208,40 @@ async def test_without_a_grant_a_cut_pull_is_never_re_opened(
         await _read_to_the_end(stream)
     await stream.aclose()
     assert sum(head.startswith(b"GET ") for head in gost.heads) == 1
+
+
+# -- push_window > 1: writes return early, a waiting receive settles their pushes ----------
+
+
+async def test_a_lost_push_of_a_returned_write_is_pushed_again_by_the_receive(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The write returned before its push was cut; the reader waiting for the reply
+    notices the cut, and pushes the bytes again: nobody writes any more."""
+    server = ResumeServer()
+    port = await serve_resume(nursery, server)
+    relay = FaultRelay(port, [Cut("up", 60, "rst", kind="push")])
+    relay_port = await nursery.start(relay.serve)
+    stream = await pht.open_pht_stream(
+        "127.0.0.1", relay_port, authorize=False, resume=True, push_window=4
+    )
+    await stream.send_all(b"hello")  # returns with the push in flight
+    with trio.fail_after(30):
+        assert await receive_exactly(stream, 5) == b"hello"
+    assert relay.faults, relay.describe()
+    await stream.aclose()
+
+
+async def test_a_refused_push_of_a_returned_write_wakes_the_receive(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    port = await start_server(nursery, push_path="/elsewhere", resume=True)
+    stream = await pht.open_pht_stream(
+        "127.0.0.1", port, authorize=False, resume=True, push_window=4
+    )
+    await stream.send_all(b"hello")
+    with trio.fail_after(30), pytest.raises(trio.BrokenResourceError, match="paths match"):
+        await stream.receive_some()
+    with pytest.raises(trio.BrokenResourceError, match="paths match"):
+        await stream.send_all(b"more")
+    await stream.aclose()

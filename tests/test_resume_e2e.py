@@ -74,7 +74,7 @@ def _cuts(seed: int, tls: bool, count: int = 12) -> list[Cut]:
     return cuts
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 11, 12, 13, 14])
 @pytest.mark.parametrize("tls", [False, True], ids=["pht", "phts"])
 async def test_many_random_cuts_lose_and_duplicate_nothing(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, seed: int, tls: bool
