@@ -162,6 +162,7 @@ class SessionBuffers:
         "meter",
         "pull_bytes",
         "remote_address",
+        "response_over",
         "room",
         "session",
         "token",
@@ -191,6 +192,9 @@ class SessionBuffers:
         self.meter: PullMeter | None = None
         #: Line bytes the current bounded pull response carried.
         self.pull_bytes = 0
+        #: The current pull response was ended by its bound or the end of a
+        #: resume stream: a hang-up after it is the client's normal close.
+        self.response_over = False
 
     # -- hooks (the adapter overrides them) ---------------------------------------
 
@@ -386,12 +390,14 @@ class SessionBuffers:
                 meter.line_sent(1)
                 session.wrote(now)
                 return PullAction.HEARTBEAT
+            self.response_over = True
             return PullAction.END
         resume = session.resume
         if resume is not None:
             if resume.pending and not session.closed:
                 return PullAction.WRITE
             if not self.finished and resume.end is not None and not resume.pending:
+                self.response_over = True
                 return PullAction.END
         elif self._outbound:
             return PullAction.WRITE
@@ -1122,6 +1128,8 @@ class ServerCore(Generic[S]):
         if isinstance(stream, int):
             return stream
         session = stream.session
+        if session.grace:
+            self.sessions.pushed(session, now)  # a grace period running starts again
         offset = None
         resume = session.resume
         if resume is not None:
@@ -1138,7 +1146,6 @@ class ServerCore(Generic[S]):
                 self.close(token, now, Input.EXPIRED)
                 return 400
             stream.acked()
-            self.sessions.pushed(session, now)
             if not data and conn.resume_offset is None:
                 conn.response_headers = resume.received_headers()
                 return 200  # an ack-only push: answered at once
@@ -1150,7 +1157,7 @@ class ServerCore(Generic[S]):
             if offset is None:
                 offset = fields.offset
             conn.resume_offset = offset + len(data)
-        elif fields.ack is not None or fields.offset is not None:
+        elif fields is not _NO_FIELDS and (fields.ack is not None or fields.offset is not None):
             return 400  # a session without the extension: not affected
         if data and session.push_data():
             self._start_handler(stream)
@@ -1199,6 +1206,7 @@ class ServerCore(Generic[S]):
         handler)``: the adapter ends the replaced pull, writes the head, then
         calls :meth:`pull_started`.
         """
+        stream.response_over = False
         options = self.options
         if options.bounded_pulls:
             max_ms = options.pull_max_ms
@@ -1236,6 +1244,8 @@ class ServerCore(Generic[S]):
         if timer is not None:
             self.wheel.discard(timer)
         session = stream.session
+        if stream.response_over and pull is session.pull:
+            hung_up = stalled = False  # the response was complete: the client may go
         if session.pull_ended(pull, hung_up=hung_up, stalled=stalled):
             # The client stopped reading, or went away mid-pull and no newer
             # pull took over: the session cannot deliver anything any more.

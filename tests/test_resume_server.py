@@ -12,6 +12,7 @@ client that offers nothing (GOST's) must see no ``PHT-*`` header at all.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -28,6 +29,7 @@ SPECS = [
     Spec("source", behaviour="source", size=SOURCE_SIZE, options={"resume_window": WINDOW}),
     Spec("legacy", options={"legacy_grace": True}),
     Spec("plain", options={"resume": False}),
+    Spec("bounded", options={"pull_max_bytes": 100_000, "pull_max_ms": 100}),
 ]
 
 OFFER = [("PHT-Resume", "1")]
@@ -187,3 +189,31 @@ def test_legacy_client_keeps_its_session_across_a_reopened_pull(servers: ServerS
         assert b"pht-" not in second.raw_head.lower()
         assert raw_push(endpoint.port, path, token, b"two")[0] == 200
         assert second.read(3) == b"two"
+
+
+def test_bounded_pulls_end_after_a_complete_line_and_keep_the_session(servers: ServerSet) -> None:
+    endpoint, token = servers["bounded"], new_token()
+    with pull(endpoint, token, offer=False) as idle:
+        # Nothing to send: at pull_max_ms a heartbeat, then the end of the response.
+        assert idle.rest() == b""
+        assert idle.ended
+    data = payload(300_000, seed=3)
+    # The push is answered once the echo took its bytes, which may wait for pulls.
+    statuses: list[int] = []
+    pusher = threading.Thread(
+        target=lambda: statuses.append(
+            raw_push(endpoint.port, endpoint.path("push"), token, data)[0]
+        )
+    )
+    pusher.start()
+    got = bytearray()
+    responses = 0
+    while len(got) < len(data):
+        with pull(endpoint, token, offer=False) as bounded:
+            assert bounded.status == 200
+            got += bounded.rest()  # each response ends: the session goes on
+            responses += 1
+    pusher.join()
+    assert statuses == [200]
+    assert bytes(got) == data
+    assert responses >= 3  # 400,000 bytes of base64 in responses of about 100,000

@@ -52,6 +52,8 @@ OPTIONS: tuple[Option, ...] = (
         "reverse proxies whose X-Forwarded-For / X-Real-IP name the client (pht only)",
     ),
     _r("proxyProtocol", ("listener",), "PROXY protocol v1/v2 in front of each connection"),
+    _s("pullMaxBytes", ("listener",), "end each pull response after this many bytes (pht only)"),
+    _s("pullMaxMs", ("listener",), "end each pull response after this many ms (pht only)"),
     # TLS files and options (phts listener and dialer)
     _s("certFile", ("listener", "dialer"), "certificate file (alias cert)"),
     _s("keyFile", ("listener", "dialer"), "private key file (alias key)"),

@@ -361,6 +361,8 @@ class Service:
                 pull_path=spec.paths.pull_path,
                 backlog=spec.backlog,
                 trusted_proxies=spec.trusted_proxies,
+                pull_max_bytes=spec.pull_max_bytes,
+                pull_max_ms=spec.pull_max_ms,
                 stats=self.stats,
                 task_status=task_status,
             )

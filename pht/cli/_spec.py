@@ -163,6 +163,10 @@ class ServiceSpec:
     #: Networks (``10.0.0.0/8``, ``127.0.0.1/32``) of reverse proxies whose
     #: ``X-Forwarded-For`` / ``X-Real-IP`` name the real client (PHT listeners).
     trusted_proxies: tuple[str, ...] = ()
+    #: Bounded pulls (PHT listeners): each pull response ends after this many
+    #: bytes of lines / milliseconds (``None``: pulls stay open).
+    pull_max_bytes: int | None = None
+    pull_max_ms: int | None = None
 
     @property
     def scheme(self) -> str:

@@ -444,6 +444,8 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     paths = server_paths(meta)
     backlog = meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
     trusted = trusted_proxies(meta, listener)
+    pull_max_bytes = meta.integer("pullMaxBytes", minimum=1)
+    pull_max_ms = meta.integer("pullMaxMs", minimum=1)
     tls = server_tls(meta)
     if tls is not None and listener != "phts":
         log.warning("%s: TLS files are used only by a phts listener: ignored", where)
@@ -467,6 +469,8 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         tls_options=options,
         nodelay=nodelay,
         trusted_proxies=trusted,
+        pull_max_bytes=pull_max_bytes,
+        pull_max_ms=pull_max_ms,
     )
 
 

@@ -224,6 +224,8 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     paths = server_paths(listener_meta)
     backlog = listener_meta.integer("backlog", minimum=0) or DEFAULT_BACKLOG
     trusted = trusted_proxies(listener_meta, listener)
+    pull_max_bytes = listener_meta.integer("pullMaxBytes", minimum=1)
+    pull_max_ms = listener_meta.integer("pullMaxMs", minimum=1)
     listener_meta.report_unused()
     handler_meta = handler_section.metadata().merged(service.metadata())
     nodelay = bool(handler_meta.boolean("nodelay"))
@@ -253,6 +255,8 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         chain=chain,
         nodelay=nodelay,
         trusted_proxies=trusted,
+        pull_max_bytes=pull_max_bytes,
+        pull_max_ms=pull_max_ms,
     )
 
 
