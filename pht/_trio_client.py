@@ -353,8 +353,15 @@ class _ClientStream(PHTStream):
                     await connection.aclose()
                 if self._push is None:
                     connection = None
-                    self._push = await self._connect.open(self._config)
+                    # Shielded (connect_timeout bounds it): a receive that watches
+                    # the pushes must not throw away a connection it just made.
+                    with trio.CancelScope(shield=True):
+                        self._push = await self._connect.open(self._config)
                 connection = self._push
+                assert connection is not None
+                # A receive watching the pushes is cancelled when the pull has
+                # data: better here, before the push is claimed and half written.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 data, headers = session.resume_push()
                 try:
                     await connection.send(connection.channel.push(self.token, data, headers))

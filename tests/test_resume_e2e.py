@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 import pht
+from pht._stats import ServiceStats
 
 from .faults import Cut, FaultRelay, How, Kind
 from .support import echo, start_server
@@ -159,3 +160,27 @@ async def test_reconnects_give_up_after_the_grace_period(
     assert "could not be reached within the session's 5 s grace period" in str(caught.value)
     assert 5 <= trio.current_time() - started < 10
     await stream.aclose()
+
+
+async def test_bounded_pulls_are_re_attached(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A server that ends each pull after 64 KiB (for a buffering hop): the resume
+    client re-attaches after each, and nothing is lost or repeated."""
+    stats = ServiceStats("bounded")
+    port = await start_server(
+        nursery, echo, resume=True, pull_max_bytes=64 * 1024, pull_max_ms=200, stats=stats
+    )
+    relay = FaultRelay(port, _cuts(21, tls=False, count=6), fin_linger=1.0)
+    relay_port = await nursery.start(relay.serve)
+    payload = os.urandom(4 * 1024 * 1024)
+    with trio.fail_after(600):
+        stream = await pht.open_pht_stream(
+            "127.0.0.1", relay_port, authorize=False, resume=True, push_window=4
+        )
+        got = await _echo_through(stream, payload, piece=100_000)
+        await stream.aclose()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
+    assert stats.pulls_total > 60, relay.describe()  # one pull per 64 KiB (or 200 ms)
+    unused = [c for c in relay.connections if not c.up]
+    assert len(unused) <= 2, relay.describe()  # no connection made only to be thrown away
