@@ -53,7 +53,9 @@ _BROKEN = (OSError, PHTError)
 def _reset(error: TunnelError) -> TunnelResetError:
     """``error`` as asyncio's readers and ``drain()`` raise it (and still a pht error)."""
     if isinstance(error, SessionGone):
-        return SessionGoneResetError(error.reason)
+        gone = SessionGoneResetError(error.reason, str(error))
+        gone.status = error.status
+        return gone
     return TunnelResetError(str(error), status=error.status)
 
 

@@ -75,9 +75,9 @@ class SessionGoneResetError(TunnelResetError, SessionGone):
     """A resume session the server will never resume: :class:`~pht.SessionGone`
     as asyncio's readers raise it (a :class:`ConnectionResetError`)."""
 
-    def __init__(self, reason: GoneReason) -> None:
+    def __init__(self, reason: GoneReason, message: str | None = None) -> None:
         SessionGone.__init__(self, reason)
-        ConnectionResetError.__init__(self, str(self))
+        ConnectionResetError.__init__(self, message if message is not None else str(self))
 
 
 class PHTTransport(asyncio.Transport):

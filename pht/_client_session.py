@@ -48,7 +48,7 @@ from ._events import (
     Rejected,
     RequestKind,
 )
-from ._resume import Backoff, ClientResume, Reconnect, ResponseFields, SessionGone
+from ._resume import Backoff, ClientResume, GoneReason, Reconnect, ResponseFields, SessionGone
 from ._token import TokenSource, new_token
 
 __all__ = [
@@ -717,8 +717,17 @@ class ClientSession:
         self._enter("pull lost, resume session")
         delay = self._reconnect.failed(now)
         if delay is None:
-            raise self._fail_with(self._reconnect.gave_up(str(reason)))
+            raise self._fail_with(self._gave_up(reason))
         return delay
+
+    def _gave_up(self, reason: BaseException | str) -> SessionGone:
+        """Reconnects failed for the whole grace period: the server has ended the
+        session by now (``expired``), whatever it would say."""
+        assert self._reconnect is not None
+        error = SessionGone(GoneReason.EXPIRED)
+        error.args = (str(self._reconnect.gave_up(str(reason))),)
+        error.status = None  # no 410 came: the server was not reached
+        return error
 
     def _fail_with(self, error: TunnelError) -> TunnelError:
         """Enter ``ERROR`` with ``error`` itself (a named one, e.g. :class:`SessionGone`)."""
@@ -913,7 +922,7 @@ class ClientSession:
         self._push_acks.clear()
         delay = self._reconnect.failed(now)
         if delay is None:
-            raise self._fail_with(self._reconnect.gave_up(str(reason)))
+            raise self._fail_with(self._gave_up(reason))
         return delay
 
     def retry_delay(self, reason: BaseException | str, now: float) -> float:
@@ -922,7 +931,7 @@ class ClientSession:
         assert self._reconnect is not None
         delay = self._reconnect.failed(now)
         if delay is None:
-            raise self._fail_with(self._reconnect.gave_up(str(reason)))
+            raise self._fail_with(self._gave_up(reason))
         return delay
 
     def close_headers(self) -> list[tuple[bytes, bytes]]:

@@ -724,7 +724,9 @@ class _ClientStream(PHTStream):
 def _broken(error: TunnelError) -> BrokenTunnelError:
     """``error`` as trio's stream contract wants it (and still a pht error)."""
     if isinstance(error, SessionGone):
-        return BrokenSessionGone(error.reason)
+        gone = BrokenSessionGone(error.reason, str(error))
+        gone.status = error.status
+        return gone
     return BrokenTunnelError(str(error), status=error.status)
 
 
@@ -858,10 +860,10 @@ async def open_pht_stream(
     repeated on a new connection (with a jittered back-off, within the
     server's grace period) without losing or duplicating a byte, and the
     application sees only a slower stream. The server's ``410`` with a
-    ``PHT-Gone`` other than ``closed`` raises :class:`~pht.SessionGone`
-    (also a :class:`trio.BrokenResourceError`); reconnects failing past the
-    grace period a :class:`TunnelError` that says so. A server that does not
-    grant it (GOST) gets today's protocol.
+    ``PHT-Gone`` other than ``closed``, or reconnects failing for the whole
+    grace period, raise :class:`~pht.SessionGone` (also a
+    :class:`trio.BrokenResourceError`). A server that does not grant it
+    (GOST) gets today's protocol.
 
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.

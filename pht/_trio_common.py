@@ -37,8 +37,10 @@ class BrokenSessionGone(BrokenTunnelError, SessionGone):
     """A resume session the server will never resume: :class:`~pht.SessionGone`
     as trio's stream contract wants it (a :class:`trio.BrokenResourceError`)."""
 
-    def __init__(self, reason: GoneReason) -> None:
+    def __init__(self, reason: GoneReason, message: str | None = None) -> None:
         SessionGone.__init__(self, reason)
+        if message is not None:
+            self.args = (message,)
 
 
 class ClosedTunnelError(trio.ClosedResourceError, LocalProtocolError):

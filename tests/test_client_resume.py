@@ -133,8 +133,9 @@ def test_a_lost_pull_backs_off_within_the_grace_period() -> None:
     assert session.state is ClientSessionState.RECONNECTING
     assert session.pull_lost(OSError("refused"), now=101.0) == pytest.approx(0.15)
     assert session.pull_event(_rejected(503), []) == Reattach("server answered 503 X")
-    with pytest.raises(pht.TunnelError, match="grace period") as caught:
+    with pytest.raises(SessionGone, match="grace period") as caught:
         session.pull_lost(OSError("refused"), now=110.0)
+    assert caught.value.reason is GoneReason.EXPIRED
     assert session.error is caught.value
     assert session.send_error is caught.value
 

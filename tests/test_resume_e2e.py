@@ -154,9 +154,11 @@ async def test_reconnects_give_up_after_the_grace_period(
         assert await stream.receive_some() == b"ping"
     started = trio.current_time()
     relay_scope.cancel()  # every connection cut, and the listener gone
-    with trio.fail_after(60), pytest.raises(trio.BrokenResourceError) as caught:
+    with trio.fail_after(60), pytest.raises(pht.SessionGone) as caught:
         await stream.receive_some()
-    assert isinstance(caught.value, pht.TunnelError)
+    assert isinstance(caught.value, trio.BrokenResourceError)
+    assert caught.value.reason is pht.GoneReason.EXPIRED
+    assert caught.value.status is None  # no 410 came
     assert "could not be reached within the session's 5 s grace period" in str(caught.value)
     assert 5 <= trio.current_time() - started < 10
     await stream.aclose()
