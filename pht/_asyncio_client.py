@@ -70,6 +70,7 @@ class _Connection(asyncio.Protocol):
         #: How long the connection was idle before its latest request.
         self.idle_for = 0.0
         self._eof = False
+        self._lost = False
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
 
@@ -91,6 +92,7 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._end()
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
@@ -164,7 +166,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None:
+        # Not once the connection is lost: asyncio's transport, closed by an EOF
+        # (eof_received) and done flushing, raises AttributeError on abort().
+        if self.transport is not None and not self._lost:
             self.transport.abort()
 
 
