@@ -10,11 +10,13 @@ they all end when the grace period runs out.
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -27,6 +29,14 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc"),
 ]
+
+
+def read_line(stream: IO[str] | None, timeout: float = 120.0) -> str:
+    """The next line a child process prints; fail instead of hanging."""
+    assert stream is not None
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line from the child process within {timeout} s"
+    return stream.readline().strip()
 
 
 def rss_kib(pid: int) -> int:
@@ -56,8 +66,7 @@ class Server:
         self.port = int(self._line().removeprefix("port "))
 
     def _line(self) -> str:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
+        line = read_line(self.process.stdout)
         assert line, f"the server process ended ({self.process.poll()})"
         return line
 
@@ -97,8 +106,7 @@ def test_rss_stays_flat_while_1000_sessions_are_in_grace(server: Server) -> None
         text=True,
     )
     try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "ready"
+        assert read_line(client.stdout) == "ready"
         assert server.sessions() == SESSIONS
         attached = server.rss()
     finally:
