@@ -39,6 +39,7 @@ from ._events import (
     ServerConnectionState,
     ServerEvent,
 )
+from ._resume import GoneReason, SessionGone
 from ._server import (
     LookupResult,
     ServerConnection,
@@ -100,6 +101,7 @@ __all__ = [
     "CloseRequest",
     "ClosedTunnelError",
     "DataReceived",
+    "GoneReason",
     "Heartbeat",
     "LineBuffer",
     "LocalProtocolError",
@@ -122,6 +124,7 @@ __all__ = [
     "ServerConnectionState",
     "ServerEvent",
     "ServerOptions",
+    "SessionGone",
     "SessionRecord",
     "SessionRegistry",
     "SessionState",

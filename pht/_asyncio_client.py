@@ -18,6 +18,7 @@ from typing import cast
 from ._asyncio_common import (
     DEFAULT_LIMIT,
     PHTTransport,
+    SessionGoneResetError,
     TunnelResetError,
     open_streams,
     within,
@@ -33,6 +34,7 @@ from ._client_session import (
     Established,
     PollAgain,
     PushChunk,
+    Reattach,
     SendAuthorize,
     SendPull,
     describe_failure,
@@ -40,6 +42,7 @@ from ._client_session import (
 from ._common import plan_writes
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
+from ._resume import SessionGone
 from ._token import TokenSource, new_token
 
 __all__ = ["open_pht_connection"]
@@ -49,6 +52,10 @@ _BROKEN = (OSError, PHTError)
 
 def _reset(error: TunnelError) -> TunnelResetError:
     """``error`` as asyncio's readers and ``drain()`` raise it (and still a pht error)."""
+    if isinstance(error, SessionGone):
+        gone = SessionGoneResetError(error.reason, str(error))
+        gone.status = error.status
+        return gone
     return TunnelResetError(str(error), status=error.status)
 
 
@@ -63,6 +70,7 @@ class _Connection(asyncio.Protocol):
         #: How long the connection was idle before its latest request.
         self.idle_for = 0.0
         self._eof = False
+        self._lost = False
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
 
@@ -84,6 +92,7 @@ class _Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._end()
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
@@ -157,7 +166,9 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None:
+        # Not once the connection is lost: asyncio's transport, closed by an EOF
+        # (eof_received) and done flushing, raises AttributeError on abort().
+        if self.transport is not None and not self._lost:
             self.transport.abort()
 
 
@@ -236,6 +247,7 @@ class _ClientTransport(PHTTransport):
         self._connector = connector
         self._pull = pull
         self._push: _Connection | None = push
+        self._ack: _Connection | None = None  # ack-only pushes (resume)
         self._push_task: asyncio.Task[None] | None = None
         #: Set while the pull pump waits for the answers of pushes in flight.
         self._answers_heard: asyncio.Future[None] | None = None
@@ -254,15 +266,20 @@ class _ClientTransport(PHTTransport):
             try:
                 event = await pull.next_event()
             except _BROKEN as exc:
+                if session.resuming:
+                    await self._reattach(exc)
+                    continue
                 quiet = self.loop.time() - pull.last_used
                 await self._hear_push_answers()
                 raise _reset(session.pull_failed(exc, quiet_for=quiet)) from exc
             try:
-                action = session.pull_event(event)
+                action = session.pull_event(event, pull.channel.resume_headers)
             except TunnelError as exc:
                 raise _reset(exc) from None
             if type(action) is Deliver:
                 self.deliver(action.data)
+                if session.ack_due:
+                    await self._send_ack_only()
                 if not self.is_reading() and not self.is_closing():
                     pull.pause_reading()
                     await self.wait_reading()
@@ -270,11 +287,15 @@ class _ClientTransport(PHTTransport):
             elif type(action) is EndOfStream:
                 self.deliver_eof()
                 return
+            elif isinstance(action, Reattach):
+                await self._reattach(action.reason)
             elif isinstance(action, PollAgain):
                 try:
                     await self._poll_again(action.token)
                 except _BROKEN as exc:
-                    raise _reset(session.repoll_failed(exc)) from exc
+                    if not session.resuming:
+                        raise _reset(session.repoll_failed(exc)) from exc
+                    await self._reattach(exc)
 
     async def _hear_push_answers(self) -> None:
         """Before a cut pull is reported, let the pushes in flight be answered.
@@ -307,13 +328,70 @@ class _ClientTransport(PHTTransport):
         if not self._pull.reusable():
             self._pull.close()
             self._pull = await self._connector.open()
-        await self._pull.send(self._pull.channel.pull(token))
+        await self._pull.send(self._pull.channel.pull(token, self._session.pull_headers()))
+
+    async def _reattach(self, reason: BaseException | str) -> None:
+        """Re-attach a resume session's pull on a new connection, after a back-off."""
+        session = self._session
+        while True:
+            try:
+                delay = session.pull_lost(reason, self.loop.time())
+            except TunnelError as exc:
+                raise _reset(exc) from None
+            await asyncio.sleep(delay)
+            self._pull.close()
+            try:
+                self._pull = await self._connector.open()
+                await self._pull.send(self._pull.channel.pull(self.token, session.pull_headers()))
+                return
+            except _BROKEN as exc:
+                reason = exc
+
+    async def _send_ack_only(self) -> None:
+        """Tell the server what arrived (its replay buffer is half full), on a
+        connection of its own: never pipelined behind a data push."""
+        session = self._session
+        while session.ack_due:
+            ack, headers = session.ack_only_headers()
+            try:
+                connection = self._ack
+                if connection is not None and not connection.reusable():
+                    connection.close()
+                    self._ack = connection = None
+                if connection is None:
+                    connection = self._ack = await self._connector.open()
+                await connection.send(connection.channel.ack_only(self.token, headers))
+                event = await connection.next_event()
+                again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
+                if connection.channel.state is ChannelState.CLOSED:
+                    connection.close()
+                    self._ack = None
+                if not again:
+                    return
+                reason: BaseException | str = f"the server answered {event}"
+            except TunnelError as exc:
+                if session.error is exc:
+                    raise _reset(exc) from None
+                reason = exc
+            except _BROKEN as exc:
+                reason = exc
+            if self._ack is not None:
+                self._ack.close()
+                self._ack = None
+            try:
+                delay = session.retry_delay(reason, self.loop.time())
+            except TunnelError as exc:
+                raise _reset(exc) from None
+            await asyncio.sleep(delay)
 
     # -- the pushes ---------------------------------------------------------------
 
     async def _push_pump(self) -> None:
         """Push what the application writes; return once closing left nothing to do."""
         session = self._session
+        if session.resume is not None:
+            await self._resume_push_pump()
+            return
         while True:
             push = self._push
             in_flight = 0 if push is None else push.channel.pushes_in_flight
@@ -336,6 +414,88 @@ class _ClientTransport(PHTTransport):
             elif type(step) is CollectAck:
                 assert push is not None
                 await self._collect_ack(push)
+
+    async def _resume_push_pump(self) -> None:
+        """The push pump of a resume session: written bytes go through the replay buffer."""
+        session = self._session
+        resume = session.resume
+        assert resume is not None
+        while True:
+            if session.send_error is not None:
+                raise _reset(session.send_error)
+            room = session.resume_room
+            if self.queued and room:
+                session.resume_write(self.take_outbound(min(self.queued, room)))
+            push = self._push
+            in_flight = 0 if push is None else push.channel.pushes_in_flight
+            if not self.queued and not resume.unpushed and not in_flight:
+                if self.is_closing():
+                    return
+                await self.wait_outbound()
+                continue
+            step = session.resume_step(
+                writing=self.queued > 0,
+                in_flight=in_flight,
+                window=session.push_window_for(self.queued + resume.unpushed),
+                keep=0,  # answers are read as they come: drain() counts them
+            )
+            if type(step) is PushChunk:
+                await self._resume_push_once()
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._resume_collect(push)
+            else:
+                await self.wait_outbound()
+
+    async def _resume_push_once(self) -> None:
+        data, headers = self._session.resume_push()
+        try:
+            connection = self._push
+            if (
+                connection is not None
+                and not connection.channel.pushes_in_flight
+                and not connection.reusable()
+            ):
+                self._drop_push(connection)
+            if self._push is None:
+                self._push = await self._connector.open()
+            connection = self._push
+            await connection.send(connection.channel.push(self.token, data, headers))
+        except _BROKEN as exc:
+            await self._resume_push_lost(exc)
+
+    async def _resume_collect(self, connection: _Connection) -> None:
+        session = self._session
+        try:
+            event = await connection.next_event()
+        except _BROKEN as exc:
+            await self._resume_push_lost(exc)
+            return
+        channel = connection.channel
+        before = session.acknowledged
+        try:
+            again = session.resume_push_answer(event, channel.resume_headers)
+        except TunnelError as exc:
+            self._drop_push(connection)
+            raise _reset(exc) from None
+        self.acknowledge(session.acknowledged - before)
+        if again:
+            await self._resume_push_lost(f"the server answered {event}")
+        elif channel.state is ChannelState.CLOSED:
+            if channel.pushes_in_flight:
+                await self._resume_push_lost("the server closed the push connection")
+            else:
+                self._drop_push(connection)
+
+    async def _resume_push_lost(self, reason: BaseException | str) -> None:
+        """Drop the push connection: its pushes are pushed again after a back-off."""
+        if self._push is not None:
+            self._drop_push(self._push)
+        try:
+            delay = self._session.push_lost(reason, self.loop.time())
+        except TunnelError as exc:
+            raise _reset(exc) from None
+        await asyncio.sleep(delay)
 
     async def _push_once(self, size: int) -> None:
         connection = await self._push_connection()
@@ -424,12 +584,15 @@ class _ClientTransport(PHTTransport):
         push = self._push
         if push is None or not push.reusable():
             push = self._push = await self._connector.open()
-        await push.send(push.channel.close_session(self.token))
+        headers = self._session.close_headers()
+        await push.send(push.channel.close_session(self.token, headers))
         await push.next_event()
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._push is not None:
             self._push.close()
+        if self._ack is not None:
+            self._ack.close()
         self._pull.close()
         super()._connection_lost(exc)
 
@@ -454,6 +617,7 @@ async def open_pht_connection(
     close_timeout: float = 5.0,
     push_window: int = 1,
     limit: int = DEFAULT_LIMIT,
+    resume: bool = False,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a PHT tunnel to ``host:port`` as :func:`asyncio.open_connection` opens a TCP one.
 
@@ -471,6 +635,12 @@ async def open_pht_connection(
     :class:`ConnectionResetError` and a :class:`~pht.TunnelError`).
     ``writer.close()`` sends what is queued, then the close notification;
     ``await writer.wait_closed()`` returns once nothing of the tunnel runs.
+
+    ``resume=True`` offers the resume extension, as
+    :func:`pht.open_pht_stream`'s: cut connections are repeated without
+    loss, and a session the server will never resume ends the reader with
+    :class:`~pht.asyncio.SessionGoneResetError` (a :class:`~pht.SessionGone`
+    and a :class:`ConnectionResetError`).
     """
     ssl_context: _ssl.SSLContext | None
     if ssl is True:
@@ -498,6 +668,7 @@ async def open_pht_connection(
         push_window=push_window,
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
+        resume=resume,
     )
     loop = asyncio.get_running_loop()
     connector = _Connector(options, ssl_context, server_hostname, loop)
@@ -529,8 +700,9 @@ async def _start_session(
             if isinstance(step, SendAuthorize):
                 await pull.send(channel.authorize())
             else:
-                await pull.send(channel.pull(step.token))
-            step = session.handshake_step(await pull.next_event())
+                await pull.send(channel.pull(step.token, session.pull_headers()))
+            event = await pull.next_event()
+            step = session.handshake_step(event, pull.channel.resume_headers)
             if isinstance(step, SendPull) and not pull.reusable():
                 # Closed after the token: nothing of the pull was sent yet.
                 pull.close()

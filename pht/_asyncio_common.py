@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from ._errors import TunnelError
+from ._resume import GoneReason, SessionGone
 
 __all__ = ["DEFAULT_LIMIT", "PHTTransport", "TunnelResetError", "open_streams", "within"]
 
@@ -68,6 +69,15 @@ class TunnelResetError(ConnectionResetError, TunnelError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         ConnectionResetError.__init__(self, message)
         self.status = status
+
+
+class SessionGoneResetError(TunnelResetError, SessionGone):
+    """A resume session the server will never resume: :class:`~pht.SessionGone`
+    as asyncio's readers raise it (a :class:`ConnectionResetError`)."""
+
+    def __init__(self, reason: GoneReason, message: str | None = None) -> None:
+        SessionGone.__init__(self, reason)
+        ConnectionResetError.__init__(self, message if message is not None else str(self))
 
 
 class PHTTransport(asyncio.Transport):

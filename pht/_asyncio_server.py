@@ -496,12 +496,15 @@ class _Server(ServerCore[_Stream]):
             action = stream.pull_action(self.loop.time())
             if action is PullAction.WRITE:
                 data = stream.take_outbound()
+                if session.resume is not None and stream.transport is not None:
+                    # Taken into the replay buffer: counted now, since a pull cut
+                    # during the send replays them later as not fresh.
+                    stream.transport.acknowledge(stream.fresh)
                 await pull.send(conn.send_pull_data(data))
                 session.wrote(self.loop.time())
                 self.sessions.touch(session, session.last_write)
-                if stream.transport is not None:
-                    fresh = len(data) if session.resume is None else stream.fresh
-                    stream.transport.acknowledge(fresh)
+                if session.resume is None and stream.transport is not None:
+                    stream.transport.acknowledge(len(data))
             elif action is PullAction.HEARTBEAT:
                 await pull.send(conn.send_heartbeat())
             elif action is PullAction.END:

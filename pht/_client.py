@@ -94,6 +94,16 @@ _MAX_CHUNK_SIZE_LINE = 256
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*)?[ \t]*")
 
 
+_HEADER_VALUE = re.compile(rb"[!-~]+(?: [!-~]+)*")
+
+
+def _check_value(value: bytes) -> bytes:
+    """A resume header value as the fast push head writes it: printable, no CR or LF."""
+    if _HEADER_VALUE.fullmatch(value) is None:
+        raise LocalProtocolError(f"invalid header value {value!r}")
+    return value
+
+
 class _Fallback:
     """Marks a response the fast path leaves to h11."""
 
@@ -101,12 +111,16 @@ class _Fallback:
 _FALLBACK = _Fallback()
 
 
-def _parse_ack(buffer: bytearray) -> tuple[int, bool] | _Fallback | None:
+def _parse_ack(
+    buffer: bytearray,
+) -> tuple[int, bool, list[tuple[bytes, bytes]]] | _Fallback | None:
     """Recognise a plain push acknowledgement at the start of ``buffer``.
 
-    Returns ``(head length, connection closes)`` for ``HTTP/1.1 200`` with
-    ``Content-Length: 0`` and no ``Transfer-Encoding``; ``None`` while the
-    head is incomplete (and still short); :data:`_FALLBACK` for anything else.
+    Returns ``(head length, connection closes, resume headers)`` for
+    ``HTTP/1.1 200`` with ``Content-Length: 0`` and no ``Transfer-Encoding``;
+    ``None`` while the head is incomplete (and still short); :data:`_FALLBACK`
+    for anything else. The resume headers are the ``PHT-*`` ones, with
+    lowercase names as h11 gives them.
     """
     size = len(buffer)
     if buffer[:13] != _ACK_PREFIX[: min(size, 13)]:
@@ -122,6 +136,7 @@ def _parse_ack(buffer: bytearray) -> tuple[int, bool] | _Fallback | None:
     if _ACK_STATUS_LINE.fullmatch(lines[0]) is None:
         return _FALLBACK
     length_seen = close = False
+    resume: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         match = _ACK_HEADER_LINE.fullmatch(line)
         if match is None:
@@ -133,6 +148,8 @@ def _parse_ack(buffer: bytearray) -> tuple[int, bool] | _Fallback | None:
             length_seen = True
         elif name == b"transfer-encoding":
             return _FALLBACK
+        elif name.startswith(b"pht-"):
+            resume.append((name, match[2] or b""))
         elif name == b"connection":
             value = (match[2] or b"").lower()
             if value == b"close":
@@ -141,7 +158,7 @@ def _parse_ack(buffer: bytearray) -> tuple[int, bool] | _Fallback | None:
                 return _FALLBACK
     if not length_seen:
         return _FALLBACK
-    return end + 4, close
+    return end + 4, close, resume
 
 
 HeaderInput = Mapping[str, str] | Sequence[tuple[str, str]] | None
@@ -240,6 +257,9 @@ class ClientChannel:
         self._body = bytearray()
         self._status = 0
         self._lines_in_response = 0
+        #: The ``PHT-*`` headers (lowercase names) of the response that the
+        #: event :meth:`next_event` returned last belongs to (resume extension).
+        self.resume_headers: list[tuple[bytes, bytes]] = []
         self._host = config.host_header or config.host
         self._base_headers: list[tuple[str, str]] = [
             ("Host", self._host),
@@ -299,10 +319,10 @@ class ClientChannel:
             ChannelState.AUTHORIZING, "GET", self._target(self.config.paths.authorize)
         )
 
-    def pull(self, token: str) -> bytes:
-        """Start the long poll for ``token``'s data."""
+    def pull(self, token: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+        """Start the long poll for ``token``'s data; ``headers`` are extra (resume) ones."""
         request = self._request(
-            ChannelState.PULLING, "GET", self._target(self.config.paths.pull, token)
+            ChannelState.PULLING, "GET", self._target(self.config.paths.pull, token), extra=headers
         )
         self._lines_in_response = 0
         if self._pull_fast_enabled:
@@ -310,7 +330,12 @@ class ClientChannel:
             self._head_eof = False
         return request
 
-    def push(self, token: str, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def push(
+        self,
+        token: str,
+        data: bytes | bytearray | memoryview,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> list[bytes]:
         """Return the pieces of one POST carrying ``data``; expect :class:`PushAcknowledged`.
 
         Write the pieces in order: the head, then the body, which is the line
@@ -318,29 +343,42 @@ class ClientChannel:
         single base64 line, sent with ``Content-Length`` and no
         ``Content-Type`` (GOST's server would swallow a form body). ``data``
         must not be empty: an empty push is the close notification.
+        ``headers`` are extra ones (the resume extension's).
         """
         if not len(data):
             raise LocalProtocolError("push() needs data; use close_session() to close")
+        return self._push_line(token, data, headers)
+
+    def ack_only(self, token: str, headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        """An ack-only push (resume extension): a body of one empty line, with ``headers``."""
+        return self._push_line(token, b"", headers)
+
+    def _push_line(
+        self,
+        token: str,
+        data: bytes | bytearray | memoryview,
+        headers: Sequence[tuple[bytes, bytes]],
+    ) -> list[bytes]:
         target = self._target(self.config.paths.push, token)
         large = len(data) >= _SEPARATE_NEWLINE_FROM and _b64encode is not None
         if large and self._fast_push_allowed():
             assert _b64encode is not None
             text: bytes = _b64encode(data)
-            return [self._fast_push_head(target, len(text) + 1), text, b"\n"]
-        line = encode_line(data)
+            return [self._fast_push_head(target, len(text) + 1, headers), text, b"\n"]
+        line = encode_line(data) if len(data) else b"\n"
         if self._fast_push_allowed():
-            return [self._fast_push_head(target, len(line)), line]
-        head = self._request(ChannelState.PUSHING, "POST", target, len(line))
+            return [self._fast_push_head(target, len(line), headers), line]
+        head = self._request(ChannelState.PUSHING, "POST", target, len(line), extra=headers)
         self._send(h11.Data(data=line))
         self._send(h11.EndOfMessage())
         return [head, line]
 
-    def close_session(self, token: str) -> bytes:
-        """The close notification: a push with an empty body."""
+    def close_session(self, token: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+        """The close notification: a push with an empty body (``headers``: extra ones)."""
         target = self._target(self.config.paths.push, token)
         if self._fast_push_allowed():
-            return self._fast_push_head(target, 0)
-        head = self._request(ChannelState.PUSHING, "POST", target, 0)
+            return self._fast_push_head(target, 0, headers)
+        head = self._request(ChannelState.PUSHING, "POST", target, 0, extra=headers)
         return head + self._send(h11.EndOfMessage())
 
     def _fast_push_allowed(self) -> bool:
@@ -360,12 +398,19 @@ class ClientChannel:
             self._fast_in = bytearray()
         return True
 
-    def _fast_push_head(self, target: str, content_length: int) -> bytes:
+    def _fast_push_head(
+        self, target: str, content_length: int, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> bytes:
         template = self._push_template
         if template is None or template[0] != target:
             template = self._push_template = self._make_push_template(target)
         self._deferred.append(target)
         self._state = ChannelState.PUSHING
+        if headers:  # after Content-Length: the template's rest starts with its CRLF
+            extra = b"".join(
+                b"%s: %s\r\n" % (name, _check_value(value)) for name, value in headers
+            )
+            return b"%s%d\r\n%s%s" % (template[1], content_length, extra, template[2][2:])
         return b"%s%d%s" % (template[1], content_length, template[2])
 
     def _make_push_template(self, target: str) -> tuple[str, bytes, bytes]:
@@ -409,7 +454,13 @@ class ClientChannel:
         return target
 
     def _request(
-        self, state: ChannelState, method: str, target: str, content_length: int | None = None
+        self,
+        state: ChannelState,
+        method: str,
+        target: str,
+        content_length: int | None = None,
+        *,
+        extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> bytes:
         if self._state is not ChannelState.IDLE:
             raise LocalProtocolError(f"cannot send a request in state {self._state.name}")
@@ -419,6 +470,7 @@ class ClientChannel:
         if content_length is not None:
             headers.append(("Content-Length", str(content_length)))
         headers.extend(self._extra_headers)
+        headers.extend((name.decode("ascii"), value.decode("ascii")) for name, value in extra)
         data = self._send(h11.Request(method=method, target=target, headers=headers))
         if method == "GET":
             data += self._send(h11.EndOfMessage())
@@ -597,6 +649,7 @@ class ClientChannel:
             result = _parse_ack(fast_in)
             if isinstance(result, tuple):
                 del fast_in[: result[0]]
+                self.resume_headers = result[2]
                 self._deferred.popleft()
                 self._events.append(PushAcknowledged())
                 if result[1]:
@@ -616,6 +669,7 @@ class ClientChannel:
         state = self._state
         if isinstance(event, h11.Response):
             self._status = event.status_code
+            self.resume_headers = [item for item in event.headers if item[0].startswith(b"pht-")]
             if event.status_code != 200:
                 kind = {
                     ChannelState.AUTHORIZING: RequestKind.AUTHORIZE,

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -46,6 +48,7 @@ from ._events import (
     Rejected,
     RequestKind,
 )
+from ._resume import Backoff, ClientResume, GoneReason, Reconnect, ResponseFields, SessionGone
 from ._token import TokenSource, new_token
 
 __all__ = [
@@ -59,6 +62,7 @@ __all__ = [
     "Established",
     "PollAgain",
     "PushChunk",
+    "Reattach",
     "SendAuthorize",
     "SendPull",
     "Wait",
@@ -112,8 +116,10 @@ class ClientOptions:
     POST; ``push_window`` is how many pushes may await their acknowledgement;
     ``connect_timeout`` bounds connecting and the handshake,
     ``close_timeout`` the acknowledgements and the close notification in a
-    close. :meth:`build` makes one from :func:`pht.open_pht_stream`'s
-    keyword arguments.
+    close. ``resume`` offers the resume extension (``docs/resume.md``);
+    ``jitter`` is the random source of its reconnect back-off (a float in
+    ``[0, 1)`` per call). :meth:`build` makes one from
+    :func:`pht.open_pht_stream`'s keyword arguments.
     """
 
     config: ClientConfig
@@ -127,6 +133,8 @@ class ClientOptions:
     push_window: int = 1
     connect_timeout: float = 30.0
     close_timeout: float = 5.0
+    resume: bool = False
+    jitter: Callable[[], float] = field(default=random.random, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, ClientConfig):
@@ -148,6 +156,10 @@ class ClientOptions:
             raise ValueError(
                 f"close_timeout must be 0 or more seconds, got {self.close_timeout!r}"
             )
+        if not isinstance(self.resume, bool):
+            raise TypeError(f"resume must be a bool, not {type(self.resume).__name__}")
+        if not callable(self.jitter):
+            raise TypeError("jitter must be a callable returning a float in [0, 1)")
         if self.token is not None:
             if not isinstance(self.token, str) or not self.token:
                 raise TypeError("token must be a non-empty str")
@@ -263,6 +275,9 @@ class ClientSessionState(enum.Enum):
     OPEN = "open"
     #: A legacy poll ended; the next one is out (or about to be).
     REPOLLING = "repolling"
+    #: A resume session's pull ended or was lost; it is being re-attached
+    #: (with back-off, within the grace period).
+    RECONNECTING = "reconnecting"
     #: The server ended the session cleanly: the stream is at EOF.
     ENDED = "ended"
     #: The application closed the stream.
@@ -286,6 +301,13 @@ TRANSITIONS: dict[tuple[ClientSessionState, str], ClientSessionState] = {
     (S.OPEN, "PullEnded, session over"): S.ENDED,
     (S.REPOLLING, "PullStarted"): S.OPEN,
     (S.REPOLLING, "Rejected 403"): S.ENDED,
+    (S.OPEN, "PullEnded, resume session"): S.RECONNECTING,
+    (S.OPEN, "pull lost, resume session"): S.RECONNECTING,
+    (S.OPEN, "PHT-End reached"): S.ENDED,
+    (S.RECONNECTING, "pull lost, resume session"): S.RECONNECTING,
+    (S.RECONNECTING, "Rejected 429/502/503/504"): S.RECONNECTING,
+    (S.RECONNECTING, "PullStarted"): S.OPEN,
+    (S.RECONNECTING, "Rejected 410, PHT-Gone: closed"): S.ENDED,
 }
 del S
 
@@ -324,6 +346,14 @@ class PollAgain:
 
 
 @dataclass(frozen=True, slots=True)
+class Reattach:
+    """Re-attach the resume session's pull: wait :meth:`ClientSession.pull_lost`'s
+    delay, then write a new pull with :meth:`ClientSession.pull_headers`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Deliver:
     """Hand ``data`` to the application."""
 
@@ -340,7 +370,10 @@ class EndOfStream:
     """The session is over: the application's stream is at EOF."""
 
 
-PullAction = SendPull | PollAgain | Deliver | Wait | EndOfStream
+PullAction = SendPull | PollAgain | Reattach | Deliver | Wait | EndOfStream
+#: Statuses that say a hop or the server is overwhelmed or restarting: retried
+#: with back-off in a resume session (``docs/resume.md``, *Reconnecting*).
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 # Not frozen: one is made for every push, and a frozen dataclass's __init__
@@ -365,6 +398,7 @@ class WriteDone:
 PushStep = PushChunk | CollectAck | WriteDone
 _COLLECT_ACK = CollectAck()
 _WRITE_DONE = WriteDone()
+_WAIT = Wait()
 
 _PATH_HINTS = {
     404: "the server has no such path; do the client's and server's paths match?",
@@ -425,7 +459,9 @@ class ClientSession:
     failure of the pull puts the session in ``ERROR`` (:attr:`error` keeps
     it); a failure of a push only breaks sending (:attr:`send_error`), as the
     pull may still deliver what the server has, but the session's end is
-    then an error, never an EOF.
+    then an error, never an EOF. The exception is the refusal of a push of an
+    earlier write (:attr:`refused`): no write reported it, so it ends
+    receiving too (:meth:`watch_answers`).
     """
 
     def __init__(self, options: ClientOptions) -> None:
@@ -436,6 +472,10 @@ class ClientSession:
         self.error: TunnelError | None = None
         #: Why sending is impossible, once it is (the pull side may go on).
         self.send_error: TunnelError | None = None
+        #: The refusal of a push of an earlier write (``push_window > 1``): the
+        #: application has not been told by the write, so its next send or
+        #: receive raises it, and a receive waiting for the pull is woken with it.
+        self.refused: TunnelError | None = None
         self._pull_failure: str | None = None
         self._push_loss: str | None = None
         # Unanswered pushes of writes that have returned (push_window > 1).
@@ -446,6 +486,11 @@ class ClientSession:
         self.acknowledged = 0
         #: How many pushes a write may leave unanswered: ``push_window - 1``.
         self.keep_after_write = options.push_window - 1
+        #: The resume state, once the server granted the extension (else ``None``).
+        self.resume: ClientResume | None = None
+        self._reconnect: Reconnect | None = None
+        self._pull_ack = 0  # the PHT-Ack of the current pull request
+        self._push_acks: deque[int] = deque()  # the PHT-Ack of each push in flight
 
     @property
     def state(self) -> ClientSessionState:
@@ -490,7 +535,7 @@ class ClientSession:
         return SendPull(self.token)
 
     def handshake_step(
-        self, answer: ClientEvent | None = None
+        self, answer: ClientEvent | None = None, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> SendAuthorize | SendPull | Established:
         """The next step of the handshake: call it with ``None`` to begin, then
         with the answer to each request it named, until :class:`Established`.
@@ -502,7 +547,7 @@ class ClientSession:
         if answer is None:
             start = self.start()
             return SendAuthorize() if start is None else start
-        action = self.pull_event(answer)
+        action = self.pull_event(answer, headers)
         if isinstance(action, SendPull):
             return action
         # Any other answer moved the session to OPEN (PullStarted) or raised.
@@ -526,9 +571,13 @@ class ClientSession:
         assert isinstance(error, TunnelError)
         return error
 
-    def pull_event(self, event: ClientEvent) -> PullAction:
+    def pull_event(
+        self, event: ClientEvent, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> PullAction:
         """What to do about ``event``, read from the pull connection.
 
+        ``headers`` are the ``PHT-*`` headers of its response
+        (:attr:`~pht.ClientChannel.resume_headers`; needed with ``resume``).
         Raises :class:`~pht.TunnelError` when the event ends the session in
         failure (a refusal, data lost).
         """
@@ -543,15 +592,30 @@ class ClientSession:
             self.token = event.token
             return SendPull(event.token)
         if isinstance(event, PullStarted):
+            if self.options.resume and state is not ClientSessionState.OPEN:
+                self._resume_pull_started(headers)
             self._enter("PullStarted")
+            if self.resume is not None and self.resume.eof:
+                self._enter("PHT-End reached")
+                return self._end_of_session()
             return Wait()
         if isinstance(event, DataReceived):
             self._enter("DataReceived")
+            if self.resume is not None:
+                return self._resume_data(event.data)
             return Deliver(event.data)
         if isinstance(event, Heartbeat):
             self._enter("Heartbeat")
             return Wait()
         if isinstance(event, PullEnded):
+            if self.resume is not None:
+                # A resume session never ends with a response: PHT-End says where.
+                if self.resume.eof:
+                    self._enter("PHT-End reached")
+                    return self._end_of_session()
+                self._enter("PullEnded, resume session")
+                assert self.token is not None
+                return PollAgain(self.token)
             if event.session_over:
                 self._enter("PullEnded, session over")
                 return self._end_of_session()
@@ -559,6 +623,14 @@ class ClientSession:
             assert self.token is not None
             return PollAgain(self.token)
         if isinstance(event, Rejected):
+            if state is ClientSessionState.RECONNECTING and self.resume is not None:
+                if event.status_code in RETRY_STATUSES:
+                    self._enter("Rejected 429/502/503/504")
+                    return Reattach(f"server answered {event.status_code} {event.reason}")
+                if event.status_code == 410:
+                    self._resume_gone(headers)  # raises unless closed
+                    self._enter("Rejected 410, PHT-Gone: closed")
+                    return self._end_of_session()
             if state is ClientSessionState.REPOLLING and event.status_code == 403:
                 # A legacy server forgets a closed session's token: EOF.
                 # (A 410 is no such end: it says that data was not consumed.)
@@ -609,6 +681,263 @@ class ClientSession:
             self.send_error = TunnelError("the PHT session is over")
         return EndOfStream()
 
+    # -- resume: the pull side -------------------------------------------------------
+
+    @property
+    def resuming(self) -> bool:
+        """Whether a lost pull is re-attached rather than an error (a granted resume)."""
+        return self.resume is not None and self._state in (
+            ClientSessionState.OPEN,
+            ClientSessionState.RECONNECTING,
+        )
+
+    def pull_headers(self) -> list[tuple[bytes, bytes]]:
+        """The resume headers of the next pull request (none without ``resume``).
+
+        The opening pull offers the extension; once granted, every pull
+        re-attaches with the downstream count; if the server did not grant
+        it, no ``PHT-*`` header is sent again (GOST sees today's traffic).
+        """
+        if not self.options.resume:
+            return []
+        resume = self.resume
+        if resume is None:
+            return ClientResume.offer() if not self.established else []
+        self._pull_ack = resume.downstream.received
+        return resume.pull_headers()
+
+    def pull_lost(self, reason: BaseException | str, now: float) -> float:
+        """A resume session's pull broke (or was refused for now) at ``now``.
+
+        Returns the seconds to wait before re-attaching it; raises once the
+        grace period has passed since the first failure in a row.
+        """
+        assert self.resume is not None
+        assert self._reconnect is not None
+        self._enter("pull lost, resume session")
+        delay = self._reconnect.failed(now)
+        if delay is None:
+            raise self._fail_with(self._gave_up(reason))
+        return delay
+
+    def _gave_up(self, reason: BaseException | str) -> SessionGone:
+        """Reconnects failed for the whole grace period: the server has ended the
+        session by now (``expired``), whatever it would say."""
+        assert self._reconnect is not None
+        error = SessionGone(GoneReason.EXPIRED)
+        error.args = (str(self._reconnect.gave_up(str(reason))),)
+        error.status = None  # no 410 came: the server was not reached
+        return error
+
+    def _fail_with(self, error: TunnelError) -> TunnelError:
+        """Enter ``ERROR`` with ``error`` itself (a named one, e.g. :class:`SessionGone`)."""
+        if self._state is not ClientSessionState.CLOSED:
+            self._state = ClientSessionState.ERROR
+        if self.error is None:
+            self.error = error
+        if self.send_error is None:
+            self.send_error = error
+        return error
+
+    def _resume_fields(self, headers: Sequence[tuple[bytes, bytes]]) -> ResponseFields:
+        try:
+            return ResponseFields.from_headers(headers)
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+
+    def _resume_pull_started(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        fields = self._resume_fields(headers)
+        try:
+            if self._state is ClientSessionState.STARTING:
+                window = self.options.channel_push_window * self.options.max_push_size
+                self.resume = ClientResume.negotiated(fields, buffer_limit=window)
+                if self.resume is not None:
+                    backoff = Backoff(self.options.jitter)
+                    self._reconnect = Reconnect(self.resume.terms.grace, backoff)
+            elif self.resume is not None and self._reconnect is not None:
+                self.resume.pull_started(self._pull_ack, fields)
+                self._reconnect.succeeded()
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+
+    def _resume_data(self, data: bytes) -> Deliver | Wait:
+        assert self.resume is not None
+        try:
+            part = self.resume.pull_data(data)
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+        if not len(part):
+            return _WAIT  # all of it was a replay of bytes delivered before
+        return Deliver(part if isinstance(part, bytes) else bytes(part))
+
+    def _resume_gone(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """A ``410`` in a resume session: return if it ended cleanly, else raise."""
+        fields = self._resume_fields(headers)
+        try:
+            ClientResume.gone(fields)
+        except SessionGone as exc:
+            raise self._fail_with(exc) from None
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+
+    @property
+    def ack_due(self) -> bool:
+        """Whether to send an ack-only push now (the server's replay buffer fills)."""
+        return self.resuming and self.resume is not None and self.resume.ack_due()
+
+    def ack_only_headers(self) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The ack it carries and the headers of an ack-only push."""
+        assert self.resume is not None
+        return self.resume.downstream.received, self.resume.ack_only()
+
+    def ack_only_answer(
+        self, ack: int, event: ClientEvent, headers: Sequence[tuple[bytes, bytes]]
+    ) -> bool:
+        """Judge the answer to an ack-only push that carried ``ack``: ``True`` means
+        retry it (after :meth:`pull_lost`'s kind of back-off, :meth:`push_lost`)."""
+        resume = self.resume
+        assert resume is not None
+        if isinstance(event, Rejected):
+            if event.status_code in RETRY_STATUSES:
+                return True
+            if event.status_code == 410:
+                self._resume_gone(headers)
+                return False  # closed: the pull reports the end
+            if event.status_code != 409:
+                raise self._fail(
+                    f"resume failed: an ack-only push was answered {event.status_code}"
+                )
+        elif not isinstance(event, PushAcknowledged):
+            raise self._fail(f"resume failed: unexpected answer to an ack-only push: {event}")
+        fields = self._resume_fields(headers)
+        try:
+            resume.downstream.ack_confirmed(ack)
+            if fields.received is not None:
+                resume.upstream.ack(fields.received)
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+        assert self._reconnect is not None
+        self._reconnect.succeeded()
+        return False
+
+    # -- resume: the push side -------------------------------------------------------
+
+    @property
+    def resume_room(self) -> int:
+        """How many written bytes the replay buffer takes now (``0``: wait for answers)."""
+        assert self.resume is not None
+        return self.resume.upstream.room
+
+    def resume_write(self, data: bytes | bytearray | memoryview) -> int:
+        """Keep ``data`` in the replay buffer: how much it took (the rest waits)."""
+        assert self.resume is not None
+        return self.resume.write(data)
+
+    def resume_step(self, *, writing: bool, in_flight: int, window: int, keep: int) -> PushStep:
+        """What a write of a resume session does next.
+
+        ``writing``: the application's bytes do not all fit in the replay
+        buffer yet. Push what was not pushed (within ``window``), collect
+        answers while the buffer is full, then until at most ``keep`` pushes
+        are unanswered (``0``: all, as before a close).
+        """
+        resume = self.resume
+        assert resume is not None
+        unpushed = resume.unpushed
+        if unpushed and in_flight < window:
+            return PushChunk(min(unpushed, self.options.max_push_size))
+        if in_flight and (writing or unpushed or in_flight > keep):
+            return _COLLECT_ACK
+        return _WRITE_DONE
+
+    def resume_push(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The data (at most ``max_push_size``) and headers of the next push."""
+        resume = self.resume
+        assert resume is not None
+        offset, data = resume.next_push(self.options.max_push_size)
+        self._push_acks.append(resume.downstream.received)
+        return data, resume.push_headers(offset)
+
+    def resume_push_answer(
+        self, event: ClientEvent, headers: Sequence[tuple[bytes, bytes]]
+    ) -> bool:
+        """Judge the answer to the oldest push of a resume session.
+
+        ``True``: push everything again from what the server has (a ``409``,
+        or a hop's ``502``/``503``/``504``/``429``): drop the connection and
+        call :meth:`push_lost`. Raises when the session cannot go on.
+        """
+        resume = self.resume
+        assert resume is not None
+        assert self._reconnect is not None
+        ack = self._push_acks.popleft() if self._push_acks else resume.downstream.acknowledged
+        if isinstance(event, Rejected):
+            status = event.status_code
+            if status in RETRY_STATUSES:
+                return True
+            if status == 410:
+                self._resume_gone(headers)
+                raise self.break_sending(
+                    "the PHT session is over: the server's application finished "
+                    "(410, PHT-Gone: closed)",
+                    status=410,
+                )
+            if status != 409:
+                config = self.options.config
+                message = explain_rejection(
+                    event, config.paths, authorize=config.authorize, session_ended=None
+                )
+                error = self.push_failed(message, status=status)
+                if self.refused is None and self.keep_after_write:
+                    self.refused = error  # a write may have returned before it: tell the reader
+                raise error
+        elif not isinstance(event, PushAcknowledged):
+            raise self.push_failed(f"unexpected answer to a push: {event}")
+        fields = self._resume_fields(headers)
+        try:
+            resume.push_answered(ack, 200 if isinstance(event, PushAcknowledged) else 409, fields)
+        except PHTError as exc:
+            raise self._fail(f"resume failed: {exc}") from None
+        self.acknowledged = resume.upstream.start
+        if isinstance(event, Rejected):  # 409: pushed again from PHT-Received
+            self._push_acks.clear()
+            return True
+        self._reconnect.succeeded()
+        return False
+
+    def push_abandoned(self) -> None:
+        """A push write was interrupted (cancelled): its connection is dropped, and
+        everything is pushed again from what the server has, without a back-off."""
+        assert self.resume is not None
+        self.resume.push_failed()
+        self._push_acks.clear()
+
+    def push_lost(self, reason: BaseException | str, now: float) -> float:
+        """The pushes in flight of a resume session were lost at ``now`` (their
+        connection is dropped): push again from what the server has, after the
+        returned delay. Raises once the grace period has passed."""
+        assert self.resume is not None
+        assert self._reconnect is not None
+        self.resume.push_failed()
+        self._push_acks.clear()
+        delay = self._reconnect.failed(now)
+        if delay is None:
+            raise self._fail_with(self._gave_up(reason))
+        return delay
+
+    def retry_delay(self, reason: BaseException | str, now: float) -> float:
+        """A request of a resume session other than a pull or a data push (an
+        ack-only push) failed at ``now``: the delay before sending it again."""
+        assert self._reconnect is not None
+        delay = self._reconnect.failed(now)
+        if delay is None:
+            raise self._fail_with(self._gave_up(reason))
+        return delay
+
+    def close_headers(self) -> list[tuple[bytes, bytes]]:
+        """The resume headers of the close notification (none without resume)."""
+        return [] if self.resume is None else self.resume.close_headers()
+
     # -- the push side ------------------------------------------------------------
 
     def push_window_for(self, size: int) -> int:
@@ -651,6 +980,21 @@ class ClientSession:
         """
         return in_flight > 0 and unused_for >= SETTLE_ACKS
 
+    def watch_answers(self, in_flight: int) -> bool:
+        """Whether a receive must also read the answers of the ``in_flight`` pushes.
+
+        A write that returns with pushes unanswered (``push_window > 1``) may
+        be the application's last for a while: nothing else would read a
+        refusal of them (a wrong ``push_path``, a ``410``), and a receive
+        waiting for the server's reply would wait for nothing. So while such
+        pushes are in flight, a waiting receive reads their answers too.
+        """
+        if not self.keep_after_write:
+            return False
+        if self.resume is not None:  # lost answers are pushed again, by the receive if need be
+            return in_flight > 0 or self.resume.unpushed > 0
+        return in_flight > 0
+
     def write_returned(self, in_flight: int) -> None:
         """A write returns with ``in_flight`` pushes unanswered (``push_window > 1``).
 
@@ -676,9 +1020,14 @@ class ClientSession:
                 authorize=config.authorize,
                 session_ended=self._how_session_ended(),
             )
-            if earlier:
-                message = f"an earlier push was refused: {message}"
-            raise self.push_failed(message, status=event.status_code)
+            if not earlier:
+                raise self.push_failed(message, status=event.status_code)
+            error = self.push_failed(
+                f"an earlier push was refused: {message}", status=event.status_code
+            )
+            if self.refused is None:
+                self.refused = error
+            raise error
         if not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
         if self._push_sizes:

@@ -116,6 +116,7 @@ class TLSSocketStream(trio.abc.Stream):
             size = 65536 if max_bytes is None else max_bytes
             if size < 1:
                 raise ValueError("max_bytes must be at least 1")
+            await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 if self._closed:
                     raise ClosedTunnelError("stream was closed")
@@ -132,7 +133,8 @@ class TLSSocketStream(trio.abc.Stream):
                 else:
                     if data and len(data) < size:
                         data = self._read_more(data, size)
-                    await trio.lowlevel.checkpoint()
+                    # Shielded: a cancelled receive must not drop what it read.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
 
     def receive_nowait(self, max_bytes: int = 65536) -> bytes | None:

@@ -21,16 +21,19 @@ from ._client_session import (
     Established,
     PollAgain,
     PushChunk,
+    Reattach,
     SendAuthorize,
     SendPull,
     describe_failure,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
+from ._resume import SessionGone
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import (
     RECEIVE_SIZE,
+    BrokenSessionGone,
     BrokenTunnelError,
     ClosedTunnelError,
     ConflictDetector,
@@ -146,6 +149,7 @@ class _ClientStream(PHTStream):
         self._config = session.options.config
         self._pull = pull
         self._push: _Connection | None = push
+        self._ack: _Connection | None = None  # ack-only pushes (resume)
         self._pending = b""
         self._pending_offset = 0
         self._closed = False
@@ -153,6 +157,17 @@ class _ClientStream(PHTStream):
         self._receive_conflict = ConflictDetector(
             "another task is already receiving on this stream"
         )
+        # Push answers are read by one task at a time: the sending task, or a
+        # receive waiting for the pull while pushes of earlier writes are in
+        # flight (ClientSession.watch_answers). ``_receive_scope`` lets the
+        # sending side wake such a receive: to report a refusal, or to make it
+        # watch the pushes that a returning write left in flight.
+        self._answers_lock = trio.Lock()
+        self._push_lock = trio.Lock()  # resume: one task writes pushes at a time
+        self._receive_scope: trio.CancelScope | None = None
+        self._receive_watching = False
+        # A pull event read just before such a wake-up: not lost, returned next.
+        self._stashed_event: ClientEvent | None = None
 
     # -- sending ----------------------------------------------------------------
 
@@ -167,6 +182,14 @@ class _ClientStream(PHTStream):
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
+            if session.resume is not None:
+                try:
+                    await self._send_resumable(view)
+                except trio.Cancelled:
+                    session.break_sending("a send_all was cancelled; the stream is broken")
+                    raise
+                self._after_write()
+                return
             try:
                 push = self._push
                 if push is not None and session.should_settle(
@@ -178,8 +201,17 @@ class _ClientStream(PHTStream):
             except trio.Cancelled:
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
-            if self._push is not None:
-                session.write_returned(self._push.channel.pushes_in_flight)
+            push = self._push
+            if push is not None:
+                session.write_returned(push.channel.pushes_in_flight)
+            self._after_write()
+
+    def _after_write(self) -> None:
+        """A write returns: a waiting receive watches what it left in flight."""
+        push = self._push
+        in_flight = 0 if push is None else push.channel.pushes_in_flight
+        if self._session.watch_answers(in_flight) and not self._receive_watching:
+            self._wake_receive()
 
     async def _pump_pushes(self, view: memoryview, *, window: int, keep: int) -> None:
         """Push ``view`` and collect answers, each step as the session says."""
@@ -200,6 +232,8 @@ class _ClientStream(PHTStream):
             elif type(step) is CollectAck:
                 assert push is not None
                 await self._collect_ack(push)
+                if session.send_error is not None:  # a receive read a refusal
+                    raise _broken(session.send_error)
             else:
                 return
 
@@ -212,23 +246,33 @@ class _ClientStream(PHTStream):
         self._session.pushed(len(chunk))
 
     async def _collect_ack(self, connection: _Connection) -> None:
-        """Read and judge the answer to the oldest push."""
-        try:
-            event = await connection.next_event()
-        except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            raise await self._push_failed(connection, exc) from exc
-        channel = connection.channel
-        try:
-            done = self._session.push_answer(
-                event,
-                closed=channel.state is ChannelState.CLOSED,
-                still_in_flight=channel.pushes_in_flight,
-            )
-        except TunnelError as exc:
-            raise await self._drop_push(connection, exc) from None
-        if done:
-            self._push = None
-            await connection.aclose()
+        """Read and judge the answer to the oldest push (unless another task did)."""
+        async with self._answers_lock:
+            channel = connection.channel
+            if self._push is not connection or not channel.pushes_in_flight:
+                return
+            try:
+                event = await connection.next_event()
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                raise await self._push_failed(connection, exc) from exc
+            try:
+                done = self._session.push_answer(
+                    event,
+                    closed=channel.state is ChannelState.CLOSED,
+                    still_in_flight=channel.pushes_in_flight,
+                )
+            except TunnelError as exc:
+                if self._session.refused is not None:
+                    self._wake_receive()
+                raise await self._drop_push(connection, exc) from None
+            if done:
+                self._push = None
+                await connection.aclose()
+
+    def _wake_receive(self) -> None:
+        """Make a receive waiting for the pull look at the push side again."""
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
 
     async def _push_failed(self, connection: _Connection, exc: BaseException) -> BrokenTunnelError:
         reason = describe_failure(exc, connection.idle_for)
@@ -262,6 +306,183 @@ class _ClientStream(PHTStream):
                 raise _broken(self._session.break_sending(str(exc))) from exc
         return self._push
 
+    # -- sending, resume session -------------------------------------------------
+
+    async def _send_resumable(self, view: memoryview, *, keep: int | None = None) -> None:
+        """Write ``view`` through the replay buffer; pushes lost on the way are pushed again."""
+        session = self._session
+        window = session.push_window_for(len(view))
+        if keep is None:
+            keep = session.keep_after_write
+        offset = 0
+        while True:
+            if session.send_error is not None:
+                raise _broken(session.send_error)
+            if offset < len(view):
+                offset += session.resume_write(view[offset:])
+            push = self._push
+            step = session.resume_step(
+                writing=offset < len(view),
+                in_flight=0 if push is None else push.channel.pushes_in_flight,
+                window=window,
+                keep=keep,
+            )
+            if type(step) is PushChunk:
+                await self._resume_push_once()
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._resume_collect(push)
+            else:
+                return
+
+    async def _resume_push_once(self) -> None:
+        """Push the next bytes not pushed yet (one task at a time: ``_push_lock``)."""
+        session = self._session
+        async with self._push_lock:
+            assert session.resume is not None
+            if not session.resume.unpushed or session.send_error is not None:
+                return  # another task pushed them, or sending broke meanwhile
+            connection = self._push
+            try:
+                if (
+                    connection is not None
+                    and connection.channel.state is ChannelState.IDLE
+                    and not await connection.reusable()
+                ):
+                    self._push = None
+                    await connection.aclose()
+                if self._push is None:
+                    connection = None
+                    # Shielded (connect_timeout bounds it): a receive that watches
+                    # the pushes must not throw away a connection it just made.
+                    with trio.CancelScope(shield=True):
+                        self._push = await self._connect.open(self._config)
+                connection = self._push
+                assert connection is not None
+                # A receive watching the pushes is cancelled when the pull has
+                # data: better here, before the push is claimed and half written.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                data, headers = session.resume_push()
+                try:
+                    await connection.send(connection.channel.push(self.token, data, headers))
+                except trio.Cancelled:
+                    # Part of the push may be out: drop the connection, push it all again.
+                    if self._push is connection:
+                        self._push = None
+                    session.push_abandoned()
+                    await trio.aclose_forcefully(connection.transport)
+                    raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
+                await self._resume_push_lost(exc, connection=connection)
+
+    async def _resume_collect(self, connection: _Connection) -> None:
+        """Read and judge the answer to the oldest push of a resume session."""
+        session = self._session
+        async with self._answers_lock:
+            channel = connection.channel
+            if self._push is not connection or not channel.pushes_in_flight:
+                return  # another task read it, or the connection was dropped
+            try:
+                event = await connection.next_event()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
+                await self._resume_push_lost(exc, connection=connection)
+                return
+            try:
+                again = session.resume_push_answer(event, channel.resume_headers)
+            except TunnelError as exc:
+                if session.refused is not None:
+                    self._wake_receive()
+                raise await self._drop_push(connection, exc) from None
+            if again:
+                await self._resume_push_lost(f"the server answered {event}", connection=connection)
+            elif channel.state is ChannelState.CLOSED:
+                if channel.pushes_in_flight:
+                    await self._resume_push_lost(
+                        "the server closed the push connection", connection=connection
+                    )
+                else:
+                    self._push = None
+                    await connection.aclose()
+
+    async def _resume_settle(self) -> None:
+        """Push what is not pushed and collect every answer (a receive does this
+        for writes that returned early; lost pushes are pushed again)."""
+        session = self._session
+        while session.send_error is None:
+            push = self._push
+            step = session.resume_step(
+                writing=False,
+                in_flight=0 if push is None else push.channel.pushes_in_flight,
+                window=session.options.push_window,
+                keep=0,
+            )
+            if type(step) is PushChunk:
+                await self._resume_push_once()
+            elif type(step) is CollectAck:
+                assert push is not None
+                await self._resume_collect(push)
+            else:
+                return
+
+    async def _resume_push_lost(
+        self, reason: BaseException | str, *, connection: _Connection | None
+    ) -> None:
+        """Drop the push connection: its pushes are pushed again after a back-off.
+
+        ``connection`` is the one that failed (``None``: connecting failed);
+        nothing happens if another task dropped it already.
+        """
+        if connection is not None:
+            if self._push is not connection:
+                return
+            self._push = None
+        try:
+            delay = self._session.push_lost(reason, trio.current_time())  # rewinds
+        except TunnelError as exc:
+            raise _broken(exc) from None
+        finally:
+            if connection is not None:
+                await connection.aclose()
+        await trio.sleep(delay)
+
+    async def _send_ack_only(self) -> None:
+        """Tell the server what arrived (its replay buffer is half full), on a
+        connection of its own: never pipelined behind a data push."""
+        session = self._session
+        while session.ack_due:
+            ack, headers = session.ack_only_headers()
+            try:
+                connection = self._ack
+                if connection is not None and not await connection.reusable():
+                    self._ack = None
+                    await connection.aclose()
+                if self._ack is None:
+                    self._ack = await self._connect.open(self._config)
+                connection = self._ack
+                await connection.send(connection.channel.ack_only(self.token, headers))
+                event = await connection.next_event()
+                again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
+                if connection.channel.state is ChannelState.CLOSED:
+                    self._ack = None
+                    await connection.aclose()
+                if not again:
+                    return
+                reason: BaseException | str = f"the server answered {event}"
+            except TunnelError as exc:
+                if session.error is exc:
+                    raise _broken(exc) from None
+                reason = exc
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                reason = exc
+            if self._ack is not None:
+                await self._ack.aclose()
+                self._ack = None
+            try:
+                delay = session.retry_delay(reason, trio.current_time())
+            except TunnelError as exc:
+                raise _broken(exc) from None
+            await trio.sleep(delay)
+
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
         await trio.lowlevel.checkpoint()
@@ -271,6 +492,8 @@ class _ClientStream(PHTStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._receive_conflict:
             self._check_open()
+            if self._session.refused is not None:
+                raise _broken(self._session.refused)
             if max_bytes is None:
                 max_bytes = RECEIVE_SIZE
             elif operator.index(max_bytes) < 1:
@@ -304,27 +527,99 @@ class _ClientStream(PHTStream):
         session = self._session
         while True:
             try:
-                event = await self._pull.next_event()  # _poll_again may replace it
+                event = await self._next_pull_event()  # _poll_again may replace the pull
             except (trio.BrokenResourceError, OSError, PHTError) as exc:
                 if self._closed:
                     raise ClosedTunnelError("stream was closed") from None
+                if session.refused is not None:
+                    raise _broken(session.refused) from None
+                if session.resuming:
+                    await self._reattach(exc)
+                    continue
                 quiet = trio.current_time() - self._pull.last_used
                 raise _broken(session.pull_failed(exc, quiet_for=quiet)) from exc
             try:
-                action = session.pull_event(event)
+                action = session.pull_event(event, self._pull.channel.resume_headers)
             except TunnelError as exc:
                 raise _broken(exc) from None
             if isinstance(action, Deliver):
                 self._pending, self._pending_offset = action.data, 0
+                if session.ack_due:
+                    await self._send_ack_only()
                 return self._take(max_bytes)
             if isinstance(action, EndOfStream):
                 await trio.lowlevel.checkpoint()
                 return b""
-            if isinstance(action, PollAgain):
+            if isinstance(action, Reattach):
+                await self._reattach(action.reason)
+            elif isinstance(action, PollAgain):
                 try:
                     await self._poll_again(action.token)
                 except (TunnelError, trio.BrokenResourceError, OSError) as exc:
-                    raise _broken(session.repoll_failed(exc)) from exc
+                    if not session.resuming:
+                        raise _broken(session.repoll_failed(exc)) from exc
+                    await self._reattach(exc)
+
+    async def _next_pull_event(self) -> ClientEvent:
+        """The pull's next event; a refusal of an earlier write's push raises instead."""
+        session = self._session
+        if not session.keep_after_write:  # stop and wait: writes settle their pushes
+            return await self._pull.next_event()
+        while True:
+            if session.refused is not None:
+                raise _broken(session.refused)
+            event, self._stashed_event = self._stashed_event, None
+            if event is not None:
+                return event
+            push = self._push
+            watch = session.watch_answers(0 if push is None else push.channel.pushes_in_flight)
+            with trio.CancelScope() as scope:
+                self._receive_scope = scope
+                self._receive_watching = watch
+                try:
+                    if not watch:
+                        return await self._pull.next_event()
+                    return await self._pull_watching_answers(push)
+                finally:
+                    self._receive_scope = None
+                    self._receive_watching = False
+            # Woken by the sending side (the scope was cancelled): look again.
+
+    async def _pull_watching_answers(self, push: _Connection | None) -> ClientEvent:
+        """The pull's next event, reading the answers of the pushes in flight meanwhile
+        (and, in a resume session, pushing again what was lost)."""
+        failure: BaseException | None = None
+
+        async def pull() -> None:
+            nonlocal failure
+            try:
+                self._stashed_event = await self._pull.next_event()
+            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pull)
+            if self._session.resume is not None:
+                try:
+                    await self._resume_settle()
+                except BrokenTunnelError:
+                    pass  # the session has it: a refusal, or sending broken
+            while push is not None and push is self._push and push.channel.pushes_in_flight:
+                try:
+                    await self._collect_ack(push)
+                except BrokenTunnelError:
+                    break  # the session has it: a refusal, or sending broken
+            self._receive_watching = False
+            if self._session.refused is not None:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        event, self._stashed_event = self._stashed_event, None
+        if event is None:
+            assert self._session.refused is not None
+            raise _broken(self._session.refused)
+        return event
 
     async def _poll_again(self, token: str) -> None:
         # Nothing of the new GET was written yet: a new connection is safe
@@ -332,7 +627,24 @@ class _ClientStream(PHTStream):
         if not await self._pull.reusable():
             await self._pull.aclose()
             self._pull = await self._connect.open(self._config)
-        await self._pull.send(self._pull.channel.pull(token))
+        await self._pull.send(self._pull.channel.pull(token, self._session.pull_headers()))
+
+    async def _reattach(self, reason: BaseException | str) -> None:
+        """Re-attach a resume session's pull on a new connection, after a back-off."""
+        session = self._session
+        while True:
+            try:
+                delay = session.pull_lost(reason, trio.current_time())
+            except TunnelError as exc:
+                raise _broken(exc) from None
+            await trio.sleep(delay)
+            await self._pull.aclose()
+            try:
+                self._pull = await self._connect.open(self._config)
+                await self._pull.send(self._pull.channel.pull(self.token, session.pull_headers()))
+                return
+            except (TunnelError, trio.BrokenResourceError, OSError) as exc:
+                reason = exc
 
     # -- closing ----------------------------------------------------------------
 
@@ -361,15 +673,27 @@ class _ClientStream(PHTStream):
                     await push.aclose()
             finally:  # a cancelled close of one still closes the other
                 await self._pull.aclose()
+                if self._ack is not None:
+                    await self._ack.aclose()
         if refused is not None:
             raise refused
 
     async def _finish_pushes(self) -> BrokenTunnelError | None:
         """Wait (up to ``close_timeout``) for the acknowledgements still due."""
-        if self._push is None or not self._push.channel.pushes_in_flight:
+        session = self._session
+        if session.resume is not None:
+            if session.send_error is not None or (
+                not session.resume.unpushed
+                and (self._push is None or not self._push.channel.pushes_in_flight)
+            ):
+                return None
+        elif self._push is None or not self._push.channel.pushes_in_flight:
             return None
-        with trio.move_on_after(self._session.options.close_timeout):
+        with trio.move_on_after(session.options.close_timeout):
             try:
+                if session.resume is not None:
+                    await self._send_resumable(memoryview(b""), keep=0)
+                    return None
                 await self._pump_pushes(memoryview(b""), window=1, keep=0)
             except BrokenTunnelError as exc:
                 return exc
@@ -392,12 +716,17 @@ class _ClientStream(PHTStream):
                 pass
 
     async def _send_close(self, connection: _Connection) -> None:
-        await connection.send(connection.channel.close_session(self.token))
+        headers = self._session.close_headers()
+        await connection.send(connection.channel.close_session(self.token, headers))
         await connection.next_event()
 
 
 def _broken(error: TunnelError) -> BrokenTunnelError:
     """``error`` as trio's stream contract wants it (and still a pht error)."""
+    if isinstance(error, SessionGone):
+        gone = BrokenSessionGone(error.reason, str(error))
+        gone.status = error.status
+        return gone
     return BrokenTunnelError(str(error), status=error.status)
 
 
@@ -486,6 +815,7 @@ async def open_pht_stream(
     close_timeout: float = 5.0,
     push_window: int = 1,
     open_transport: TransportOpener | None = None,
+    resume: bool = False,
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
@@ -504,10 +834,12 @@ async def open_pht_stream(
     server acknowledged all its bytes. With ``N > 1`` it may return while up
     to ``N - 1`` pushes are unanswered, so the next write overlaps the
     server's work: faster uploads. Their answers are read before later
-    pushes exceed the window and in ``aclose`` (up to ``close_timeout``); a
-    refused push then breaks the stream: the next ``send_all`` (or
-    ``aclose``) raises :class:`trio.BrokenResourceError` saying that an
-    earlier push was refused. Pushes stay on one connection, in order (GOST's
+    pushes exceed the window, by a ``receive_some`` waiting meanwhile, and in
+    ``aclose`` (up to ``close_timeout``); a refused push then breaks the
+    stream both ways: a waiting ``receive_some`` is woken, and the next
+    ``send_all`` or ``receive_some`` (or ``aclose``) raises
+    :class:`trio.BrokenResourceError` saying that an earlier push was
+    refused, with its status. Pushes stay on one connection, in order (GOST's
     and ``pht``'s servers answer pipelined requests in order). Within one
     ``send_all`` larger than ``max_push_size`` two pushes are in flight even
     with a window of 1.
@@ -522,6 +854,16 @@ async def open_pht_stream(
     :class:`trio.SocketStream`, the client cannot peek at an idle connection
     for a close, so it retires idle connections by their idle time alone
     (``keepalive_expiry``, 50 s: below common servers' keep-alive limits).
+
+    ``resume=True`` offers the resume extension (``docs/resume.md``): if
+    the server grants it, a cut pull or a push whose answer was lost is
+    repeated on a new connection (with a jittered back-off, within the
+    server's grace period) without losing or duplicating a byte, and the
+    application sees only a slower stream. The server's ``410`` with a
+    ``PHT-Gone`` other than ``closed``, or reconnects failing for the whole
+    grace period, raise :class:`~pht.SessionGone` (also a
+    :class:`trio.BrokenResourceError`). A server that does not grant it
+    (GOST) gets today's protocol.
 
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
@@ -552,6 +894,7 @@ async def open_pht_stream(
         push_window=push_window,
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
+        resume=resume,
     )
     config = options.config
     connector = _Connector(options, ssl_context, server_hostname, open_transport)
@@ -581,8 +924,9 @@ async def _start_session(
             if isinstance(step, SendAuthorize):
                 await pull.send(channel.authorize())
             else:
-                await pull.send(channel.pull(step.token))
-            step = session.handshake_step(await pull.next_event())
+                await pull.send(channel.pull(step.token, session.pull_headers()))
+            event = await pull.next_event()
+            step = session.handshake_step(event, pull.channel.resume_headers)
             if isinstance(step, SendPull) and not await pull.reusable():
                 # Closed after the token: nothing of the pull was sent yet.
                 await pull.aclose()

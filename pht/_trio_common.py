@@ -8,9 +8,11 @@ import trio
 
 from ._common import JOIN_LIMIT, plan_writes
 from ._errors import LocalProtocolError, TunnelError
+from ._resume import GoneReason, SessionGone
 
 __all__ = [
     "RECEIVE_SIZE",
+    "BrokenSessionGone",
     "BrokenTunnelError",
     "BusyTunnelError",
     "ClosedTunnelError",
@@ -29,6 +31,16 @@ class BrokenTunnelError(trio.BrokenResourceError, TunnelError):
     ``status`` holds the HTTP status when a refusal broke it. Defined here,
     in the trio adapter, because the sans-IO core does not import trio.
     """
+
+
+class BrokenSessionGone(BrokenTunnelError, SessionGone):
+    """A resume session the server will never resume: :class:`~pht.SessionGone`
+    as trio's stream contract wants it (a :class:`trio.BrokenResourceError`)."""
+
+    def __init__(self, reason: GoneReason, message: str | None = None) -> None:
+        SessionGone.__init__(self, reason)
+        if message is not None:
+            self.args = (message,)
 
 
 class ClosedTunnelError(trio.ClosedResourceError, LocalProtocolError):

@@ -19,12 +19,22 @@ from __future__ import annotations
 import random
 import socket
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import trio
 
-__all__ = ["Connection", "Cut", "Fault", "FaultRelay", "kind_of", "random_cuts"]
+__all__ = [
+    "Connection",
+    "Cut",
+    "CutEveryConnection",
+    "Fault",
+    "FaultRelay",
+    "Planner",
+    "kind_of",
+    "random_cuts",
+]
 
 #: ``up``: client to server (the request); ``down``: server to client (the answer).
 Direction = Literal["up", "down"]
@@ -139,21 +149,34 @@ class _Cutting(Exception):
     """Raised inside a copy loop: the connection is to be cut now."""
 
 
+#: Decides the faults of a new connection once its kind is known (``planner`` of
+#: :class:`FaultRelay`): each returned cut applies to that connection only.
+Planner = Callable[[Connection], "list[Cut]"]
+
+
 class FaultRelay:
     """Relays loopback connections to ``target`` and applies ``cuts``.
 
     Start it with ``port = await nursery.start(relay.serve)``. ``faults``
     lists what fired, ``connections`` what was relayed; :meth:`describe`
-    puts both in a message for a failing assertion.
+    puts both in a message for a failing assertion. A ``planner`` adds
+    cuts per connection as it comes (for runs of hundreds of cuts, where
+    the connections are not known in advance).
     """
 
     def __init__(
-        self, target: int, cuts: list[Cut] | tuple[Cut, ...] = (), *, fin_linger: float = 10.0
+        self,
+        target: int,
+        cuts: list[Cut] | tuple[Cut, ...] = (),
+        *,
+        fin_linger: float = 10.0,
+        planner: Planner | None = None,
     ) -> None:
         self.target = target
         #: After a FIN cut, how long to wait for both ends to close before closing anyway.
         self.fin_linger = fin_linger
         self.cuts = list(cuts)
+        self.planner = planner
         self.connections: list[Connection] = []
         self.faults: list[Fault] = []
         self._seen: dict[Kind | None, int] = {}
@@ -219,6 +242,9 @@ class FaultRelay:
             record.first_line = "(a TLS handshake)"
         else:
             record.first_line = first.split(b"\r\n", 1)[0][:80].decode("latin-1")
+        if self.planner is not None:
+            for cut in self.planner(record):
+                self.cuts.append(replace(cut, kind=None, nth=record.index))
         plans = self._plans_for(record, record.kind)
         outcome: list[How] = []
         async with trio.open_nursery() as nursery:
@@ -367,3 +393,60 @@ def random_cuts(
             )
         )
     return cuts
+
+
+class CutEveryConnection:
+    """A :class:`FaultRelay` planner: a random cut for every connection, until enough fired.
+
+    Connection 0 (the opening pull of a client with ``authorize=False``) is
+    cut only in its answer, once ``first_after`` bytes came down: resume
+    covers an established session, a failed open is an error. The next
+    ``spare`` connections are left alone. Then each pull is cut in its
+    answer (head or lines) or now and then in its request head; each push
+    in its request (head or data) or in its answers (answers lost); a TLS
+    connection, which hides what it carries, both ways at independent
+    offsets (the first to come wins). FIN or RST at random. Once
+    ``relay.faults`` holds ``until`` faults, new connections are left alone,
+    so that the run ends.
+    """
+
+    def __init__(
+        self,
+        relay: FaultRelay,
+        seed: int,
+        *,
+        until: int,
+        max_offset: int = 1_500_000,
+        first_after: int = 50_000,
+        spare: int = 0,
+    ) -> None:
+        self.relay = relay
+        self.rng = random.Random(seed)
+        self.until = until
+        self.max_offset = max_offset
+        self.first_after = first_after
+        self.spare = spare
+
+    def _offset(self, head: int) -> int:
+        """In a head (below ``head``) as often as anywhere below ``max_offset``."""
+        return self.rng.randrange(self.rng.choice((head, self.max_offset)))
+
+    def __call__(self, connection: Connection) -> list[Cut]:
+        rng = self.rng
+        how: How = rng.choice(("fin", "rst"))
+        if connection.index == 0:
+            return [Cut("down", rng.randrange(self.first_after, self.max_offset), how)]
+        if connection.index <= self.spare or len(self.relay.faults) >= self.until:
+            return []
+        if connection.kind == "tls":
+            other: How = rng.choice(("fin", "rst"))
+            return [Cut("up", self._offset(2_000), how), Cut("down", self._offset(2_000), other)]
+        if connection.kind == "pull":
+            if rng.random() < 0.15:
+                return [Cut("up", rng.randrange(100), how)]  # in the request's head
+            return [Cut("down", self._offset(400), how)]
+        if connection.kind == "push":
+            if rng.random() < 0.3:
+                return [Cut("down", rng.randrange(1_500), how)]  # answers lost
+            return [Cut("up", self._offset(400), how)]
+        return []

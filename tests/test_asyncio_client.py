@@ -576,3 +576,28 @@ def test_authorize_answer_that_closes_its_connection(aio: Runner) -> None:
         assert connections[:2] == [b"/authorize", b"/pull?token=t1"]
 
     aio(main())
+
+
+def test_a_refused_push_in_flight_wakes_a_waiting_read(aio: Runner, servers: TrioServers) -> None:
+    """push_window=4: drain() returns before the 404; the read waiting for a reply gets it."""
+
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1",
+            servers.ports["paths"],
+            authorize_path="/a/auth",
+            push_path="/push",  # the server's is /a/in
+            pull_path="/a/out",
+            push_window=4,
+        )
+        waiting = asyncio.ensure_future(reader.read(100))
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        await writer.drain()  # within the window: returns before the answer
+        with pytest.raises(pht.asyncio.TunnelResetError, match="paths match") as caught:
+            await asyncio.wait_for(waiting, 10)
+        assert caught.value.status == 404
+        writer.close()
+        with pytest.raises(pht.asyncio.TunnelResetError):
+            await writer.wait_closed()
+
+    aio(main())

@@ -126,3 +126,39 @@ async def test_push_window_lets_writes_return_before_their_answer(
         await stream.aclose()
         nursery.cancel_scope.cancel()
     assert received == b"x" * 3 * 1024
+
+
+# --- resume reaches the PHT dialer ------------------------------------------------------
+
+
+async def test_resume_is_offered_and_granted_through_the_chain() -> None:
+    async def handler(stream: pht.PHTStream) -> None:
+        await stream.send_all(await stream.receive_some())
+
+    async with trio.open_nursery() as nursery:
+        port = await start_server(nursery, handler, resume=True)
+        for query, resumed in (("?resume=true", True), ("", False)):
+            config = build_config([":0"], [f"forward+pht://127.0.0.1:{port}{query}"])
+            stream = await ChainDialer(config.chains[0])("127.0.0.1", 1)
+            with trio.fail_after(10):
+                await stream.send_all(b"ping")
+                assert await stream.receive_some() == b"ping"
+            assert _resumed(stream) is resumed
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def _resumed(stream: object) -> bool:
+    """Whether the tunnel under the chain's stream got a resume grant."""
+    seen: set[int] = set()
+    todo = [stream]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        session = getattr(item, "_session", None)
+        if session is not None and hasattr(session, "resume"):
+            return session.resume is not None
+        todo.extend(value for value in vars(item).values() if hasattr(value, "__dict__"))
+    raise AssertionError("no PHT session under the stream")

@@ -228,11 +228,20 @@ def test_proxy_needs_the_plain_pht_dialer() -> None:
         parse_node("socks5+phts://server:8443?proxy=http://squid:3128")
 
 
+def test_resume_on_a_pht_node() -> None:
+    (node,) = parse_node("forward+pht://server:8443?resume=true").nodes
+    assert node.resume
+    (node,) = parse_node("forward+phts://server:8443").nodes
+    assert not node.resume
+    with pytest.raises(ConfigError, match="resume works with the pht and phts dialers only"):
+        parse_node("socks5://server:1080?resume=true")
+
+
 def test_push_window_on_a_pht_node() -> None:
     (node,) = parse_node("forward+pht://server:8443?pushWindow=2").nodes
     assert node.push_window == 2
     (node,) = parse_node("forward+phts://server:8443").nodes
-    assert node.push_window == DEFAULT_PUSH_WINDOW == 1
+    assert node.push_window == DEFAULT_PUSH_WINDOW == 4
     with pytest.raises(ConfigError, match="pushWindow"):
         parse_node("forward+pht://server:8443?pushWindow=0")
     with pytest.raises(ConfigError, match="pushWindow works with the pht and phts dialers only"):

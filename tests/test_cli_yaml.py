@@ -303,6 +303,7 @@ def test_yaml_headers_nodelay_tls_options_metrics_and_log() -> None:
                   header: {X-Key: v}
                   proxy: "http://sq:3128"
                   pushWindow: 3
+                  resume: true
         metrics: {addr: ":9000"}
         log: {level: warn, format: json, output: stdout}
         """
@@ -317,6 +318,7 @@ def test_yaml_headers_nodelay_tls_options_metrics_and_log() -> None:
     assert node.connect_timeout == 5.0
     assert node.proxy == "http://sq:3128"
     assert node.push_window == 3
+    assert node.resume
     assert config.metrics is not None
     assert config.metrics.addr.port == 9000
     assert config.metrics.path == "/metrics"

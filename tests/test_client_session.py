@@ -38,6 +38,8 @@ from pht._events import (
     RequestKind,
 )
 
+from .test_client_resume import GRANT, open_resume
+
 State = ClientSessionState
 
 
@@ -496,6 +498,18 @@ def test_every_transition_is_reachable() -> None:
         legacy.pull_event(PullEnded(session_over=False))
         legacy.pull_event(_rejected(403))
         _open_modern().pull_event(PullEnded(session_over=True))
+        resumed = open_resume()
+        resumed.pull_event(PullEnded(session_over=True))  # re-attach
+        resumed.pull_event(PullStarted(), GRANT)
+        resumed.pull_lost(OSError("cut"), now=0.0)
+        resumed.pull_lost(OSError("cut again"), now=0.1)
+        resumed.pull_event(_rejected(503))
+        resumed.pull_event(_rejected(410), [(b"pht-gone", b"closed")])
+        ended = open_resume()
+        ended.pull_event(PullEnded(session_over=True))
+        ended.pull_event(PullStarted(), [*GRANT[:1], (b"pht-offset", b"0"), (b"pht-end", b"1")])
+        ended.pull_event(DataReceived(data=b"x"))
+        ended.pull_event(PullEnded(session_over=True))
     finally:
         ClientSession._enter = original  # type: ignore[method-assign]
     assert taken == set(TRANSITIONS)

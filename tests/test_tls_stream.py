@@ -80,3 +80,18 @@ async def test_a_second_reader_waits_for_the_first_without_polling(
     assert sorted(returned) == ["first", "second"]
     await client.aclose()
     await server.aclose()
+
+
+async def test_a_cancelled_receive_loses_nothing() -> None:
+    """trio's contract: a receive_some that is cancelled consumed no data."""
+    client, server = await tls_pair()
+    await server.send_all(b"kept")
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.receive_some()
+    assert scope.cancelled_caught
+    with trio.fail_after(5):
+        assert await client.receive_some() == b"kept"
+    await client.aclose()
+    await server.aclose()

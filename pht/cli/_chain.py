@@ -301,6 +301,7 @@ class ChainDialer:
             host_header=node.host_header,
             proxy=_proxy_url(self._proxies.get(id(node), node.proxy)),
             push_window=node.push_window,
+            resume=node.resume,
         )
 
     def _open_failure(self, hop: HopSpec, node: NodeSpec, exc: BaseException) -> str:

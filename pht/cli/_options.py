@@ -69,6 +69,7 @@ OPTIONS: tuple[Option, ...] = (
     _s("header", ("dialer",), "extra request headers: header.NAME=VALUE"),
     _s("proxy", ("dialer",), "forward HTTP proxy for the PHT requests (pht only)"),
     _s("pushWindow", ("dialer",), "pushes awaiting their answer at once (pht only)"),
+    _s("resume", ("dialer",), "offer the resume extension: survive cut connections"),
     # handlers (auto, http, socks4, socks5, relay, forward) and connectors
     _s("auth", ("handler", "connector"), "base64 of user:password"),
     _s("nodelay", ("handler", "connector"), "relay: answer / ask at once, not with data"),

@@ -40,8 +40,8 @@ DEFAULT_PUSH_PATH = "/push"
 DEFAULT_PULL_PATH = "/pull"
 DEFAULT_BACKLOG = 128
 #: Pushes a ``pht``/``phts`` node keeps awaiting their answer (``pushWindow``):
-#: 1, as GOST (a write returns once the server took its bytes).
-DEFAULT_PUSH_WINDOW = 1
+#: 4 keeps the uplink busy (GOST's client waits for each answer: 1).
+DEFAULT_PUSH_WINDOW = 4
 
 HandlerType = Literal["auto", "http", "socks5", "socks4", "relay", "forward", "tcp"]
 ListenerType = Literal["tcp", "pht", "phts"]
@@ -189,6 +189,7 @@ class NodeSpec:
     tls: ClientTLS = ClientTLS()
     proxy: str | None = None
     push_window: int = DEFAULT_PUSH_WINDOW
+    resume: bool = False
     nodelay: bool = False
     connect_timeout: float | None = None
 

@@ -488,6 +488,14 @@ def node_push_window(meta: Metadata, dialer: DialerType) -> int:
     return window
 
 
+def node_resume(meta: Metadata, dialer: DialerType) -> bool:
+    """``resume=true``: a pht/phts node offers the resume extension (docs/resume.md)."""
+    resume = meta.boolean("resume")
+    if resume and dialer == "tcp":
+        raise ConfigError(f"{meta.where}: resume works with the pht and phts dialers only")
+    return bool(resume)
+
+
 def node_proxy(meta: Metadata, dialer: DialerType) -> str | None:
     """``proxy=http://[user:pass@]host:port``: a forward HTTP proxy for a pht dialer.
 
@@ -535,6 +543,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
     tls = dialer_tls(client_tls(meta), dialer, where)
     proxy = node_proxy(meta, dialer)
     push_window = node_push_window(meta, dialer)
+    resume = node_resume(meta, dialer)
     nodelay = bool(meta.boolean("nodelay"))
     if nodelay and connector != "relay":
         log.warning("%s: nodelay is a relay connector option: it has no effect here", where)
@@ -558,6 +567,7 @@ def parse_node(text: str, *, name: str = "hop-0") -> HopSpec:
             tls=tls,
             proxy=proxy,
             push_window=push_window,
+            resume=resume,
             nodelay=nodelay,
             connect_timeout=connect_timeout,
         )

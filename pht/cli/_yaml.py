@@ -36,6 +36,7 @@ from ._url import (
     node_paths,
     node_proxy,
     node_push_window,
+    node_resume,
     normalize_connector,
     normalize_dialer,
     normalize_handler,
@@ -279,6 +280,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
     headers = meta.headers()
     proxy = node_proxy(meta, dialer)
     push_window = node_push_window(meta, dialer)
+    resume = node_resume(meta, dialer)
     meta.report_unused()
     connector_meta = connector_section.metadata().merged(node.metadata())
     nodelay = bool(connector_meta.boolean("nodelay"))
@@ -300,6 +302,7 @@ def _node(value: object, where: str, index: int) -> NodeSpec:
         tls=tls,
         proxy=proxy,
         push_window=push_window,
+        resume=resume,
         nodelay=nodelay,
         connect_timeout=connect_timeout,
     )

@@ -1,0 +1,166 @@
+"""Resume with the asyncio client: the trio server and the fault relay run in a thread.
+
+The asyncio client (default loop and uvloop) echoes 16 MiB each way through
+many FIN/RST cuts and gets every byte once (sha256), plain and phts; a
+server that does not grant the extension gets today's protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+import trio
+
+import pht
+import pht.asyncio
+
+from .asyncio_support import LOOPS, run
+from .faults import FaultRelay
+from .resume_server import ResumeServer, serve_resume
+from .support import echo, start_server
+from .test_resume_e2e import _cuts
+
+CERTIFICATE = pht.make_self_signed_certificate()
+SIZE = 16 * 1024 * 1024
+
+
+class Relays:
+    """Per test, a resume server behind a fault relay, in a trio thread of its own."""
+
+    def __init__(self) -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._ready = threading.Event()
+        self._nursery: trio.Nursery | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30)
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._ready.set()
+            await trio.sleep_forever()
+
+    def start(self, seed: int, *, tls: bool, resume: bool = True) -> tuple[int, FaultRelay]:
+        async def start() -> tuple[int, FaultRelay]:
+            assert self._nursery is not None
+            port = await start_server(
+                self._nursery, echo, resume=resume, tls=CERTIFICATE if tls else False
+            )
+            relay = FaultRelay(port, _cuts(seed, tls), fin_linger=1.0)
+            relay_port: int = await self._nursery.start(relay.serve)
+            return relay_port, relay
+
+        return trio.from_thread.run(start, trio_token=self._token)
+
+    def scripted(self) -> tuple[int, ResumeServer]:
+        """A scripted resume server (``tests/resume_server.py``), no relay."""
+
+        async def start() -> tuple[int, ResumeServer]:
+            assert self._nursery is not None
+            server = ResumeServer()
+            return await serve_resume(self._nursery, server), server
+
+        return trio.from_thread.run(start, trio_token=self._token)
+
+    def run_sync(self, function: Callable[[], object]) -> None:
+        trio.from_thread.run_sync(function, trio_token=self._token)
+
+    def stop(self) -> None:
+        assert self._nursery is not None
+        trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
+        self._thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def relays() -> Iterator[Relays]:
+    running = Relays()
+    yield running
+    running.stop()
+
+
+async def _echo_through(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes
+) -> bytes:
+    async def write() -> None:
+        for start in range(0, len(payload), 300_000):
+            writer.write(payload[start : start + 300_000])
+            await writer.drain()
+
+    writing = asyncio.ensure_future(write())
+    got = await reader.readexactly(len(payload))
+    await writing
+    return got
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls", [False, True], ids=["pht", "phts"])
+def test_many_random_cuts_lose_and_duplicate_nothing(relays: Relays, loop: str, tls: bool) -> None:
+    port, relay = relays.start(7, tls=tls)
+    payload = os.urandom(SIZE)
+    context: ssl.SSLContext | None = None
+    if tls:
+        context = ssl.create_default_context()
+        CERTIFICATE.configure_trust(context)
+
+    async def main() -> bytes:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1", port, ssl=context, authorize=False, resume=True, push_window=4
+        )
+        got = await _echo_through(reader, writer, payload)
+        writer.close()
+        await writer.wait_closed()
+        return got
+
+    got = run(loop, main(), timeout=60)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
+    assert len(relay.faults) >= 6, relay.describe()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_server_without_resume_gets_todays_protocol(relays: Relays, loop: str) -> None:
+    port, relay = relays.start(8, tls=False, resume=False)
+    relay.cuts.clear()
+
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1", port, authorize=False, resume=True
+        )
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_session_gone_ends_the_reader_with_a_named_error(relays: Relays, loop: str) -> None:
+    port, server = relays.scripted()
+
+    async def main() -> None:
+        reader, writer = await pht.asyncio.open_pht_connection(
+            "127.0.0.1", port, authorize=False, resume=True
+        )
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        (token,) = server.sessions
+        relays.run_sync(lambda: server._end(token, pht.GoneReason.ABORTED))
+        with pytest.raises(pht.SessionGone) as caught:
+            await reader.read(100)
+        assert isinstance(caught.value, ConnectionResetError)
+        assert isinstance(caught.value, pht.asyncio.SessionGoneResetError)
+        assert caught.value.reason is pht.GoneReason.ABORTED
+        assert caught.value.status == 410
+        writer.close()
+        with pytest.raises(pht.SessionGone):
+            await writer.wait_closed()
+
+    run(loop, main())
