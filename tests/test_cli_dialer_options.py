@@ -139,7 +139,7 @@ async def test_resume_is_offered_and_granted_through_the_chain() -> None:
         port = await start_server(nursery, handler, resume=True)
         for query, resumed in (("?resume=true", True), ("", False)):
             config = build_config([":0"], [f"forward+pht://127.0.0.1:{port}{query}"])
-            stream = await ChainDialer(config.chains[0])("127.0.0.1", 1)
+            stream = as_trio(await ChainDialer(config.chains[0])("127.0.0.1", 1))
             with trio.fail_after(10):
                 await stream.send_all(b"ping")
                 assert await stream.receive_some() == b"ping"
