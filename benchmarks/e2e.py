@@ -20,9 +20,11 @@ max, next to raw TCP and to GOST's figures (``GOST_REFERENCE``).
 ``--base64 binascii`` starts the tunnel processes with pybase64 hidden, as a
 ``pip install`` without it would run; ``--profile`` adds ``py-spy record``
 profiles of both tunnel processes during an upload, a download and a
-round-trip run; ``--gost PATH`` also measures GOST's own pairs (pht and phts)
-and pht with a GOST server or client, in the same runs, and then compares
-with those instead of ``GOST_REFERENCE``.
+round-trip run (and ``perf record``'s split by binary when perf is installed);
+``--push-window N`` adds ``?pushWindow=N`` to the pht client nodes;
+``--gost PATH`` also measures GOST's own pairs (pht and phts) and pht with a
+GOST server or client, in the same runs, and then compares with those
+instead of ``GOST_REFERENCE``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -101,6 +104,13 @@ GOST_REFERENCE: dict[str, dict[str, float | None]] = {
         "cpu_upload": None,
         "cpu_download": None,
     },
+}
+
+#: Issue 11's targets for the command-line tunnel where they differ from
+#: ``GOST_REFERENCE`` (the round trip and CPU targets are GOST's figures): 2 x GOST's MB/s.
+TARGETS: dict[str, dict[str, float]] = {
+    "pht": {"upload": 200.0, "download": 400.0},
+    "phts": {"upload": 170.0, "download": 270.0},
 }
 
 #: name -> (unit, higher is better, description)
@@ -252,13 +262,19 @@ def _server_arguments(kind: str, target: str, port: int, loop: str | None = None
 
 
 def _client_arguments(
-    kind: str, target: str, server: int, port: int, loop: str | None = None
+    kind: str,
+    target: str,
+    server: int,
+    port: int,
+    loop: str | None = None,
+    push_window: int | None = None,
 ) -> list[str]:
+    query = f"?pushWindow={push_window}" if push_window else ""
     return [
         "-L",
         f"tcp://{HOST}:{port}/{target}",
         "-F",
-        f"forward+{kind}://{HOST}:{server}",
+        f"forward+{kind}://{HOST}:{server}{query}",
         *_loop_arguments(loop),
     ]
 
@@ -293,6 +309,7 @@ class Processes:
         pairs: dict[str, Pair],
         gost: str | None = None,
         loops: dict[str, str] | None = None,
+        push_window: int | None = None,
     ) -> None:
         self.backend = backend
         self.logs = logs
@@ -300,6 +317,8 @@ class Processes:
         self.gost = gost
         #: kind -> the ``--backend`` of its pht ends (none: pht's default)
         self.loops = loops or {}
+        #: ``pushWindow`` of the pht clients (none: pht's default)
+        self.push_window = push_window
         self.children: list[subprocess.Popen[bytes]] = []
         self.target_port = 0
         #: kind -> (client port, [client pid, server pid])
@@ -319,6 +338,7 @@ class Processes:
         target = f"{HOST}:{self.target_port}"
         for kind, pair in self.pairs.items():
             loop = self.loops.get(kind)
+            window = self.push_window if pair.client == "pht" else None
             server_port, server = self._start_tunnel_end(
                 f"{kind}-server",
                 pair.server,
@@ -327,7 +347,14 @@ class Processes:
             client_port, client = self._start_tunnel_end(
                 f"{kind}-client",
                 pair.client,
-                partial(_client_arguments, pair.scheme, target, server_port, loop=loop),
+                partial(
+                    _client_arguments,
+                    pair.scheme,
+                    target,
+                    server_port,
+                    loop=loop,
+                    push_window=window,
+                ),
             )
             self.tunnels[kind] = (client_port, [client.pid, server.pid])
 
@@ -586,8 +613,10 @@ def profile(processes: Processes, settings: Settings, folder: Path) -> dict[str,
     download and a round-trip run; the top functions by own and by inclusive samples."""
     port, pids = processes.port("pht"), processes.pids("pht")
     workloads: dict[str, Callable[[], object]] = {
-        "upload": lambda: upload(port, settings.size * 2, pids),
-        "download": lambda: download(port, settings.size * 2, pids),
+        # Four times a run's size: at 200-400 MB/s a smaller transfer is over in
+        # a fraction of a second, too few samples to rank functions.
+        "upload": lambda: upload(port, settings.size * 4, pids),
+        "download": lambda: download(port, settings.size * 4, pids),
         "round_trip": lambda: round_trips(port, settings.round_trips * 3),
     }
     summary: dict[str, Any] = {}
@@ -599,17 +628,20 @@ def profile(processes: Processes, settings: Settings, folder: Path) -> dict[str,
             for view, extra in (("busy", []), ("gil", ["--gil"])):
                 output = folder / f"profile-{processes.backend}-{workload}-{role}-{view}.txt"
                 command = [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--rate",
-                           "250", "--nonblocking", *extra, "--output", str(output)]  # fmt: skip
+                           "500", "--nonblocking", *extra, "--output", str(output)]  # fmt: skip
                 recorder = subprocess.Popen(
                     command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
                 )
                 recorders.append((role, view, output, recorder))
+        natives = _start_perf(pids, folder / f"perf-{processes.backend}-{workload}")
         time.sleep(1.0)  # py-spy attaches
         before = dict(zip(("client", "server"), [cpu_times(pid) for pid in pids], strict=True))
         start = time.perf_counter()
         run()
         wall = time.perf_counter() - start
         after = dict(zip(("client", "server"), [cpu_times(pid) for pid in pids], strict=True))
+        for role, shares in _stop_perf(natives).items():
+            summary.setdefault(f"{workload}/{role}", {})["native"] = shares
         for role, view, output, recorder in recorders:
             recorder.send_signal(signal.SIGINT)
             try:
@@ -626,6 +658,75 @@ def profile(processes: Processes, settings: Settings, folder: Path) -> dict[str,
             # process's own CPU time says how much of the wall time it really ran.
             entry["cpu"] = {"user": new[0] - old[0], "system": new[1] - old[1], "wall": wall}
     return summary
+
+
+def _start_perf(
+    pids: Sequence[int], prefix: Path
+) -> list[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """``perf record`` of each tunnel process, if perf is installed and allowed.
+
+    py-spy sees Python frames only; perf's samples say which binary the CPU time
+    went to: the interpreter, the kernel (system calls, loopback TCP), uvloop and
+    libuv, pybase64, OpenSSL. ``perf`` refused (``perf_event_paranoid``): no view.
+    """
+    perf = shutil.which("perf")
+    if perf is None:
+        return []
+    started = []
+    for role, pid in zip(("client", "server"), pids, strict=True):
+        output = prefix.with_name(f"{prefix.name}-{role}.data")
+        command = [perf, "record", "-F", "999", "-p", str(pid), "-o", str(output), "--quiet"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append((role, output, process))
+    return started
+
+
+def _stop_perf(
+    started: Sequence[tuple[str, Path, subprocess.Popen[bytes]]],
+) -> dict[str, dict[str, float]]:
+    """Stop the recorders; role -> binary -> share of the samples (from ``perf report``)."""
+    shares: dict[str, dict[str, float]] = {}
+    for role, output, process in started:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if not output.exists():
+            continue
+        report = subprocess.run(
+            ["perf", "report", "-i", str(output), "--sort", "dso", "--stdio", "--percent-limit",
+             "0.5"], capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        entry: dict[str, float] = {}
+        for line in report.splitlines():
+            share, _, name = line.strip().partition("%")
+            if line.startswith("#") or not name:
+                continue
+            with contextlib.suppress(ValueError):
+                entry[_dso(name.strip())] = entry.get(_dso(name.strip()), 0.0) + float(share)
+        if entry:
+            shares[role] = entry
+    return shares
+
+
+def _dso(name: str) -> str:
+    """``libpython3.11.so.1.0`` -> ``Python interpreter``; other binaries by what they do."""
+    # Extension modules (``loop.cpython-311-x86_64-linux-gnu.so``) before the interpreter.
+    if name.startswith("[kernel"):
+        return "kernel (system calls, TCP)"
+    if name.startswith("loop.cpython") or "uvloop" in name:
+        return "uvloop and libuv"
+    if "pybase64" in name:
+        return "pybase64"
+    if name.startswith(("libssl", "libcrypto", "_ssl.")):
+        return "OpenSSL"
+    if "python" in name:
+        return "Python interpreter"
+    if name.startswith("libc.so"):
+        return "libc"
+    return name
 
 
 def top_functions(collapsed: str, count: int = 12) -> dict[str, Any]:
@@ -673,9 +774,20 @@ def _frame(frame: str) -> tuple[str, str]:
 
 
 def _area(function: str, path: str) -> str:
-    """A coarse bucket for a leaf frame; socket calls run inside trio's socket wrappers."""
+    """A coarse bucket for a leaf frame; socket calls run inside trio's socket wrappers.
+
+    On asyncio and uvloop the loop's own work in C (uvloop's callbacks, its socket
+    calls) has no Python frame: those samples land on the Python frame that entered
+    the loop (``run_forever``, ``run_until_complete``), bucketed as the event loop.
+    """
     if path.startswith("trio/_socket.py") or path == "ssl.py":
         return "socket and TLS calls"
+    if path.startswith(("asyncio/selector_events.py", "asyncio/sslproto.py")):
+        return "asyncio transports"
+    if path.startswith(("asyncio/", "uvloop/")):
+        return "event loop (asyncio/uvloop)"
+    if path.startswith("anyio/"):
+        return "anyio"
     if path == "pht/_codec.py":
         return "base64 (pht/_codec.py)"
     if path.startswith("trio/_core"):
@@ -768,6 +880,9 @@ def render_table(results: dict[str, Any]) -> str:
             lines.append(f"  {summary['busy_samples']} samples {label}: {areas}")
             for item in summary["top"][:6]:
                 lines.append(f"    {item['share'] * 100:5.1f} %  {item['function']}")
+        if "native" in entry:
+            native = ", ".join(f"{n} {v:.0f} %" for n, v in entry["native"].items())
+            lines.append(f"  perf, by binary: {native}")
         lines.append("  pht functions, inclusive (running):")
         for item in entry["busy"]["pht_inclusive"][:6]:
             lines.append(f"    {item['share'] * 100:5.1f} %  {item['function']}")
@@ -792,6 +907,12 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
     series = [(backends[0], "raw")] + [(b, k) for b in backends for k in tunnels]
     colours = {key: f"C{index}" for index, key in enumerate(series[1:])}
     colours[series[0]] = "tab:gray"
+    loops: dict[str, str] = results.get("loops") or {}
+    if loops:  # one colour per event loop, phts hatched
+        order = list(dict.fromkeys(loops.values()))
+        for backend, kind in series[1:]:
+            if kind in loops:
+                colours[backend, kind] = f"C{order.index(loops[kind])}"
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     for axis, (title, metrics, log) in zip(axes, panels, strict=True):
         width = 0.8 / len(series)
@@ -815,7 +936,9 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                 label = f"{kind} ({base64})"
             else:
                 label = f"{kind} ({backend} run)"
-            axis.bar(xs, ys, width, yerr=[low, high], label=label, color=colours[backend, kind])
+            hatch = "//" if results["pairs"].get(kind, {}).get("scheme") == "phts" else None
+            axis.bar(xs, ys, width, yerr=[low, high], label=label, color=colours[backend, kind],
+                     hatch=hatch, edgecolor="white")  # fmt: skip
         for kind, style in (("pht", "k--"), ("phts", "k:")):
             legend: str | None = f"GOST {kind} (reference)"
             for position, metric in enumerate(metrics):
@@ -824,6 +947,13 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
                     ends = [position - 0.45, position + 0.45]
                     axis.plot(ends, [gost, gost], style, label=legend)
                     legend = None  # one legend entry per line style
+            legend = f"target {kind} (2 x GOST)"
+            for position, metric in enumerate(metrics):
+                target = TARGETS[kind].get(metric)
+                if target is not None:
+                    ends = [position - 0.45, position + 0.45]
+                    axis.plot(ends, [target, target], "r" + style[1:], label=legend)
+                    legend = None
         units = {m: METRICS[m][0] for m in metrics}
         axis.set_xticks(range(len(metrics)), [f"{m}\n({units[m]})" for m in metrics])
         if log:
@@ -834,6 +964,7 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
     fig.suptitle(
         f"pht command line, end to end on loopback, {os.cpu_count()} CPUs "
         f"(load average {load:.1f}); medians of {results['settings']['runs']} runs, min-max"
+        + (f"; pushWindow={results['push_window']}" if results.get("push_window") else "")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -868,6 +999,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="LIST",
         help="measure pht and phts per event loop instead of pht's default: a comma-separated "
         f"list of {', '.join(LOOPS)}, or all (those installed); kinds pht-LOOP, phts-LOOP",
+    )
+    parser.add_argument(
+        "--push-window",
+        type=int,
+        metavar="N",
+        help="pushWindow=N on every pht client node (default: pht's own default)",
     )
     parser.add_argument("--output", type=Path, default=_ROOT / "results", help="result folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -909,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gost_version": _gost_version(args.gost) if args.gost else None,
         "pairs": {kind: asdict(pair) for kind, pair in pairs.items()},
         "loops": loops,
+        "push_window": args.push_window,
         "backends": {},
     }
     started = time.monotonic()
@@ -918,7 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             installed = results["backends"].get("installed")
             if installed and installed["versions"]["base64"] == versions["base64"]:
                 continue  # pybase64 is not installed: it would be the same run again
-            processes = Processes(backend, Path(logs), pairs, args.gost, loops)
+            processes = Processes(backend, Path(logs), pairs, args.gost, loops, args.push_window)
             try:
                 processes.start()
                 runs = measure(processes, settings)

@@ -159,6 +159,21 @@ def test_e2e_profile_summary_adds_up_samples() -> None:
     }
 
 
+def test_e2e_push_window_and_profile_buckets() -> None:
+    """``--push-window`` reaches the client node; asyncio/uvloop frames and perf's
+    binaries get their own buckets (an extension module is not the interpreter)."""
+    e2e = _load_e2e()
+    arguments = e2e._client_arguments("pht", "127.0.0.1:9", 8443, 1080, push_window=4)
+    assert arguments[3] == "forward+pht://127.0.0.1:8443?pushWindow=4"
+    assert "pushWindow" not in " ".join(e2e._client_arguments("pht", "127.0.0.1:9", 8443, 1080))
+    assert e2e._area("run", "asyncio/runners.py") == "event loop (asyncio/uvloop)"
+    assert e2e._area("send", "anyio/_backends/_asyncio.py") == "anyio"
+    assert e2e._dso("loop.cpython-311-x86_64-linux-gnu.so") == "uvloop and libuv"
+    assert e2e._dso("_pybase64.cpython-311-x86_64-linux-gnu.so") == "pybase64"
+    assert e2e._dso("libpython3.11.so.1.0") == "Python interpreter"
+    assert e2e._dso("[kernel.kallsyms]") == "kernel (system calls, TCP)"
+
+
 def _load_e2e() -> Any:
     name = "pht_benchmarks_e2e"
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "e2e.py")
