@@ -522,9 +522,7 @@ class PHTApp:
                 # A piece of a long push line: deliver it, read on.
                 status = await self._deliver(core, event, conn, peer, client)
                 if status != 200:
-                    core.refused(status)
-                    reason = "push not consumed in time" if status == 410 else "push refused"
-                    conn.discard_push(status, reason)
+                    core.piece_refused(conn, status)
                 continue
             if isinstance(event, PushRequest):
                 status = core.push_answered(await self._deliver(core, event, conn, peer, client))

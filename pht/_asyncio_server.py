@@ -397,10 +397,7 @@ class _Server(ServerCore[_Stream]):
                 streaming = True
                 status = await self._deliver(event, conn, peer)
                 if status != 200:
-                    gone = "push not consumed in time"
-                    conn.discard_push(
-                        self.refused(status), gone if status == 410 else "push refused"
-                    )
+                    self.piece_refused(conn, status)
                 watch.reading_on(self.loop.time())
                 continue
             streaming = False

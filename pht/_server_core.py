@@ -1201,6 +1201,15 @@ class ServerCore(Generic[S]):
             self.stats.refused(status)
         return status
 
+    def piece_refused(self, conn: ServerConnection, status: int) -> None:
+        """A piece of a long push got ``status`` (not 200): count it, drop the rest of the body.
+
+        ``conn`` then reads the body to its end and returns a :class:`BadRequest`
+        with ``status`` for the adapter to answer (as for any refusal).
+        """
+        reason = "push not consumed in time" if status == 410 else "push refused"
+        conn.discard_push(self.refused(status), reason)
+
     def attach_pull(self, stream: S, pull: object, now: float) -> tuple[object, bool]:
         """Attach ``pull`` to ``stream``'s session before its answer's head goes out.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pht._events import AuthorizeRequest, BadRequest
+from pht._events import AuthorizeRequest, BadRequest, PushData
 from pht._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
@@ -357,6 +357,22 @@ def test_reaping_yields_after_every_batch() -> None:
     assert yields == 2
     records = list(core.sessions.registry)
     assert all(record.payload is None or record.payload.closed for record in records)
+
+
+def test_a_refused_piece_of_a_long_push_is_counted_and_its_body_dropped() -> None:
+    refusals: list[int] = []
+    core = Core()
+    core.stats.refused = refusals.append  # type: ignore[method-assign,assignment]
+    for status, reason in ((410, "push not consumed in time"), (403, "push refused")):
+        conn = core.new_connection()
+        body = b"QUJD" * 40_000 + b"\n"  # a line longer than one piece
+        head = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        conn.receive_data(head % len(body) + body[:100_000])  # the line is still arriving
+        assert isinstance(conn.next_event(), PushData)
+        core.piece_refused(conn, status)
+        conn.receive_data(body[100_000:])  # read to its end, not decoded
+        assert conn.next_event() == BadRequest(status_code=status, reason=reason)
+    assert refusals == [410, 403]
 
 
 def test_drain_then_cut_ends_the_sessions_still_open() -> None:
