@@ -18,8 +18,8 @@ trio and under asyncio. :func:`run_client` runs it in the test's own thread,
 on a fresh event loop of the adapter's kind, bounded by a timeout.
 
 Why this shape: each side keeps its own event loop (no loop is shared across
-threads; nothing is polled on a timer except the uvicorn process's output,
-for its handlers' reports); a scenario is written once, not once per
+threads; nothing is polled on a timer: the uvicorn process's output, with
+its handlers' reports, is read from its pipe as it comes); a scenario is written once, not once per
 library; the servers start once per module (uvicorn takes about a second);
 and a failure in a scenario is an ordinary exception in the test's thread,
 with the adapter's own traceback. Subprocess clients would cost a start-up
@@ -38,11 +38,10 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import pytest
 import trio
@@ -127,6 +126,66 @@ class Reports:
         """Wait until ``found(lines)`` holds, or ``timeout`` passed (the caller checks)."""
         with self._changed:
             self._changed.wait_for(lambda: found(self._lines), timeout)
+
+
+class ProcessOutput(Reports):
+    """Another process's output lines, waited on as they come (no polling of a file).
+
+    A thread reads the process's stdout pipe, copies each line to ``log`` (for
+    failure messages) and adds it, waking the waiters; so does the pipe's end
+    (:attr:`ended`: the process exited or closed its output). ``also`` gets
+    every line too: tests that wait on several processes at once share one.
+    """
+
+    def __init__(self, pipe: IO[bytes], log: Path, also: Reports | None = None) -> None:
+        super().__init__()
+        self.ended = False
+        self._also = also
+        self._thread = threading.Thread(target=self._copy, args=(pipe, log), daemon=True)
+        self._thread.start()
+
+    def _copy(self, pipe: IO[bytes], log: Path) -> None:
+        with pipe, log.open("ab") as copy:
+            for raw in pipe:
+                copy.write(raw)
+                copy.flush()
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                self.add(line)
+                if self._also is not None:
+                    self._also.add(line)
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+        if self._also is not None:
+            self._also.add("")  # wake its waiters too
+
+    def text(self) -> str:
+        """Everything the process printed so far."""
+        return "".join(line + "\n" for line in self.lines())
+
+    def wait_for(self, found: Callable[[list[str]], bool], timeout: float) -> None:
+        """As :meth:`Reports.wait_for`, but also returns once the output ended."""
+        super().wait_for(lambda lines: self.ended or found(lines), timeout)
+
+    def wait_ended(self, timeout: float) -> bool:
+        """Wait (bounded) until the process closed its output; whether it did."""
+        self.wait_for(lambda lines: False, timeout)
+        return self.ended
+
+
+def start_watched(
+    command: list[str], log: Path, *, also: Reports | None = None, **popen: Any
+) -> tuple[subprocess.Popen[bytes], ProcessOutput]:
+    """Start ``command`` with its stdout and stderr watched as :class:`ProcessOutput`."""
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
+    assert process.stdout is not None
+    return process, ProcessOutput(process.stdout, log, also)
 
 
 def _trio_handler(
@@ -317,14 +376,7 @@ class ServerSet:
         ]
         env = {**os.environ, SPECS_VARIABLE: json.dumps(specs), "PYTHONUNBUFFERED": "1"}
         log = directory / f"uvicorn-{port}.log"
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        process, self.reports = start_watched(command, log, cwd=ROOT, env=env)
         site = harness.ManagedProcess("uvicorn", process, log)
         site.port = port
         harness.wait_for_port(port, site)
@@ -334,8 +386,6 @@ class ServerSet:
         self._stop = site.stop
 
     def report_lines(self) -> list[str]:
-        if self._site is not None:
-            return self._site.log.read_text(errors="replace").splitlines()
         return self.reports.lines()
 
     def wait_report(self, kind: str, token: str) -> list[str]:
@@ -348,12 +398,8 @@ class ServerSet:
                     return fields
             return None
 
-        if self._site is None:
-            self.reports.wait_for(lambda lines: find(lines) is not None, GUARD)
-        else:  # another process: read its output until the line is there (bounded)
-            deadline = time.monotonic() + GUARD
-            while find(self.report_lines()) is None and time.monotonic() < deadline:
-                time.sleep(0.01)
+        # In process or uvicorn's output: woken by each line, bounded.
+        self.reports.wait_for(lambda lines: find(lines) is not None, GUARD)
         fields = find(self.report_lines())
         assert fields is not None, f"no {kind} report for {token}: {self.log_tail()}"
         return fields
@@ -499,6 +545,8 @@ class _TrioClient(Client):
             nursery.start_soon(second)
 
     async def idle(self, seconds: float) -> None:
+        # Real time: the server's own timers (heartbeats) run in another
+        # thread or process, which no mock clock of this loop reaches.
         await trio.sleep(seconds)
 
 
@@ -552,7 +600,7 @@ class _AsyncioClient(Client):
         await asyncio.gather(run(first), run(second))
 
     async def idle(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds)  # real time: as the trio client's idle()
 
 
 Scenario = Callable[[Client], Coroutine[Any, Any, T]]

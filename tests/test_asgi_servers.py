@@ -12,9 +12,7 @@ import hashlib
 import os
 import signal
 import ssl
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import trio
 import pht
 import pht.asyncio
 
+from .adapters import ProcessOutput, Reports, start_watched
 from .middlebox import harness
 from .middlebox.tunnel_checks import HANG_BOUND, pattern, receive_exactly
 
@@ -91,6 +90,8 @@ class Site(harness.ManagedProcess):
     """The Starlette site run by ``server``; its output (with session ends) is ``log``."""
 
     server = ""
+    #: Its output as it comes (``None``: only its log file, e.g. nginx's).
+    watch: ProcessOutput | None = None
 
     def paths(self, mount: str = "/tunnel") -> dict[str, str]:
         return {
@@ -108,7 +109,14 @@ class Site(harness.ManagedProcess):
         )
 
     def output(self) -> str:
+        if self.watch is not None:
+            return self.watch.text()
         return self.log.read_text(errors="replace")
+
+    def wait_for_line(self, text: str, timeout: float = HANG_BOUND) -> None:
+        """Wait (bounded) until a line of the output holds ``text``: woken by each line."""
+        assert self.watch is not None
+        self.watch.wait_for(lambda lines: any(text in line for line in lines), timeout)
 
 
 def start_site(
@@ -118,10 +126,12 @@ def start_site(
     heartbeat: float = 10.0,
     app: str = "tests.asgi_site:app",
     certificate: tuple[Path, Path] | None = None,
+    also: Reports | None = None,
 ) -> Site:
     """Run ``app`` with ``server``'s command (as a user types it) on a free port.
 
-    ``certificate`` (key file, certificate file) makes it serve HTTPS.
+    ``certificate`` (key file, certificate file) makes it serve HTTPS; ``also``
+    gets the site's output lines too (to wait on several sites at once).
     """
     port = harness.free_port()
     command = [str(BIN / server.partition("-")[0]), app]
@@ -139,15 +149,9 @@ def start_site(
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / f"{server}.log"
     env = {**os.environ, "PHT_HEARTBEAT": str(heartbeat), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    process, watch = start_watched(command, log, also=also, cwd=ROOT, env=env)
     site = Site(server, process, log)
+    site.watch = watch
     site.server = server
     site.port = port
     harness.wait_for_port(port, site)
@@ -183,9 +187,8 @@ def get(path: str, *extra: bytes) -> bytes:
 
 async def wait_for_output(site: Site, text: str) -> None:
     """Wait (bounded) until the site printed ``text``: it runs in another process."""
-    with trio.fail_after(HANG_BOUND):
-        while text not in site.output():
-            await trio.sleep(0.05)
+    await trio.to_thread.run_sync(site.wait_for_line, text)
+    assert text in site.output(), site.output()
 
 
 async def exchange(stream: pht.PHTStream, size: int, seed: int) -> None:
@@ -362,9 +365,10 @@ async def test_stopping_the_server_closes_the_sessions(
             push += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
             assert (await http(site.port, push + body))[0] == 200
             site.process.send_signal(signal.SIGTERM)
-            with trio.fail_after(HANG_BOUND):
-                while site.process.poll() is None:
-                    await trio.sleep(0.05)
+            assert site.watch is not None
+            # Its output ends as it exits: woken by that, not polled.
+            assert await trio.to_thread.run_sync(site.watch.wait_ended, HANG_BOUND)
+            site.process.wait(HANG_BOUND)
             assert "session-ended lonelytoken 6" in site.output(), site.output()
         finally:
             site.stop()
@@ -398,6 +402,8 @@ async def test_through_nginx_with_default_buffering(server: str, tmp_path: Path)
                 with trio.fail_after(HANG_BOUND):
                     assert await stream.receive_some() == byte
             # Idle past nginx's proxy_read_timeout: the heartbeats keep the pull.
+            # Real time: nginx's own timer is what is under test (its 2 s is
+            # four of the site's 0.5 s heartbeats: margin on a loaded machine).
             await trio.sleep(3)
             await exchange(stream, 3 * 1024 * 1024 + 7, seed=4)
         assert (await http(proxy.port, get("/hello")))[0] == 200
@@ -498,9 +504,8 @@ def test_asyncio_client_several_tunnels_and_closes_from_both_sides(site: Site, l
 
     run_client(loop, main)
     # Every echo callback saw its client's close (the site prints it as it happens).
-    deadline = time.monotonic() + HANG_BOUND
-    while site.output().count("session-ended") < 16 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert site.watch is not None
+    site.watch.wait_for(lambda lines: sum("session-ended" in x for x in lines) >= 16, HANG_BOUND)
     assert site.output().count("session-ended") == 16
 
 
@@ -514,7 +519,8 @@ async def test_several_processes_behind_nginx_hashing_the_token(tmp_path: Path) 
     """docs/asgi.md's recipe: two uvicorn processes, each session kept on one of them."""
     if harness.find_program("nginx") is None:
         pytest.skip("nginx is not installed (run scripts/setup.sh --system)")
-    sites = [start_site("uvicorn", tmp_path / f"site-{index}") for index in range(2)]
+    both = Reports()  # the two sites' output lines, to wait on them at once
+    sites = [start_site("uvicorn", tmp_path / f"site-{i}", also=both) for i in range(2)]
     proxy = None
     try:
         port = harness.free_port()
@@ -536,9 +542,11 @@ async def test_several_processes_behind_nginx_hashing_the_token(tmp_path: Path) 
                 nursery.start_soon(one, index)
         # Each session lived in one process (its echo worked, so its pushes
         # and pulls met there), and both processes had some.
-        with trio.fail_after(HANG_BOUND):
-            while not all(any(t in site.output() for site in sites) for t in tokens):
-                await trio.sleep(0.05)
+        await trio.to_thread.run_sync(
+            both.wait_for,
+            lambda lines: all(any(t in line for line in lines) for t in tokens),
+            HANG_BOUND,
+        )
         for token in tokens:
             assert sum(f"session-ended {token}" in site.output() for site in sites) == 1
         assert all("session-ended" in site.output() for site in sites)
