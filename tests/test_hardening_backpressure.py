@@ -126,10 +126,12 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
     accepted = 0
     outcome: list[str] = []
     streams: list[pht.PHTStream] = []
+    started, ended = trio.Event(), trio.Event()
 
     async def sender(stream: pht.PHTStream) -> None:
         nonlocal accepted
         streams.append(stream)
+        started.set()
         try:
             with trio.fail_after(GUARD):
                 while accepted < goal:  # bounded: 256 writes of 1 MiB at most
@@ -140,6 +142,8 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
             outcome.append("broken")
         except trio.TooSlowError:
             outcome.append("guard")
+        finally:
+            ended.set()
 
     port = await start_server(nursery, sender, max_buffered=max_buffered)
     raw = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -150,8 +154,7 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
     try:
         base, _ = tracemalloc.get_traced_memory()
         with trio.fail_after(GUARD):
-            while not streams:
-                await trio.sleep(0.001)
+            await started.wait()
             await trio.testing.wait_all_tasks_blocked(cushion=0.2)
         now, peak = tracemalloc.get_traced_memory()
     finally:
@@ -170,8 +173,7 @@ async def test_pull_client_that_stops_reading_slows_the_handler(nursery: trio.Nu
     assert peak - base <= 16 * MiB
     raw.close()  # the client goes away: the handler's send_all breaks
     with trio.fail_after(GUARD):
-        while not outcome:
-            await trio.sleep(0.001)
+        await ended.wait()
     assert outcome == ["broken"]
 
 

@@ -252,10 +252,25 @@ def test_security_page_states_the_real_defaults() -> None:
         assert must in lowered, must
 
 
+class _LogLine(logging.Handler):
+    """Sets :attr:`seen` once a ``pht`` record holds ``text`` (logged on trio's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
 async def test_server_logs_only_a_token_prefix(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="pht")
+    closed = _LogLine("closed after")
+    logging.getLogger("pht").addHandler(closed)
     port = await start_server(nursery)
     with trio.fail_after(GUARD):
         stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False)
@@ -263,10 +278,10 @@ async def test_server_logs_only_a_token_prefix(
         # A refused request and a broken session are logged too.
         await exchange(port, push_request(stream.token, b"not base64!\n"))
         await stream.aclose()
-        for _ in range(100):
-            if any("closed after" in record.getMessage() for record in caplog.records):
-                break
-            await trio.sleep(0.01)
+        try:
+            await closed.seen.wait()  # the session's end is logged
+        finally:
+            logging.getLogger("pht").removeHandler(closed)
     messages = [record.getMessage() for record in caplog.records]
     assert any(stream.token[:8] in message for message in messages)
     assert not [message for message in messages if stream.token in message]

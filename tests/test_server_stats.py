@@ -31,8 +31,33 @@ async def _raw_request(port: int, request: bytes) -> bytes:
     return answer
 
 
+class _LogLine(logging.Handler):
+    """Sets :attr:`seen` once a ``pht`` record holds ``text`` (logged on trio's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+class _Stats(ServiceStats):
+    """ServiceStats that wakes a waiter when a session closes."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.closed = trio.Event()
+
+    def session_closed(self) -> None:
+        super().session_closed()
+        self.closed.set()
+
+
 async def test_stats_count_a_tunnel_and_refusals() -> None:
-    stats = ServiceStats("pht-test")
+    stats = _Stats("pht-test")
     assert not stats.pht_enabled
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(lambda task_status: pht.serve_pht(
@@ -51,8 +76,8 @@ async def test_stats_count_a_tunnel_and_refusals() -> None:
         assert stats.pulls_total == 1
         await stream.aclose()
         with trio.fail_after(5):
-            while stats.sessions_open:
-                await trio.sleep(0.01)
+            await stats.closed.wait()
+        assert stats.sessions_open == 0
 
         not_found = await _raw_request(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
         assert not_found.startswith(b"HTTP/1.1 404 ")
@@ -64,6 +89,8 @@ async def test_stats_count_a_tunnel_and_refusals() -> None:
 async def test_refusals_and_tls_failures_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     """A path mismatch and a TLS failure show at INFO, the default level of the CLI."""
     caplog.set_level(logging.INFO, logger="pht")
+    tls_failed = _LogLine("TLS handshake failed")
+    logging.getLogger("pht").addHandler(tls_failed)
     async with trio.open_nursery() as nursery:
         plain = await nursery.start(lambda task_status: pht.serve_pht(
             echo, 0, host="127.0.0.1", task_status=task_status
@@ -75,9 +102,11 @@ async def test_refusals_and_tls_failures_are_logged(caplog: pytest.LogCaptureFix
         secure_port = secure[0].transport_listener.socket.getsockname()[1]
         await _raw_request(plain_port, b"GET /wrong/pull HTTP/1.1\r\nHost: x\r\n\r\n")
         await _raw_request(secure_port, b"GET /pull?token=t HTTP/1.1\r\nHost: x\r\n\r\n")
-        with trio.fail_after(5):
-            while not any("TLS handshake failed" in r.getMessage() for r in caplog.records):
-                await trio.sleep(0.01)
+        try:
+            with trio.fail_after(5):
+                await tls_failed.seen.wait()
+        finally:
+            logging.getLogger("pht").removeHandler(tls_failed)
         nursery.cancel_scope.cancel()
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert any(
