@@ -85,10 +85,12 @@ async def test_session_with_a_pull_attached_does_not_expire(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     eof_at: list[float] = []
+    ended = trio.Event()
 
     async def handler(stream: pht.PHTStream) -> None:
         assert await stream.receive_some() == b""
         eof_at.append(trio.current_time())
+        ended.set()
 
     port = await start_server(nursery, handler, idle_timeout=60.0, heartbeat_interval=10.0)
     client = await RawClient.connect(port)
@@ -101,8 +103,7 @@ async def test_session_with_a_pull_attached_does_not_expire(
     assert trio.current_time() - start >= 300
     await client.aclose()
     with trio.fail_after(5):
-        while not eof_at:
-            await trio.sleep(0.1)
+        await ended.wait()
 
 
 async def test_vanished_pull_ends_the_session_promptly(

@@ -47,7 +47,8 @@ async def test_idle_tunnel_behind_nginx_echoes_after_nginx_keepalive(
             with trio.fail_after(HANG_BOUND):
                 await stream.send_all(message)
                 assert await receive_exactly(stream, len(message)) == message
-            await trio.sleep(KEEPALIVE * 2.5)  # nginx closes the idle push connection
+            # Real time: nginx's keep-alive timer closes the idle push connection.
+            await trio.sleep(KEEPALIVE * 2.5)
         with trio.fail_after(HANG_BOUND):
             await stream.send_all(b"after idling")
             assert await receive_exactly(stream, 12) == b"after idling"
@@ -80,7 +81,8 @@ async def test_cli_tunnel_behind_nginx_echoes_after_nginx_keepalive(
                 with trio.fail_after(HANG_BOUND):
                     await connection.send_all(b"before idling")
                     assert await receive_exactly(connection, 13) == b"before idling"
-                await trio.sleep(KEEPALIVE * 2.5)  # nginx closes the idle push connection
+                # Real time: nginx's keep-alive timer closes the idle push connection.
+                await trio.sleep(KEEPALIVE * 2.5)
                 with trio.fail_after(HANG_BOUND):
                     await connection.send_all(b"after idling")
                     assert await receive_exactly(connection, 12) == b"after idling"

@@ -84,6 +84,7 @@ async def _assert_relayed(squid: harness.ManagedProcess, backend: int) -> None:
         for method, path in (("POST", "/push"), ("GET", "/pull"))
     ]
     log = ""
+    # squid writes access.log itself (no pipe to read it from): polled, bounded.
     with trio.move_on_after(HANG_BOUND):
         while True:
             log = (squid.log.parent / "access.log").read_text(errors="replace")
