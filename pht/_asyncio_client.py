@@ -27,6 +27,7 @@ from ._asyncio_common import (
 from ._client import ClientChannel, HeaderInput
 from ._client_session import (
     DEFAULT_MAX_PUSH_SIZE,
+    DEFAULT_RECONNECT_DELAY,
     ClientOptions,
     ClientSession,
     CollectAck,
@@ -832,6 +833,7 @@ async def open_pht_connection(
     limit: int = DEFAULT_LIMIT,
     resume: bool = False,
     open_transport: TransportOpener | None = None,
+    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a PHT tunnel to ``host:port`` as :func:`asyncio.open_connection` opens a TCP one.
 
@@ -854,7 +856,9 @@ async def open_pht_connection(
     :func:`pht.open_pht_stream`'s: cut connections are repeated without
     loss, and a session the server will never resume ends the reader with
     :class:`~pht.asyncio.SessionGoneResetError` (a :class:`~pht.SessionGone`
-    and a :class:`ConnectionResetError`).
+    and a :class:`ConnectionResetError`). ``reconnect_delay=(initial,
+    maximum)`` is its reconnect back-off in seconds, as
+    :func:`pht.open_pht_stream`'s (default ``(0.1, 5.0)``).
 
     ``open_transport(host, port)``, when given, replaces
     :func:`asyncio.open_connection` for every HTTP connection of the tunnel
@@ -896,6 +900,7 @@ async def open_pht_connection(
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
         resume=resume,
+        reconnect_delay=reconnect_delay,
     )
     loop = asyncio.get_running_loop()
     connector = _Connector(options, ssl_context, server_hostname, loop, open_transport)
