@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
-from typing import cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 from ._asyncio_common import (
     DEFAULT_LIMIT,
@@ -26,6 +27,7 @@ from ._asyncio_common import (
 from ._client import ClientChannel, HeaderInput
 from ._client_session import (
     DEFAULT_MAX_PUSH_SIZE,
+    DEFAULT_RECONNECT_DELAY,
     ClientOptions,
     ClientSession,
     CollectAck,
@@ -45,9 +47,37 @@ from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._resume import SessionGone
 from ._token import TokenSource, new_token
 
-__all__ = ["open_pht_connection"]
+__all__ = ["TransportOpener", "TransportReader", "TransportWriter", "open_pht_connection"]
 
 _BROKEN = (OSError, PHTError)
+#: Bytes asked of an ``open_transport`` reader per read.
+_READ_SIZE = 64 * 1024
+
+
+class TransportReader(Protocol):
+    """The reading half ``open_transport`` returns (an :class:`asyncio.StreamReader` is one).
+
+    ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end of the stream.
+    """
+
+    async def read(self, n: int = -1, /) -> bytes: ...
+
+
+class TransportWriter(Protocol):
+    """The writing half ``open_transport`` returns (an :class:`asyncio.StreamWriter` is one)."""
+
+    def write(self, data: bytes, /) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None, /) -> Any: ...
+
+
+#: ``open_transport(host, port)``: a ``(reader, writer)`` pair to ``host:port``, as
+#: :func:`asyncio.open_connection` returns (see :func:`open_pht_connection`).
+TransportOpener = Callable[[str, int], Awaitable[tuple[TransportReader, TransportWriter]]]
 
 
 def _reset(error: TunnelError) -> TunnelResetError:
@@ -172,6 +202,160 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _StreamTransport(asyncio.Transport):
+    """An ``open_transport`` pair (TLS on top, if asked) as a :class:`_Connection`'s transport.
+
+    A task reads the pair and feeds the protocol as asyncio feeds a socket's;
+    each write is drained in a task, the protocol paused meanwhile, so
+    :meth:`_Connection.send` waits for it as for a socket's buffer. TLS runs
+    in memory (:class:`ssl.SSLObject`) over the pair, whatever it is.
+    """
+
+    def __init__(
+        self,
+        reader: TransportReader,
+        writer: TransportWriter,
+        protocol: _Connection,
+        tls: _ssl.SSLObject | None,
+        bios: tuple[_ssl.MemoryBIO, _ssl.MemoryBIO] | None,
+    ) -> None:
+        super().__init__()
+        self._reader = reader
+        self._writer = writer
+        self._protocol = protocol
+        self._tls = tls
+        self._bios = bios
+        self._closing = False
+        self._draining: asyncio.Task[None] | None = None
+        self._reading = asyncio.Event()
+        self._reading.set()
+        loop = protocol.loop
+        protocol.connection_made(self)
+        self._pump = loop.create_task(self._read_pump(), name="pht open_transport read")
+        self._pump.add_done_callback(self._pump_done)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if self._tls is not None and name == "ssl_object":
+            return self._tls
+        if self._tls is not None and name in ("cipher", "peercert"):
+            return self._tls.cipher() if name == "cipher" else self._tls.getpeercert()
+        return self._writer.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def is_reading(self) -> bool:
+        return self._reading.is_set()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            return
+        if self._tls is not None and self._bios is not None:
+            self._tls.write(data)
+            data = self._bios[1].read()
+        self._writer.write(bytes(data))
+        if self._draining is None:
+            self._protocol.pause_writing()
+            self._draining = self._protocol.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except Exception:  # the read pump reports the broken connection
+            self.abort()
+        finally:
+            self._draining = None
+            self._protocol.resume_writing()
+
+    async def _read_pump(self) -> None:
+        protocol = self._protocol
+        while True:
+            await self._reading.wait()
+            data = await self._reader.read(_READ_SIZE)
+            if self._tls is not None and self._bios is not None and data:
+                self._bios[0].write(data)
+                plain = _tls_read(self._tls)
+                if plain is None:  # the peer's close_notify
+                    data = b""
+                elif not plain:
+                    continue
+                else:
+                    data = plain
+            if not data:
+                protocol.eof_received()
+                return
+            protocol.data_received(data)
+
+    def _pump_done(self, task: asyncio.Task[None]) -> None:
+        self._closing = True
+        self._writer.close()
+        if self._draining is not None:
+            self._draining.cancel()
+        exc = None if task.cancelled() else task.exception()
+        self._protocol.connection_lost(exc if isinstance(exc, Exception) else None)
+
+    def close(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._pump.cancel()
+
+
+def _tls_read(tls: _ssl.SSLObject) -> bytes | None:
+    """The plaintext the TLS object has now (``b""``: none yet; ``None``: the peer closed)."""
+    pieces: list[bytes] = []
+    while True:
+        try:
+            piece = tls.read(_READ_SIZE)
+        except _ssl.SSLWantReadError:
+            break
+        except _ssl.SSLZeroReturnError:
+            return b"".join(pieces) or None
+        if not piece:
+            break
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+async def _tls_handshake(
+    reader: TransportReader,
+    writer: TransportWriter,
+    context: _ssl.SSLContext,
+    server_hostname: str,
+) -> tuple[_ssl.SSLObject, tuple[_ssl.MemoryBIO, _ssl.MemoryBIO]]:
+    """A client TLS handshake over an ``open_transport`` pair, in memory."""
+    incoming, outgoing = _ssl.MemoryBIO(), _ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    while True:
+        try:
+            tls.do_handshake()
+        except _ssl.SSLWantReadError:
+            pass
+        else:
+            break
+        flight = outgoing.read()
+        if flight:
+            writer.write(flight)
+            await writer.drain()
+        data = await reader.read(_READ_SIZE)
+        if data:
+            incoming.write(data)
+        else:
+            incoming.write_eof()
+    flight = outgoing.read()
+    if flight:
+        writer.write(flight)
+        await writer.drain()
+    return tls, (incoming, outgoing)
+
+
 class _Connector:
     """Opens the HTTP connections of one tunnel (TCP, TLS, or to a proxy)."""
 
@@ -181,7 +365,9 @@ class _Connector:
         ssl_context: _ssl.SSLContext | None,
         server_hostname: str | None,
         loop: asyncio.AbstractEventLoop,
+        open_transport: TransportOpener | None = None,
     ) -> None:
+        self.open_transport = open_transport
         self.options = options
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or options.host
@@ -192,6 +378,8 @@ class _Connector:
         channel = ClientChannel(options.config, push_window=options.channel_push_window)
         host, port = options.dial_address
         context = self.ssl_context
+        if self.open_transport is not None:
+            return await self._open_through(self.open_transport, channel)
         try:
             _, connection = await within(
                 options.connect_timeout,
@@ -213,6 +401,32 @@ class _Connector:
             raise options.tls_failed(exc) from exc
         except OSError as exc:
             raise options.connect_failed(exc) from exc
+        return connection
+
+    async def _open_through(self, opener: TransportOpener, channel: ClientChannel) -> _Connection:
+        """A connection over ``open_transport``'s pair (TLS on top when ``ssl`` is set)."""
+        options = self.options
+        host, port = options.dial_address
+        try:
+            reader, writer = await within(options.connect_timeout, opener(host, port))
+        except TimeoutError:
+            raise options.connect_timed_out() from None
+        except Exception as exc:  # OSError, or open_transport's own failures: chained
+            raise options.connect_failed(exc) from exc
+        tls = bios = None
+        if self.ssl_context is not None:
+            try:
+                tls, bios = await within(
+                    options.connect_timeout,
+                    _tls_handshake(reader, writer, self.ssl_context, self.server_hostname),
+                )
+            except BaseException as exc:
+                writer.close()
+                if isinstance(exc, TimeoutError | _ssl.SSLError | OSError | PHTError):
+                    raise options.tls_failed(exc) from exc
+                raise
+        connection = _Connection(channel, self.loop)
+        _StreamTransport(reader, writer, connection, tls, bios)
         return connection
 
 
@@ -618,6 +832,8 @@ async def open_pht_connection(
     push_window: int = 1,
     limit: int = DEFAULT_LIMIT,
     resume: bool = False,
+    open_transport: TransportOpener | None = None,
+    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a PHT tunnel to ``host:port`` as :func:`asyncio.open_connection` opens a TCP one.
 
@@ -640,7 +856,22 @@ async def open_pht_connection(
     :func:`pht.open_pht_stream`'s: cut connections are repeated without
     loss, and a session the server will never resume ends the reader with
     :class:`~pht.asyncio.SessionGoneResetError` (a :class:`~pht.SessionGone`
-    and a :class:`ConnectionResetError`).
+    and a :class:`ConnectionResetError`). ``reconnect_delay=(initial,
+    maximum)`` is its reconnect back-off in seconds, as
+    :func:`pht.open_pht_stream`'s (default ``(0.1, 5.0)``).
+
+    ``open_transport(host, port)``, when given, replaces
+    :func:`asyncio.open_connection` for every HTTP connection of the tunnel
+    (handshake, pull, push, reconnects, close notification), e.g. to reach
+    the server through other proxies. It returns a ``(reader, writer)`` pair
+    as :func:`asyncio.open_connection` does (or anything with the same
+    ``read``, ``write``, ``drain``, ``close`` and ``get_extra_info``:
+    :class:`~pht.asyncio.TransportReader`, :class:`~pht.asyncio.TransportWriter`),
+    so another tunnel's pair works too. It is called with the server's
+    address (or ``proxy``'s) within ``connect_timeout``; whatever it raises
+    becomes the :class:`~pht.TunnelError`'s cause. ``ssl`` then runs over the
+    pair (in memory, whatever the pair is). The client owns the pair from
+    then on and calls ``writer.close()`` when it is done with it.
     """
     ssl_context: _ssl.SSLContext | None
     if ssl is True:
@@ -669,9 +900,10 @@ async def open_pht_connection(
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
         resume=resume,
+        reconnect_delay=reconnect_delay,
     )
     loop = asyncio.get_running_loop()
-    connector = _Connector(options, ssl_context, server_hostname, loop)
+    connector = _Connector(options, ssl_context, server_hostname, loop, open_transport)
     session = ClientSession(options)
     pull = await connector.open()
     try:

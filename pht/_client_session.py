@@ -72,6 +72,8 @@ __all__ = [
 
 #: Raw bytes per push by default: one POST per MiB keeps round trips rare.
 DEFAULT_MAX_PUSH_SIZE = 1024 * 1024
+#: A resume session's reconnect back-off by default: ``(initial, maximum)`` seconds.
+DEFAULT_RECONNECT_DELAY = (0.1, 5.0)
 #: Unacknowledged pushes of a push connection unused this long are collected
 #: before the next push, so that the connection's idleness can be checked.
 SETTLE_ACKS = 1.0
@@ -82,6 +84,21 @@ def _positive_seconds(name: str, value: float) -> None:
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _reconnect_delay(value: tuple[float, float]) -> None:
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise TypeError(
+            f"reconnect_delay must be a tuple (initial, maximum) of seconds, got {value!r}"
+        )
+    initial, maximum = value
+    _positive_seconds("reconnect_delay's initial", initial)
+    _positive_seconds("reconnect_delay's maximum", maximum)
+    if initial > maximum:
+        raise ValueError(
+            f"reconnect_delay's initial ({initial!r} s) must not exceed its maximum "
+            f"({maximum!r} s)"
+        )
 
 
 def _at_least_one(name: str, value: int) -> None:
@@ -117,8 +134,10 @@ class ClientOptions:
     ``connect_timeout`` bounds connecting and the handshake,
     ``close_timeout`` the acknowledgements and the close notification in a
     close. ``resume`` offers the resume extension (``docs/resume.md``);
-    ``jitter`` is the random source of its reconnect back-off (a float in
-    ``[0, 1)`` per call). :meth:`build` makes one from
+    ``reconnect_delay`` is ``(initial, maximum)`` seconds of its reconnect
+    back-off (each delay doubles from ``initial`` up to ``maximum``, drawn in
+    ``[d/2, d]``), ``jitter`` its random source (a float in ``[0, 1)`` per
+    call). :meth:`build` makes one from
     :func:`pht.open_pht_stream`'s keyword arguments.
     """
 
@@ -134,6 +153,7 @@ class ClientOptions:
     connect_timeout: float = 30.0
     close_timeout: float = 5.0
     resume: bool = False
+    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY
     jitter: Callable[[], float] = field(default=random.random, repr=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +178,7 @@ class ClientOptions:
             )
         if not isinstance(self.resume, bool):
             raise TypeError(f"resume must be a bool, not {type(self.resume).__name__}")
+        _reconnect_delay(self.reconnect_delay)
         if not callable(self.jitter):
             raise TypeError("jitter must be a callable returning a float in [0, 1)")
         if self.token is not None:
@@ -752,7 +773,8 @@ class ClientSession:
                 window = self.options.channel_push_window * self.options.max_push_size
                 self.resume = ClientResume.negotiated(fields, buffer_limit=window)
                 if self.resume is not None:
-                    backoff = Backoff(self.options.jitter)
+                    initial, maximum = self.options.reconnect_delay
+                    backoff = Backoff(self.options.jitter, initial=initial, maximum=maximum)
                     self._reconnect = Reconnect(self.resume.terms.grace, backoff)
             elif self.resume is not None and self._reconnect is not None:
                 self.resume.pull_started(self._pull_ack, fields)

@@ -12,6 +12,7 @@ import trio
 from ._client import ClientChannel, ClientConfig, HeaderInput
 from ._client_session import (
     DEFAULT_MAX_PUSH_SIZE,
+    DEFAULT_RECONNECT_DELAY,
     ClientOptions,
     ClientSession,
     ClientSessionState,
@@ -816,6 +817,7 @@ async def open_pht_stream(
     push_window: int = 1,
     open_transport: TransportOpener | None = None,
     resume: bool = False,
+    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
@@ -864,6 +866,10 @@ async def open_pht_stream(
     grace period, raise :class:`~pht.SessionGone` (also a
     :class:`trio.BrokenResourceError`). A server that does not grant it
     (GOST) gets today's protocol.
+    ``reconnect_delay=(initial, maximum)`` is that back-off in seconds
+    (default ``(0.1, 5.0)``): the *n*-th delay in a row is drawn in
+    ``[d/2, d]`` with ``d = min(initial * 2**n, maximum)``; a smaller one
+    comes back sooner after a cut, a larger one spares a struggling server.
 
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
@@ -895,6 +901,7 @@ async def open_pht_stream(
         connect_timeout=connect_timeout,
         close_timeout=close_timeout,
         resume=resume,
+        reconnect_delay=reconnect_delay,
     )
     config = options.config
     connector = _Connector(options, ssl_context, server_hostname, open_transport)

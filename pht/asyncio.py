@@ -10,7 +10,12 @@ sans-IO core as the trio adapters, on asyncio's default loop and on uvloop.
 
 from __future__ import annotations
 
-from ._asyncio_client import open_pht_connection
+from ._asyncio_client import (
+    TransportOpener,
+    TransportReader,
+    TransportWriter,
+    open_pht_connection,
+)
 from ._asyncio_common import SessionGoneResetError, TunnelResetError
 from ._asyncio_server import PHTServer, start_pht_server
 from ._errors import PHTError, TunnelError
@@ -19,6 +24,9 @@ __all__ = [
     "PHTError",
     "PHTServer",
     "SessionGoneResetError",
+    "TransportOpener",
+    "TransportReader",
+    "TransportWriter",
     "TunnelError",
     "TunnelResetError",
     "open_pht_connection",

@@ -1,4 +1,9 @@
-"""A PHT hop anywhere in a chain: its HTTP connections go through the hops before it."""
+"""A PHT hop anywhere in a chain: its HTTP connections go through the hops before it.
+
+The command-line tests run on every event loop (``cli_backend_all``): on trio
+the PHT hop is ``open_pht_stream(open_transport=...)``, on asyncio and uvloop
+``open_pht_connection(open_transport=...)``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ from pht.cli._chain import ChainDialer
 from pht.cli._run import build_config
 
 from .test_cli_e2e import assert_body, fetch_via, origin
-from .test_cli_run import PhtProcess, free_port
+from .test_cli_run import PhtProcess, cli_backend_all, free_port
 
-__all__ = ["origin"]  # the fixture, imported for these tests
+__all__ = ["cli_backend_all", "origin"]  # the fixtures, imported for these tests
 
 pytestmark = [pytest.mark.slow]
 
@@ -21,7 +26,9 @@ pytestmark = [pytest.mark.slow]
     ("first", "second"),
     [("socks5", "socks5+pht"), ("relay", "socks5+pht"), ("http", "socks5+phts")],
 )
-def test_pht_hop_after_another_hop(origin: int, first: str, second: str) -> None:
+def test_pht_hop_after_another_hop(
+    cli_backend_all: str, origin: int, first: str, second: str
+) -> None:
     # -F socks5://A -F socks5+pht://B: every HTTP connection of the tunnel is a
     # SOCKS5 CONNECT through A to B (a relay CONNECT, an HTTP CONNECT for phts).
     with PhtProcess("-L", f"{first}://127.0.0.1:0", "-L", f"{second}://127.0.0.1:0") as server:
@@ -39,7 +46,7 @@ def test_pht_hop_after_another_hop(origin: int, first: str, second: str) -> None
         server.wait_for(rf"service-1: .* -> 127\.0\.0\.1:{origin} opened")
 
 
-def test_pht_hop_in_the_middle_of_a_chain(origin: int) -> None:
+def test_pht_hop_in_the_middle_of_a_chain(cli_backend_all: str, origin: int) -> None:
     # socks5 -> pht tunnel (through the socks5 hop) -> http proxy (through the tunnel).
     with PhtProcess(
         "-L",
@@ -66,7 +73,7 @@ def test_pht_hop_in_the_middle_of_a_chain(origin: int) -> None:
         server.wait_for(rf"service-2: .* -> 127\.0\.0\.1:{origin} opened")
 
 
-def test_unreachable_hop_before_a_pht_hop_is_named(origin: int) -> None:
+def test_unreachable_hop_before_a_pht_hop_is_named(cli_backend_all: str, origin: int) -> None:
     dead = free_port()
     with (
         PhtProcess("-L", "socks5+pht://127.0.0.1:0") as server,

@@ -24,6 +24,7 @@ from .asyncio_support import LOOPS, run
 from .faults import FaultRelay
 from .resume_server import ResumeServer, serve_resume
 from .support import echo, start_server
+from .test_client_resume import open_resume
 from .test_resume_e2e import _cuts
 
 CERTIFICATE = pht.make_self_signed_certificate()
@@ -164,3 +165,47 @@ def test_a_session_gone_ends_the_reader_with_a_named_error(relays: Relays, loop:
             await writer.wait_closed()
 
     run(loop, main())
+
+
+def test_reconnect_delay_sets_the_back_off() -> None:
+    # jitter 0.5: each delay is 3/4 of min(initial * 2**n, maximum).
+    session = open_resume(reconnect_delay=(0.01, 0.03))
+    delays = [session.pull_lost(OSError("reset"), now=100.0 + n) for n in range(4)]
+    assert delays == pytest.approx([0.0075, 0.015, 0.0225, 0.0225])
+    default = open_resume()
+    assert default.pull_lost(OSError("reset"), now=100.0) == pytest.approx(0.075)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ((0, 1), ValueError, "reconnect_delay's initial must be a positive"),
+        ((2, 1), ValueError, r"initial \(2 s\) must not exceed its maximum \(1 s\)"),
+        ((0.1, float("inf")), ValueError, "reconnect_delay's maximum must be a positive"),
+        (0.1, TypeError, r"reconnect_delay must be a tuple \(initial, maximum\)"),
+        (("0.1", 1), TypeError, "reconnect_delay's initial must be a number"),
+    ],
+)
+def test_a_bad_reconnect_delay_is_refused_by_both_clients(
+    value: object, error: type[Exception], message: str
+) -> None:
+    # Refused before connecting: port 1 is never dialled.
+    with pytest.raises(error, match=message):
+        run(
+            "asyncio",
+            pht.asyncio.open_pht_connection(
+                "127.0.0.1",
+                1,
+                resume=True,
+                reconnect_delay=value,  # type: ignore[arg-type]
+            ),
+        )
+    with pytest.raises(error, match=message):
+        trio.run(
+            lambda: pht.open_pht_stream(
+                "127.0.0.1",
+                1,
+                resume=True,
+                reconnect_delay=value,  # type: ignore[arg-type]
+            )
+        )

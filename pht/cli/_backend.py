@@ -87,12 +87,11 @@ class Backend:
         return "asyncio"
 
 
-def choose_backend(requested: str, *, needs_trio: str | None = None) -> Backend:
+def choose_backend(requested: str) -> Backend:
     """The :class:`Backend` for ``--backend requested``, or :class:`ConfigError`.
 
-    ``needs_trio`` names a feature of the configuration only the trio client
-    has (a PHT hop behind other hops): ``auto`` then runs on trio, an explicit
-    asyncio or uvloop is refused with a message that names ``--backend trio``.
+    Every configuration runs on every loop (a PHT hop behind other hops
+    included: both clients take ``open_transport``).
     """
     if requested not in BACKEND_CHOICES:
         raise ConfigError(
@@ -104,17 +103,10 @@ def choose_backend(requested: str, *, needs_trio: str | None = None) -> Backend:
             "or choose --backend asyncio or trio"
         )
     if requested == "auto":
-        if needs_trio is not None:
-            return Backend("trio", reason=f"{needs_trio} runs on trio only")
         for name in AUTO_PREFERENCE:
             if name != "uvloop" or uvloop_available():
                 return Backend(name, reason="the fastest available (see docs/cli.md)")
         return Backend("trio", reason="nothing faster is available")
-    if requested != "trio" and needs_trio is not None:
-        raise ConfigError(
-            f"{needs_trio} runs on trio only (pht.asyncio has no open_transport yet): "
-            f"use --backend trio (or auto) instead of --backend {requested}"
-        )
     return Backend(requested)
 
 
@@ -191,7 +183,7 @@ async def open_pht(
 
     ``options`` are the keywords both clients share (paths, ``headers``,
     ``host_header``, ``proxy``, ``server_hostname``, ``push_window``).
-    ``open_transport`` (its HTTP connections through other hops) is trio's only.
+    ``open_transport`` opens its HTTP connections (through other hops).
     """
     if backend.is_trio:
         trio_opener = None
@@ -209,11 +201,72 @@ async def open_pht(
             **options,
         )
         return TrioByteStream(stream)
+    asyncio_opener = None
     if open_transport is not None:
-        # choose_backend refuses such configurations: a bug if reached.
-        raise RuntimeError("pht.asyncio cannot open a tunnel through other hops")
-    reader, writer = await pht.asyncio.open_pht_connection(host, port, ssl=tls, **options)
+        anyio_opener = open_transport
+
+        async def asyncio_opener(
+            transport_host: str, transport_port: int
+        ) -> tuple[pht.asyncio.TransportReader, pht.asyncio.TransportWriter]:
+            pair = _AnyioPair(await anyio_opener(transport_host, transport_port))
+            return pair, pair
+
+    reader, writer = await pht.asyncio.open_pht_connection(
+        host, port, ssl=tls, open_transport=asyncio_opener, **options
+    )
     return AsyncioPHTStream(reader, writer)
+
+
+#: The closes :class:`_AnyioPair` started, kept until done (asyncio holds tasks weakly).
+_closing: set[asyncio.Task[None]] = set()
+
+
+class _AnyioPair:
+    """An anyio byte stream as the ``(reader, writer)`` pair of pht.asyncio's ``open_transport``.
+
+    ``write`` queues, ``drain`` sends what is queued (its caller drains one
+    at a time); ``close`` closes the stream in a task of its own, as
+    asyncio's ``close()`` does not wait either.
+    """
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+        self._queued: list[bytes] = []
+        self._closed = False
+
+    async def read(self, n: int = -1, /) -> bytes:
+        try:
+            return await self._stream.receive(n if n > 0 else 65536)
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return b""
+        except anyio.BrokenResourceError as exc:
+            raise ConnectionResetError(str(exc) or "the hop's stream broke") from exc
+
+    def write(self, data: bytes, /) -> None:
+        self._queued.append(data)
+
+    async def drain(self) -> None:
+        while self._queued:
+            data = b"".join(self._queued)
+            self._queued.clear()
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                raise ConnectionResetError(str(exc) or "the hop's stream broke") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        task = asyncio.get_running_loop().create_task(self._aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _aclose(self) -> None:
+        await anyio.aclose_forcefully(self._stream)
+
+    def get_extra_info(self, name: str, default: Any = None, /) -> Any:
+        return default
 
 
 # --- the PHT server ----------------------------------------------------------------------

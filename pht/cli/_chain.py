@@ -208,7 +208,7 @@ class ChainDialer:
     cannot be reached). Then each hop's connector asks its node to connect to
     the next hop's node, and the last one to the target. A PHT hop may stand
     anywhere: it opens each of its HTTP connections through the hops before
-    it (``open_pht_stream(open_transport=...)``). Right after one plain HTTP
+    it (``open_transport`` of either client, so on every loop). Right after one plain HTTP
     proxy hop (``-F http://proxy:3128 -F socks5+pht://server``) its requests
     go through that proxy in absolute form instead, without CONNECT.
 
@@ -268,17 +268,6 @@ class ChainDialer:
     @staticmethod
     def _label(hop: HopSpec, node: NodeSpec) -> str:
         return f"{hop.name} ({node.scheme}://{node.addr})"
-
-    def needs_trio(self) -> str | None:
-        """What of this chain only the trio client can do (``None``: nothing).
-
-        A PHT hop behind other hops opens its HTTP connections through them
-        (``open_transport``), which :mod:`pht.asyncio` has not got.
-        """
-        for position, hop in enumerate(self._hops):
-            if position > 0 and any(node.dialer != "tcp" for node in hop.nodes):
-                return f"chain {self.chain.name!r}: {hop.name}, a PHT hop behind other hops,"
-        return None
 
     async def _open(
         self, node: NodeSpec, open_transport: _Opener | None = None

@@ -456,12 +456,7 @@ def prepare(config: Config, stats: Stats | None = None, backend: str = "trio") -
     dialers: dict[str, ChainDialer] = {}
     for chain in config.chains:
         dialers[chain.name] = ChainDialer(chain, stats.chain(chain.name))
-    used = {spec.chain for spec in config.services}
-    needs_trio = next(
-        (reason for name, d in dialers.items() if name in used and (reason := d.needs_trio())),
-        None,
-    )
-    chosen = choose_backend(backend, needs_trio=needs_trio)
+    chosen = choose_backend(backend)
     for dialer in dialers.values():
         dialer.backend = chosen
     default_tls: bool | ssl.SSLContext | None = None  # made on first use
