@@ -60,19 +60,29 @@ class TransportReader(Protocol):
     ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end of the stream.
     """
 
-    async def read(self, n: int = -1, /) -> bytes: ...
+    async def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes, ``b""`` at the end of the stream."""
+        ...
 
 
 class TransportWriter(Protocol):
     """The writing half ``open_transport`` returns (an :class:`asyncio.StreamWriter` is one)."""
 
-    def write(self, data: bytes, /) -> None: ...
+    def write(self, data: bytes, /) -> None:
+        """Queue ``data`` to be sent."""
+        ...
 
-    async def drain(self) -> None: ...
+    async def drain(self) -> None:
+        """Return once the queued bytes may be sent on (flow control)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Close the stream (without waiting); the client calls it once done."""
+        ...
 
-    def get_extra_info(self, name: str, default: Any = None, /) -> Any: ...
+    def get_extra_info(self, name: str, default: Any = None, /) -> Any:
+        """Transport information (``"peername"``, ...), ``default`` if none."""
+        ...
 
 
 #: ``open_transport(host, port)``: a ``(reader, writer)`` pair to ``host:port``, as

@@ -11,7 +11,6 @@ sans-IO core as the trio adapters, on asyncio's default loop and on uvloop.
 from __future__ import annotations
 
 from ._asyncio_client import (
-    TransportOpener,
     TransportReader,
     TransportWriter,
     open_pht_connection,
@@ -24,7 +23,6 @@ __all__ = [
     "PHTError",
     "PHTServer",
     "SessionGoneResetError",
-    "TransportOpener",
     "TransportReader",
     "TransportWriter",
     "TunnelError",
