@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import socketserver
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -55,3 +58,41 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
         assert chunk, f"EOF after {len(data)} of {size} bytes"
         data += chunk
     return bytes(data)
+
+
+async def echo_through(stream: trio.abc.Stream, payload: bytes, piece: int = 256 * 1024) -> bytes:
+    """Send ``payload`` in ``piece``-sized writes while reading back as many bytes."""
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(payload):
+            data = await stream.receive_some()
+            assert data, f"EOF after {len(got)} of {len(payload)} bytes"
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        for start in range(0, len(payload), piece):
+            await stream.send_all(payload[start : start + piece])
+    return bytes(got)
+
+
+class _TCPEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(256 * 1024):
+            self.request.sendall(data)
+
+
+@contextlib.contextmanager
+def tcp_echo_server() -> Iterator[int]:
+    """A plain TCP echo server on 127.0.0.1 in a thread; yields its port."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _TCPEcho)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

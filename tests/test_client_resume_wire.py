@@ -18,24 +18,8 @@ import pht
 
 from .faults import Cut, FaultRelay
 from .resume_server import ResumeServer, serve_resume
-from .support import receive_exactly, start_server
+from .support import echo_through, receive_exactly, start_server
 from .transcripts import wire_pieces
-
-
-async def _echo_through(stream: pht.PHTStream, payload: bytes, piece: int = 256 * 1024) -> bytes:
-    got = bytearray()
-
-    async def read() -> None:
-        while len(got) < len(payload):
-            data = await stream.receive_some()
-            assert data, "EOF before everything came back"
-            got.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read)
-        for start in range(0, len(payload), piece):
-            await stream.send_all(payload[start : start + piece])
-    return bytes(got)
 
 
 async def _read_to_the_end(stream: pht.PHTStream) -> None:
@@ -49,7 +33,7 @@ async def test_echo_without_cuts(nursery: trio.Nursery) -> None:
     stream = await pht.open_pht_stream("127.0.0.1", port, authorize=False, resume=True)
     payload = os.urandom(300_000)
     with trio.fail_after(20):
-        assert await _echo_through(stream, payload) == payload
+        assert await echo_through(stream, payload) == payload
         await stream.aclose()
     (token,) = server.delivered
     assert bytes(server.delivered[token]) == payload
@@ -85,7 +69,7 @@ async def test_one_cut_is_survived(
     stream = await pht.open_pht_stream("127.0.0.1", relay_port, authorize=False, resume=True)
     payload = os.urandom(200_000)
     with trio.fail_after(60):
-        got = await _echo_through(stream, payload, piece=50_000)
+        got = await echo_through(stream, payload, piece=50_000)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
     assert relay.faults, relay.describe()
     await stream.aclose()

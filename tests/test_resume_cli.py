@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import socketserver
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from .faults import CutEveryConnection, FaultRelay
+from .support import tcp_echo_server
 from .test_cli_run import PhtProcess
 from .test_resume_scale import RelayThread, relay_thread, summary
 
@@ -30,25 +30,11 @@ CUTS = 40
 TIMEOUT = 120.0
 
 
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(256 * 1024):
-            self.request.sendall(data)
-
-
 @pytest.fixture
 def echo_port() -> Iterator[int]:
     """A plain TCP echo server (the program behind the far end of the tunnel)."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with tcp_echo_server() as port:
+        yield port
 
 
 def _echo_through(port: int, payload: bytes) -> bytes:

@@ -20,26 +20,10 @@ import pht
 from pht._stats import ServiceStats
 
 from .faults import Cut, FaultRelay, How, Kind
-from .support import echo, start_server
+from .support import echo, echo_through, start_server
 
 CERTIFICATE = pht.make_self_signed_certificate()
 SIZE = 16 * 1024 * 1024
-
-
-async def _echo_through(stream: pht.PHTStream, payload: bytes, piece: int) -> bytes:
-    got = bytearray()
-
-    async def read() -> None:
-        while len(got) < len(payload):
-            data = await stream.receive_some()
-            assert data, "EOF before everything came back"
-            got.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read)
-        for start in range(0, len(payload), piece):
-            await stream.send_all(payload[start : start + piece])
-    return bytes(got)
 
 
 def _cuts(seed: int, tls: bool, count: int = 12) -> list[Cut]:
@@ -95,7 +79,7 @@ async def test_many_random_cuts_lose_and_duplicate_nothing(
         stream = await pht.open_pht_stream(
             "127.0.0.1", relay_port, tls=context, authorize=False, resume=True, push_window=4
         )
-        got = await _echo_through(stream, payload, piece=300_000)
+        got = await echo_through(stream, payload, piece=300_000)
         await stream.aclose()
     assert len(got) == len(payload), relay.describe()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
@@ -180,7 +164,7 @@ async def test_bounded_pulls_are_re_attached(
         stream = await pht.open_pht_stream(
             "127.0.0.1", relay_port, authorize=False, resume=True, push_window=4
         )
-        got = await _echo_through(stream, payload, piece=100_000)
+        got = await echo_through(stream, payload, piece=100_000)
         await stream.aclose()
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), relay.describe()
     assert stats.pulls_total > 60, relay.describe()  # one pull per 64 KiB (or 200 ms)

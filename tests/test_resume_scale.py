@@ -34,7 +34,7 @@ from pht._asyncio_server import start_pht_server
 
 from .asyncio_support import run
 from .faults import CutEveryConnection, FaultRelay
-from .support import echo, start_server
+from .support import echo, echo_through, start_server
 
 CERTIFICATE = pht.make_self_signed_certificate()
 SIZE = 64 * 1024 * 1024
@@ -65,22 +65,6 @@ def client_context() -> ssl.SSLContext:
     return context
 
 
-async def _trio_echo_through(stream: pht.PHTStream, payload: bytes) -> bytes:
-    got = bytearray()
-
-    async def read() -> None:
-        while len(got) < len(payload):
-            data = await stream.receive_some()
-            assert data, f"EOF after {len(got)} bytes"
-            got.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read)
-        for start in range(0, len(payload), 300_000):
-            await stream.send_all(payload[start : start + 300_000])
-    return bytes(got)
-
-
 @pytest.mark.parametrize("tls", [False, True], ids=["pht", "phts"])
 async def test_trio_hundreds_of_cuts_in_64_mib(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tls: bool
@@ -99,7 +83,7 @@ async def test_trio_hundreds_of_cuts_in_64_mib(
             resume=True,
             push_window=4,
         )
-        got = await _trio_echo_through(stream, payload)
+        got = await echo_through(stream, payload, piece=300_000)
         await stream.aclose()
     assert len(got) == SIZE, summary(relay)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest(), summary(relay)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import re
 import socket
-import socketserver
-import threading
 from collections.abc import Iterator
 
 import pytest
 import trio
 
 import pht
+from tests.support import tcp_echo_server
 from tests.test_cli_run import PhtProcess
 
 from . import harness
@@ -55,25 +54,11 @@ server {
 """
 
 
-class _Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
-
-
 @pytest.fixture
 def echo() -> Iterator[int]:
     """A TCP echo server on loopback; yields its port."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with tcp_echo_server() as port:
+        yield port
 
 
 def _can_bind(address: str) -> bool:
