@@ -62,6 +62,7 @@ __all__ = [
     "Established",
     "PollAgain",
     "PushChunk",
+    "PushVerdict",
     "Reattach",
     "SendAuthorize",
     "SendPull",
@@ -420,6 +421,24 @@ PushStep = PushChunk | CollectAck | WriteDone
 _COLLECT_ACK = CollectAck()
 _WRITE_DONE = WriteDone()
 _WAIT = Wait()
+
+
+@dataclass(frozen=True, slots=True)
+class PushVerdict:
+    """What becomes of the push connection after a push's answer or failure.
+
+    ``drop``: close it; the next push goes on a new connection. ``retry_after``
+    (resume sessions only, and only with ``drop``): wait that many seconds,
+    then push again everything the server has not acknowledged (the next
+    :meth:`ClientSession.write_step` says so).
+    """
+
+    drop: bool = False
+    retry_after: float | None = None
+
+
+_KEEP = PushVerdict()
+_DROP = PushVerdict(drop=True)
 
 _PATH_HINTS = {
     404: "the server has no such path; do the client's and server's paths match?",
@@ -1077,6 +1096,123 @@ class ClientSession:
     def acks_timed_out(self) -> TunnelError:
         """The acknowledgements due at close did not come in time."""
         return self.break_sending("timed out waiting for the acknowledgement of earlier pushes")
+
+    # -- the push side, one API for both kinds of session ------------------------
+    #
+    # An adapter drives a write with these alone, whether the server granted
+    # resume or not: write_step says what to do next, answer_push and
+    # push_broke what an answer or a failure means for the connection.
+
+    def write_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
+        """What a write does next (:meth:`next_push_step` or :meth:`resume_step`).
+
+        ``queued``: the write's bytes not handed on yet: not pushed (a plain
+        session) or not taken by the replay buffer yet (a resume session, after
+        :meth:`resume_write`). A :class:`PushChunk` means: push the next
+        ``size`` queued bytes, or, in a resume session, :meth:`resume_push`'s.
+        """
+        if self.resume is not None:
+            return self.resume_step(
+                writing=queued > 0, in_flight=in_flight, window=window, keep=keep
+            )
+        return self.next_push_step(queued=queued, in_flight=in_flight, window=window, keep=keep)
+
+    def settle_due(self, in_flight: int) -> bool:
+        """Whether pushes remain to push, or answers to collect, before a close
+        (or for a receive that watches the pushes, :meth:`watch_answers`).
+
+        A resume session whose sending broke has nothing left to settle: its
+        unacknowledged bytes cannot reach the server any more.
+        """
+        resume = self.resume
+        if resume is None:
+            return in_flight > 0
+        return self.send_error is None and (in_flight > 0 or resume.unpushed > 0)
+
+    def answer_push(
+        self,
+        event: ClientEvent,
+        headers: Sequence[tuple[bytes, bytes]],
+        *,
+        closed: bool,
+        still_in_flight: int,
+        now: float,
+    ) -> PushVerdict:
+        """Judge the answer to the oldest push (:meth:`push_answer` or
+        :meth:`resume_push_answer`): what becomes of its connection.
+
+        ``closed``: the server closed the connection after this answer, with
+        ``still_in_flight`` pushes unanswered; ``headers`` are the answer's
+        ``PHT-*`` headers. A resume session pushes again, after a back-off,
+        what a ``409``, a hop's ``502``/``503``/``504``/``429`` or such a close
+        lost. Raises :class:`~pht.TunnelError` when sending cannot go on (drop
+        the connection then).
+        """
+        if self.resume is None:
+            done = self.push_answer(event, closed=closed, still_in_flight=still_in_flight)
+            return _DROP if done else _KEEP
+        if self.resume_push_answer(event, headers):
+            return self._push_again(f"the server answered {event}", now)
+        if closed and still_in_flight:
+            return self._push_again("the server closed the push connection", now)
+        return _DROP if closed else _KEEP
+
+    def push_broke(self, exc: BaseException, *, idle_for: float, now: float) -> PushVerdict:
+        """Writing a push, or reading an answer, failed with ``exc`` at ``now``
+        (the connection had been idle ``idle_for`` seconds before the push).
+
+        A resume session pushes again after a back-off; otherwise data may be
+        lost and this raises (:meth:`push_failed`).
+        """
+        if self.resume is not None:
+            return self._push_again(exc, now)
+        reason = describe_failure(exc, idle_for)
+        raise self.push_failed(f"push to the PHT server failed: {reason}")
+
+    def push_connect_failed(self, exc: TunnelError, now: float) -> PushVerdict:
+        """No connection for the next push could be made (``exc``) at ``now``.
+
+        Nothing was written: a resume session tries again after a back-off;
+        otherwise sending is broken and this raises.
+        """
+        if self.resume is not None:
+            return self._push_again(exc, now)
+        raise self.break_sending(str(exc))
+
+    def _push_again(self, reason: BaseException | str, now: float) -> PushVerdict:
+        return PushVerdict(drop=True, retry_after=self.push_lost(reason, now))
+
+    def push_interrupted(self) -> None:
+        """A push write was interrupted (cancelled); drop its connection.
+
+        A resume session pushes it again, without a back-off
+        (:meth:`push_abandoned`); otherwise the cancelled write breaks
+        sending (:meth:`break_sending`, which the write's caller reports).
+        """
+        if self.resume is not None:
+            self.push_abandoned()
+
+    # -- the pull side, failures -------------------------------------------------
+
+    def pull_broken(self, exc: BaseException, *, quiet_for: float) -> Reattach:
+        """The pull connection broke with ``exc``, ``quiet_for`` seconds after
+        it last delivered: re-attach it (a resume session), else raise.
+
+        A refusal of an earlier write's push is raised first: it explains the
+        cut (a server ends the pull of a session that refused pushed bytes).
+        """
+        if self.refused is not None:
+            raise self.refused
+        if self.resuming:
+            return Reattach(str(exc))
+        raise self.pull_failed(exc, quiet_for=quiet_for)
+
+    def repoll_broken(self, exc: BaseException) -> Reattach:
+        """The next pull (:class:`PollAgain`) could not be written: re-attach
+        it (a resume session), else raise (:meth:`repoll_failed`)."""
+        if self.resuming:
+            return Reattach(str(exc))
+        raise self.repoll_failed(exc)
 
     # -- the end ------------------------------------------------------------------
 
