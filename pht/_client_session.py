@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,25 @@ def _at_least_one(name: str, value: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
+
+
+def ssl_context_for(
+    value: bool | ssl.SSLContext | None, *, name: str = "tls", none_ok: bool = False
+) -> ssl.SSLContext | None:
+    """The TLS context an adapter's ``tls=`` (or asyncio's ``ssl=``) argument asks for.
+
+    ``True``: a default, verifying context; ``False`` (and ``None`` where
+    ``none_ok``, as asyncio takes it): plain HTTP; a context: that one.
+    Anything else is a :class:`TypeError` naming the argument.
+    """
+    if value is True:
+        return ssl.create_default_context()
+    if value is False or (value is None and none_ok):
+        return None
+    if isinstance(value, ssl.SSLContext):
+        return value
+    kinds = "None, a bool" if none_ok else "a bool"
+    raise TypeError(f"{name} must be {kinds} or an ssl.SSLContext, not {type(value).__name__}")
 
 
 def parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import select
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -27,6 +27,7 @@ from ._client_session import (
     Reattach,
     SendAuthorize,
     SendPull,
+    ssl_context_for,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
@@ -153,10 +154,9 @@ class _ClientStream(PHTStream):
     ) -> None:
         assert session.token is not None
         self.token = session.token
-        self.remote_address = connect.address
+        self.remote_address = session.options.address
         self._session = session
         self._connect = connect
-        self._config = session.options.config
         self._pull = pull
         self._push: _Connection | None = push
         self._ack: _Connection | None = None  # ack-only pushes (resume)
@@ -183,15 +183,18 @@ class _ClientStream(PHTStream):
         push = self._push
         return 0 if push is None else push.channel.pushes_in_flight
 
-    async def _ready(self, connection: _Connection | None) -> _Connection:
+    async def _ready(self, connection: _Connection | None, *, shield: bool = False) -> _Connection:
         """``connection`` if the next request may go on it (it pipelines pushes,
         or is idle and reusable), else a new one: nothing of the request was
-        written to the old one, so replacing it is safe."""
+        written to the old one, so replacing it is safe. ``shield``: a new one
+        is made even if the caller is cancelled (``connect_timeout`` bounds it)."""
         if connection is not None:
             if connection.channel.pushes_in_flight or await connection.reusable():
                 return connection
             await connection.aclose()
-        return await self._connect.open(self._config)
+        with trio.CancelScope(shield=shield):
+            new = await self._connect.open()
+        return new
 
     # -- sending ----------------------------------------------------------------
 
@@ -258,22 +261,22 @@ class _ClientStream(PHTStream):
         """Write one push: ``chunk``, or (``None``) the replay buffer's next bytes."""
         session = self._session
         try:
-            # Shielded for a resume push (connect_timeout bounds it): a receive
-            # that watches the pushes must not throw away a connection it made.
-            with trio.CancelScope(shield=chunk is None):
-                self._push = connection = await self._ready(self._push)
+            # Shielded for a resume push: a receive that watches the pushes
+            # must not throw away a connection it made.
+            self._push = connection = await self._ready(self._push, shield=chunk is None)
         except TunnelError as exc:
             self._push = None
             await self._push_broke(None, exc)
             return
         data: bytes | memoryview
+        headers: Sequence[tuple[bytes, bytes]] = ()
         if chunk is None:
             # A receive watching the pushes is cancelled when the pull has
             # data: better here, before the push is claimed and half written.
             await trio.lowlevel.checkpoint_if_cancelled()
             data, headers = session.resume_push()
         else:
-            data, headers = chunk, []
+            data = chunk
         try:
             await connection.send(connection.channel.push(self.token, data, headers))
         except trio.Cancelled:
@@ -531,7 +534,7 @@ class _ClientStream(PHTStream):
             await trio.sleep(delay)
             await self._pull.aclose()
             try:
-                self._pull = await self._connect.open(self._config)
+                self._pull = await self._connect.open()
                 await self._send_pull()
                 return
             except (TunnelError, trio.BrokenResourceError, OSError) as exc:
@@ -618,24 +621,23 @@ class _Connector:
         open_transport: TransportOpener | None = None,
     ) -> None:
         self.open_transport = open_transport
-        self.push_window = options.channel_push_window
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or options.host
         self.options = options
-        self.connect_timeout = options.connect_timeout
-        self.address = options.address
 
-    async def open(self, config: ClientConfig) -> _Connection:
+    async def open(self) -> _Connection:
+        """A new HTTP connection to the server, within ``connect_timeout``."""
         transport = await self._open_transport()
         if self.ssl_context is not None:
             transport = await self._start_tls(transport, self.ssl_context)
-        return _Connection(transport, config, push_window=self.push_window)
+        options = self.options
+        return _Connection(transport, options.config, push_window=options.channel_push_window)
 
     async def _open_transport(self) -> trio.abc.Stream:
         """A byte stream to the server (or the proxy): TCP, or ``open_transport``'s."""
         target_host, target_port = self.options.dial_address
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(self.options.connect_timeout):
                 if self.open_transport is None:
                     return await trio.open_tcp_stream(target_host, target_port)
                 return await self.open_transport(target_host, target_port)
@@ -664,7 +666,7 @@ class _Connector:
             )
             handshake = stream_tls.do_handshake
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(self.options.connect_timeout):
                 await handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(tls)
@@ -750,15 +752,7 @@ async def open_pht_stream(
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
-    ssl_context: ssl.SSLContext | None
-    if tls is True:
-        ssl_context = ssl.create_default_context()
-    elif tls is False:
-        ssl_context = None
-    elif isinstance(tls, ssl.SSLContext):
-        ssl_context = tls
-    else:
-        raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    ssl_context = ssl_context_for(tls)
     options = ClientOptions.build(
         host,
         port,
@@ -779,17 +773,16 @@ async def open_pht_stream(
         resume=resume,
         reconnect_delay=reconnect_delay,
     )
-    config = options.config
     connector = _Connector(options, ssl_context, server_hostname, open_transport)
     session = ClientSession(options)
-    pull = await connector.open(config)
+    pull = await connector.open()
     try:
         try:
             with trio.fail_after(connect_timeout):
                 pull = await _start_session(connector, pull, session)
         except trio.TooSlowError:
             raise session.handshake_timed_out() from None
-        push = await connector.open(config)
+        push = await connector.open()
     except BaseException:
         await pull.aclose()
         raise
@@ -813,7 +806,7 @@ async def _start_session(
             if isinstance(step, SendPull) and not await pull.reusable():
                 # Closed after the token: nothing of the pull was sent yet.
                 await pull.aclose()
-                pull = await connector.open(session.options.config)
+                pull = await connector.open()
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await pull.aclose()
         raise session.handshake_failed(exc) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import ssl
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from pht._client_session import (
     WriteDone,
     describe_failure,
     render_transitions,
+    ssl_context_for,
 )
 from pht._events import (
     Authorized,
@@ -620,3 +622,17 @@ def test_handshake_timeout_names_the_server_and_the_step() -> None:
     assert str(error).startswith("127.0.0.1:8080 accepted the connection")
     assert "authorize or pull request within 3s" in str(error)
     assert _state(session) is State.ERROR
+
+
+def test_ssl_context_for_the_adapters_tls_arguments() -> None:
+    context = ssl.create_default_context()
+    assert ssl_context_for(context) is context
+    assert ssl_context_for(False) is None
+    made = ssl_context_for(True)
+    assert made is not None
+    assert made.verify_mode is ssl.CERT_REQUIRED
+    with pytest.raises(TypeError, match=r"tls must be a bool or an ssl\.SSLContext, not NoneType"):
+        ssl_context_for(None)
+    assert ssl_context_for(None, name="ssl", none_ok=True) is None
+    with pytest.raises(TypeError, match=r"ssl must be None, a bool or an ssl\.SSLContext"):
+        ssl_context_for("yes", name="ssl", none_ok=True)  # type: ignore[arg-type]
