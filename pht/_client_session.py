@@ -1011,21 +1011,6 @@ class ClientSession:
         window = self.options.push_window
         return window if size <= self.options.max_push_size else max(2, window)
 
-    def next_push_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
-        """What the push side does next, with ``queued`` bytes still to push.
-
-        Push while fewer than ``window`` pushes are unanswered
-        (:meth:`push_window_for`), else collect the oldest answer; once all
-        is pushed, collect answers until at most ``keep`` are unanswered
-        (:attr:`keep_after_write` for a write that returns, ``0`` to settle
-        them all, as before a close), then the write is done.
-        """
-        if queued > 0:
-            if in_flight < window:
-                return PushChunk(min(queued, self.options.max_push_size))
-            return _COLLECT_ACK
-        return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
-
     def pushed(self, size: int) -> None:
         """A push of ``size`` bytes was written; its answer is due."""
         self._push_sizes.append(size)
@@ -1124,18 +1109,30 @@ class ClientSession:
     # push_broke what an answer or a failure means for the connection.
 
     def write_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
-        """What a write does next (:meth:`next_push_step` or :meth:`resume_step`).
+        """What a write does next, with ``queued`` of its bytes not handed on yet.
 
-        ``queued``: the write's bytes not handed on yet: not pushed (a plain
-        session) or not taken by the replay buffer yet (a resume session, after
-        :meth:`resume_write`). A :class:`PushChunk` means: push the next
-        ``size`` queued bytes, or, in a resume session, :meth:`resume_push`'s.
+        ``queued`` counts the bytes not pushed (a plain session), or not taken
+        by the replay buffer yet (a resume session, after :meth:`resume_write`;
+        see :meth:`resume_step`). Push while fewer than ``window`` pushes are
+        unanswered (:meth:`push_window_for`), else collect the oldest answer;
+        once all is pushed, collect answers until at most ``keep`` are
+        unanswered (:attr:`keep_after_write` for a write that returns, ``0``
+        to settle them all, as before a close), then the write is done. A
+        :class:`PushChunk` means: push the next ``size`` queued bytes, or, in
+        a resume session, :meth:`resume_push`'s.
         """
         if self.resume is not None:
             return self.resume_step(
                 writing=queued > 0, in_flight=in_flight, window=window, keep=keep
             )
-        return self.next_push_step(queued=queued, in_flight=in_flight, window=window, keep=keep)
+        if queued > 0:
+            if in_flight < window:
+                return PushChunk(min(queued, self.options.max_push_size))
+            return _COLLECT_ACK
+        return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
+
+    #: The name the asyncio adapter knows :meth:`write_step` by.
+    next_push_step = write_step
 
     def settle_due(self, in_flight: int) -> bool:
         """Whether pushes remain to push, or answers to collect, before a close

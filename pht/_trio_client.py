@@ -220,9 +220,10 @@ class _ClientStream(PHTStream):
             except trio.Cancelled:
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
-            session.write_returned(self._in_flight())
+            in_flight = self._in_flight()
+            session.write_returned(in_flight)
             # A receive waiting for the pull watches what the write left in flight.
-            if session.watch_answers(self._in_flight()) and not self._receive_watching:
+            if session.watch_answers(in_flight) and not self._receive_watching:
                 self._wake_receive()
 
     async def _pump(self, view: memoryview, *, window: int, keep: int) -> None:
@@ -307,7 +308,7 @@ class _ClientStream(PHTStream):
                     channel.resume_headers,
                     closed=channel.state is ChannelState.CLOSED,
                     still_in_flight=channel.pushes_in_flight,
-                    now=trio.current_time(),
+                    now=connection.last_used,  # when the answer was read
                 )
             except TunnelError as exc:
                 if session.refused is not None:
