@@ -511,10 +511,13 @@ def explain_rejection(
 class ClientSession:
     """The rules of one client PHT session (see the module docstring).
 
-    Pull side: :meth:`start`, then :meth:`pull_event` for each event of the
-    pull connection and :meth:`pull_failed` when it breaks. Push side:
-    :meth:`push_window_for`, :meth:`should_settle`, :meth:`push_answer`,
-    :meth:`push_failed`. End: :meth:`close`. Failures come back as
+    Pull side: :meth:`handshake_step`, then :meth:`pull_event` for each
+    event of the pull connection and :meth:`pull_broken` when it breaks.
+    Push side: :meth:`push_window_for`, :meth:`should_settle`, then
+    :meth:`write_step` for each step of a write, :meth:`answer_push` /
+    :meth:`push_broke` / :meth:`push_connect_failed` for what an answer or a
+    failure means (a :class:`PushVerdict`); the same calls whether the server
+    granted resume or not. End: :meth:`settle_due`, :meth:`close`. Failures come back as
     :class:`~pht.TunnelError` (with the HTTP status when there is one). A
     failure of the pull puts the session in ``ERROR`` (:attr:`error` keeps
     it); a failure of a push only breaks sending (:attr:`send_error`), as the
