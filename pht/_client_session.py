@@ -29,10 +29,10 @@ from __future__ import annotations
 import enum
 import math
 import random
-import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from ._client import ClientConfig, HeaderInput
@@ -51,6 +51,9 @@ from ._events import (
 )
 from ._resume import Backoff, ClientResume, GoneReason, Reconnect, ResponseFields, SessionGone
 from ._token import TokenSource, new_token
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "TRANSITIONS",
@@ -119,6 +122,8 @@ def ssl_context_for(
     ``none_ok``, as asyncio takes it): plain HTTP; a context: that one.
     Anything else is a :class:`TypeError` naming the argument.
     """
+    import ssl  # here: the sans-IO core imports no socket module until TLS is asked for
+
     if value is True:
         return ssl.create_default_context()
     if value is False or (value is None and none_ok):
