@@ -1023,16 +1023,16 @@ class ClientSession:
         """A push of ``size`` bytes was written; its answer is due."""
         self._push_sizes.append(size)
 
-    @staticmethod
-    def should_settle(in_flight: int, unused_for: float) -> bool:
+    def should_settle(self, in_flight: int, unused_for: float) -> bool:
         """Whether to collect a push connection's answers before the next push.
 
         With ``push_window > 1`` a write may return with pushes in flight;
         their answers have long arrived once the connection has been unused
         for :data:`SETTLE_ACKS`, and only a connection with nothing in
-        flight can be checked for a close.
+        flight can be checked for a close. A resume session pipelines on
+        (as it always has): what a dead connection loses is pushed again.
         """
-        return in_flight > 0 and unused_for >= SETTLE_ACKS
+        return self.resume is None and in_flight > 0 and unused_for >= SETTLE_ACKS
 
     def watch_answers(self, in_flight: int) -> bool:
         """Whether a receive must also read the answers of the ``in_flight`` pushes.
