@@ -32,6 +32,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from ._client import ClientConfig, HeaderInput
@@ -51,6 +52,9 @@ from ._events import (
 from ._resume import Backoff, ClientResume, GoneReason, Reconnect, ResponseFields, SessionGone
 from ._token import TokenSource, new_token
 
+if TYPE_CHECKING:
+    import ssl
+
 __all__ = [
     "TRANSITIONS",
     "ClientOptions",
@@ -62,6 +66,7 @@ __all__ = [
     "Established",
     "PollAgain",
     "PushChunk",
+    "PushVerdict",
     "Reattach",
     "SendAuthorize",
     "SendPull",
@@ -106,6 +111,27 @@ def _at_least_one(name: str, value: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
+
+
+def ssl_context_for(
+    value: bool | ssl.SSLContext | None, *, name: str = "tls", none_ok: bool = False
+) -> ssl.SSLContext | None:
+    """The TLS context an adapter's ``tls=`` (or asyncio's ``ssl=``) argument asks for.
+
+    ``True``: a default, verifying context; ``False`` (and ``None`` where
+    ``none_ok``, as asyncio takes it): plain HTTP; a context: that one.
+    Anything else is a :class:`TypeError` naming the argument.
+    """
+    import ssl  # here: the sans-IO core imports no socket module until TLS is asked for
+
+    if value is True:
+        return ssl.create_default_context()
+    if value is False or (value is None and none_ok):
+        return None
+    if isinstance(value, ssl.SSLContext):
+        return value
+    kinds = "None, a bool" if none_ok else "a bool"
+    raise TypeError(f"{name} must be {kinds} or an ssl.SSLContext, not {type(value).__name__}")
 
 
 def parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, str] | None]:
@@ -421,6 +447,24 @@ _COLLECT_ACK = CollectAck()
 _WRITE_DONE = WriteDone()
 _WAIT = Wait()
 
+
+@dataclass(frozen=True, slots=True)
+class PushVerdict:
+    """What becomes of the push connection after a push's answer or failure.
+
+    ``drop``: close it; the next push goes on a new connection. ``retry_after``
+    (resume sessions only, and only with ``drop``): wait that many seconds,
+    then push again everything the server has not acknowledged (the next
+    :meth:`ClientSession.write_step` says so).
+    """
+
+    drop: bool = False
+    retry_after: float | None = None
+
+
+_KEEP = PushVerdict()
+_DROP = PushVerdict(drop=True)
+
 _PATH_HINTS = {
     404: "the server has no such path; do the client's and server's paths match?",
     429: "the server has too many pending sessions; try again later",
@@ -472,10 +516,13 @@ def explain_rejection(
 class ClientSession:
     """The rules of one client PHT session (see the module docstring).
 
-    Pull side: :meth:`start`, then :meth:`pull_event` for each event of the
-    pull connection and :meth:`pull_failed` when it breaks. Push side:
-    :meth:`push_window_for`, :meth:`should_settle`, :meth:`push_answer`,
-    :meth:`push_failed`. End: :meth:`close`. Failures come back as
+    Pull side: :meth:`handshake_step`, then :meth:`pull_event` for each
+    event of the pull connection and :meth:`pull_broken` when it breaks.
+    Push side: :meth:`push_window_for`, :meth:`should_settle`, then
+    :meth:`write_step` for each step of a write, :meth:`answer_push` /
+    :meth:`push_broke` / :meth:`push_connect_failed` for what an answer or a
+    failure means (a :class:`PushVerdict`); the same calls whether the server
+    granted resume or not. End: :meth:`settle_due`, :meth:`close`. Failures come back as
     :class:`~pht.TunnelError` (with the HTTP status when there is one). A
     failure of the pull puts the session in ``ERROR`` (:attr:`error` keeps
     it); a failure of a push only breaks sending (:attr:`send_error`), as the
@@ -972,35 +1019,20 @@ class ClientSession:
         window = self.options.push_window
         return window if size <= self.options.max_push_size else max(2, window)
 
-    def next_push_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
-        """What the push side does next, with ``queued`` bytes still to push.
-
-        Push while fewer than ``window`` pushes are unanswered
-        (:meth:`push_window_for`), else collect the oldest answer; once all
-        is pushed, collect answers until at most ``keep`` are unanswered
-        (:attr:`keep_after_write` for a write that returns, ``0`` to settle
-        them all, as before a close), then the write is done.
-        """
-        if queued > 0:
-            if in_flight < window:
-                return PushChunk(min(queued, self.options.max_push_size))
-            return _COLLECT_ACK
-        return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
-
     def pushed(self, size: int) -> None:
         """A push of ``size`` bytes was written; its answer is due."""
         self._push_sizes.append(size)
 
-    @staticmethod
-    def should_settle(in_flight: int, unused_for: float) -> bool:
+    def should_settle(self, in_flight: int, unused_for: float) -> bool:
         """Whether to collect a push connection's answers before the next push.
 
         With ``push_window > 1`` a write may return with pushes in flight;
         their answers have long arrived once the connection has been unused
         for :data:`SETTLE_ACKS`, and only a connection with nothing in
-        flight can be checked for a close.
+        flight can be checked for a close. A resume session pipelines on
+        (as it always has): what a dead connection loses is pushed again.
         """
-        return in_flight > 0 and unused_for >= SETTLE_ACKS
+        return self.resume is None and in_flight > 0 and unused_for >= SETTLE_ACKS
 
     def watch_answers(self, in_flight: int) -> bool:
         """Whether a receive must also read the answers of the ``in_flight`` pushes.
@@ -1077,6 +1109,135 @@ class ClientSession:
     def acks_timed_out(self) -> TunnelError:
         """The acknowledgements due at close did not come in time."""
         return self.break_sending("timed out waiting for the acknowledgement of earlier pushes")
+
+    # -- the push side, one API for both kinds of session ------------------------
+    #
+    # An adapter drives a write with these alone, whether the server granted
+    # resume or not: write_step says what to do next, answer_push and
+    # push_broke what an answer or a failure means for the connection.
+
+    def write_step(self, *, queued: int, in_flight: int, window: int, keep: int) -> PushStep:
+        """What a write does next, with ``queued`` of its bytes not handed on yet.
+
+        ``queued`` counts the bytes not pushed (a plain session), or not taken
+        by the replay buffer yet (a resume session, after :meth:`resume_write`;
+        see :meth:`resume_step`). Push while fewer than ``window`` pushes are
+        unanswered (:meth:`push_window_for`), else collect the oldest answer;
+        once all is pushed, collect answers until at most ``keep`` are
+        unanswered (:attr:`keep_after_write` for a write that returns, ``0``
+        to settle them all, as before a close), then the write is done. A
+        :class:`PushChunk` means: push the next ``size`` queued bytes, or, in
+        a resume session, :meth:`resume_push`'s.
+        """
+        if self.resume is not None:
+            return self.resume_step(
+                writing=queued > 0, in_flight=in_flight, window=window, keep=keep
+            )
+        if queued > 0:
+            if in_flight < window:
+                return PushChunk(min(queued, self.options.max_push_size))
+            return _COLLECT_ACK
+        return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
+
+    #: The name the asyncio adapter knows :meth:`write_step` by.
+    next_push_step = write_step
+
+    def settle_due(self, in_flight: int) -> bool:
+        """Whether pushes remain to push, or answers to collect, before a close
+        (or for a receive that watches the pushes, :meth:`watch_answers`).
+
+        A resume session whose sending broke has nothing left to settle: its
+        unacknowledged bytes cannot reach the server any more.
+        """
+        resume = self.resume
+        if resume is None:
+            return in_flight > 0
+        return self.send_error is None and (in_flight > 0 or resume.unpushed > 0)
+
+    def answer_push(
+        self,
+        event: ClientEvent,
+        headers: Sequence[tuple[bytes, bytes]],
+        *,
+        closed: bool,
+        still_in_flight: int,
+        now: float,
+    ) -> PushVerdict:
+        """Judge the answer to the oldest push (:meth:`push_answer` or
+        :meth:`resume_push_answer`): what becomes of its connection.
+
+        ``closed``: the server closed the connection after this answer, with
+        ``still_in_flight`` pushes unanswered; ``headers`` are the answer's
+        ``PHT-*`` headers. A resume session pushes again, after a back-off,
+        what a ``409``, a hop's ``502``/``503``/``504``/``429`` or such a close
+        lost. Raises :class:`~pht.TunnelError` when sending cannot go on (drop
+        the connection then).
+        """
+        if self.resume is None:
+            done = self.push_answer(event, closed=closed, still_in_flight=still_in_flight)
+            return _DROP if done else _KEEP
+        if self.resume_push_answer(event, headers):
+            return self._push_again(f"the server answered {event}", now)
+        if closed and still_in_flight:
+            return self._push_again("the server closed the push connection", now)
+        return _DROP if closed else _KEEP
+
+    def push_broke(self, exc: BaseException, *, idle_for: float, now: float) -> PushVerdict:
+        """Writing a push, or reading an answer, failed with ``exc`` at ``now``
+        (the connection had been idle ``idle_for`` seconds before the push).
+
+        A resume session pushes again after a back-off; otherwise data may be
+        lost and this raises (:meth:`push_failed`).
+        """
+        if self.resume is not None:
+            return self._push_again(exc, now)
+        reason = describe_failure(exc, idle_for)
+        raise self.push_failed(f"push to the PHT server failed: {reason}")
+
+    def push_connect_failed(self, exc: TunnelError, now: float) -> PushVerdict:
+        """No connection for the next push could be made (``exc``) at ``now``.
+
+        Nothing was written: a resume session tries again after a back-off;
+        otherwise sending is broken and this raises.
+        """
+        if self.resume is not None:
+            return self._push_again(exc, now)
+        raise self.break_sending(str(exc))
+
+    def _push_again(self, reason: BaseException | str, now: float) -> PushVerdict:
+        return PushVerdict(drop=True, retry_after=self.push_lost(reason, now))
+
+    def push_interrupted(self) -> None:
+        """A push write was interrupted (cancelled); drop its connection.
+
+        A resume session pushes it again, without a back-off
+        (:meth:`push_abandoned`); otherwise the cancelled write breaks
+        sending (:meth:`break_sending`, which the write's caller reports).
+        """
+        if self.resume is not None:
+            self.push_abandoned()
+
+    # -- the pull side, failures -------------------------------------------------
+
+    def pull_broken(self, exc: BaseException, *, quiet_for: float) -> Reattach:
+        """The pull connection broke with ``exc``, ``quiet_for`` seconds after
+        it last delivered: re-attach it (a resume session), else raise.
+
+        A refusal of an earlier write's push is raised first: it explains the
+        cut (a server ends the pull of a session that refused pushed bytes).
+        """
+        if self.refused is not None:
+            raise self.refused
+        if self.resuming:
+            return Reattach(str(exc))
+        raise self.pull_failed(exc, quiet_for=quiet_for)
+
+    def repoll_broken(self, exc: BaseException) -> Reattach:
+        """The next pull (:class:`PollAgain`) could not be written: re-attach
+        it (a resume session), else raise (:meth:`repoll_failed`)."""
+        if self.resuming:
+            return Reattach(str(exc))
+        raise self.repoll_failed(exc)
 
     # -- the end ------------------------------------------------------------------
 

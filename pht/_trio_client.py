@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import select
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -21,11 +21,13 @@ from ._client_session import (
     EndOfStream,
     Established,
     PollAgain,
+    PullAction,
     PushChunk,
+    PushVerdict,
     Reattach,
     SendAuthorize,
     SendPull,
-    describe_failure,
+    ssl_context_for,
 )
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
@@ -51,6 +53,8 @@ TransportOpener = Callable[[str, int], Awaitable[trio.abc.Stream]]
 #: pull path (socket read, h11's buffer, line reassembly) in cache and below
 #: malloc's mmap threshold; 256 KiB reads cost page faults on each allocation.
 _CLIENT_RECEIVE_SIZE = 64 * 1024
+#: What a failed connection raises (a closed one: another task dropped it).
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError)
 
 
 def _readable_now(fileno: int) -> bool:
@@ -137,17 +141,22 @@ class _Connection:
 
 
 class _ClientStream(PHTStream):
-    """The client's end of a tunnel: moves bytes as its :class:`ClientSession` says."""
+    """The client's end of a tunnel: moves bytes as its :class:`ClientSession` says.
+
+    A write is a loop over :meth:`ClientSession.write_step`; what an answer
+    or a failure means for the push connection is the session's
+    :class:`PushVerdict`. The pull is a loop over
+    :meth:`ClientSession.pull_event`.
+    """
 
     def __init__(
         self, *, session: ClientSession, connect: _Connector, pull: _Connection, push: _Connection
     ) -> None:
         assert session.token is not None
         self.token = session.token
-        self.remote_address = connect.address
+        self.remote_address = session.options.address
         self._session = session
         self._connect = connect
-        self._config = session.options.config
         self._pull = pull
         self._push: _Connection | None = push
         self._ack: _Connection | None = None  # ack-only pushes (resume)
@@ -170,6 +179,23 @@ class _ClientStream(PHTStream):
         # A pull event read just before such a wake-up: not lost, returned next.
         self._stashed_event: ClientEvent | None = None
 
+    def _in_flight(self) -> int:
+        push = self._push
+        return 0 if push is None else push.channel.pushes_in_flight
+
+    async def _ready(self, connection: _Connection | None, *, shield: bool = False) -> _Connection:
+        """``connection`` if the next request may go on it (it pipelines pushes,
+        or is idle and reusable), else a new one: nothing of the request was
+        written to the old one, so replacing it is safe. ``shield``: a new one
+        is made even if the caller is cancelled (``connect_timeout`` bounds it)."""
+        if connection is not None:
+            if connection.channel.pushes_in_flight or await connection.reusable():
+                return connection
+            await connection.aclose()
+        with trio.CancelScope(shield=shield):
+            new = await self._connect.open()
+        return new
+
     # -- sending ----------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -183,70 +209,88 @@ class _ClientStream(PHTStream):
                 await trio.lowlevel.checkpoint()
                 return
             view = view.cast("B")
-            if session.resume is not None:
-                try:
-                    await self._send_resumable(view)
-                except trio.Cancelled:
-                    session.break_sending("a send_all was cancelled; the stream is broken")
-                    raise
-                self._after_write()
-                return
             try:
                 push = self._push
                 if push is not None and session.should_settle(
                     push.channel.pushes_in_flight, trio.current_time() - push.last_used
                 ):
-                    await self._pump_pushes(view[:0], window=1, keep=0)
+                    await self._pump(view[:0], window=1, keep=0)
                 window = session.push_window_for(len(view))
-                await self._pump_pushes(view, window=window, keep=session.keep_after_write)
+                await self._pump(view, window=window, keep=session.keep_after_write)
             except trio.Cancelled:
                 session.break_sending("a send_all was cancelled; the stream is broken")
                 raise
-            push = self._push
-            if push is not None:
-                session.write_returned(push.channel.pushes_in_flight)
-            self._after_write()
+            in_flight = self._in_flight()
+            session.write_returned(in_flight)
+            # A receive waiting for the pull watches what the write left in flight.
+            if session.watch_answers(in_flight) and not self._receive_watching:
+                self._wake_receive()
 
-    def _after_write(self) -> None:
-        """A write returns: a waiting receive watches what it left in flight."""
-        push = self._push
-        in_flight = 0 if push is None else push.channel.pushes_in_flight
-        if self._session.watch_answers(in_flight) and not self._receive_watching:
-            self._wake_receive()
-
-    async def _pump_pushes(self, view: memoryview, *, window: int, keep: int) -> None:
-        """Push ``view`` and collect answers, each step as the session says."""
+    async def _pump(self, view: memoryview, *, window: int, keep: int) -> None:
+        """Hand ``view`` on and collect answers, each step as the session says."""
         session = self._session
+        resume = session.resume
         offset = 0
         while True:
+            if session.send_error is not None:
+                raise _broken(session.send_error)
+            if resume is not None and offset < len(view):
+                offset += session.resume_write(view[offset:])
             push = self._push
-            step = session.next_push_step(
+            step = session.write_step(
                 queued=len(view) - offset,
                 in_flight=0 if push is None else push.channel.pushes_in_flight,
                 window=window,
                 keep=keep,
             )
             if type(step) is PushChunk:
-                end = offset + step.size
-                await self._push_once(view[offset:end])
-                offset = end
+                if resume is None:
+                    end = offset + step.size
+                    await self._push_once(view[offset:end])
+                    offset = end
+                else:
+                    async with self._push_lock:  # a watching receive pushes too
+                        if resume.unpushed and session.send_error is None:
+                            await self._push_once(None)
             elif type(step) is CollectAck:
                 assert push is not None
-                await self._collect_ack(push)
-                if session.send_error is not None:  # a receive read a refusal
-                    raise _broken(session.send_error)
+                await self._collect(push)
             else:
                 return
 
-    async def _push_once(self, chunk: memoryview) -> None:
-        connection = await self._push_connection()
+    async def _push_once(self, chunk: memoryview | None) -> None:
+        """Write one push: ``chunk``, or (``None``) the replay buffer's next bytes."""
+        session = self._session
         try:
-            await connection.send(connection.channel.push(self.token, chunk))
-        except (trio.BrokenResourceError, OSError, PHTError) as exc:
-            raise await self._push_failed(connection, exc) from exc
-        self._session.pushed(len(chunk))
+            # Shielded for a resume push: a receive that watches the pushes
+            # must not throw away a connection it made.
+            self._push = connection = await self._ready(self._push, shield=chunk is None)
+        except TunnelError as exc:
+            self._push = None
+            await self._push_broke(None, exc)
+            return
+        data: bytes | memoryview
+        headers: Sequence[tuple[bytes, bytes]] = ()
+        if chunk is None:
+            # A receive watching the pushes is cancelled when the pull has
+            # data: better here, before the push is claimed and half written.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            data, headers = session.resume_push()
+        else:
+            data = chunk
+        try:
+            await connection.send(connection.channel.push(self.token, data, headers))
+        except trio.Cancelled:
+            session.push_interrupted()  # part of it may be out: not on this connection again
+            await self._drop_push(connection)
+            raise
+        except _BROKEN as exc:
+            await self._push_broke(connection, exc)
+            return
+        if chunk is not None:
+            session.pushed(len(chunk))
 
-    async def _collect_ack(self, connection: _Connection) -> None:
+    async def _collect(self, connection: _Connection) -> None:
         """Read and judge the answer to the oldest push (unless another task did)."""
         async with self._answers_lock:
             channel = connection.channel
@@ -254,197 +298,62 @@ class _ClientStream(PHTStream):
                 return
             try:
                 event = await connection.next_event()
-            except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                raise await self._push_failed(connection, exc) from exc
+            except _BROKEN as exc:
+                await self._push_broke(connection, exc)
+                return
+            session = self._session
             try:
-                done = self._session.push_answer(
+                verdict = session.answer_push(
                     event,
+                    channel.resume_headers,
                     closed=channel.state is ChannelState.CLOSED,
                     still_in_flight=channel.pushes_in_flight,
+                    now=connection.last_used,  # when the answer was read
                 )
             except TunnelError as exc:
-                if self._session.refused is not None:
+                if session.refused is not None:
                     self._wake_receive()
-                raise await self._drop_push(connection, exc) from None
-            if done:
+                await self._drop_push(connection)
+                raise _broken(exc) from None
+            if verdict.drop:
+                await self._follow(connection, verdict)
+
+    async def _push_broke(self, connection: _Connection | None, exc: BaseException) -> None:
+        """A push on ``connection`` failed with ``exc`` (``None``: connecting
+        failed): do as the session says, unless another task saw it first."""
+        if connection is not None and self._push is not connection:
+            return
+        session = self._session
+        now = trio.current_time()
+        try:
+            if connection is None:
+                assert isinstance(exc, TunnelError)
+                verdict = session.push_connect_failed(exc, now)
+            else:
+                verdict = session.push_broke(exc, idle_for=connection.idle_for, now=now)
+        except TunnelError as error:
+            await self._drop_push(connection)
+            raise _broken(error) from exc
+        await self._follow(connection, verdict)
+
+    async def _follow(self, connection: _Connection | None, verdict: PushVerdict) -> None:
+        """Drop the push ``connection`` and wait, as ``verdict`` says."""
+        if verdict.drop and connection is not None:
+            await self._drop_push(connection)
+        if verdict.retry_after is not None:
+            await trio.sleep(verdict.retry_after)
+
+    async def _drop_push(self, connection: _Connection | None) -> None:
+        """Close the push ``connection``: the next push goes on a new one."""
+        if connection is not None:
+            if self._push is connection:
                 self._push = None
-                await connection.aclose()
+            await connection.aclose()
 
     def _wake_receive(self) -> None:
         """Make a receive waiting for the pull look at the push side again."""
         if self._receive_scope is not None:
             self._receive_scope.cancel()
-
-    async def _push_failed(self, connection: _Connection, exc: BaseException) -> BrokenTunnelError:
-        reason = describe_failure(exc, connection.idle_for)
-        message = f"push to the PHT server failed: {reason}"
-        return await self._drop_push(connection, self._session.push_failed(message))
-
-    async def _drop_push(self, connection: _Connection, error: TunnelError) -> BrokenTunnelError:
-        """Drop the push connection after ``error``; return the error to raise."""
-        if self._push is connection:
-            self._push = None
-        await connection.aclose()
-        return _broken(error)
-
-    async def _push_connection(self) -> _Connection:
-        """The push connection; a new one if the current one ended while idle.
-
-        Replacing it is safe: nothing of the next push was written to it.
-        """
-        connection = self._push
-        if (
-            connection is not None
-            and connection.channel.state is ChannelState.IDLE
-            and not await connection.reusable()
-        ):
-            self._push = None
-            await connection.aclose()
-        if self._push is None:
-            try:
-                self._push = await self._connect.open(self._config)
-            except TunnelError as exc:
-                raise _broken(self._session.break_sending(str(exc))) from exc
-        return self._push
-
-    # -- sending, resume session -------------------------------------------------
-
-    async def _send_resumable(self, view: memoryview, *, keep: int | None = None) -> None:
-        """Write ``view`` through the replay buffer; pushes lost on the way are pushed again."""
-        session = self._session
-        window = session.push_window_for(len(view))
-        if keep is None:
-            keep = session.keep_after_write
-        offset = 0
-        while True:
-            if session.send_error is not None:
-                raise _broken(session.send_error)
-            if offset < len(view):
-                offset += session.resume_write(view[offset:])
-            push = self._push
-            step = session.resume_step(
-                writing=offset < len(view),
-                in_flight=0 if push is None else push.channel.pushes_in_flight,
-                window=window,
-                keep=keep,
-            )
-            if type(step) is PushChunk:
-                await self._resume_push_once()
-            elif type(step) is CollectAck:
-                assert push is not None
-                await self._resume_collect(push)
-            else:
-                return
-
-    async def _resume_push_once(self) -> None:
-        """Push the next bytes not pushed yet (one task at a time: ``_push_lock``)."""
-        session = self._session
-        async with self._push_lock:
-            assert session.resume is not None
-            if not session.resume.unpushed or session.send_error is not None:
-                return  # another task pushed them, or sending broke meanwhile
-            connection = self._push
-            try:
-                if (
-                    connection is not None
-                    and connection.channel.state is ChannelState.IDLE
-                    and not await connection.reusable()
-                ):
-                    self._push = None
-                    await connection.aclose()
-                if self._push is None:
-                    connection = None
-                    # Shielded (connect_timeout bounds it): a receive that watches
-                    # the pushes must not throw away a connection it just made.
-                    with trio.CancelScope(shield=True):
-                        self._push = await self._connect.open(self._config)
-                connection = self._push
-                assert connection is not None
-                # A receive watching the pushes is cancelled when the pull has
-                # data: better here, before the push is claimed and half written.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                data, headers = session.resume_push()
-                try:
-                    await connection.send(connection.channel.push(self.token, data, headers))
-                except trio.Cancelled:
-                    # Part of the push may be out: drop the connection, push it all again.
-                    if self._push is connection:
-                        self._push = None
-                    session.push_abandoned()
-                    await trio.aclose_forcefully(connection.transport)
-                    raise
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
-                await self._resume_push_lost(exc, connection=connection)
-
-    async def _resume_collect(self, connection: _Connection) -> None:
-        """Read and judge the answer to the oldest push of a resume session."""
-        session = self._session
-        async with self._answers_lock:
-            channel = connection.channel
-            if self._push is not connection or not channel.pushes_in_flight:
-                return  # another task read it, or the connection was dropped
-            try:
-                event = await connection.next_event()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, PHTError) as exc:
-                await self._resume_push_lost(exc, connection=connection)
-                return
-            try:
-                again = session.resume_push_answer(event, channel.resume_headers)
-            except TunnelError as exc:
-                if session.refused is not None:
-                    self._wake_receive()
-                raise await self._drop_push(connection, exc) from None
-            if again:
-                await self._resume_push_lost(f"the server answered {event}", connection=connection)
-            elif channel.state is ChannelState.CLOSED:
-                if channel.pushes_in_flight:
-                    await self._resume_push_lost(
-                        "the server closed the push connection", connection=connection
-                    )
-                else:
-                    self._push = None
-                    await connection.aclose()
-
-    async def _resume_settle(self) -> None:
-        """Push what is not pushed and collect every answer (a receive does this
-        for writes that returned early; lost pushes are pushed again)."""
-        session = self._session
-        while session.send_error is None:
-            push = self._push
-            step = session.resume_step(
-                writing=False,
-                in_flight=0 if push is None else push.channel.pushes_in_flight,
-                window=session.options.push_window,
-                keep=0,
-            )
-            if type(step) is PushChunk:
-                await self._resume_push_once()
-            elif type(step) is CollectAck:
-                assert push is not None
-                await self._resume_collect(push)
-            else:
-                return
-
-    async def _resume_push_lost(
-        self, reason: BaseException | str, *, connection: _Connection | None
-    ) -> None:
-        """Drop the push connection: its pushes are pushed again after a back-off.
-
-        ``connection`` is the one that failed (``None``: connecting failed);
-        nothing happens if another task dropped it already.
-        """
-        if connection is not None:
-            if self._push is not connection:
-                return
-            self._push = None
-        try:
-            delay = self._session.push_lost(reason, trio.current_time())  # rewinds
-        except TunnelError as exc:
-            raise _broken(exc) from None
-        finally:
-            if connection is not None:
-                await connection.aclose()
-        await trio.sleep(delay)
 
     async def _send_ack_only(self) -> None:
         """Tell the server what arrived (its replay buffer is half full), on a
@@ -452,29 +361,21 @@ class _ClientStream(PHTStream):
         session = self._session
         while session.ack_due:
             ack, headers = session.ack_only_headers()
+            reason: BaseException | str
             try:
-                connection = self._ack
-                if connection is not None and not await connection.reusable():
-                    self._ack = None
-                    await connection.aclose()
-                if self._ack is None:
-                    self._ack = await self._connect.open(self._config)
-                connection = self._ack
+                self._ack = connection = await self._ready(self._ack)
                 await connection.send(connection.channel.ack_only(self.token, headers))
                 event = await connection.next_event()
-                again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
-                if connection.channel.state is ChannelState.CLOSED:
-                    self._ack = None
-                    await connection.aclose()
+            except _BROKEN as exc:
+                reason = exc
+            else:
+                try:
+                    again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
+                except TunnelError as exc:
+                    raise _broken(exc) from None
                 if not again:
                     return
-                reason: BaseException | str = f"the server answered {event}"
-            except TunnelError as exc:
-                if session.error is exc:
-                    raise _broken(exc) from None
-                reason = exc
-            except (trio.BrokenResourceError, OSError, PHTError) as exc:
-                reason = exc
+                reason = f"the server answered {event}"
             if self._ack is not None:
                 await self._ack.aclose()
                 self._ack = None
@@ -527,39 +428,41 @@ class _ClientStream(PHTStream):
     async def _receive(self, max_bytes: int) -> bytes:
         session = self._session
         while True:
+            action: PullAction
             try:
-                event = await self._next_pull_event()  # _poll_again may replace the pull
-            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+                event = await self._next_pull_event()  # _send_pull may replace the pull
+            except _BROKEN as exc:
                 if self._closed:
                     raise ClosedTunnelError("stream was closed") from None
-                if session.refused is not None:
-                    raise _broken(session.refused) from None
-                if session.resuming:
-                    await self._reattach(exc)
-                    continue
                 quiet = trio.current_time() - self._pull.last_used
-                raise _broken(session.pull_failed(exc, quiet_for=quiet)) from exc
-            try:
-                action = session.pull_event(event, self._pull.channel.resume_headers)
-            except TunnelError as exc:
-                raise _broken(exc) from None
-            if isinstance(action, Deliver):
+                try:
+                    action = session.pull_broken(exc, quiet_for=quiet)
+                except TunnelError as error:
+                    raise _broken(error) from exc
+            else:
+                try:
+                    action = session.pull_event(event, self._pull.channel.resume_headers)
+                except TunnelError as exc:
+                    raise _broken(exc) from None
+            if type(action) is Deliver:
                 self._pending, self._pending_offset = action.data, 0
                 if session.ack_due:
                     await self._send_ack_only()
                 return self._take(max_bytes)
-            if isinstance(action, EndOfStream):
+            if type(action) is EndOfStream:
                 await trio.lowlevel.checkpoint()
                 return b""
-            if isinstance(action, Reattach):
-                await self._reattach(action.reason)
-            elif isinstance(action, PollAgain):
+            if type(action) is PollAgain:
                 try:
-                    await self._poll_again(action.token)
+                    await self._send_pull()
+                    continue
                 except (TunnelError, trio.BrokenResourceError, OSError) as exc:
-                    if not session.resuming:
-                        raise _broken(session.repoll_failed(exc)) from exc
-                    await self._reattach(exc)
+                    try:
+                        action = session.repoll_broken(exc)
+                    except TunnelError as error:
+                        raise _broken(error) from exc
+            if type(action) is Reattach:
+                await self._reattach(action.reason)
 
     async def _next_pull_event(self) -> ClientEvent:
         """The pull's next event; a refusal of an earlier write's push raises instead."""
@@ -572,63 +475,54 @@ class _ClientStream(PHTStream):
             event, self._stashed_event = self._stashed_event, None
             if event is not None:
                 return event
-            push = self._push
-            watch = session.watch_answers(0 if push is None else push.channel.pushes_in_flight)
+            watch = session.watch_answers(self._in_flight())
             with trio.CancelScope() as scope:
                 self._receive_scope = scope
                 self._receive_watching = watch
                 try:
                     if not watch:
                         return await self._pull.next_event()
-                    return await self._pull_watching_answers(push)
+                    return await self._pull_watching_answers()
                 finally:
                     self._receive_scope = None
                     self._receive_watching = False
             # Woken by the sending side (the scope was cancelled): look again.
 
-    async def _pull_watching_answers(self, push: _Connection | None) -> ClientEvent:
-        """The pull's next event, reading the answers of the pushes in flight meanwhile
-        (and, in a resume session, pushing again what was lost)."""
+    async def _pull_watching_answers(self) -> ClientEvent:
+        """The pull's next event, settling the pushes in flight meanwhile (and,
+        in a resume session, pushing again what was lost)."""
         failure: BaseException | None = None
 
         async def pull() -> None:
             nonlocal failure
             try:
                 self._stashed_event = await self._pull.next_event()
-            except (trio.BrokenResourceError, OSError, PHTError) as exc:
+            except _BROKEN as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
 
+        session = self._session
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pull)
-            if self._session.resume is not None:
-                try:
-                    await self._resume_settle()
-                except BrokenTunnelError:
-                    pass  # the session has it: a refusal, or sending broken
-            while push is not None and push is self._push and push.channel.pushes_in_flight:
-                try:
-                    await self._collect_ack(push)
-                except BrokenTunnelError:
-                    break  # the session has it: a refusal, or sending broken
+            try:
+                await self._pump(memoryview(b""), window=session.push_window_for(0), keep=0)
+            except BrokenTunnelError:
+                pass  # the session has it: a refusal, or sending broken
             self._receive_watching = False
-            if self._session.refused is not None:
+            if session.refused is not None:
                 nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
         event, self._stashed_event = self._stashed_event, None
         if event is None:
-            assert self._session.refused is not None
-            raise _broken(self._session.refused)
+            assert session.refused is not None
+            raise _broken(session.refused)
         return event
 
-    async def _poll_again(self, token: str) -> None:
-        # Nothing of the new GET was written yet: a new connection is safe
-        # when the old one ended (or aged) while idle.
-        if not await self._pull.reusable():
-            await self._pull.aclose()
-            self._pull = await self._connect.open(self._config)
-        await self._pull.send(self._pull.channel.pull(token, self._session.pull_headers()))
+    async def _send_pull(self) -> None:
+        """Write the next pull (on a new connection if the current one ended)."""
+        self._pull = pull = await self._ready(self._pull)
+        await pull.send(pull.channel.pull(self.token, self._session.pull_headers()))
 
     async def _reattach(self, reason: BaseException | str) -> None:
         """Re-attach a resume session's pull on a new connection, after a back-off."""
@@ -641,8 +535,8 @@ class _ClientStream(PHTStream):
             await trio.sleep(delay)
             await self._pull.aclose()
             try:
-                self._pull = await self._connect.open(self._config)
-                await self._pull.send(self._pull.channel.pull(self.token, session.pull_headers()))
+                self._pull = await self._connect.open()
+                await self._send_pull()
                 return
             except (TunnelError, trio.BrokenResourceError, OSError) as exc:
                 reason = exc
@@ -680,46 +574,32 @@ class _ClientStream(PHTStream):
             raise refused
 
     async def _finish_pushes(self) -> BrokenTunnelError | None:
-        """Wait (up to ``close_timeout``) for the acknowledgements still due."""
+        """Settle the pushes (up to ``close_timeout``), as the session says."""
         session = self._session
-        if session.resume is not None:
-            if session.send_error is not None or (
-                not session.resume.unpushed
-                and (self._push is None or not self._push.channel.pushes_in_flight)
-            ):
-                return None
-        elif self._push is None or not self._push.channel.pushes_in_flight:
+        if not session.settle_due(self._in_flight()):
             return None
         with trio.move_on_after(session.options.close_timeout):
             try:
-                if session.resume is not None:
-                    await self._send_resumable(memoryview(b""), keep=0)
-                    return None
-                await self._pump_pushes(memoryview(b""), window=1, keep=0)
+                await self._pump(memoryview(b""), window=session.push_window_for(0), keep=0)
             except BrokenTunnelError as exc:
                 return exc
             return None
-        return _broken(self._session.acks_timed_out())
+        return _broken(session.acks_timed_out())
 
     async def _notify_close(self, push: _Connection | None) -> None:
         """Send the close notification, as modern GOST clients do (best effort)."""
         with trio.move_on_after(self._session.options.close_timeout):
             try:
-                if push is None or not await push.reusable():
-                    push = await self._connect.open(self._config)
-                    try:
-                        await self._send_close(push)
-                    finally:
-                        await push.aclose()
-                else:
-                    await self._send_close(push)
-            except (trio.BrokenResourceError, OSError, PHTError):
+                connection = await self._ready(push)
+                try:
+                    headers = self._session.close_headers()
+                    await connection.send(connection.channel.close_session(self.token, headers))
+                    await connection.next_event()
+                finally:
+                    if connection is not push:
+                        await connection.aclose()
+            except _BROKEN:
                 pass
-
-    async def _send_close(self, connection: _Connection) -> None:
-        headers = self._session.close_headers()
-        await connection.send(connection.channel.close_session(self.token, headers))
-        await connection.next_event()
 
 
 def _broken(error: TunnelError) -> BrokenTunnelError:
@@ -742,24 +622,23 @@ class _Connector:
         open_transport: TransportOpener | None = None,
     ) -> None:
         self.open_transport = open_transport
-        self.push_window = options.channel_push_window
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or options.host
         self.options = options
-        self.connect_timeout = options.connect_timeout
-        self.address = options.address
 
-    async def open(self, config: ClientConfig) -> _Connection:
+    async def open(self) -> _Connection:
+        """A new HTTP connection to the server, within ``connect_timeout``."""
         transport = await self._open_transport()
         if self.ssl_context is not None:
             transport = await self._start_tls(transport, self.ssl_context)
-        return _Connection(transport, config, push_window=self.push_window)
+        options = self.options
+        return _Connection(transport, options.config, push_window=options.channel_push_window)
 
     async def _open_transport(self) -> trio.abc.Stream:
         """A byte stream to the server (or the proxy): TCP, or ``open_transport``'s."""
         target_host, target_port = self.options.dial_address
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(self.options.connect_timeout):
                 if self.open_transport is None:
                     return await trio.open_tcp_stream(target_host, target_port)
                 return await self.open_transport(target_host, target_port)
@@ -788,7 +667,7 @@ class _Connector:
             )
             handshake = stream_tls.do_handshake
         try:
-            with trio.fail_after(self.connect_timeout):
+            with trio.fail_after(self.options.connect_timeout):
                 await handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             await trio.aclose_forcefully(tls)
@@ -874,15 +753,7 @@ async def open_pht_stream(
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
-    ssl_context: ssl.SSLContext | None
-    if tls is True:
-        ssl_context = ssl.create_default_context()
-    elif tls is False:
-        ssl_context = None
-    elif isinstance(tls, ssl.SSLContext):
-        ssl_context = tls
-    else:
-        raise TypeError(f"tls must be a bool or an ssl.SSLContext, not {type(tls).__name__}")
+    ssl_context = ssl_context_for(tls)
     options = ClientOptions.build(
         host,
         port,
@@ -903,17 +774,16 @@ async def open_pht_stream(
         resume=resume,
         reconnect_delay=reconnect_delay,
     )
-    config = options.config
     connector = _Connector(options, ssl_context, server_hostname, open_transport)
     session = ClientSession(options)
-    pull = await connector.open(config)
+    pull = await connector.open()
     try:
         try:
             with trio.fail_after(connect_timeout):
                 pull = await _start_session(connector, pull, session)
         except trio.TooSlowError:
             raise session.handshake_timed_out() from None
-        push = await connector.open(config)
+        push = await connector.open()
     except BaseException:
         await pull.aclose()
         raise
@@ -937,7 +807,7 @@ async def _start_session(
             if isinstance(step, SendPull) and not await pull.reusable():
                 # Closed after the token: nothing of the pull was sent yet.
                 await pull.aclose()
-                pull = await connector.open(session.options.config)
+                pull = await connector.open()
     except (trio.BrokenResourceError, OSError, RemoteProtocolError) as exc:
         await pull.aclose()
         raise session.handshake_failed(exc) from exc

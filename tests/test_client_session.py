@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import ssl
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from pht._client_session import (
     WriteDone,
     describe_failure,
     render_transitions,
+    ssl_context_for,
 )
 from pht._events import (
     Authorized,
@@ -393,9 +395,12 @@ def test_failure_mentions_a_long_idle_time() -> None:
 
 
 def test_idle_pushes_are_settled_after_a_while() -> None:
-    assert not ClientSession.should_settle(0, 100.0)
-    assert not ClientSession.should_settle(2, SETTLE_ACKS - 0.01)
-    assert ClientSession.should_settle(2, SETTLE_ACKS)
+    session = _open_modern()
+    assert not session.should_settle(0, 100.0)
+    assert not session.should_settle(2, SETTLE_ACKS - 0.01)
+    assert session.should_settle(2, SETTLE_ACKS)
+    # A resume session does not: a push lost with its connection is pushed again.
+    assert not open_resume().should_settle(2, SETTLE_ACKS)
 
 
 def test_push_acknowledged() -> None:
@@ -620,3 +625,17 @@ def test_handshake_timeout_names_the_server_and_the_step() -> None:
     assert str(error).startswith("127.0.0.1:8080 accepted the connection")
     assert "authorize or pull request within 3s" in str(error)
     assert _state(session) is State.ERROR
+
+
+def test_ssl_context_for_the_adapters_tls_arguments() -> None:
+    context = ssl.create_default_context()
+    assert ssl_context_for(context) is context
+    assert ssl_context_for(False) is None
+    made = ssl_context_for(True)
+    assert made is not None
+    assert made.verify_mode is ssl.CERT_REQUIRED
+    with pytest.raises(TypeError, match=r"tls must be a bool or an ssl\.SSLContext, not NoneType"):
+        ssl_context_for(None)
+    assert ssl_context_for(None, name="ssl", none_ok=True) is None
+    with pytest.raises(TypeError, match=r"ssl must be None, a bool or an ssl\.SSLContext"):
+        ssl_context_for("yes", name="ssl", none_ok=True)  # type: ignore[arg-type]
