@@ -54,6 +54,9 @@ OPTIONS: tuple[Option, ...] = (
     _r("proxyProtocol", ("listener",), "PROXY protocol v1/v2 in front of each connection"),
     _s("pullMaxBytes", ("listener",), "end each pull response after this many bytes (pht only)"),
     _s("pullMaxMs", ("listener",), "end each pull response after this many ms (pht only)"),
+    _s("resumeWindow", ("listener",), "resume extension: replay window in bytes per session"),
+    _s("gracePeriod", ("listener",), "resume extension: how long a cut session waits (60s)"),
+    _s("legacyGrace", ("listener",), "a grace period for clients without resume (GOST's)"),
     # TLS files and options (phts listener and dialer)
     _s("certFile", ("listener", "dialer"), "certificate file (alias cert)"),
     _s("keyFile", ("listener", "dialer"), "private key file (alias key)"),
@@ -69,7 +72,7 @@ OPTIONS: tuple[Option, ...] = (
     _s("header", ("dialer",), "extra request headers: header.NAME=VALUE"),
     _s("proxy", ("dialer",), "forward HTTP proxy for the PHT requests (pht only)"),
     _s("pushWindow", ("dialer",), "pushes awaiting their answer at once (pht only)"),
-    _s("resume", ("dialer",), "offer the resume extension: survive cut connections"),
+    _s("resume", ("listener", "dialer"), "the resume extension: serve it / offer it"),
     # handlers (auto, http, socks4, socks5, relay, forward) and connectors
     _s("auth", ("handler", "connector"), "base64 of user:password"),
     _s("nodelay", ("handler", "connector"), "relay: answer / ask at once, not with data"),

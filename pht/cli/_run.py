@@ -384,6 +384,7 @@ class Service:
                 trusted_proxies=spec.trusted_proxies,
                 pull_max_bytes=spec.pull_max_bytes,
                 pull_max_ms=spec.pull_max_ms,
+                **spec.resume.keywords(),
                 stats=self.stats,
                 task_status=task_status,
             )

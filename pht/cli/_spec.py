@@ -26,6 +26,7 @@ __all__ = [
     "DialerType",
     "HandlerType",
     "HopSpec",
+    "ListenerResume",
     "ListenerType",
     "MetricsSpec",
     "NodeSpec",
@@ -145,6 +146,29 @@ class DefaultTLS:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ListenerResume:
+    """The resume extension (docs/resume.md) as a PHT listener serves it.
+
+    ``None`` leaves the library's default (a 4 MiB replay window, a 60 s
+    grace period); ``enabled=False`` serves plain PHT to every client.
+    """
+
+    enabled: bool = True
+    window: int | None = None
+    grace_period: int | None = None
+    legacy_grace: bool = False
+
+    def keywords(self) -> dict[str, object]:
+        """The server keywords these settings stand for (``serve_pht``'s names)."""
+        keywords: dict[str, object] = {"resume": self.enabled, "legacy_grace": self.legacy_grace}
+        if self.window is not None:
+            keywords["resume_window"] = self.window
+        if self.grace_period is not None:
+            keywords["grace_period"] = self.grace_period
+        return keywords
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServiceSpec:
     """One ``-L`` (or one entry of YAML ``services:``): a listening service."""
 
@@ -167,6 +191,8 @@ class ServiceSpec:
     #: bytes of lines / milliseconds (``None``: pulls stay open).
     pull_max_bytes: int | None = None
     pull_max_ms: int | None = None
+    #: The resume extension as the listener serves it (PHT listeners).
+    resume: ListenerResume = field(default_factory=ListenerResume)
 
     @property
     def scheme(self) -> str:

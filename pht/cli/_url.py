@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 from urllib.parse import parse_qsl, unquote
 
+from .. import _server_session
 from ._meta import Metadata, parse_address
 from ._spec import (
     DEFAULT_AUTHORIZE_PATH,
@@ -35,6 +36,7 @@ from ._spec import (
     DialerType,
     HandlerType,
     HopSpec,
+    ListenerResume,
     ListenerType,
     NodeSpec,
     PHTPaths,
@@ -48,6 +50,7 @@ __all__ = [
     "LISTENERS",
     "client_tls",
     "dialer_tls",
+    "listener_resume",
     "node_paths",
     "normalize_connector",
     "normalize_dialer",
@@ -446,6 +449,7 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
     trusted = trusted_proxies(meta, listener)
     pull_max_bytes = meta.integer("pullMaxBytes", minimum=1)
     pull_max_ms = meta.integer("pullMaxMs", minimum=1)
+    resume = listener_resume(meta, listener)
     tls = server_tls(meta)
     if tls is not None and listener != "phts":
         log.warning("%s: TLS files are used only by a phts listener: ignored", where)
@@ -471,7 +475,47 @@ def parse_service(text: str, *, name: str = "service-0") -> ServiceSpec:
         trusted_proxies=trusted,
         pull_max_bytes=pull_max_bytes,
         pull_max_ms=pull_max_ms,
+        resume=resume,
     )
+
+
+def listener_resume(meta: Metadata, listener: ListenerType) -> ListenerResume:
+    """The resume extension as a PHT listener serves it (docs/resume.md).
+
+    ``resume=false`` serves plain PHT to every client; ``resumeWindow``
+    (bytes) and ``gracePeriod`` (a duration in whole seconds) set the replay
+    window and the grace period; ``legacyGrace=true`` gives sessions without
+    the extension (GOST's clients) a grace period too.
+    """
+    enabled = meta.boolean("resume")
+    window = meta.integer("resumeWindow", minimum=1)
+    grace = meta.seconds("gracePeriod")
+    legacy = meta.boolean("legacyGrace")
+    given = [enabled, window, grace, legacy]
+    if listener == "tcp":
+        if any(value is not None for value in given):
+            raise ConfigError(
+                f"{meta.where}: resume, resumeWindow, gracePeriod and legacyGrace "
+                "need a pht or phts listener"
+            )
+        return ListenerResume()
+    if grace is not None and not grace.is_integer():
+        raise ConfigError(f"{meta.where}: gracePeriod must be whole seconds, got {grace:g}s")
+    settings = ListenerResume(
+        enabled=enabled is not False,
+        window=window,
+        grace_period=None if grace is None else int(grace),
+        legacy_grace=bool(legacy),
+    )
+    defaults = _server_session.ServerOptions()
+    try:  # the library's own checks, with its messages
+        _server_session.ServerOptions(
+            resume_window=defaults.resume_window if window is None else window,
+            grace_period=defaults.grace_period if grace is None else int(grace),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{meta.where}: {exc}") from None
+    return settings
 
 
 #: ``proxy=direct``: no forward proxy, whatever ``http_proxy`` says.

@@ -33,6 +33,7 @@ from ._spec import (
 from ._url import (
     client_tls,
     dialer_tls,
+    listener_resume,
     node_paths,
     node_proxy,
     node_push_window,
@@ -226,6 +227,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
     trusted = trusted_proxies(listener_meta, listener)
     pull_max_bytes = listener_meta.integer("pullMaxBytes", minimum=1)
     pull_max_ms = listener_meta.integer("pullMaxMs", minimum=1)
+    resume = listener_resume(listener_meta, listener)
     listener_meta.report_unused()
     handler_meta = handler_section.metadata().merged(service.metadata())
     nodelay = bool(handler_meta.boolean("nodelay"))
@@ -257,6 +259,7 @@ def _service(value: object, index: int, chains: Mapping[str, ChainSpec]) -> Serv
         trusted_proxies=trusted,
         pull_max_bytes=pull_max_bytes,
         pull_max_ms=pull_max_ms,
+        resume=resume,
     )
 
 
