@@ -89,9 +89,9 @@ def test_drain_returns_when_an_ack_only_push_acknowledged_the_bytes(
                 port,
                 authorize=False,
                 resume=True,
-                # The lost push is retried after 1 to 2 s: long after the
-                # ack-only push was answered, so that answer is what must
-                # let drain() return (with nothing left to push again).
+                # The back-off after the lost answer is 1 to 2 s, and the
+                # ack-only push is answered long before it ends: that answer
+                # must let drain() return, as nothing is pushed again after it.
                 reconnect_delay=(2.0, 2.0),
             )
             writer.write(payload)
