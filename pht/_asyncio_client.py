@@ -475,6 +475,8 @@ class _ClientTransport(PHTTransport):
         self._push_task: asyncio.Task[None] | None = None
         #: Set while the pull pump waits for the answers of pushes in flight.
         self._answers_heard: asyncio.Future[None] | None = None
+        #: ``session.acknowledged`` as last reported to ``drain()``.
+        self._reported = 0
 
     def start(self) -> None:
         """Start the pumps (once the protocol is attached)."""
@@ -587,6 +589,8 @@ class _ClientTransport(PHTTransport):
                 await connection.send(connection.channel.ack_only(self.token, headers))
                 event = await connection.next_event()
                 again = session.ack_only_answer(ack, event, connection.channel.resume_headers)
+                # Its PHT-Received may cover pushes whose own answers never come.
+                self._report_acknowledged()
                 if connection.channel.state is ChannelState.CLOSED:
                     connection.close()
                     self._ack = None
@@ -696,13 +700,12 @@ class _ClientTransport(PHTTransport):
             await self._resume_push_lost(exc)
             return
         channel = connection.channel
-        before = session.acknowledged
         try:
             again = session.resume_push_answer(event, channel.resume_headers)
         except TunnelError as exc:
             self._drop_push(connection)
             raise _reset(exc) from None
-        self.acknowledge(session.acknowledged - before)
+        self._report_acknowledged()
         if again:
             await self._resume_push_lost(f"the server answered {event}")
         elif channel.state is ChannelState.CLOSED:
@@ -737,7 +740,6 @@ class _ClientTransport(PHTTransport):
         except _BROKEN as exc:
             raise self._push_failed(connection, exc) from exc
         channel = connection.channel
-        before = session.acknowledged
         try:
             done = session.push_answer(
                 event,
@@ -747,7 +749,7 @@ class _ClientTransport(PHTTransport):
         except TunnelError as exc:
             self._drop_push(connection)
             raise _reset(exc) from None
-        self.acknowledge(session.acknowledged - before)
+        self._report_acknowledged()
         if done:
             self._drop_push(connection)
         elif not channel.pushes_in_flight:
@@ -757,6 +759,18 @@ class _ClientTransport(PHTTransport):
         reason = describe_failure(exc, connection.idle_for)
         self._drop_push(connection)
         return _reset(self._session.push_failed(f"push to the PHT server failed: {reason}"))
+
+    def _report_acknowledged(self) -> None:
+        """Let ``drain()`` count what the server acknowledged since the last report.
+
+        Any answer may acknowledge written bytes: a push's, or in a resume
+        session an ack-only push's ``PHT-Received``, which may cover pushes
+        whose own answers are lost (nothing is pushed again then).
+        """
+        acknowledged = self._session.acknowledged
+        if acknowledged > self._reported:
+            self.acknowledge(acknowledged - self._reported)
+            self._reported = acknowledged
 
     def _drop_push(self, connection: _Connection) -> None:
         if self._push is connection:

@@ -550,8 +550,7 @@ class ClientSession:
         self._earlier_pushes = 0
         # Sizes of the pushes awaiting their answer, oldest first.
         self._push_sizes: deque[int] = deque()
-        #: Bytes the server acknowledged so far (an adapter reports progress from it).
-        self.acknowledged = 0
+        self._acknowledged = 0  # without resume: the sizes of the answered pushes
         #: How many pushes a write may leave unanswered: ``push_window - 1``.
         self.keep_after_write = options.push_window - 1
         #: The resume state, once the server granted the extension (else ``None``).
@@ -563,6 +562,17 @@ class ClientSession:
     @property
     def state(self) -> ClientSessionState:
         return self._state
+
+    @property
+    def acknowledged(self) -> int:
+        """Bytes the server acknowledged so far (an adapter reports progress from it).
+
+        In a resume session, every ``PHT-Received`` counts, whichever answer
+        carried it: a data push's or an ack-only push's.
+        """
+        if self.resume is not None:
+            return self.resume.upstream.start
+        return self._acknowledged
 
     @property
     def established(self) -> bool:
@@ -967,7 +977,6 @@ class ClientSession:
             resume.push_answered(ack, 200 if isinstance(event, PushAcknowledged) else 409, fields)
         except PHTError as exc:
             raise self._fail(f"resume failed: {exc}") from None
-        self.acknowledged = resume.upstream.start
         if isinstance(event, Rejected):  # 409: pushed again from PHT-Received
             self._push_acks.clear()
             return True
@@ -1085,7 +1094,7 @@ class ClientSession:
         if not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
         if self._push_sizes:
-            self.acknowledged += self._push_sizes.popleft()
+            self._acknowledged += self._push_sizes.popleft()
         if closed and still_in_flight:
             raise self.push_failed("the server closed the push connection with pushes unanswered")
         return closed
