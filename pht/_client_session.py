@@ -1148,9 +1148,6 @@ class ClientSession:
             return _COLLECT_ACK
         return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
 
-    #: The name the asyncio adapter knows :meth:`write_step` by.
-    next_push_step = write_step
-
     def settle_due(self, in_flight: int) -> bool:
         """Whether pushes remain to push, or answers to collect, before a close
         (or for a receive that watches the pushes, :meth:`watch_answers`).
