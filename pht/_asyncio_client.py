@@ -36,10 +36,10 @@ from ._client_session import (
     Established,
     PollAgain,
     PushChunk,
+    PushVerdict,
     Reattach,
     SendAuthorize,
     SendPull,
-    describe_failure,
 )
 from ._common import plan_writes
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -492,12 +492,15 @@ class _ClientTransport(PHTTransport):
             try:
                 event = await pull.next_event()
             except _BROKEN as exc:
-                if session.resuming:
-                    await self._reattach(exc)
-                    continue
                 quiet = self.loop.time() - pull.last_used
-                await self._hear_push_answers()
-                raise _reset(session.pull_failed(exc, quiet_for=quiet)) from exc
+                if not session.resuming:
+                    await self._hear_push_answers()  # a refusal names the cause
+                try:
+                    reattach = session.pull_broken(exc, quiet_for=quiet)
+                except TunnelError as error:
+                    raise _reset(error) from exc
+                await self._reattach(reattach.reason)
+                continue
             try:
                 action = session.pull_event(event, pull.channel.resume_headers)
             except TunnelError as exc:
@@ -519,9 +522,11 @@ class _ClientTransport(PHTTransport):
                 try:
                     await self._poll_again(action.token)
                 except _BROKEN as exc:
-                    if not session.resuming:
-                        raise _reset(session.repoll_failed(exc)) from exc
-                    await self._reattach(exc)
+                    try:
+                        reattach = session.repoll_broken(exc)
+                    except TunnelError as error:
+                        raise _reset(error) from exc
+                    await self._reattach(reattach.reason)
 
     async def _hear_push_answers(self) -> None:
         """Before a cut pull is reported, let the pushes in flight be answered.
@@ -615,150 +620,125 @@ class _ClientTransport(PHTTransport):
     # -- the pushes ---------------------------------------------------------------
 
     async def _push_pump(self) -> None:
-        """Push what the application writes; return once closing left nothing to do."""
+        """Push what the application writes, each step as the session says;
+        return once closing left nothing to do.
+
+        In a resume session written bytes go through the replay buffer first
+        (as room allows), and a push carries the buffer's next bytes.
+        """
         session = self._session
-        if session.resume is not None:
-            await self._resume_push_pump()
-            return
+        resume = session.resume
         while True:
+            if resume is not None:
+                if session.send_error is not None:
+                    raise _reset(session.send_error)
+                room = session.resume_room
+                if self.queued and room:
+                    session.resume_write(self.take_outbound(min(self.queued, room)))
             push = self._push
             in_flight = 0 if push is None else push.channel.pushes_in_flight
-            queued = self.queued
-            if not queued and not in_flight:
+            if not self.queued and not session.settle_due(in_flight):
                 if self.is_closing():
                     return
                 await self.wait_outbound()
                 continue
             if session.send_error is not None:
                 raise _reset(session.send_error)
-            step = session.next_push_step(
-                queued=queued,
+            unpushed = 0 if resume is None else resume.unpushed
+            step = session.write_step(
+                queued=self.queued,
                 in_flight=in_flight,
-                window=session.push_window_for(queued),
+                window=session.push_window_for(self.queued + unpushed),
                 keep=0,  # answers are read as they come: drain() counts them
             )
             if type(step) is PushChunk:
                 await self._push_once(step.size)
             elif type(step) is CollectAck:
                 assert push is not None
-                await self._collect_ack(push)
+                await self._collect(push)
+            else:  # the replay buffer is full: wait for acknowledgements
+                await self.wait_outbound()
 
-    async def _resume_push_pump(self) -> None:
-        """The push pump of a resume session: written bytes go through the replay buffer."""
+    async def _push_once(self, size: int) -> None:
+        """Write one push: ``size`` written bytes, or the replay buffer's next ones."""
         session = self._session
-        resume = session.resume
-        assert resume is not None
-        while True:
-            if session.send_error is not None:
-                raise _reset(session.send_error)
-            room = session.resume_room
-            if self.queued and room:
-                session.resume_write(self.take_outbound(min(self.queued, room)))
-            push = self._push
-            in_flight = 0 if push is None else push.channel.pushes_in_flight
-            if not self.queued and not resume.unpushed and not in_flight:
-                if self.is_closing():
-                    return
-                await self.wait_outbound()
-                continue
-            step = session.resume_step(
-                writing=self.queued > 0,
-                in_flight=in_flight,
-                window=session.push_window_for(self.queued + resume.unpushed),
-                keep=0,  # answers are read as they come: drain() counts them
-            )
-            if type(step) is PushChunk:
-                await self._resume_push_once()
-            elif type(step) is CollectAck:
-                assert push is not None
-                await self._resume_collect(push)
-            else:
-                await self.wait_outbound()
-
-    async def _resume_push_once(self) -> None:
-        data, headers = self._session.resume_push()
-        try:
-            connection = self._push
-            if (
-                connection is not None
-                and not connection.channel.pushes_in_flight
-                and not connection.reusable()
-            ):
-                self._drop_push(connection)
-            if self._push is None:
+        connection = self._push
+        if (
+            connection is not None
+            and not connection.channel.pushes_in_flight
+            and not connection.reusable()  # it ended (or aged) while idle
+        ):
+            self._drop_push(connection)
+        if self._push is None:
+            try:
                 self._push = await self._connector.open()
-            connection = self._push
-            await connection.send(connection.channel.push(self.token, data, headers))
+            except TunnelError as exc:
+                await self._push_broke(None, exc)
+                return
+        connection = self._push
+        if session.resume is not None:
+            data, headers = session.resume_push()
+            request = connection.channel.push(self.token, data, headers)
+        else:
+            chunk = self.take_outbound(size)
+            request = connection.channel.push(self.token, chunk)
+        try:
+            await connection.send(request)
         except _BROKEN as exc:
-            await self._resume_push_lost(exc)
+            await self._push_broke(connection, exc)
+            return
+        if session.resume is None:
+            session.pushed(len(chunk))
 
-    async def _resume_collect(self, connection: _Connection) -> None:
+    async def _collect(self, connection: _Connection) -> None:
+        """Read and judge the answer to the oldest push on ``connection``."""
         session = self._session
         try:
             event = await connection.next_event()
         except _BROKEN as exc:
-            await self._resume_push_lost(exc)
+            await self._push_broke(connection, exc)
             return
         channel = connection.channel
         try:
-            again = session.resume_push_answer(event, channel.resume_headers)
-        except TunnelError as exc:
-            self._drop_push(connection)
-            raise _reset(exc) from None
-        self._report_acknowledged()
-        if again:
-            await self._resume_push_lost(f"the server answered {event}")
-        elif channel.state is ChannelState.CLOSED:
-            if channel.pushes_in_flight:
-                await self._resume_push_lost("the server closed the push connection")
-            else:
-                self._drop_push(connection)
-
-    async def _resume_push_lost(self, reason: BaseException | str) -> None:
-        """Drop the push connection: its pushes are pushed again after a back-off."""
-        if self._push is not None:
-            self._drop_push(self._push)
-        try:
-            delay = self._session.push_lost(reason, self.loop.time())
-        except TunnelError as exc:
-            raise _reset(exc) from None
-        await asyncio.sleep(delay)
-
-    async def _push_once(self, size: int) -> None:
-        connection = await self._push_connection()
-        chunk = self.take_outbound(size)
-        try:
-            await connection.send(connection.channel.push(self.token, chunk))
-        except _BROKEN as exc:
-            raise self._push_failed(connection, exc) from exc
-        self._session.pushed(len(chunk))
-
-    async def _collect_ack(self, connection: _Connection) -> None:
-        session = self._session
-        try:
-            event = await connection.next_event()
-        except _BROKEN as exc:
-            raise self._push_failed(connection, exc) from exc
-        channel = connection.channel
-        try:
-            done = session.push_answer(
+            verdict = session.answer_push(
                 event,
+                channel.resume_headers,
                 closed=channel.state is ChannelState.CLOSED,
                 still_in_flight=channel.pushes_in_flight,
+                now=self.loop.time(),
             )
         except TunnelError as exc:
             self._drop_push(connection)
             raise _reset(exc) from None
         self._report_acknowledged()
-        if done:
-            self._drop_push(connection)
+        if verdict.drop:
+            await self._follow(connection, verdict)
         elif not channel.pushes_in_flight:
             self._answers_done()
 
-    def _push_failed(self, connection: _Connection, exc: BaseException) -> TunnelResetError:
-        reason = describe_failure(exc, connection.idle_for)
-        self._drop_push(connection)
-        return _reset(self._session.push_failed(f"push to the PHT server failed: {reason}"))
+    async def _push_broke(self, connection: _Connection | None, exc: BaseException) -> None:
+        """A push on ``connection`` failed with ``exc`` (``None``: connecting
+        failed): drop the connection and do as the session says."""
+        session = self._session
+        now = self.loop.time()
+        try:
+            if connection is None:
+                assert isinstance(exc, TunnelError)
+                verdict = session.push_connect_failed(exc, now)
+            else:
+                verdict = session.push_broke(exc, idle_for=connection.idle_for, now=now)
+        except TunnelError as error:
+            if connection is not None:
+                self._drop_push(connection)
+            raise _reset(error) from exc
+        await self._follow(connection, verdict)
+
+    async def _follow(self, connection: _Connection | None, verdict: PushVerdict) -> None:
+        """Drop the push ``connection`` and wait, as ``verdict`` says."""
+        if verdict.drop and connection is not None:
+            self._drop_push(connection)
+        if verdict.retry_after is not None:
+            await asyncio.sleep(verdict.retry_after)
 
     def _report_acknowledged(self) -> None:
         """Let ``drain()`` count what the server acknowledged since the last report.
@@ -777,22 +757,6 @@ class _ClientTransport(PHTTransport):
             self._push = None
         connection.close()
         self._answers_done()
-
-    async def _push_connection(self) -> _Connection:
-        """The push connection; a new one if the current one ended while idle."""
-        connection = self._push
-        if (
-            connection is not None
-            and not connection.channel.pushes_in_flight
-            and not connection.reusable()
-        ):
-            self._drop_push(connection)
-        if self._push is None:
-            try:
-                self._push = await self._connector.open()
-            except TunnelError as exc:
-                raise _reset(self._session.break_sending(str(exc))) from exc
-        return self._push
 
     # -- the end ------------------------------------------------------------------
 

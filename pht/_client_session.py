@@ -557,7 +557,8 @@ class ClientSession:
         self.resume: ClientResume | None = None
         self._reconnect: Reconnect | None = None
         self._pull_ack = 0  # the PHT-Ack of the current pull request
-        self._push_acks: deque[int] = deque()  # the PHT-Ack of each push in flight
+        #: The PHT-Ack and the end offset of each push in flight.
+        self._push_acks: deque[tuple[int, int]] = deque()
 
     @property
     def state(self) -> ClientSessionState:
@@ -934,7 +935,7 @@ class ClientSession:
         resume = self.resume
         assert resume is not None
         offset, data = resume.next_push(self.options.max_push_size)
-        self._push_acks.append(resume.downstream.received)
+        self._push_acks.append((resume.downstream.received, offset + len(data)))
         return data, resume.push_headers(offset)
 
     def resume_push_answer(
@@ -949,7 +950,10 @@ class ClientSession:
         resume = self.resume
         assert resume is not None
         assert self._reconnect is not None
-        ack = self._push_acks.popleft() if self._push_acks else resume.downstream.acknowledged
+        if self._push_acks:
+            ack, end = self._push_acks.popleft()
+        else:
+            ack, end = resume.downstream.acknowledged, 0
         if isinstance(event, Rejected):
             status = event.status_code
             if status in RETRY_STATUSES:
@@ -973,6 +977,14 @@ class ClientSession:
         elif not isinstance(event, PushAcknowledged):
             raise self.push_failed(f"unexpected answer to a push: {event}")
         fields = self._resume_fields(headers)
+        received = fields.received
+        if isinstance(event, PushAcknowledged) and received is not None and received < end:
+            # A 200 means the server has the push's bytes: nothing would ever
+            # push them again, and drain() would wait for them for good.
+            raise self._fail(
+                f"resume failed: the server acknowledged a push ending at {end} "
+                f"with PHT-Received: {received}"
+            )
         try:
             resume.push_answered(ack, 200 if isinstance(event, PushAcknowledged) else 409, fields)
         except PHTError as exc:
@@ -1147,9 +1159,6 @@ class ClientSession:
                 return PushChunk(min(queued, self.options.max_push_size))
             return _COLLECT_ACK
         return _COLLECT_ACK if in_flight > keep else _WRITE_DONE
-
-    #: The name the asyncio adapter knows :meth:`write_step` by.
-    next_push_step = write_step
 
     def settle_due(self, in_flight: int) -> bool:
         """Whether pushes remain to push, or answers to collect, before a close

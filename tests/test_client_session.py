@@ -281,7 +281,7 @@ def _drive_write(session: ClientSession, size: int, *, window: int, keep: int) -
     steps: list[str] = []
     queued, in_flight = size, 0
     for _ in range(100):
-        step = session.next_push_step(queued=queued, in_flight=in_flight, window=window, keep=keep)
+        step = session.write_step(queued=queued, in_flight=in_flight, window=window, keep=keep)
         if isinstance(step, PushChunk):
             steps.append(f"push {step.size}")
             session.pushed(step.size)
@@ -347,8 +347,8 @@ def test_windowed_write_returns_with_pushes_in_flight() -> None:
     assert steps == ["push 10", "push 10", "push 10", "ack", "push 10", "ack"]
     assert session.acknowledged == 20  # two of the four pushes are still unanswered
     # Settling (before a close, or on an idle connection) collects them all.
-    assert session.next_push_step(queued=0, in_flight=3, window=1, keep=0) == CollectAck()
-    assert session.next_push_step(queued=0, in_flight=0, window=1, keep=0) == WriteDone()
+    assert session.write_step(queued=0, in_flight=3, window=1, keep=0) == CollectAck()
+    assert session.write_step(queued=0, in_flight=0, window=1, keep=0) == WriteDone()
 
 
 def test_channel_window_is_two_at_least() -> None:

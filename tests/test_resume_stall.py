@@ -19,6 +19,7 @@ import pytest
 import pht.asyncio
 from pht._asyncio_server import start_pht_server
 from pht._client_session import WriteDone
+from pht._errors import TunnelError
 from pht._events import DataReceived, PushAcknowledged
 
 from .asyncio_support import LOOPS, run
@@ -50,6 +51,19 @@ def test_an_ack_only_answer_acknowledges_pushed_bytes() -> None:
     assert session.resume.unpushed == 0
     assert session.resume_step(writing=False, in_flight=0, window=2, keep=0) == WriteDone()
     assert session.acknowledged == 10
+
+
+def test_a_push_acknowledged_short_of_its_end_fails_the_session() -> None:
+    # A 200 says the server has the push's bytes; a PHT-Received below its
+    # end would leave them unacknowledged for good (drain() waiting forever).
+    session = open_resume(push_window=2)
+    session.resume_write(b"0123456789")
+    session.resume_push()
+    with pytest.raises(TunnelError, match="ending at 10 with PHT-Received: 4"):
+        session.answer_push(
+            PushAcknowledged(), [(b"pht-received", b"4")], closed=False, still_in_flight=0, now=0.0
+        )
+    assert session.error is not None
 
 
 async def _send_down_after_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
