@@ -124,8 +124,9 @@ class _Stream(SessionBuffers):
     __slots__ = (
         "consumed",
         "finished_event",
+        "inbound_scheduled",
+        "outbound_task",
         "pull_event",
-        "readable_event",
         "room_event",
         "started",
         "transport",
@@ -137,14 +138,20 @@ class _Stream(SessionBuffers):
         super().__init__(session, remote_address, max_buffered)
         self.transport: _SessionTransport | None = None
         self.started = 0.0
-        self.readable_event = _Signal()
+        #: The inbound pump is due to run (a callback, not a task).
+        self.inbound_scheduled = False
+        #: The outbound pump's task, while the application's bytes or close wait for it.
+        self.outbound_task: asyncio.Task[None] | None = None
         self.consumed = _Signal()
         self.pull_event = _Signal()
         self.room_event = _Signal()
         self.finished_event = _Signal()
 
     def _wake_reader(self) -> None:
-        self.readable_event.set()
+        transport = self.transport
+        if transport is not None and not self.inbound_scheduled:
+            self.inbound_scheduled = True
+            transport.loop.call_soon(_pump_inbound, self)
 
     def _wake_pushes(self) -> None:
         self.consumed.set()
@@ -162,6 +169,31 @@ class _Stream(SessionBuffers):
             # ends now, before the pull's last chunk reaches the client (a
             # request it sends next must find the token closed).
             self.transport.session_done()
+
+
+def _pump_inbound(stream: _Stream) -> None:
+    """Pushed bytes to the reader as it accepts them; EOF once the session ended.
+
+    A callback, scheduled by each wake-up of the reader (pushed bytes, the
+    session's end, ``resume_reading()``): an idle session has no task for it.
+    """
+    stream.inbound_scheduled = False
+    transport = stream.transport
+    if transport is None:
+        return
+    try:
+        while not transport.is_closing():  # else the outbound pump ends the session
+            if stream.readable:
+                if not transport.is_reading():
+                    return  # resume_reading() wakes it
+                transport.deliver(stream.take(_RECEIVE_SIZE))
+            else:
+                if stream.session.closed:
+                    transport.deliver_eof()
+                    transport.lose(None)
+                return
+    except Exception as exc:  # as a pump task's exception: the session ends with it
+        transport.lose(exc)
 
 
 async def _wait(event: asyncio.Event | _Signal) -> None:
@@ -190,6 +222,16 @@ class _SessionTransport(PHTTransport):
     def resume_reading(self) -> None:
         super().resume_reading()
         self._stream._wake_reader()
+
+    def _wake_outbound(self) -> None:
+        # Bytes written, or close(): the outbound pump runs until they are
+        # handed over (an idle session has no task for it).
+        super()._wake_outbound()
+        stream = self._stream
+        if stream.outbound_task is None and not self.lost:
+            stream.outbound_task = self.start_task(
+                self._server.outbound(stream, self), name="pht outbound"
+            )
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         super()._connection_lost(exc)
@@ -288,8 +330,7 @@ class _Server(ServerCore[_Stream]):
         stream.started = self.loop.time()
         self.handler_started(stream)
         self.all_done.clear()
-        transport.start_task(self._inbound(stream, transport), name="pht inbound")
-        transport.start_task(self._outbound(stream, transport), name="pht outbound")
+        stream._wake_reader()  # pushed bytes may be waiting already
         try:
             result = self.callback(reader, writer)
         except Exception:
@@ -322,24 +363,13 @@ class _Server(ServerCore[_Stream]):
         if self.handler_done(stream, self.loop.time(), stream.started):
             self.all_done.set()
 
-    async def _inbound(self, stream: _Stream, transport: _SessionTransport) -> None:
-        """Pushed bytes to the reader as it accepts them; EOF once the session ended."""
-        while not transport.is_closing():  # else the outbound pump ends the session
-            if stream.readable:
-                if transport.is_reading():
-                    transport.deliver(stream.take(_RECEIVE_SIZE))
-                    continue
-            elif stream.session.closed:
-                transport.deliver_eof()
-                transport.lose(None)
-                return
-            # Woken by pushed bytes, the session's end, resume_reading() or close().
-            await _wait(stream.readable_event)
+    async def outbound(self, stream: _Stream, transport: _SessionTransport) -> None:
+        """The application's bytes into the core's buffer for the pull, as room allows.
 
-    async def _outbound(self, stream: _Stream, transport: _SessionTransport) -> None:
-        """The application's bytes into the core's buffer for the pull, as room allows."""
-        while True:
-            await transport.wait_outbound()
+        Started when the application writes or closes; returns once nothing
+        is left to hand over (the next write starts it again).
+        """
+        try:
             while transport.queued:
                 while stream.must_wait_room:
                     await _wait(stream.room_event)
@@ -353,7 +383,8 @@ class _Server(ServerCore[_Stream]):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stream.finished_event.wait(), self.linger(stream))
                 transport.lose(None)
-                return
+        finally:
+            stream.outbound_task = None
 
     # -- background tasks -----------------------------------------------------------
 

@@ -215,6 +215,28 @@ async def test_50_tunnels_at_once(serve: Callable[..., ServerThread]) -> None:
     assert sorted(done) == list(range(50))
 
 
+async def test_an_idle_session_runs_no_pump_task(serve: Callable[..., ServerThread]) -> None:
+    """Between writes a session costs no pump task (thousands of idle tunnels on one server)."""
+    server = serve()
+
+    async def session_tasks() -> list[str]:
+        async def names() -> list[str]:
+            return [task.get_name() for task in asyncio.all_tasks()]
+
+        future = asyncio.run_coroutine_threadsafe(names(), server.loop)
+        return await trio.to_thread.run_sync(future.result, GUARD)
+
+    with trio.fail_after(GUARD):
+        streams = [await pht.open_pht_stream("127.0.0.1", server.port) for _ in range(3)]
+        for stream in streams:
+            await sha_echo(stream, 4096)
+        names = await session_tasks()
+        assert not [name for name in names if name.startswith("pht ")], names
+        for stream in streams:  # woken again by the next bytes
+            await sha_echo(stream, 300 * 1024)
+            await stream.aclose()
+
+
 async def test_oversized_push_is_413(serve: Callable[..., ServerThread]) -> None:
     server = serve(max_push_line=4096)
     with trio.fail_after(GUARD):
