@@ -19,17 +19,26 @@ import logging
 import math
 import socket
 import ssl as _ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._events import NEED_DATA, PullRequest, PushData, PushRequest, ServerConnectionState
+from ._events import (
+    NEED_DATA,
+    CloseRequest,
+    PullRequest,
+    PushData,
+    PushRequest,
+    ServerConnectionState,
+)
 from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
 from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
+    TEARDOWN_BATCH,
     ConnectionTimer,
     PullAction,
     PullInput,
@@ -169,6 +178,50 @@ class _Stream(SessionBuffers):
             # ends now, before the pull's last chunk reaches the client (a
             # request it sends next must find the token closed).
             self.transport.session_done()
+
+
+class _Turns:
+    """Lets :data:`TEARDOWN_BATCH` tasks through per turn of the event loop, in order.
+
+    A mass close would otherwise run every session's end in one turn, and
+    every other tunnel would wait for all of them.
+    """
+
+    __slots__ = ("_left", "_loop", "_scheduled", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._left = TEARDOWN_BATCH
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._scheduled = False
+
+    async def turn(self) -> None:
+        """Return in this turn of the loop if its batch has room, else in a later one."""
+        if self._left > 0 and not self._waiters:
+            self._left -= 1
+            self._schedule()
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._schedule()
+        await waiter
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._scheduled = False
+        self._left = TEARDOWN_BATCH
+        waiters = self._waiters
+        while waiters and self._left > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():  # else cancelled while waiting
+                waiter.set_result(None)
+                self._left -= 1
+        if waiters or self._left < TEARDOWN_BATCH:
+            self._schedule()
 
 
 def _pump_inbound(stream: _Stream) -> None:
@@ -320,6 +373,11 @@ class _Server(ServerCore[_Stream]):
         self.beat_added = asyncio.Event()
         self.all_done = asyncio.Event()
         self.all_done.set()
+        # Ending a session wakes its handler, its pull and their clean-up:
+        # when thousands end at once (a client or proxy closing everything),
+        # that work would all run in one turn of the loop and stall every
+        # other tunnel. Ends take turns instead, as on the trio server.
+        self.teardown = _Turns(self.loop)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -411,9 +469,13 @@ class _Server(ServerCore[_Stream]):
                 await _wait(self.beat_added)
                 continue
             await asyncio.sleep(max(0.0, deadline - self.loop.time()))
-            for pull in wheel.due(self.loop.time()):
+            for number, pull in enumerate(wheel.due(self.loop.time()), 1):
                 assert isinstance(pull, _PullWriter)
                 pull.stream._wake_pull()
+                if number % TEARDOWN_BATCH == 0:
+                    # Pulls opened together beat together: a batch per loop
+                    # turn, not thousands of writes in one.
+                    await asyncio.sleep(0)
 
     # -- connections ----------------------------------------------------------------
 
@@ -496,6 +558,8 @@ class _Server(ServerCore[_Stream]):
             elif isinstance(event, PullRequest):
                 await self._pull(reader, writer, conn, event, peer)
             else:
+                if type(event) is CloseRequest:
+                    await self.teardown.turn()  # see _Server.teardown
                 writer.write(self.answer(conn, event, peer, self.loop.time()))
             await writer.drain()
             if conn.state is ServerConnectionState.CLOSED:
@@ -616,6 +680,7 @@ class _Server(ServerCore[_Stream]):
         with contextlib.suppress(*_BROKEN):
             while watch.received(await reader.read(_RECEIVE_SIZE)):
                 pass
+        await self.teardown.turn()  # see _Server.teardown
         pull.end("hung up")
 
     # -- shutdown -------------------------------------------------------------------
