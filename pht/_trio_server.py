@@ -70,6 +70,19 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 class _ServerStream(SessionBuffers, PHTStream):
     """The server's end of one session, handed to the handler: the core's buffers, awaitable."""
 
+    # Thousands of idle tunnels hold one each: slots, not a dict.
+    __slots__ = (
+        "_data_arrived",
+        "_finished_event",
+        "_outbound_drained",
+        "_outbound_ready",
+        "_receiving",
+        "_sending",
+        "consumed",
+        "pull_parked",
+        "pull_writer",
+    )
+
     def __init__(
         self, session: ServerSession[Any], remote_address: str | None, max_buffered: int
     ) -> None:
@@ -79,7 +92,8 @@ class _ServerStream(SessionBuffers, PHTStream):
         # Each event is made when a task is about to wait on it (``None``:
         # nobody waits): thousands of idle tunnels hold none of them.
         self._data_arrived: trio.Event | None = None
-        self.consumed = trio.lowlevel.ParkingLot()
+        #: Pushes waiting for the handler to take their bytes (made by the first).
+        self.consumed: trio.lowlevel.ParkingLot | None = None
         self._outbound_ready: trio.Event | None = None
         self._outbound_drained: trio.Event | None = None
         self._finished_event: trio.Event | None = None
@@ -91,7 +105,8 @@ class _ServerStream(SessionBuffers, PHTStream):
             self._data_arrived.set()
 
     def _wake_pushes(self) -> None:
-        self.consumed.unpark_all()
+        if self.consumed is not None:
+            self.consumed.unpark_all()
 
     def _wake_pull(self) -> None:
         if self._outbound_ready is not None:
@@ -382,7 +397,11 @@ class _Server(ServerCore[_ServerStream]):
         self.watchdog.add(push)
         try:
             while (verdict := push.step(trio.current_time())) is PushVerdict.WAIT:
-                await push.stream.consumed.park()  # type: ignore[attr-defined]
+                stream = push.stream
+                assert isinstance(stream, _ServerStream)
+                if stream.consumed is None:
+                    stream.consumed = trio.lowlevel.ParkingLot()
+                await stream.consumed.park()
         finally:
             self.watchdog.discard(push)
         return self.push_over(push, verdict, trio.current_time())
