@@ -132,6 +132,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: uvloop, the command line's server, where installed)",
     )
     parser.add_argument(
+        "--server-gc",
+        choices=("default", "tuned"),
+        default="default",
+        help="idle (trio, asyncio, uvloop): the server's garbage collector as Python sets it, "
+        "or tuned for many tunnels (gc.freeze() after start-up, a high third threshold)",
+    )
+    parser.add_argument(
         "--client-processes",
         type=int,
         help="idle: processes opening the tunnels (default: one per "

@@ -190,6 +190,7 @@ async def start_rig(
     strict: bool = False,
     keepalive: float | None = None,
     max_sessions: int | None = None,
+    server_gc: str = "default",
 ) -> AsyncIterator[Rig]:
     """Target, server and canary up, the canary's baseline taken; all stopped on exit.
 
@@ -217,7 +218,7 @@ async def start_rig(
         command = [*me, "--role", "server", "--port", str(rig.server_port)]
         command += ["--target", str(rig.target_port)]
         if server in ECHO_SERVERS:
-            command += ["--server", server, "--echo"]
+            command += ["--server", server, "--echo", "--server-gc", server_gc]
         if max_sessions is not None:
             command += ["--max-sessions", str(max_sessions)]
         if strict:

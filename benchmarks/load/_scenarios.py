@@ -88,7 +88,8 @@ async def scenario_idle(size: Size, args: argparse.Namespace) -> dict[str, Any]:
     opened: list[dict[str, Any]] = []
     closed: list[dict[str, Any]] = []
     clients: list[tuple[trio.Process, bytearray]] = []
-    async with start_rig(size, server=server, max_sessions=max_sessions) as rig:
+    gc_mode = args.server_gc if server != "cli" else "default"
+    async with start_rig(size, server=server, max_sessions=max_sessions, server_gc=gc_mode) as rig:
         before = rig.sample()
         try:
             async with rig.phase("open") as opening:
@@ -152,6 +153,7 @@ async def scenario_idle(size: Size, args: argparse.Namespace) -> dict[str, Any]:
         figures[f"{name}_stalls_over_100ms"] = stats["stalls_over_100ms"]
     settings = {
         "server": server,
+        "server_gc": gc_mode,
         "tunnels": count,
         "connections_per_tunnel": per_tunnel,
         "client_processes": processes,
