@@ -277,9 +277,13 @@ class _Server(ServerCore[_ServerStream]):
                 await self._beat_added.wait()
                 continue
             await trio.sleep_until(deadline)
-            for pull in wheel.due(trio.current_time()):
+            for number, pull in enumerate(wheel.due(trio.current_time()), 1):
                 assert isinstance(pull, _PullWriter)
                 pull.stream._wake_pull()
+                if number % TEARDOWN_BATCH == 0:
+                    # Pulls opened together beat together: a batch per
+                    # scheduler turn, not thousands of writes in one.
+                    await trio.lowlevel.checkpoint()
 
     # -- connections --------------------------------------------------------------
 

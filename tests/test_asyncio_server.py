@@ -240,11 +240,11 @@ async def test_an_idle_session_runs_no_pump_task(serve: Callable[..., ServerThre
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_session_ends_take_turns(loop_kind: str) -> None:
-    """A mass close ends at most TEARDOWN_BATCH sessions per turn of the loop, in order."""
+    """A mass close ends at most TEARDOWN_PER_TURN sessions per turn of the loop, in order."""
     if loop_kind == "uvloop":
         pytest.importorskip("uvloop")
+    from pht._asyncio_server import TEARDOWN_PER_TURN as BATCH
     from pht._asyncio_server import _Turns
-    from pht._server_core import TEARDOWN_BATCH
 
     async def main() -> list[tuple[int, int]]:
         turns = _Turns(asyncio.get_running_loop())
@@ -263,7 +263,7 @@ def test_session_ends_take_turns(loop_kind: str) -> None:
 
         counting = asyncio.ensure_future(ticker())
         await asyncio.sleep(0)
-        ends = [asyncio.ensure_future(end(number)) for number in range(5 * TEARDOWN_BATCH)]
+        ends = [asyncio.ensure_future(end(number)) for number in range(5 * BATCH)]
         ends[3].cancel()  # a cancelled waiter gives its turn to the next one
         await asyncio.wait(ends)
         counting.cancel()
@@ -274,9 +274,9 @@ def test_session_ends_take_turns(loop_kind: str) -> None:
         passed = loop.run_until_complete(main())
     finally:
         loop.close()
-    assert [number for _, number in passed] == [n for n in range(5 * TEARDOWN_BATCH) if n != 3]
+    assert [number for _, number in passed] == [n for n in range(5 * BATCH) if n != 3]
     per_turn = Counter(tick for tick, _ in passed)
-    assert max(per_turn.values()) <= TEARDOWN_BATCH
+    assert max(per_turn.values()) <= BATCH
     assert len(per_turn) >= 5
 
 
