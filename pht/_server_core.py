@@ -78,7 +78,7 @@ _NO_FIELDS = NO_RESUME_FIELDS
 #: Bytes a handler may queue before the session's first pull attaches.
 UNPULLED_ROOM = 16 * 1024
 #: Sessions that start ending per scheduler batch (mass closes and expiries).
-TEARDOWN_BATCH = 32
+TEARDOWN_BATCH = 8
 #: Bytes a pull write must get through within ``pull_write_timeout``: the
 #: timeout bounds each piece of this size, not a whole write, so a slow
 #: reader keeps its pull and one that stopped reading loses it.

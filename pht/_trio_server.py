@@ -421,7 +421,6 @@ class _Server(ServerCore[_ServerStream]):
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(self.refused(stream)))
             return
-        hung_up = trio.Event()
         timer = None
         async with trio.open_nursery() as nursery:
             writer = _PullWriter(transport, conn, stream, nursery.cancel_scope, self.options)
@@ -435,12 +434,12 @@ class _Server(ServerCore[_ServerStream]):
                 if wake:
                     self._beat_added.set()
                 nursery.start_soon(
-                    self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
+                    self._watch_for_hangup, transport, conn, writer, nursery.cancel_scope
                 )
                 stream.pull_writer = writer
                 await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                hung_up.set()  # the write failed: the client is gone
+                writer.hung_up = True  # the write failed: the client is gone
             finally:
                 self.watchdog.discard(writer)
                 if stream.pull_writer is writer:
@@ -450,7 +449,7 @@ class _Server(ServerCore[_ServerStream]):
             stream,
             writer,
             timer,
-            hung_up=hung_up.is_set(),
+            hung_up=writer.hung_up,
             stalled=writer.timed_out,
             now=trio.current_time(),
         )
@@ -489,7 +488,7 @@ class _Server(ServerCore[_ServerStream]):
         self,
         transport: trio.abc.Stream,
         conn: ServerConnection,
-        hung_up: trio.Event,
+        writer: _PullWriter,
         scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
@@ -499,7 +498,7 @@ class _Server(ServerCore[_ServerStream]):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
-        hung_up.set()
+        writer.hung_up = True
         async with self.teardown:  # see _Server.teardown
             scope.cancel()
 
@@ -524,7 +523,7 @@ class _PullWriter(PullWriteTimer):
     ``error`` for the pull task, which then ends the pull.
     """
 
-    __slots__ = ("busy", "conn", "error", "scope", "stream", "transport")
+    __slots__ = ("busy", "conn", "error", "hung_up", "scope", "stream", "transport")
 
     def __init__(
         self,
@@ -541,6 +540,8 @@ class _PullWriter(PullWriteTimer):
         self.scope = scope  # the pull's: cancelled when a write takes too long
         self.busy = False
         self.error: BaseException | None = None
+        #: The client went away (a flag: nobody waits for it, an Event would cost 400 bytes).
+        self.hung_up = False
 
     def _cancel(self) -> None:
         self.scope.cancel()
