@@ -104,7 +104,8 @@ class PHTTransport(asyncio.Transport):
         self._info: dict[str, Any] = dict(extra or {})
         self._loop = loop
         self._protocol: asyncio.BaseProtocol | None = None
-        self._chunks: deque[bytes | memoryview] = deque()
+        # Made by the first write: an idle tunnel holds no deque (600 bytes).
+        self._chunks: deque[bytes | memoryview] | None = None
         self._queued = 0
         self._unacknowledged = 0
         self._high = 0
@@ -150,7 +151,7 @@ class PHTTransport(asyncio.Transport):
     def abort(self) -> None:
         """Close now: queued bytes are dropped, the pump tasks are cancelled."""
         self._closing = True
-        self._chunks.clear()
+        self._chunks = None
         self._queued = 0
         self.lose(None)
 
@@ -202,6 +203,8 @@ class PHTTransport(asyncio.Transport):
             data = memoryview(data).cast("B").tobytes()  # the caller may change its buffer
         if not data:
             return
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(data)
         self._queued += len(data)
         self._wake_outbound()
@@ -323,7 +326,7 @@ class PHTTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = self._closing = True
-        self._chunks.clear()
+        self._chunks = None
         self._queued = 0
         self._wake_outbound()
         if self._reading_waiter is not None and not self._reading_waiter.done():

@@ -13,6 +13,7 @@ passed in).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -128,6 +129,42 @@ class ServerConnection:
     Pipelined requests are answered in order.
     """
 
+    # Thousands of idle tunnels hold one of these each: slots, not a dict.
+    __slots__ = (
+        "_body_left",
+        "_body_pending",
+        "_body_size",
+        "_buffer",
+        "_chunked_pull",
+        "_content_length",
+        "_decoder",
+        "_eof",
+        "_fast",
+        "_fast_enabled",
+        "_fast_request",
+        "_h11",
+        "_head_scan",
+        "_in_body",
+        "_is_form",
+        "_kind",
+        "_line_done",
+        "_max_header_size",
+        "_method",
+        "_must_close",
+        "_push_piece",
+        "_refusal",
+        "_routes",
+        "_state",
+        "_token",
+        "forwarded_for",
+        "max_push_line",
+        "paths",
+        "response_headers",
+        "resume",
+        "resume_enabled",
+        "resume_offset",
+    )
+
     def __init__(
         self,
         paths: Paths = DEFAULT_PATHS,
@@ -148,11 +185,8 @@ class ServerConnection:
         # reads them); an idle tunnel's two connections then hold none.
         self._h11: h11.Connection | None = None
         self._state = ServerConnectionState.IDLE
-        self._routes = {
-            paths.authorize: RequestKind.AUTHORIZE,
-            paths.push: RequestKind.PUSH,
-            paths.pull: RequestKind.PULL,
-        }
+        self._routes = _routes(paths)
+        self._must_close = False
         # Fast path state. While ``_fast`` is set, h11 sits between requests
         # with an empty buffer and every unread byte is in ``_buffer``.
         self._push_piece = _push_piece
@@ -671,6 +705,22 @@ class ServerConnection:
             and self._conn.our_state is h11.SEND_BODY
             and self._conn.their_http_version == b"1.1"
         )
+        their_state = self._conn.their_state
+        if self._chunked_pull and their_state in (h11.DONE, h11.MUST_CLOSE):
+            # From here on h11 would only write the last chunk: drop it, so an
+            # open pull (an idle tunnel's only connection) holds none. The end
+            # is then written as a fast request's, and the connection closes
+            # after it where h11 would have closed it (the client asked to).
+            # What h11 had read past the request waits in the fast path's
+            # buffer, as between requests.
+            pending, closed = self._conn.trailing_data
+            self._h11 = None
+            self._fast = True
+            self._fast_request = True
+            self._buffer += pending
+            self._eof = closed
+            if their_state is h11.MUST_CLOSE:
+                self._must_close = True
         return data
 
     def send_pull_data(self, data: bytes | bytearray | memoryview) -> bytes:
@@ -704,8 +754,6 @@ class ServerConnection:
         """Tell the connection that writing failed: it is unusable now."""
         self._conn.send_failed()
         self._state = ServerConnectionState.ERROR
-
-    _must_close = False
 
     def _respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
         self._expect(ServerConnectionState.RESPONDING, "a response")
@@ -770,6 +818,16 @@ class ServerConnection:
         else:
             self._state = ServerConnectionState.CLOSED
         self._reset_request()
+
+
+@functools.lru_cache(maxsize=16)
+def _routes(paths: Paths) -> dict[str, RequestKind]:
+    """What each path is for (one table per set of paths, shared by the connections)."""
+    return {
+        paths.authorize: RequestKind.AUTHORIZE,
+        paths.push: RequestKind.PUSH,
+        paths.pull: RequestKind.PULL,
+    }
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:

@@ -78,7 +78,7 @@ _NO_FIELDS = NO_RESUME_FIELDS
 #: Bytes a handler may queue before the session's first pull attaches.
 UNPULLED_ROOM = 16 * 1024
 #: Sessions that start ending per scheduler batch (mass closes and expiries).
-TEARDOWN_BATCH = 32
+TEARDOWN_BATCH = 8
 #: Bytes a pull write must get through within ``pull_write_timeout``: the
 #: timeout bounds each piece of this size, not a whole write, so a slow
 #: reader keeps its pull and one that stopped reading loses it.
@@ -176,7 +176,8 @@ class SessionBuffers:
         self.remote_address = remote_address
         self._full_room = max_buffered
         self.room = min(max_buffered, UNPULLED_ROOM)
-        self._inbound: deque[bytes] = deque()
+        # Made by the first push (an idle tunnel holds none: a deque is 600 bytes).
+        self._inbound: deque[bytes] | None = None
         self._inbound_offset = 0
         self._outbound = bytearray()
         #: The handler closed its stream.
@@ -237,11 +238,13 @@ class SessionBuffers:
 
     def take(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` pushed bytes (only when :attr:`readable`)."""
-        head = self._inbound[0]
+        inbound = self._inbound
+        assert inbound is not None
+        head = inbound[0]
         start = self._inbound_offset
         end = start + max_bytes
         if end >= len(head):
-            self._inbound.popleft()
+            inbound.popleft()
             self._inbound_offset = 0
             data = head[start:] if start else head
         else:
@@ -458,13 +461,15 @@ class SessionBuffers:
         return Push(self, data, offset, conn)
 
     def _deposit(self, data: bytes, now: float) -> int:
+        if self._inbound is None:
+            self._inbound = deque()
         self._inbound.append(data)
         self.bytes_in += len(data)
         self._wake_reader()
         return self.session.deposit(len(data), now)
 
     def _drop_inbound(self) -> None:
-        self._inbound.clear()
+        self._inbound = None
         self._inbound_offset = 0
 
 

@@ -87,6 +87,8 @@ class PHTStream(trio.abc.Stream):
     handler.
     """
 
+    __slots__ = ()  # the server's streams have slots (thousands of idle tunnels)
+
     #: The session's token (as it travels in ``?token=``).
     token: str
     #: ``host:port`` of the peer that opened the session (server side), else

@@ -70,6 +70,19 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 class _ServerStream(SessionBuffers, PHTStream):
     """The server's end of one session, handed to the handler: the core's buffers, awaitable."""
 
+    # Thousands of idle tunnels hold one each: slots, not a dict.
+    __slots__ = (
+        "_data_arrived",
+        "_finished_event",
+        "_outbound_drained",
+        "_outbound_ready",
+        "_receiving",
+        "_sending",
+        "consumed",
+        "pull_parked",
+        "pull_writer",
+    )
+
     def __init__(
         self, session: ServerSession[Any], remote_address: str | None, max_buffered: int
     ) -> None:
@@ -79,7 +92,8 @@ class _ServerStream(SessionBuffers, PHTStream):
         # Each event is made when a task is about to wait on it (``None``:
         # nobody waits): thousands of idle tunnels hold none of them.
         self._data_arrived: trio.Event | None = None
-        self.consumed = trio.lowlevel.ParkingLot()
+        #: Pushes waiting for the handler to take their bytes (made by the first).
+        self.consumed: trio.lowlevel.ParkingLot | None = None
         self._outbound_ready: trio.Event | None = None
         self._outbound_drained: trio.Event | None = None
         self._finished_event: trio.Event | None = None
@@ -91,7 +105,8 @@ class _ServerStream(SessionBuffers, PHTStream):
             self._data_arrived.set()
 
     def _wake_pushes(self) -> None:
-        self.consumed.unpark_all()
+        if self.consumed is not None:
+            self.consumed.unpark_all()
 
     def _wake_pull(self) -> None:
         if self._outbound_ready is not None:
@@ -262,9 +277,13 @@ class _Server(ServerCore[_ServerStream]):
                 await self._beat_added.wait()
                 continue
             await trio.sleep_until(deadline)
-            for pull in wheel.due(trio.current_time()):
+            for number, pull in enumerate(wheel.due(trio.current_time()), 1):
                 assert isinstance(pull, _PullWriter)
                 pull.stream._wake_pull()
+                if number % TEARDOWN_BATCH == 0:
+                    # Pulls opened together beat together: a batch per
+                    # scheduler turn, not thousands of writes in one.
+                    await trio.lowlevel.checkpoint()
 
     # -- connections --------------------------------------------------------------
 
@@ -382,7 +401,11 @@ class _Server(ServerCore[_ServerStream]):
         self.watchdog.add(push)
         try:
             while (verdict := push.step(trio.current_time())) is PushVerdict.WAIT:
-                await push.stream.consumed.park()  # type: ignore[attr-defined]
+                stream = push.stream
+                assert isinstance(stream, _ServerStream)
+                if stream.consumed is None:
+                    stream.consumed = trio.lowlevel.ParkingLot()
+                await stream.consumed.park()
         finally:
             self.watchdog.discard(push)
         return self.push_over(push, verdict, trio.current_time())
@@ -398,7 +421,6 @@ class _Server(ServerCore[_ServerStream]):
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(self.refused(stream)))
             return
-        hung_up = trio.Event()
         timer = None
         async with trio.open_nursery() as nursery:
             writer = _PullWriter(transport, conn, stream, nursery.cancel_scope, self.options)
@@ -412,12 +434,12 @@ class _Server(ServerCore[_ServerStream]):
                 if wake:
                     self._beat_added.set()
                 nursery.start_soon(
-                    self._watch_for_hangup, transport, conn, hung_up, nursery.cancel_scope
+                    self._watch_for_hangup, transport, conn, writer, nursery.cancel_scope
                 )
                 stream.pull_writer = writer
                 await self._feed_pull(stream, writer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                hung_up.set()  # the write failed: the client is gone
+                writer.hung_up = True  # the write failed: the client is gone
             finally:
                 self.watchdog.discard(writer)
                 if stream.pull_writer is writer:
@@ -427,7 +449,7 @@ class _Server(ServerCore[_ServerStream]):
             stream,
             writer,
             timer,
-            hung_up=hung_up.is_set(),
+            hung_up=writer.hung_up,
             stalled=writer.timed_out,
             now=trio.current_time(),
         )
@@ -466,7 +488,7 @@ class _Server(ServerCore[_ServerStream]):
         self,
         transport: trio.abc.Stream,
         conn: ServerConnection,
-        hung_up: trio.Event,
+        writer: _PullWriter,
         scope: trio.CancelScope,
     ) -> None:
         """Notice at once when a pulling client goes away (GOST waits for a failed write)."""
@@ -476,7 +498,7 @@ class _Server(ServerCore[_ServerStream]):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
-        hung_up.set()
+        writer.hung_up = True
         async with self.teardown:  # see _Server.teardown
             scope.cancel()
 
@@ -501,7 +523,7 @@ class _PullWriter(PullWriteTimer):
     ``error`` for the pull task, which then ends the pull.
     """
 
-    __slots__ = ("busy", "conn", "error", "scope", "stream", "transport")
+    __slots__ = ("busy", "conn", "error", "hung_up", "scope", "stream", "transport")
 
     def __init__(
         self,
@@ -518,6 +540,8 @@ class _PullWriter(PullWriteTimer):
         self.scope = scope  # the pull's: cancelled when a write takes too long
         self.busy = False
         self.error: BaseException | None = None
+        #: The client went away (a flag: nobody waits for it, an Event would cost 400 bytes).
+        self.hung_up = False
 
     def _cancel(self) -> None:
         self.scope.cancel()

@@ -16,6 +16,7 @@ import hashlib
 import os
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -213,6 +214,70 @@ async def test_50_tunnels_at_once(serve: Callable[..., ServerThread]) -> None:
             for number in range(50):
                 nursery.start_soon(tunnel, number)
     assert sorted(done) == list(range(50))
+
+
+async def test_an_idle_session_runs_no_pump_task(serve: Callable[..., ServerThread]) -> None:
+    """Between writes a session costs no pump task (thousands of idle tunnels on one server)."""
+    server = serve()
+
+    async def session_tasks() -> list[str]:
+        async def names() -> list[str]:
+            return [task.get_name() for task in asyncio.all_tasks()]
+
+        future = asyncio.run_coroutine_threadsafe(names(), server.loop)
+        return await trio.to_thread.run_sync(future.result, GUARD)
+
+    with trio.fail_after(GUARD):
+        streams = [await pht.open_pht_stream("127.0.0.1", server.port) for _ in range(3)]
+        for stream in streams:
+            await sha_echo(stream, 4096)
+        names = await session_tasks()
+        assert not [name for name in names if name.startswith("pht ")], names
+        for stream in streams:  # woken again by the next bytes
+            await sha_echo(stream, 300 * 1024)
+            await stream.aclose()
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_session_ends_take_turns(loop_kind: str) -> None:
+    """A mass close ends at most TEARDOWN_PER_TURN sessions per turn of the loop, in order."""
+    if loop_kind == "uvloop":
+        pytest.importorskip("uvloop")
+    from pht._asyncio_server import TEARDOWN_PER_TURN as BATCH
+    from pht._asyncio_server import _Turns
+
+    async def main() -> list[tuple[int, int]]:
+        turns = _Turns(asyncio.get_running_loop())
+        tick = 0
+        passed: list[tuple[int, int]] = []
+
+        async def ticker() -> None:
+            nonlocal tick
+            while True:
+                tick += 1
+                await asyncio.sleep(0)
+
+        async def end(number: int) -> None:
+            await turns.turn()
+            passed.append((tick, number))
+
+        counting = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ends = [asyncio.ensure_future(end(number)) for number in range(5 * BATCH)]
+        ends[3].cancel()  # a cancelled waiter gives its turn to the next one
+        await asyncio.wait(ends)
+        counting.cancel()
+        return passed
+
+    loop = loop_factory(loop_kind)()
+    try:
+        passed = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert [number for _, number in passed] == [n for n in range(5 * BATCH) if n != 3]
+    per_turn = Counter(tick for tick, _ in passed)
+    assert max(per_turn.values()) <= BATCH
+    assert len(per_turn) >= 5
 
 
 async def test_oversized_push_is_413(serve: Callable[..., ServerThread]) -> None:

@@ -33,7 +33,7 @@ def autojump_clock() -> trio.testing.MockClock:
 
 def held_inbound(stream: Any) -> int:
     """Bytes pushed into a server-side stream and not yet taken by its handler."""
-    return sum(len(piece) for piece in stream._inbound) - int(stream._inbound_offset)
+    return sum(len(piece) for piece in stream._inbound or ()) - int(stream._inbound_offset)
 
 
 def held_outbound(stream: Any) -> int:

@@ -72,6 +72,7 @@ def test_every_scenario_produces_its_figures(tmp_path: Path) -> None:
         sys.executable, "-m", "benchmarks.load", "--quick", "--json", str(output),
         "--tunnels", "40", "--count", "40", "--duration", "1", "--hold-seconds", "1",
         "--line-bytes", "65536", "--keepalive-timeout", "0.5", "--idle-seconds", "1.5",
+        "--client-processes", "2", "--server-gc", "tuned",
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -91,3 +92,8 @@ def test_every_scenario_produces_its_figures(tmp_path: Path) -> None:
                 assert phase[key] is None or isinstance(phase[key], float), (name, phase_name)
             assert isinstance(phase["stalls_over_100ms"], int), (name, phase_name)
         assert f"== {name}" in completed.stdout  # the table was printed
+    # The idle tunnels came from two client processes, to the uvloop (or asyncio) server.
+    idle = scenarios["idle"]
+    assert idle["settings"]["client_processes"] == 2
+    assert idle["settings"]["server"] in ("uvloop", "asyncio")
+    assert idle["figures"]["tunnels_opened"] == 40

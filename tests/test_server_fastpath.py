@@ -485,6 +485,43 @@ def test_pull_framing_is_h11s(sizes: list[int], version: bytes, after_push: bool
     )
 
 
+@pytest.mark.parametrize(
+    "connection", [b"", b"Connection: keep-alive\r\n", b"Connection: Close\r\n"]
+)
+def test_open_pull_holds_no_h11(connection: bytes) -> None:
+    """An open pull (an idle tunnel's only connection) drops h11, and ends as h11 would.
+
+    The request read while the pull was open is served after its end, and a
+    ``Connection: close`` pull closes the connection after it, on both paths.
+    """
+    pull = b"GET /pull?token=t HTTP/1.1\r\nHost: x\r\n%s\r\n" % connection
+    push = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\neA==\n"
+    results = []
+    for fast in (True, False):
+        conn = pht.ServerConnection(_fast_path=fast)
+        conn.receive_data(pull)
+        assert conn.next_event() == pht.PullRequest(token="t")
+        wire = conn.start_pull()
+        if fast:
+            assert conn._h11 is None  # what an open pull holds: no h11 machine
+        conn.receive_data(push[:30])  # pipelined behind the pull (a proxy's next request)
+        wire += conn.send_pull_data(b"pulled") + conn.send_heartbeat()
+        conn.receive_data(push[30:])
+        wire += conn.end_pull()
+        steps: list[object] = [conn.state]
+        if conn.state is pht.ServerConnectionState.IDLE:
+            event = conn.next_event()
+            steps += [event, conn.send_push_ack() if event is not pht.NEED_DATA else b""]
+        results.append((wire, steps))
+    assert results[0] == results[1]
+    closing = b"Close" in connection
+    assert results[0][1][0] is (
+        pht.ServerConnectionState.CLOSED if closing else pht.ServerConnectionState.IDLE
+    )
+    if not closing:
+        assert results[0][1][1] == pht.PushRequest(token="t", data=b"x")
+
+
 def test_pull_answer_to_a_head_request_is_refused_on_both_paths() -> None:
     """Found by hypothesis: the fast path framed pull data for a HEAD request by hand."""
     push = b"POST /push?token= HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n\n"

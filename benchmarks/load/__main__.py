@@ -30,8 +30,8 @@ import trio
 
 import pht
 
-from ._common import SCENARIOS, SIZES, raise_nofile
-from ._roles import run_canary, run_library_server, run_target
+from ._common import CONNECTIONS_PER_CLIENT, ECHO_SERVERS, SCENARIOS, SIZES, raise_nofile
+from ._roles import run_asyncio_server, run_canary, run_library_server, run_target, run_tunnels
 from ._scenarios import RUNNERS
 
 # --- output --------------------------------------------------------------------------------
@@ -124,6 +124,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="idle: connections per tunnel: 2 as pht's client (pull and push), "
         "1 as GOST's (its pool reuses one connection until a write)",
     )
+    parser.add_argument(
+        "--server",
+        choices=("cli", *ECHO_SERVERS),
+        help="idle: the server: the pht command line (forward to a TCP echo target), or "
+        "serve_pht (trio) / start_pht_server (asyncio, uvloop) with an in-process echo "
+        "(default: uvloop, the command line's server, where installed)",
+    )
+    parser.add_argument(
+        "--server-gc",
+        choices=("default", "tuned"),
+        default="default",
+        help="idle (trio, asyncio, uvloop): the server's garbage collector as Python sets it, "
+        "or tuned for many tunnels (gc.freeze() after start-up, a high third threshold)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        help="idle: processes opening the tunnels (default: one per "
+        f"{CONNECTIONS_PER_CLIENT:,} connections)",
+    )
     parser.add_argument("--line-bytes", type=int, help="endless lines: bytes per connection")
     parser.add_argument(
         "--rss-cap",
@@ -137,7 +157,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keepalive: the server's keep-alive timeout, seconds",
     )
     # The processes the suite starts: the target, the library server, the canary.
-    parser.add_argument("--role", choices=("target", "server", "canary"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=("target", "server", "canary", "tunnels"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--max-sessions", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--addresses", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)
@@ -164,7 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_target)
         return 0
     if args.role == "server":
-        trio.run(run_library_server, args)
+        if args.server in ("asyncio", "uvloop"):
+            run_asyncio_server(args)
+        else:
+            trio.run(run_library_server, args)
+        return 0
+    if args.role == "tunnels":
+        trio.run(run_tunnels, args)
         return 0
     if args.role == "canary":
         trio.run(run_canary, args)

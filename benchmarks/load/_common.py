@@ -36,6 +36,10 @@ SCENARIOS = (
     "endless-lines",
     "keepalive",
 )
+#: Servers the idle scenario can run with an in-process echo handler (no target socket).
+ECHO_SERVERS = ("trio", "asyncio", "uvloop")
+#: A client process of the idle scenario opens at most this many connections.
+CONNECTIONS_PER_CLIENT = 6000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SESSION_LINE = re.compile(rb"session \S+ accepted")
 

@@ -19,7 +19,17 @@ from typing import Any
 
 import trio
 
-from ._common import CLK_TCK, HOST, PROBE_OK, ROOT, SESSION_LINE, STALL, Size, percentile
+from ._common import (
+    CLK_TCK,
+    ECHO_SERVERS,
+    HOST,
+    PROBE_OK,
+    ROOT,
+    SESSION_LINE,
+    STALL,
+    Size,
+    percentile,
+)
 
 # --- the measuring rig ---------------------------------------------------------------------
 
@@ -77,6 +87,7 @@ class Rig:
     #: CPU seconds of the suite's own processes (target, canary, this one), sampled alike.
     harness_pids: list[int] = field(default_factory=list)
     harness: list[tuple[float, float]] = field(default_factory=list)
+    harness_cpu: dict[int, float] = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
     canary: dict[str, Any] = field(default_factory=dict)
     target: dict[str, int] = field(default_factory=dict)
@@ -108,11 +119,11 @@ class Rig:
             if read_proc(self.server_pid) is None:
                 return
             self.sample()
-            cpu = 0.0
             for pid in self.harness_pids:
                 sample = read_proc(pid)
-                cpu += sample.cpu_seconds if sample is not None else 0.0
-            self.harness.append((time.monotonic(), cpu))
+                if sample is not None:  # an exited process keeps its last reading
+                    self.harness_cpu[pid] = sample.cpu_seconds
+            self.harness.append((time.monotonic(), sum(self.harness_cpu.values())))
             await trio.sleep(0.25)
 
     def count_sessions(self) -> int | None:
@@ -173,9 +184,21 @@ async def read_all(stream: trio.abc.ReceiveStream, buffer: bytearray) -> bytes:
 
 @asynccontextmanager
 async def start_rig(
-    size: Size, *, server: str = "cli", strict: bool = False, keepalive: float | None = None
+    size: Size,
+    *,
+    server: str = "cli",
+    strict: bool = False,
+    keepalive: float | None = None,
+    max_sessions: int | None = None,
+    server_gc: str = "default",
 ) -> AsyncIterator[Rig]:
-    """Target, server and canary up, the canary's baseline taken; all stopped on exit."""
+    """Target, server and canary up, the canary's baseline taken; all stopped on exit.
+
+    ``server``: ``cli`` (``pht -L forward+pht://...`` to the target),
+    ``library`` (``serve_pht`` with the forward handler), or ``trio``,
+    ``asyncio``, ``uvloop``: ``serve_pht`` or ``pht.asyncio.start_pht_server``
+    (on asyncio's loop or uvloop) with an in-process echo handler.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="pht-load-"))
     rig = Rig(tmp)
     me = [sys.executable, "-m", "benchmarks.load"]
@@ -194,6 +217,10 @@ async def start_rig(
     else:
         command = [*me, "--role", "server", "--port", str(rig.server_port)]
         command += ["--target", str(rig.target_port)]
+        if server in ECHO_SERVERS:
+            command += ["--server", server, "--echo", "--server-gc", server_gc]
+        if max_sessions is not None:
+            command += ["--max-sessions", str(max_sessions)]
         if strict:
             command.append("--strict")
         if keepalive is not None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import math
 import os
 import re
 import resource
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,12 +20,23 @@ import trio
 
 import pht
 
-from ._common import ATTACKER, ECHO_SIZE, ECHO_TIMEOUT, HOST, Size, describe, receive_exactly
+from ._common import (
+    ATTACKER,
+    CONNECTIONS_PER_CLIENT,
+    ECHO_SIZE,
+    ECHO_TIMEOUT,
+    HOST,
+    ROOT,
+    Size,
+    describe,
+    receive_exactly,
+)
 from ._rig import (
     Rig,
     canary_figures,
     free_port,
     pht_command,
+    read_line,
     scenario_result,
     server_figures,
     start_rig,
@@ -35,7 +50,6 @@ from ._wire import (
     authorize_call,
     error_key,
     flood,
-    idle_source,
     junk_push,
     open_held_pull,
 )
@@ -43,119 +57,122 @@ from ._wire import (
 # --- scenarios -----------------------------------------------------------------------------
 
 
+def default_idle_server() -> str:
+    """The command line's own server: uvloop where installed, else asyncio's loop."""
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
 async def scenario_idle(size: Size, args: argparse.Namespace) -> dict[str, Any]:
-    """N idle tunnels (wire-identical to pht's client) opened, held idle, closed all at once."""
+    """N idle tunnels (wire-identical to pht's client) opened, held idle, closed all at once.
+
+    The tunnels are opened by ``--client-processes`` processes (each under its
+    own open-file limit), so that the server alone holds the whole load.
+    """
     requested = args.tunnels or size.idle_tunnels
     per_tunnel = args.tunnel_connections
-    # The server holds per tunnel its connections plus one to the target; the
-    # open-file limit (inherited from this process) caps how many fit.
-    fit = (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 256) // (per_tunnel + 1)
+    server = args.server or default_idle_server()
+    # The server holds per tunnel its connections, plus one to the target
+    # behind the command line's forward handler; the open-file limit
+    # (inherited from this process) caps how many fit.
+    server_fds = per_tunnel + (1 if server == "cli" else 0)
+    fit = (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 256) // server_fds
     count = min(requested, fit)
-    held: list[tuple[Raw, Raw | None, str]] = []
-    statuses: Counter[str] = Counter()
-    dropped = 0
-    async with start_rig(size) as rig:
+    processes = args.client_processes or max(
+        1, math.ceil(count * per_tunnel / CONNECTIONS_PER_CLIENT)
+    )
+    addresses = max(1, math.ceil(count / args.per_address))
+    open_timeout = args.open_timeout or size.open_timeout
+    idle_seconds = args.idle_seconds or size.idle_seconds
+    # The session table must hold the tunnels, the canary's and its probes'.
+    max_sessions = max(10_000, count + 1_000) if server != "cli" else None
+    opened: list[dict[str, Any]] = []
+    closed: list[dict[str, Any]] = []
+    clients: list[tuple[trio.Process, bytearray]] = []
+    gc_mode = args.server_gc if server != "cli" else "default"
+    async with start_rig(size, server=server, max_sessions=max_sessions, server_gc=gc_mode) as rig:
         before = rig.sample()
-
-        async def drain(raw: Raw) -> None:
-            nonlocal dropped
-            try:
-                while await raw.stream.receive_some(4096):
-                    pass
-                dropped += 1
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-
-        async with trio.open_nursery() as readers:
+        try:
             async with rig.phase("open") as opening:
-                limiter = trio.CapacityLimiter(size.concurrency)
-
-                async def open_one(index: int) -> None:
-                    async with limiter:
-                        source = idle_source(index, args.per_address)
-                        try:
-                            pull, token = await open_held_pull(rig.server_port, source)
-                        except (OSError, EOFError, StatusError, h11.ProtocolError) as exc:
-                            statuses[error_key(exc)] += 1
-                            return
-                        push: Raw | None = None
-                        try:
-                            if per_tunnel == 2:
-                                push = await Raw.connect(source, rig.server_port)
-                        except OSError as exc:
-                            statuses[error_key(exc)] += 1
-                            await pull.aclose()
-                            return
-                        except BaseException:  # cancelled: the opening phase ran out of time
-                            await pull.aclose()
-                            raise
-                        statuses["200"] += 1
-                        held.append((pull, push, token))
-                        readers.start_soon(drain, pull)
-
-                with trio.move_on_after(args.open_timeout or size.open_timeout):
-                    async with trio.open_nursery() as nursery:
-                        for index in range(count):
-                            nursery.start_soon(open_one, index)
-            open_seconds = opening.end - opening.start
+                for number in range(processes):
+                    first = count * number // processes
+                    share = count * (number + 1) // processes - first
+                    command = [sys.executable, "-m", "benchmarks.load", "--role", "tunnels"]
+                    command += ["--port", str(rig.server_port), "--first", str(first)]
+                    command += ["--tunnels", str(share), "--addresses", str(addresses)]
+                    command += ["--tunnel-connections", str(per_tunnel)]
+                    command += ["--concurrency", str(max(4, size.concurrency // processes))]
+                    command += ["--open-timeout", str(open_timeout)]
+                    process = await trio.lowlevel.open_process(
+                        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT
+                    )
+                    clients.append((process, bytearray()))
+                    rig.harness_pids.append(process.pid)
+                with trio.fail_after(open_timeout + 30):
+                    await gather_lines(clients, opened)
             await trio.sleep(1.0)  # let the server settle before measuring memory
             loaded = rig.sample()
-            idle_seconds = args.idle_seconds or size.idle_seconds
             await rig.hold("idle", idle_seconds)
-            dropped_idle = dropped
             async with rig.phase("close"):
-                close_started = trio.current_time()
-
-                async def close_one(pull: Raw, push: Raw | None, token: str) -> None:
-                    # pht's client: the empty-body push (close notification), then hang up.
-                    if push is None:  # GOST's legacy client just hangs up
-                        await pull.aclose()
-                        return
-                    with trio.move_on_after(5):
-                        try:
-                            await push.request("POST", f"/push?token={token}", b"")
-                        except (OSError, EOFError, trio.BrokenResourceError, h11.ProtocolError):
-                            pass
-                    await push.aclose()
-                    await pull.aclose()
-
-                with trio.move_on_after(10):
-                    async with trio.open_nursery() as nursery:
-                        for pull, push, token in held:
-                            nursery.start_soon(close_one, pull, push, token)
-                for pull, push, _ in held:  # whatever the bound cut short
-                    await pull.aclose()
-                    if push is not None:
-                        await push.aclose()
-                close_seconds = trio.current_time() - close_started
+                for process, _ in clients:
+                    assert process.stdin is not None
+                    await process.stdin.send_all(b"close\n")
+                with trio.fail_after(40):
+                    await gather_lines(clients, closed)
                 await trio.sleep(2.0)  # the server's work after a mass close shows here
-            readers.cancel_scope.cancel()
-    opened = len(held)
+        finally:
+            for process, _ in clients:
+                if process.stdin is not None:
+                    await process.stdin.aclose()
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    tunnels = sum(report["opened"] for report in opened)
+    statuses: Counter[str] = Counter()
+    for report in opened:
+        statuses.update(report["statuses"])
     idle = next(p for p in rig.phases if p.name == "idle")
     idle_cpu = server_figures(rig, idle.start, idle.end)["cpu_pct"]
     figures = {
         "tunnels_requested": requested,
         "tunnels_fitting_open_files": fit,
-        "tunnels_opened": opened,
+        "tunnels_opened": tunnels,
         "open_statuses": dict(statuses),
-        "open_seconds": open_seconds,
-        "close_seconds": close_seconds,
-        "rss_per_tunnel_kib": (loaded.rss_kib - before.rss_kib) / opened if opened else None,
+        "open_seconds": opening.end - opening.start,
+        "close_seconds": max(report["seconds"] for report in closed),
+        "rss_per_tunnel_kib": (loaded.rss_kib - before.rss_kib) / tunnels if tunnels else None,
         "idle_cpu_pct": idle_cpu,
-        "dropped_while_idle": dropped_idle,
+        "dropped_while_idle": sum(report["dropped_while_idle"] for report in closed),
     }
     for name in ("open", "idle", "close"):
         phase = next(p for p in rig.phases if p.name == name)
         stats = canary_figures(rig, phase.start, phase.end)
         figures[f"{name}_echo_p99_ms"] = stats["echo_p99_ms"]
+        figures[f"{name}_echo_max_ms"] = stats["echo_max_ms"]
         figures[f"{name}_stalls_over_100ms"] = stats["stalls_over_100ms"]
     settings = {
+        "server": server,
+        "server_gc": gc_mode,
         "tunnels": count,
         "connections_per_tunnel": per_tunnel,
+        "client_processes": processes,
         "per_address": args.per_address,
         "idle_seconds": idle_seconds,
     }
     return scenario_result("idle", rig, settings, figures)
+
+
+async def gather_lines(clients: list[tuple[trio.Process, bytearray]], into: list[Any]) -> None:
+    """One JSON line from each client process, read at the same time."""
+
+    async def one(process: trio.Process, buffer: bytearray) -> None:
+        assert process.stdout is not None
+        into.append(json.loads(await read_line(process.stdout, buffer)))
+
+    async with trio.open_nursery() as nursery:
+        for process, buffer in clients:
+            nursery.start_soon(one, process, buffer)
 
 
 async def scenario_junk_push(size: Size, args: argparse.Namespace) -> dict[str, Any]:

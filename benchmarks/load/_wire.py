@@ -240,7 +240,11 @@ def error_key(exc: BaseException) -> str:
     return status_key(exc)
 
 
-def idle_source(index: int, per_address: int) -> str:
-    """127.1.x.y: ``per_address`` idle tunnels per loopback address."""
-    number = index // per_address
+def idle_source(index: int, addresses: int) -> str:
+    """127.1.x.y: the idle tunnels spread round-robin over ``addresses`` loopback addresses.
+
+    Round-robin, so that the tunnels being opened at any moment come from many
+    addresses (the server bounds tokens pending per address).
+    """
+    number = index % addresses
     return f"127.1.{number // 250}.{number % 250 + 1}"
