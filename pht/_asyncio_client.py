@@ -705,7 +705,7 @@ class _ClientTransport(PHTTransport):
                 channel.resume_headers,
                 closed=channel.state is ChannelState.CLOSED,
                 still_in_flight=channel.pushes_in_flight,
-                now=self.loop.time(),
+                now=connection.last_used,  # when the answer was read
             )
         except TunnelError as exc:
             self._drop_push(connection)
