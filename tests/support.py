@@ -6,7 +6,7 @@ import contextlib
 import socketserver
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -96,3 +96,49 @@ def tcp_echo_server() -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+T = TypeVar("T")
+
+
+class TrioThread:
+    """A trio loop in a thread of its own, with a nursery to start things in.
+
+    For servers and relays that tests on an asyncio loop (or in plain
+    threads) talk to: :meth:`run` calls ``function(nursery)`` in the trio
+    thread and returns its result; :meth:`stop` cancels everything.
+    """
+
+    def __init__(self) -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30)
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._ready.set()
+            await trio.sleep_forever()
+
+    def run(self, function: Callable[[trio.Nursery], Awaitable[T]]) -> T:
+        """``await function(nursery)`` in the trio thread; its result."""
+
+        async def call() -> T:
+            assert self._nursery is not None
+            return await function(self._nursery)
+
+        return trio.from_thread.run(call, trio_token=self._token)
+
+    def run_sync(self, function: Callable[[], object]) -> None:
+        """Call ``function()`` in the trio thread."""
+        trio.from_thread.run_sync(function, trio_token=self._token)
+
+    def stop(self) -> None:
+        """Cancel what runs in the thread and wait for it to end."""
+        assert self._nursery is not None
+        self.run_sync(self._nursery.cancel_scope.cancel)
+        self._thread.join(30)

@@ -11,8 +11,7 @@ import asyncio
 import hashlib
 import os
 import ssl
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -23,7 +22,7 @@ import pht.asyncio
 from .asyncio_support import LOOPS, run
 from .faults import FaultRelay
 from .resume_server import ResumeServer, serve_resume
-from .support import echo, start_server
+from .support import TrioThread, echo, start_server
 from .test_client_resume import open_resume
 from .test_resume_e2e import _cuts
 
@@ -31,53 +30,28 @@ CERTIFICATE = pht.make_self_signed_certificate()
 SIZE = 16 * 1024 * 1024
 
 
-class Relays:
+class Relays(TrioThread):
     """Per test, a resume server behind a fault relay, in a trio thread of its own."""
 
-    def __init__(self) -> None:
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._ready = threading.Event()
-        self._nursery: trio.Nursery | None = None
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(30)
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._ready.set()
-            await trio.sleep_forever()
-
     def start(self, seed: int, *, tls: bool, resume: bool = True) -> tuple[int, FaultRelay]:
-        async def start() -> tuple[int, FaultRelay]:
-            assert self._nursery is not None
+        async def start(nursery: trio.Nursery) -> tuple[int, FaultRelay]:
             port = await start_server(
-                self._nursery, echo, resume=resume, tls=CERTIFICATE if tls else False
+                nursery, echo, resume=resume, tls=CERTIFICATE if tls else False
             )
             relay = FaultRelay(port, _cuts(seed, tls), fin_linger=1.0)
-            relay_port: int = await self._nursery.start(relay.serve)
+            relay_port: int = await nursery.start(relay.serve)
             return relay_port, relay
 
-        return trio.from_thread.run(start, trio_token=self._token)
+        return self.run(start)
 
     def scripted(self) -> tuple[int, ResumeServer]:
         """A scripted resume server (``tests/resume_server.py``), no relay."""
 
-        async def start() -> tuple[int, ResumeServer]:
-            assert self._nursery is not None
+        async def start(nursery: trio.Nursery) -> tuple[int, ResumeServer]:
             server = ResumeServer()
-            return await serve_resume(self._nursery, server), server
+            return await serve_resume(nursery, server), server
 
-        return trio.from_thread.run(start, trio_token=self._token)
-
-    def run_sync(self, function: Callable[[], object]) -> None:
-        trio.from_thread.run_sync(function, trio_token=self._token)
-
-    def stop(self) -> None:
-        assert self._nursery is not None
-        trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
-        self._thread.join(30)
+        return self.run(start)
 
 
 @pytest.fixture(scope="module")

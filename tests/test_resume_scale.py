@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -34,7 +33,7 @@ from pht._asyncio_server import start_pht_server
 
 from .asyncio_support import run
 from .faults import CutEveryConnection, FaultRelay
-from .support import echo, echo_through, start_server
+from .support import TrioThread, echo, echo_through, start_server
 
 CERTIFICATE = pht.make_self_signed_certificate()
 SIZE = 64 * 1024 * 1024
@@ -91,36 +90,15 @@ async def test_trio_hundreds_of_cuts_in_64_mib(
     print(summary(relay).splitlines()[0])  # the figure, with pytest -s
 
 
-class RelayThread:
+class RelayThread(TrioThread):
     """A fault relay in a trio thread of its own, for a server on an asyncio loop."""
 
-    def __init__(self) -> None:
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._nursery: trio.Nursery | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(30)
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._ready.set()
-            await trio.sleep_forever()
-
     def start(self, relay: FaultRelay) -> int:
-        async def start() -> int:
-            assert self._nursery is not None
-            port: int = await self._nursery.start(relay.serve)
+        async def start(nursery: trio.Nursery) -> int:
+            port: int = await nursery.start(relay.serve)
             return port
 
-        return trio.from_thread.run(start, trio_token=self._token)
-
-    def stop(self) -> None:
-        assert self._nursery is not None
-        trio.from_thread.run_sync(self._nursery.cancel_scope.cancel, trio_token=self._token)
-        self._thread.join(30)
+        return self.run(start)
 
 
 @pytest.fixture
