@@ -24,7 +24,7 @@ import trio
 import pht
 import pht.asyncio
 
-from .asyncio_support import LOOPS, run
+from .asyncio_support import LOOPS, pipe, run
 from .support import start_server
 
 Runner = Callable[[Coroutine[Any, Any, None]], None]
@@ -497,16 +497,6 @@ def test_through_a_forward_http_proxy(aio: Runner, servers: TrioServers) -> None
     async def main() -> None:
         target = servers.ports["plain"]
         heads: list[bytes] = []
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
 
         relays: list[asyncio.Task[object]] = []
 

@@ -17,7 +17,7 @@ import pytest
 import pht
 import pht.asyncio
 
-from .asyncio_support import LOOPS, run
+from .asyncio_support import LOOPS, pipe, run
 from .test_asyncio_client import TrioServers, _connect_kwargs, servers
 
 __all__ = ["servers"]  # the fixture, imported for these tests
@@ -51,7 +51,7 @@ class Relay:
         assert task is not None
         self.tasks.append(task)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def stop(self) -> None:
         """Wait until every relayed connection ended (the client closed all of them)."""
@@ -59,17 +59,6 @@ class Relay:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["pht", "phts"])
