@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socketserver
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -142,3 +143,16 @@ class TrioThread:
         assert self._nursery is not None
         self.run_sync(self._nursery.cancel_scope.cancel)
         self._thread.join(30)
+
+
+class LogLine(logging.Handler):
+    """Sets :attr:`seen` once a ``pht`` record holds ``text`` (logged on trio's thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()

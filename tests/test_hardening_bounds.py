@@ -19,6 +19,7 @@ import trio.testing
 
 import pht
 
+from .support import LogLine
 from .test_hardening_support import (
     GUARD,
     RawClient,
@@ -252,24 +253,11 @@ def test_security_page_states_the_real_defaults() -> None:
         assert must in lowered, must
 
 
-class _LogLine(logging.Handler):
-    """Sets :attr:`seen` once a ``pht`` record holds ``text`` (logged on trio's thread)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.text = text
-        self.seen = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
-
-
 async def test_server_logs_only_a_token_prefix(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="pht")
-    closed = _LogLine("closed after")
+    closed = LogLine("closed after")
     logging.getLogger("pht").addHandler(closed)
     port = await start_server(nursery)
     with trio.fail_after(GUARD):

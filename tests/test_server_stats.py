@@ -10,7 +10,7 @@ import trio
 import pht
 from pht._stats import ServiceStats
 
-from .support import echo, receive_exactly
+from .support import LogLine, echo, receive_exactly
 
 
 async def _raw_request(port: int, request: bytes) -> bytes:
@@ -29,19 +29,6 @@ async def _raw_request(port: int, request: bytes) -> bytes:
                     break
                 answer += chunk
     return answer
-
-
-class _LogLine(logging.Handler):
-    """Sets :attr:`seen` once a ``pht`` record holds ``text`` (logged on trio's thread)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.text = text
-        self.seen = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
 
 
 class _Stats(ServiceStats):
@@ -89,7 +76,7 @@ async def test_stats_count_a_tunnel_and_refusals() -> None:
 async def test_refusals_and_tls_failures_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     """A path mismatch and a TLS failure show at INFO, the default level of the CLI."""
     caplog.set_level(logging.INFO, logger="pht")
-    tls_failed = _LogLine("TLS handshake failed")
+    tls_failed = LogLine("TLS handshake failed")
     logging.getLogger("pht").addHandler(tls_failed)
     async with trio.open_nursery() as nursery:
         plain = await nursery.start(lambda task_status: pht.serve_pht(
