@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._client import ClientChannel, ClientConfig
-from ._client_session import ClientOptions, ClientSession, ClientSessionState
+from ._client_session import ClientOptions, ClientSession, ClientSessionState, ClientSettings
 from ._codec import BASE64_BACKEND, LineBuffer, decode_line, encode_line
 from ._common import Paths
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
@@ -47,7 +47,7 @@ from ._server import (
     SessionRegistry,
     SessionState,
 )
-from ._server_session import ServerOptions
+from ._server_session import AppSettings, ServerOptions, ServerSettings
 from ._token import TokenSource, new_token
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BASE64_BACKEND",
     "NEED_DATA",
+    "AppSettings",
     "AuthorizeRequest",
     "Authorized",
     "BadRequest",
@@ -98,6 +99,7 @@ __all__ = [
     "ClientOptions",
     "ClientSession",
     "ClientSessionState",
+    "ClientSettings",
     "CloseRequest",
     "ClosedTunnelError",
     "DataReceived",
@@ -124,6 +126,7 @@ __all__ = [
     "ServerConnectionState",
     "ServerEvent",
     "ServerOptions",
+    "ServerSettings",
     "SessionGone",
     "SessionRecord",
     "SessionRegistry",

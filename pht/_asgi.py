@@ -24,8 +24,8 @@ import inspect
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
@@ -38,13 +38,7 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
-from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
-from ._server import (
-    DEFAULT_MAX_HEADER_SIZE,
-    DEFAULT_MAX_PUSH_LINE,
-    PULL_LINE_DATA,
-    ServerConnection,
-)
+from ._server import PULL_LINE_DATA, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
     PullAction,
@@ -55,10 +49,7 @@ from ._server_core import (
     short_token,
 )
 from ._server_session import (
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MAX_PENDING_PER_ADDRESS,
-    DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-    Network,
+    AppSettings,
     PushVerdict,
     ServerOptions,
     ServerSession,
@@ -66,6 +57,9 @@ from ._server_session import (
 )
 from ._stats import PHTStatsSink
 from ._token import TokenSource, new_token
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PHTApp"]
 
@@ -322,9 +316,10 @@ class PHTApp:
     :func:`asyncio.start_server`: ``reader`` and ``writer`` are asyncio's own
     :class:`asyncio.StreamReader` and :class:`asyncio.StreamWriter` (the
     session's token is ``writer.get_extra_info("pht_token")``). The keyword
-    arguments are :func:`pht.serve_pht`'s, less those that belong to the
-    ASGI server (host, port, TLS, connection budgets and timeouts): passing
-    one of those raises :class:`TypeError` saying where it belongs.
+    arguments are :func:`pht.serve_pht`'s (:class:`pht.AppSettings`, or one
+    ``options=``), less those that belong to the ASGI server (host, port,
+    TLS, connection budgets and timeouts): passing one of those raises
+    :class:`TypeError` saying where it belongs.
 
     Paths are relative to where the app is mounted: under ``/tunnel`` it
     answers ``/tunnel/authorize``, ``/tunnel/push`` and ``/tunnel/pull``.
@@ -339,74 +334,20 @@ class PHTApp:
         self,
         client_connected_cb: ClientConnected,
         *,
-        authorize_path: str = "/authorize",
-        push_path: str = "/push",
-        pull_path: str = "/pull",
-        backlog: int = 128,
-        heartbeat_interval: float = 10.0,
-        strict: bool = False,
-        max_sessions: int = 10_000,
-        max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-        max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
-        trusted_proxies: Iterable[str | Network] = (),
-        idle_timeout: float | None = 600.0,
-        issued_timeout: float = 60.0,
-        lazy_timeout: float = 10.0,
-        push_timeout: float = 30.0,
-        pull_write_timeout: float = 60.0,
-        max_buffered: int = DEFAULT_MAX_BUFFERED,
-        max_push_line: int = DEFAULT_MAX_PUSH_LINE,
-        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
-        shutdown_timeout: float = 30.0,
         token_source: TokenSource = new_token,
-        resume: bool = True,
-        resume_window: int = DEFAULT_WINDOW,
-        grace_period: int = DEFAULT_GRACE,
-        max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
-        legacy_grace: bool = False,
-        pull_max_bytes: int | None = None,
-        pull_max_ms: int | None = None,
         stats: PHTStatsSink | None = None,
-        **server_owned: object,
+        options: ServerOptions | None = None,
+        **settings: Unpack[AppSettings],
     ) -> None:
-        if server_owned:
-            name = sorted(server_owned)[0]
+        for name in sorted(settings):
             why = _SERVER_OWNED.get(name)
-            if why is None:
-                raise TypeError(f"PHTApp() got an unexpected keyword argument {name!r}")
-            raise TypeError(f"PHTApp() does not take {name!r}: {why}")
+            if why is not None:
+                raise TypeError(f"PHTApp() does not take {name!r}: {why}")
         if not callable(client_connected_cb):
             raise TypeError("client_connected_cb must be a callable taking (reader, writer)")
         self._callback = client_connected_cb
         #: The validated options (the same object every pht server builds).
-        self.options = ServerOptions.build(
-            authorize_path=authorize_path,
-            push_path=push_path,
-            pull_path=pull_path,
-            trusted_proxies=trusted_proxies,
-            backlog=backlog,
-            heartbeat_interval=heartbeat_interval,
-            strict=strict,
-            max_sessions=max_sessions,
-            max_sessions_per_address=max_sessions_per_address,
-            max_pending_per_address=max_pending_per_address,
-            idle_timeout=idle_timeout,
-            issued_timeout=issued_timeout,
-            lazy_timeout=lazy_timeout,
-            push_timeout=push_timeout,
-            pull_write_timeout=pull_write_timeout,
-            max_buffered=max_buffered,
-            max_push_line=max_push_line,
-            max_header_size=max_header_size,
-            resume=resume,
-            resume_window=resume_window,
-            grace_period=grace_period,
-            max_grace_sessions=max_grace_sessions,
-            legacy_grace=legacy_grace,
-            pull_max_bytes=pull_max_bytes,
-            pull_max_ms=pull_max_ms,
-            shutdown_timeout=shutdown_timeout,
-        )
+        self.options = ServerOptions.resolve("PHTApp", options, settings)
         self._sessions: ServerSessions[_Stream] = ServerSessions(self.options, token_source)
         self._stats = stats
         self._core: _Core | None = None

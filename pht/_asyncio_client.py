@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._asyncio_common import (
     DEFAULT_LIMIT,
@@ -24,12 +24,11 @@ from ._asyncio_common import (
     open_streams,
     within,
 )
-from ._client import ClientChannel, HeaderInput
+from ._client import ClientChannel
 from ._client_session import (
-    DEFAULT_MAX_PUSH_SIZE,
-    DEFAULT_RECONNECT_DELAY,
     ClientOptions,
     ClientSession,
+    ClientSettings,
     CollectAck,
     Deliver,
     EndOfStream,
@@ -40,12 +39,15 @@ from ._client_session import (
     Reattach,
     SendAuthorize,
     SendPull,
+    ssl_context_for,
 )
 from ._common import plan_writes
 from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelError
 from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._resume import SessionGone
-from ._token import TokenSource, new_token
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["TransportOpener", "TransportReader", "TransportWriter", "open_pht_connection"]
 
@@ -805,30 +807,17 @@ async def open_pht_connection(
     *,
     ssl: bool | _ssl.SSLContext | None = None,
     server_hostname: str | None = None,
-    authorize: bool = True,
-    authorize_path: str = "/authorize",
-    push_path: str = "/push",
-    pull_path: str = "/pull",
-    headers: HeaderInput = None,
-    host_header: str | None = None,
-    proxy: str | None = None,
-    token: str | None = None,
-    token_source: TokenSource = new_token,
-    max_push_size: int = DEFAULT_MAX_PUSH_SIZE,
-    connect_timeout: float = 30.0,
-    close_timeout: float = 5.0,
-    push_window: int = 1,
     limit: int = DEFAULT_LIMIT,
-    resume: bool = False,
     open_transport: TransportOpener | None = None,
-    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
+    **settings: Unpack[ClientSettings],
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a PHT tunnel to ``host:port`` as :func:`asyncio.open_connection` opens a TCP one.
 
-    The keyword arguments are :func:`pht.open_pht_stream`'s, with asyncio's
-    names where asyncio has one: ``ssl`` (``None``/``False``, ``True`` for a
-    default verifying context, or an :class:`ssl.SSLContext`) instead of
-    ``tls``, and ``limit`` (the reader's buffer limit). ``drain()`` waits for
+    The keyword arguments are :func:`pht.open_pht_stream`'s (the tuning ones
+    are :class:`pht.ClientSettings`, described by :class:`pht.ClientOptions`),
+    with asyncio's names where asyncio has one: ``ssl`` (``None``/``False``,
+    ``True`` for a default verifying context, or an :class:`ssl.SSLContext`)
+    instead of ``tls``, and ``limit`` (the reader's buffer limit). ``drain()`` waits for
     the server's acknowledgement of the written bytes: with ``push_window=1``
     (GOST's stop and wait) for all of them, with ``N`` until at most
     ``N - 1`` pushes' worth are unanswered.
@@ -840,13 +829,9 @@ async def open_pht_connection(
     ``writer.close()`` sends what is queued, then the close notification;
     ``await writer.wait_closed()`` returns once nothing of the tunnel runs.
 
-    ``resume=True`` offers the resume extension, as
-    :func:`pht.open_pht_stream`'s: cut connections are repeated without
-    loss, and a session the server will never resume ends the reader with
-    :class:`~pht.asyncio.SessionGoneResetError` (a :class:`~pht.SessionGone`
-    and a :class:`ConnectionResetError`). ``reconnect_delay=(initial,
-    maximum)`` is its reconnect back-off in seconds, as
-    :func:`pht.open_pht_stream`'s (default ``(0.1, 5.0)``).
+    With ``resume=True``, a session the server will never resume ends the
+    reader with :class:`~pht.asyncio.SessionGoneResetError` (a
+    :class:`~pht.SessionGone` and a :class:`ConnectionResetError`).
 
     ``open_transport(host, port)``, when given, replaces
     :func:`asyncio.open_connection` for every HTTP connection of the tunnel
@@ -861,34 +846,9 @@ async def open_pht_connection(
     pair (in memory, whatever the pair is). The client owns the pair from
     then on and calls ``writer.close()`` when it is done with it.
     """
-    ssl_context: _ssl.SSLContext | None
-    if ssl is True:
-        ssl_context = _ssl.create_default_context()
-    elif ssl is None or ssl is False:
-        ssl_context = None
-    elif isinstance(ssl, _ssl.SSLContext):
-        ssl_context = ssl
-    else:
-        raise TypeError(f"ssl must be None, a bool or an ssl.SSLContext, not {type(ssl).__name__}")
+    ssl_context = ssl_context_for(ssl, name="ssl", none_ok=True)
     options = ClientOptions.build(
-        host,
-        port,
-        secure=ssl_context is not None,
-        authorize=authorize,
-        authorize_path=authorize_path,
-        push_path=push_path,
-        pull_path=pull_path,
-        headers=headers,
-        host_header=host_header,
-        proxy=proxy,
-        token=token,
-        token_source=token_source,
-        max_push_size=max_push_size,
-        push_window=push_window,
-        connect_timeout=connect_timeout,
-        close_timeout=close_timeout,
-        resume=resume,
-        reconnect_delay=reconnect_delay,
+        host, port, secure=ssl_context is not None, caller="open_pht_connection", **settings
     )
     loop = asyncio.get_running_loop()
     connector = _Connector(options, ssl_context, server_hostname, loop, open_transport)
@@ -896,7 +856,7 @@ async def open_pht_connection(
     pull = await connector.open()
     try:
         try:
-            pull = await within(connect_timeout, _start_session(connector, pull, session))
+            pull = await within(options.connect_timeout, _start_session(connector, pull, session))
         except TimeoutError:
             raise session.handshake_timed_out() from None
         push = await connector.open()

@@ -20,9 +20,9 @@ import math
 import socket
 import ssl as _ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -34,8 +34,7 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
-from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
-from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
+from ._server import PUSH_PIECE, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
@@ -51,21 +50,20 @@ from ._server_core import (
     short_token,
 )
 from ._server_session import (
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-    DEFAULT_MAX_PENDING_PER_ADDRESS,
-    DEFAULT_MAX_SESSIONS_PER_ADDRESS,
     Input,
-    Network,
     PushVerdict,
     ServerOptions,
     ServerSession,
     ServerSessions,
+    ServerSettings,
     host_of,
 )
 from ._stats import PHTStatsSink
 from ._tls import SelfSignedCertificate
 from ._token import TokenSource, new_token
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["PHTServer", "start_pht_server"]
 
@@ -821,38 +819,11 @@ async def start_pht_server(
     *,
     ssl: bool | _ssl.SSLContext | SelfSignedCertificate | None = None,
     limit: int = DEFAULT_LIMIT,
-    authorize_path: str = "/authorize",
-    push_path: str = "/push",
-    pull_path: str = "/pull",
-    backlog: int = 128,
     listen_backlog: int | None = None,
-    heartbeat_interval: float = 10.0,
-    strict: bool = False,
-    max_sessions: int = 10_000,
-    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
-    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-    trusted_proxies: Iterable[str | Network] = (),
-    idle_timeout: float | None = 600.0,
-    issued_timeout: float = 60.0,
-    lazy_timeout: float = 10.0,
-    push_timeout: float = 30.0,
-    pull_write_timeout: float = 60.0,
-    request_timeout: float = 60.0,
-    keepalive_timeout: float = 120.0,
-    max_buffered: int = DEFAULT_MAX_BUFFERED,
-    max_push_line: int = DEFAULT_MAX_PUSH_LINE,
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     token_source: TokenSource = new_token,
-    shutdown_timeout: float = 30.0,
-    resume: bool = True,
-    resume_window: int = DEFAULT_WINDOW,
-    grace_period: int = DEFAULT_GRACE,
-    max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
-    legacy_grace: bool = False,
-    pull_max_bytes: int | None = None,
-    pull_max_ms: int | None = None,
     stats: PHTStatsSink | None = None,
+    options: ServerOptions | None = None,
+    **settings: Unpack[ServerSettings],
 ) -> PHTServer:
     """Serve PHT tunnels, calling ``client_connected_cb(reader, writer)`` per session.
 
@@ -866,45 +837,15 @@ async def start_pht_server(
     :class:`~pht.SelfSignedCertificate`, or ``True`` for GOST's self-signed
     certificate made at start-up.
 
-    The other keywords are :func:`pht.serve_pht`'s, with the same meanings
-    and defaults (``backlog`` is the pending-token bound, ``listen_backlog``
-    the kernel's queue). A push is acknowledged once its bytes are in the
-    reader's buffer; ``drain()`` returns once the pull wrote what was
-    written. The session ends when the client closes it (the reader sees
-    EOF) or when the application closes its writer (after its last bytes
-    went out).
+    ``listen_backlog``, ``token_source``, ``stats`` and the tuning keywords
+    (the fields of :class:`pht.ServerOptions`, or one ``options=``) are
+    :func:`pht.serve_pht`'s, with the same meanings and defaults. A push is
+    acknowledged once its bytes are in the reader's buffer; ``drain()``
+    returns once the pull wrote what was written. The session ends when the
+    client closes it (the reader sees EOF) or when the application closes
+    its writer (after its last bytes went out).
     """
-    options = ServerOptions.build(
-        authorize_path=authorize_path,
-        push_path=push_path,
-        pull_path=pull_path,
-        trusted_proxies=trusted_proxies,
-        backlog=backlog,
-        heartbeat_interval=heartbeat_interval,
-        strict=strict,
-        max_sessions=max_sessions,
-        max_sessions_per_address=max_sessions_per_address,
-        max_pending_per_address=max_pending_per_address,
-        max_connections_per_address=max_connections_per_address,
-        idle_timeout=idle_timeout,
-        issued_timeout=issued_timeout,
-        lazy_timeout=lazy_timeout,
-        push_timeout=push_timeout,
-        pull_write_timeout=pull_write_timeout,
-        request_timeout=request_timeout,
-        keepalive_timeout=keepalive_timeout,
-        max_buffered=max_buffered,
-        max_push_line=max_push_line,
-        max_header_size=max_header_size,
-        resume=resume,
-        resume_window=resume_window,
-        grace_period=grace_period,
-        max_grace_sessions=max_grace_sessions,
-        legacy_grace=legacy_grace,
-        pull_max_bytes=pull_max_bytes,
-        pull_max_ms=pull_max_ms,
-        shutdown_timeout=shutdown_timeout,
-    )
+    options = ServerOptions.resolve("start_pht_server", options, settings)
     if not callable(client_connected_cb):
         raise TypeError("client_connected_cb must be callable")
     ssl_context: _ssl.SSLContext | None = server_ssl_context(ssl)
@@ -915,7 +856,7 @@ async def start_pht_server(
         host,
         port,
         ssl=ssl_context,
-        ssl_handshake_timeout=request_timeout if ssl_context is not None else None,
+        ssl_handshake_timeout=options.request_timeout if ssl_context is not None else None,
         backlog=listen_backlog if listen_backlog is not None else socket.SOMAXCONN,
     )
     server.stats.enable_pht()

@@ -32,11 +32,11 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import unquote, urlsplit
 
 from ._client import ClientConfig, HeaderInput
-from ._common import Paths
+from ._common import Paths, take_paths
 from ._errors import LocalProtocolError, PHTError, TunnelError
 from ._events import (
     Authorized,
@@ -55,11 +55,14 @@ from ._token import TokenSource, new_token
 if TYPE_CHECKING:
     import ssl
 
+    from typing_extensions import Unpack  # typing's own from Python 3.11
+
 __all__ = [
     "TRANSITIONS",
     "ClientOptions",
     "ClientSession",
     "ClientSessionState",
+    "ClientSettings",
     "CollectAck",
     "Deliver",
     "EndOfStream",
@@ -147,24 +150,86 @@ def parse_proxy(proxy: str | None) -> tuple[tuple[str, int] | None, tuple[str, s
     return (parts.hostname, parts.port or 8080), credentials
 
 
+class ClientSettings(TypedDict, total=False):
+    """The keywords that tune a PHT client, as every pht client takes them.
+
+    :func:`pht.open_pht_stream` and :func:`pht.asyncio.open_pht_connection`
+    take these as keyword arguments; :class:`ClientOptions` says what each
+    does and its default. A dict of them type-checks as such.
+    """
+
+    authorize: bool
+    authorize_path: str
+    push_path: str
+    pull_path: str
+    headers: HeaderInput
+    host_header: str | None
+    proxy: str | None
+    token: str | None
+    token_source: TokenSource
+    max_push_size: int
+    connect_timeout: float
+    close_timeout: float
+    push_window: int
+    resume: bool
+    reconnect_delay: tuple[float, float]
+
+
+#: The keywords :class:`ClientSettings` names, for the run-time check of a call.
+CLIENT_KEYWORDS = ClientSettings.__required_keys__ | ClientSettings.__optional_keys__
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClientOptions:
     """How a client session behaves, validated once, shared by every adapter.
 
-    ``config`` forms the requests (host, paths, headers, generation).
-    ``host``/``port`` is the server, reached through ``proxy`` (an address)
-    when set; ``secure`` says TLS (the adapter brings its context).
-    ``token`` (modern flow only) fixes the session token, else
-    ``token_source`` makes one. ``max_push_size`` bounds the raw bytes of one
-    POST; ``push_window`` is how many pushes may await their acknowledgement;
-    ``connect_timeout`` bounds connecting and the handshake,
-    ``close_timeout`` the acknowledgements and the close notification in a
-    close. ``resume`` offers the resume extension (``docs/resume.md``);
-    ``reconnect_delay`` is ``(initial, maximum)`` seconds of its reconnect
-    back-off (each delay doubles from ``initial`` up to ``maximum``, drawn in
-    ``[d/2, d]``), ``jitter`` its random source (a float in ``[0, 1)`` per
-    call). :meth:`build` makes one from
-    :func:`pht.open_pht_stream`'s keyword arguments.
+    :meth:`build` makes one from a client's keyword arguments
+    (:class:`ClientSettings`), which are:
+
+    - ``authorize``: with ``True`` (GOST's documented flow, and what legacy
+      GOST servers require) the client first asks ``authorize_path`` for a
+      token; with ``False`` it makes its own (``token``, or one from
+      ``token_source``) as modern GOST clients do.
+    - ``authorize_path``, ``push_path``, ``pull_path``: the server's paths.
+    - ``headers`` go on every request; ``host_header`` replaces the
+      ``Host`` header (GOST's ``host`` option).
+    - ``proxy="http://[user:pass@]host:port"`` sends every request through
+      a forward HTTP proxy in absolute form, without CONNECT.
+    - ``max_push_size`` bounds the raw bytes one POST carries.
+    - ``push_window`` is how many pushes may await their acknowledgement.
+      With 1 (the default, GOST's stop and wait) a write returns once the
+      server acknowledged all its bytes. With ``N > 1`` it may return while
+      up to ``N - 1`` pushes are unanswered, so the next write overlaps the
+      server's work: faster uploads. Their answers are read before later
+      pushes exceed the window, by a read waiting meanwhile, and in the
+      close (up to ``close_timeout``); a refused push then breaks the
+      stream both ways, and the next write, read or close raises an error
+      saying that an earlier push was refused, with its status. Pushes stay
+      on one connection, in order (GOST's and ``pht``'s servers answer
+      pipelined requests in order). Within one write larger than
+      ``max_push_size`` two pushes are in flight even with a window of 1.
+    - ``connect_timeout`` bounds connecting and the handshake,
+      ``close_timeout`` the acknowledgements and the close notification in a
+      close.
+    - ``resume=True`` offers the resume extension (``docs/resume.md``): if
+      the server grants it, a cut pull or a push whose answer was lost is
+      repeated on a new connection (with a jittered back-off, within the
+      server's grace period) without losing or duplicating a byte, and the
+      application sees only a slower stream. The server's ``410`` with a
+      ``PHT-Gone`` other than ``closed``, or reconnects failing for the
+      whole grace period, raise :class:`~pht.SessionGone`. A server that
+      does not grant it (GOST) gets today's protocol.
+    - ``reconnect_delay=(initial, maximum)`` is that back-off in seconds
+      (default ``(0.1, 5.0)``): the *n*-th delay in a row is drawn in
+      ``[d/2, d]`` with ``d = min(initial * 2**n, maximum)``; a smaller one
+      comes back sooner after a cut, a larger one spares a struggling
+      server.
+
+    The fields: ``config`` forms the requests (host, paths, headers,
+    generation); ``host``/``port`` is the server, reached through ``proxy``
+    (an address) when set; ``secure`` says TLS (the adapter brings its
+    context); ``jitter`` is the back-off's random source (a float in
+    ``[0, 1)`` per call); the others are the keywords above.
     """
 
     config: ClientConfig
@@ -270,16 +335,20 @@ class ClientOptions:
         port: int,
         *,
         secure: bool = False,
-        authorize: bool = True,
-        authorize_path: str = "/authorize",
-        push_path: str = "/push",
-        pull_path: str = "/pull",
-        headers: HeaderInput = None,
-        host_header: str | None = None,
-        proxy: str | None = None,
-        **kwargs: object,
+        caller: str = "ClientOptions.build",
+        **settings: Unpack[ClientSettings],
     ) -> ClientOptions:
-        """Options from :func:`pht.open_pht_stream`'s keyword arguments (the rest go as is)."""
+        """Options from a client's keyword arguments (:class:`ClientSettings`).
+
+        ``caller`` names the function they were given to, for the
+        :class:`TypeError` an unknown keyword raises.
+        """
+        fields: dict[str, Any] = dict(settings)
+        paths = take_paths(caller, fields, CLIENT_KEYWORDS)
+        authorize = fields.pop("authorize", True)
+        headers = fields.pop("headers", None)
+        host_header = fields.pop("host_header", None)
+        proxy = fields.pop("proxy", None)
         if isinstance(port, bool) or not isinstance(port, int):
             raise TypeError(f"port must be an int, not {type(port).__name__}")
         proxy_address, proxy_credentials = parse_proxy(proxy)
@@ -290,7 +359,7 @@ class ClientOptions:
             headers=headers,
             proxy_credentials=proxy_credentials,
             authorize=authorize,
-            paths=Paths(authorize=authorize_path, push=push_path, pull=pull_path),
+            paths=paths,
             host_header=host_header,
             proxy_authority=None if proxy_address is None else f"{host_value}:{port}",
             scheme="https" if secure else "http",
@@ -301,7 +370,7 @@ class ClientOptions:
             port=port,
             secure=secure,
             proxy=proxy_address,
-            **kwargs,  # type: ignore[arg-type]
+            **fields,
         )
 
 

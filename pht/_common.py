@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from ._errors import LocalProtocolError
 
-__all__ = ["DEFAULT_PATHS", "JOIN_LIMIT", "Paths", "plan_writes"]
+__all__ = ["DEFAULT_PATHS", "JOIN_LIMIT", "Paths", "plan_writes", "take_paths"]
 
 #: Pieces that add up to this much are joined into one write.
 JOIN_LIMIT = 64 * 1024
@@ -36,6 +38,22 @@ class Paths:
 
 
 DEFAULT_PATHS = Paths()
+
+
+def take_paths(caller: str, fields: MutableMapping[str, Any], known: Collection[str]) -> Paths:
+    """Check an adapter's keywords and take the three ``*_path`` ones out as :class:`Paths`.
+
+    An unknown keyword is the :class:`TypeError` Python raises for one,
+    naming ``caller`` (the function the user called).
+    """
+    unknown = sorted(name for name in fields if name not in known)
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    return Paths(
+        authorize=fields.pop("authorize_path", DEFAULT_PATHS.authorize),
+        push=fields.pop("push_path", DEFAULT_PATHS.push),
+        pull=fields.pop("pull_path", DEFAULT_PATHS.pull),
+    )
 
 
 def plan_writes(pieces: list[bytes]) -> list[bytes | memoryview]:

@@ -23,9 +23,9 @@ import ipaddress
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypedDict, TypeVar
 
-from ._common import DEFAULT_PATHS, Paths
+from ._common import DEFAULT_PATHS, Paths, take_paths
 from ._errors import LocalProtocolError
 from ._resume import (
     DEFAULT_GRACE,
@@ -47,14 +47,19 @@ from ._server import (
 )
 from ._token import TokenSource, new_token
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11
+
 __all__ = [
     "TRANSITIONS",
+    "AppSettings",
     "Input",
     "PushVerdict",
     "ServerOptions",
     "ServerSession",
     "ServerSessionState",
     "ServerSessions",
+    "ServerSettings",
     "transition_table_markdown",
 ]
 
@@ -73,15 +78,117 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # --- options ---------------------------------------------------------------------
 
 
+class AppSettings(TypedDict, total=False):
+    """The keywords that tune a PHT server's sessions, as every pht server takes them.
+
+    :func:`pht.serve_pht`, :func:`pht.asyncio.start_pht_server` and
+    :class:`pht.asgi.PHTApp` take these as keyword arguments (the two
+    servers also take :class:`ServerSettings`' connection keywords); each is
+    the :class:`ServerOptions` field of the same name, with its default and
+    meaning there, except the paths, given here as strings.
+    A dict of them type-checks as such: ``serve_pht(handler, port, **settings)``.
+    """
+
+    authorize_path: str
+    push_path: str
+    pull_path: str
+    backlog: int
+    heartbeat_interval: float
+    strict: bool
+    max_sessions: int
+    max_sessions_per_address: int | None
+    max_pending_per_address: int | None
+    trusted_proxies: Iterable[str | Network]
+    idle_timeout: float | None
+    issued_timeout: float
+    lazy_timeout: float
+    push_timeout: float
+    pull_write_timeout: float
+    max_buffered: int
+    max_push_line: int
+    max_header_size: int
+    shutdown_timeout: float
+    resume: bool
+    resume_window: int
+    grace_period: int
+    max_grace_sessions: int
+    legacy_grace: bool
+    pull_max_bytes: int | None
+    pull_max_ms: int | None
+
+
+class ServerSettings(AppSettings, total=False):
+    """:class:`AppSettings` and the keywords of a server that owns its connections.
+
+    An ASGI app leaves these to the ASGI server in front of it.
+    """
+
+    max_connections_per_address: int | None
+    request_timeout: float
+    keepalive_timeout: float
+
+
+#: The keywords :class:`ServerSettings` names, for the run-time check of a call.
+SERVER_KEYWORDS = ServerSettings.__required_keys__ | ServerSettings.__optional_keys__
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerOptions:
     """Everything that tunes a PHT server, validated once, shared by every adapter.
 
-    The fields are :func:`pht.serve_pht`'s keyword arguments of the same
-    names (see its docstring); ``paths`` joins the three ``*_path`` ones and
-    ``trusted_proxies`` holds parsed networks. Invalid values raise
-    :class:`ValueError` (or :class:`TypeError` for a wrong type) here, before
-    anything listens.
+    Every pht server takes these fields as keyword arguments
+    (:class:`ServerSettings`; :meth:`build` makes the object from them), or
+    a ready object as ``options=``. ``paths`` joins the three ``*_path``
+    keywords; ``trusted_proxies`` holds parsed networks. Invalid values
+    raise :class:`ValueError` (or :class:`TypeError` for a wrong type) here,
+    before anything listens.
+
+    Tokens issued by ``authorize_path`` and tokens that modern GOST clients
+    make themselves are both accepted (``strict=True`` accepts only issued
+    ones). ``backlog`` bounds tokens issued but not used yet (``429``
+    beyond), ``max_sessions`` the session table. Pulls stay open and carry
+    a heartbeat line every ``heartbeat_interval`` seconds. A push is
+    acknowledged once the handler took its bytes; if it does not within
+    ``push_timeout``, the answer is ``410`` and the session ends, as in
+    GOST. Sessions idle for ``idle_timeout`` seconds (``None``: never;
+    tokens never used: ``issued_timeout``) are closed. A connection must
+    deliver each request within ``request_timeout`` seconds of its first
+    byte (slow-header clients are cut) and is closed after
+    ``keepalive_timeout`` idle seconds between requests. A pull write that
+    takes longer than ``pull_write_timeout`` (the client stopped reading)
+    ends its session. A handler may queue ``max_buffered`` bytes for its
+    client before its writes wait; a push line may be ``max_push_line``
+    bytes long and a request head ``max_header_size``.
+
+    Admission: one client address holds at most ``max_sessions_per_address``
+    sessions, ``max_pending_per_address`` issued-but-unused tokens and
+    ``max_connections_per_address`` connections (``None``: no budget), so
+    that one anonymous party cannot lock others out. Sessions a client made
+    by pushing or pulling a token of its own are closed after
+    ``lazy_timeout`` seconds unless a pull attaches to them; a session's
+    handler starts with its first pushed byte or its first pull, never for a
+    refused request. Behind a reverse proxy, list it in ``trusted_proxies``
+    (addresses or networks): the client's address is then taken from
+    ``X-Forwarded-For`` / ``X-Real-IP`` of its requests, for the budgets,
+    the logs and the stream's remote address. See ``docs/security.md``.
+
+    A graceful shutdown lets open sessions finish for up to
+    ``shutdown_timeout`` seconds, then closes the rest.
+
+    The resume extension (``docs/resume.md``) is served to a client that
+    offers it on its opening pull (``resume=False``: plain PHT for
+    everyone): byte offsets and acknowledgements, a replay buffer of
+    ``resume_window`` bytes per session (64 KiB to 64 MiB; the handler's
+    sends wait while it is full) and a grace period of ``grace_period``
+    seconds (1 to 3600) in which a session whose pull was lost waits for its
+    client, at most ``max_grace_sessions`` at once; an ended session's
+    token gets ``410`` with ``PHT-Gone``, never a new session.
+    ``legacy_grace=True`` gives sessions without the extension the same
+    grace, so that a GOST client re-opening a dropped pull keeps its
+    session (what the cut response carried is lost: GOST's own defect).
+    ``pull_max_bytes`` / ``pull_max_ms`` end each pull response after that
+    many bytes of lines or milliseconds, after a complete line, keeping the
+    session (for a buffering proxy in front; ``None``: pulls stay open).
     """
 
     paths: Paths = DEFAULT_PATHS
@@ -170,21 +277,35 @@ class ServerOptions:
 
     @classmethod
     def build(
-        cls,
-        *,
-        authorize_path: str = "/authorize",
-        push_path: str = "/push",
-        pull_path: str = "/pull",
-        trusted_proxies: Iterable[str | Network] = (),
-        **options: object,
+        cls, *, caller: str = "ServerOptions.build", **settings: Unpack[ServerSettings]
     ) -> ServerOptions:
-        """Options from :func:`pht.serve_pht`'s keyword arguments (paths as strings)."""
-        paths = Paths(authorize=authorize_path, push=push_path, pull=pull_path)
-        return cls(
-            paths=paths,
-            trusted_proxies=parse_networks(trusted_proxies),
-            **options,  # type: ignore[arg-type]
-        )
+        """Options from a server's keyword arguments (:class:`ServerSettings`).
+
+        ``caller`` names the function they were given to, for the
+        :class:`TypeError` an unknown keyword raises.
+        """
+        fields: dict[str, Any] = dict(settings)
+        paths = take_paths(caller, fields, SERVER_KEYWORDS)
+        return cls(paths=paths, **fields)
+
+    @classmethod
+    def resolve(
+        cls, caller: str, options: ServerOptions | None, settings: AppSettings
+    ) -> ServerOptions:
+        """A server's options: ``options=`` as given, or built from its keywords.
+
+        Both at once is a :class:`TypeError`: which would win is not obvious.
+        """
+        if options is None:
+            return cls.build(caller=caller, **settings)
+        if not isinstance(options, ServerOptions):
+            raise TypeError(f"options must be a pht.ServerOptions, not {type(options).__name__}")
+        if settings:
+            raise TypeError(
+                f"{caller}() takes options= or keyword settings, not both "
+                f"(got options= and {', '.join(sorted(settings))})"
+            )
+        return options
 
 
 def parse_networks(trusted: Iterable[str | Network]) -> tuple[Network, ...]:

@@ -6,16 +6,16 @@ import operator
 import select
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
-from ._client import ClientChannel, ClientConfig, HeaderInput
+from ._client import ClientChannel, ClientConfig
 from ._client_session import (
-    DEFAULT_MAX_PUSH_SIZE,
-    DEFAULT_RECONNECT_DELAY,
     ClientOptions,
     ClientSession,
     ClientSessionState,
+    ClientSettings,
     CollectAck,
     Deliver,
     EndOfStream,
@@ -33,7 +33,6 @@ from ._errors import LocalProtocolError, PHTError, RemoteProtocolError, TunnelEr
 from ._events import NEED_DATA, ChannelState, ClientEvent
 from ._resume import SessionGone
 from ._tls_stream import TLSSocketStream
-from ._token import TokenSource, new_token
 from ._trio_common import (
     RECEIVE_SIZE,
     BrokenSessionGone,
@@ -43,6 +42,9 @@ from ._trio_common import (
     PHTStream,
     write_pieces,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["open_pht_stream"]
 
@@ -681,49 +683,25 @@ async def open_pht_stream(
     *,
     tls: bool | ssl.SSLContext = False,
     server_hostname: str | None = None,
-    authorize: bool = True,
-    authorize_path: str = "/authorize",
-    push_path: str = "/push",
-    pull_path: str = "/pull",
-    headers: HeaderInput = None,
-    host_header: str | None = None,
-    proxy: str | None = None,
-    token: str | None = None,
-    token_source: TokenSource = new_token,
-    max_push_size: int = DEFAULT_MAX_PUSH_SIZE,
-    connect_timeout: float = 30.0,
-    close_timeout: float = 5.0,
-    push_window: int = 1,
     open_transport: TransportOpener | None = None,
-    resume: bool = False,
-    reconnect_delay: tuple[float, float] = DEFAULT_RECONNECT_DELAY,
+    **settings: Unpack[ClientSettings],
 ) -> PHTStream:
     """Open a PHT tunnel to ``host:port`` and return it as a trio stream.
 
-    With ``authorize=True`` (GOST's documented flow, and what legacy GOST
-    servers require) the client first asks ``authorize_path`` for a token;
-    with ``authorize=False`` it makes its own (``token``, or one from
-    ``token_source``) as modern GOST clients do. ``tls`` is ``False``,
-    ``True`` (a default, verifying context) or an :class:`ssl.SSLContext`.
-    ``headers`` go on every request; ``host_header`` replaces the ``Host``
-    header (GOST's ``host`` option). ``proxy="http://[user:pass@]host:port"``
-    sends every request through a forward HTTP proxy in absolute form,
-    without CONNECT. ``max_push_size`` bounds the bytes one POST carries.
+    ``tls`` is ``False``, ``True`` (a default, verifying context) or an
+    :class:`ssl.SSLContext`; ``server_hostname`` is the name the
+    certificate must carry (default: ``host``). The tunnel is tuned by
+    keyword arguments, the fields of :class:`pht.ClientSettings`
+    (``authorize``, ``proxy``, ``push_window``, ``resume``, ...), whose
+    meanings and defaults :class:`pht.ClientOptions` gives.
 
-    ``push_window`` is how many pushes may await their acknowledgement. With
-    1 (the default, GOST's stop and wait) ``send_all`` returns once the
-    server acknowledged all its bytes. With ``N > 1`` it may return while up
-    to ``N - 1`` pushes are unanswered, so the next write overlaps the
-    server's work: faster uploads. Their answers are read before later
-    pushes exceed the window, by a ``receive_some`` waiting meanwhile, and in
-    ``aclose`` (up to ``close_timeout``); a refused push then breaks the
-    stream both ways: a waiting ``receive_some`` is woken, and the next
-    ``send_all`` or ``receive_some`` (or ``aclose``) raises
-    :class:`trio.BrokenResourceError` saying that an earlier push was
-    refused, with its status. Pushes stay on one connection, in order (GOST's
-    and ``pht``'s servers answer pipelined requests in order). Within one
-    ``send_all`` larger than ``max_push_size`` two pushes are in flight even
-    with a window of 1.
+    With ``push_window`` above 1, ``send_all`` may return before the server
+    answered; a push refused later breaks the stream both ways: a waiting
+    ``receive_some`` is woken, and the next ``send_all`` or
+    ``receive_some`` (or ``aclose``) raises :class:`trio.BrokenResourceError`
+    saying that an earlier push was refused, with its status. With
+    ``resume=True``, a session the server will never resume raises
+    :class:`~pht.SessionGone` (also a :class:`trio.BrokenResourceError`).
 
     ``open_transport(host, port)``, when given, replaces
     :func:`trio.open_tcp_stream` for every HTTP connection of the tunnel
@@ -736,50 +714,19 @@ async def open_pht_stream(
     for a close, so it retires idle connections by their idle time alone
     (``keepalive_expiry``, 50 s: below common servers' keep-alive limits).
 
-    ``resume=True`` offers the resume extension (``docs/resume.md``): if
-    the server grants it, a cut pull or a push whose answer was lost is
-    repeated on a new connection (with a jittered back-off, within the
-    server's grace period) without losing or duplicating a byte, and the
-    application sees only a slower stream. The server's ``410`` with a
-    ``PHT-Gone`` other than ``closed``, or reconnects failing for the whole
-    grace period, raise :class:`~pht.SessionGone` (also a
-    :class:`trio.BrokenResourceError`). A server that does not grant it
-    (GOST) gets today's protocol.
-    ``reconnect_delay=(initial, maximum)`` is that back-off in seconds
-    (default ``(0.1, 5.0)``): the *n*-th delay in a row is drawn in
-    ``[d/2, d]`` with ``d = min(initial * 2**n, maximum)``; a smaller one
-    comes back sooner after a cut, a larger one spares a struggling server.
-
     Returns once the server has accepted the pull, so a wrong path or an
     unknown token fails here with a :class:`TunnelError`.
     """
     ssl_context = ssl_context_for(tls)
     options = ClientOptions.build(
-        host,
-        port,
-        secure=ssl_context is not None,
-        authorize=authorize,
-        authorize_path=authorize_path,
-        push_path=push_path,
-        pull_path=pull_path,
-        headers=headers,
-        host_header=host_header,
-        proxy=proxy,
-        token=token,
-        token_source=token_source,
-        max_push_size=max_push_size,
-        push_window=push_window,
-        connect_timeout=connect_timeout,
-        close_timeout=close_timeout,
-        resume=resume,
-        reconnect_delay=reconnect_delay,
+        host, port, secure=ssl_context is not None, caller="open_pht_stream", **settings
     )
     connector = _Connector(options, ssl_context, server_hostname, open_transport)
     session = ClientSession(options)
     pull = await connector.open()
     try:
         try:
-            with trio.fail_after(connect_timeout):
+            with trio.fail_after(options.connect_timeout):
                 pull = await _start_session(connector, pull, session)
         except trio.TooSlowError:
             raise session.handshake_timed_out() from None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import math
 import operator
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,8 +22,7 @@ from ._events import (
     PushRequest,
     ServerConnectionState,
 )
-from ._resume import DEFAULT_GRACE, DEFAULT_MAX_GRACE_SESSIONS, DEFAULT_WINDOW
-from ._server import DEFAULT_MAX_HEADER_SIZE, DEFAULT_MAX_PUSH_LINE, PUSH_PIECE, ServerConnection
+from ._server import PUSH_PIECE, ServerConnection
 from ._server_core import (
     PULL_PROGRESS,
     TEARDOWN_BATCH,
@@ -41,14 +39,11 @@ from ._server_core import (
     short_token,
 )
 from ._server_session import (
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-    DEFAULT_MAX_PENDING_PER_ADDRESS,
-    DEFAULT_MAX_SESSIONS_PER_ADDRESS,
     PushVerdict,
     ServerOptions,
     ServerSession,
     ServerSessions,
+    ServerSettings,
     host_of,
 )
 from ._stats import PHTStatsSink
@@ -56,6 +51,9 @@ from ._tls import SelfSignedCertificate
 from ._tls_stream import TLSSocketStream
 from ._token import TokenSource, new_token
 from ._trio_common import RECEIVE_SIZE, ConflictDetector, PHTStream
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ShutdownReport", "serve_pht"]
 
@@ -624,43 +622,16 @@ async def serve_pht(
     *,
     host: str | bytes | None = None,
     tls: bool | ssl.SSLContext | SelfSignedCertificate = False,
-    authorize_path: str = "/authorize",
-    push_path: str = "/push",
-    pull_path: str = "/pull",
-    backlog: int = 128,
     listen_backlog: int | None = None,
-    heartbeat_interval: float = 10.0,
-    strict: bool = False,
-    max_sessions: int = 10_000,
-    max_sessions_per_address: int | None = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
-    max_pending_per_address: int | None = DEFAULT_MAX_PENDING_PER_ADDRESS,
-    max_connections_per_address: int | None = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-    trusted_proxies: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-    idle_timeout: float | None = 600.0,
-    issued_timeout: float = 60.0,
-    lazy_timeout: float = 10.0,
-    push_timeout: float = 30.0,
-    pull_write_timeout: float = 60.0,
-    request_timeout: float = 60.0,
-    keepalive_timeout: float = 120.0,
-    max_buffered: int = DEFAULT_MAX_BUFFERED,
-    max_push_line: int = DEFAULT_MAX_PUSH_LINE,
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     token_source: TokenSource = new_token,
     handler_nursery: trio.Nursery | None = None,
     shutdown: trio.Event | None = None,
-    shutdown_timeout: float = 30.0,
-    resume: bool = True,
-    resume_window: int = DEFAULT_WINDOW,
-    grace_period: int = DEFAULT_GRACE,
-    max_grace_sessions: int = DEFAULT_MAX_GRACE_SESSIONS,
-    legacy_grace: bool = False,
-    pull_max_bytes: int | None = None,
-    pull_max_ms: int | None = None,
     stats: PHTStatsSink | None = None,
+    options: ServerOptions | None = None,
     task_status: trio.TaskStatus[
         list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
     ] = trio.TASK_STATUS_IGNORED,
+    **settings: Unpack[ServerSettings],
 ) -> ShutdownReport:
     """Serve PHT tunnels on ``port``, running ``handler(stream)`` for each session.
 
@@ -670,35 +641,14 @@ async def serve_pht(
     ``tls`` is ``False``, an :class:`ssl.SSLContext`, a
     :class:`SelfSignedCertificate`, or ``True`` for a self-signed certificate
     made at start-up (ECDSA P-256, ``O=GOST, CN=gost.run``, as GOST does).
+    ``listen_backlog`` is the kernel's queue of connections not accepted yet
+    (``None``: the OS maximum); ``token_source`` makes the tokens
+    ``/authorize`` issues.
 
-    Tokens issued by ``authorize_path`` and tokens that modern GOST clients
-    make themselves are both accepted (``strict=True`` accepts only issued
-    ones). ``backlog`` bounds tokens issued but not used yet (``429``
-    beyond), ``max_sessions`` the session table; ``listen_backlog`` is the
-    kernel's queue of connections not accepted yet (``None``: the OS
-    maximum). Pulls stay open and carry a
-    heartbeat line every ``heartbeat_interval`` seconds. A push is
-    acknowledged once the handler took its bytes; if it does not within
-    ``push_timeout``, the answer is ``410`` and the session ends, as in GOST.
-    Sessions idle for ``idle_timeout`` seconds (tokens never used:
-    ``issued_timeout``) are closed. A connection must deliver each request
-    within ``request_timeout`` seconds of its first byte (slow-header
-    clients are cut) and is closed after ``keepalive_timeout`` idle seconds
-    between requests. A pull write that takes longer than
-    ``pull_write_timeout`` (the client stopped reading) ends its session.
-
-    Admission: one client address holds at most ``max_sessions_per_address``
-    sessions, ``max_pending_per_address`` issued-but-unused tokens and
-    ``max_connections_per_address`` connections (``None``: no budget), so
-    that one anonymous party cannot lock others out. Sessions a client made
-    by pushing or pulling a token of its own are closed after
-    ``lazy_timeout`` seconds unless a pull attaches to them; a session's
-    handler starts with its first pushed byte or its first pull, never for a
-    refused request. Behind a reverse proxy,
-    list it in ``trusted_proxies`` (addresses or networks): the client's
-    address is then taken from ``X-Forwarded-For`` / ``X-Real-IP`` of its
-    requests, for the budgets, the logs and the stream's ``remote_address``.
-    See ``docs/security.md``.
+    The server's behaviour is tuned by keyword arguments, the fields of
+    :class:`pht.ServerOptions` (``backlog``, ``strict``, ``idle_timeout``,
+    ``max_sessions_per_address``, ``resume``, ...: their meanings and
+    defaults are there), or by one ``options=ServerOptions(...)``.
 
     Without ``shutdown`` it serves until cancelled. When the ``shutdown``
     event is set, it shuts down gracefully: it stops accepting connections,
@@ -706,56 +656,11 @@ async def serve_pht(
     sessions finish for up to ``shutdown_timeout`` seconds, then closes the
     rest (their handlers see EOF) and returns a :class:`ShutdownReport`.
 
-    The resume extension (``docs/resume.md``) is served to a client that
-    offers it on its opening pull (``resume=False``: plain PHT for
-    everyone): byte offsets and acknowledgements, a replay buffer of
-    ``resume_window`` bytes per session (64 KiB to 64 MiB; the handler's
-    sends wait while it is full) and a grace period of ``grace_period``
-    seconds (1 to 3600) in which a session whose pull was lost waits for its
-    client, at most ``max_grace_sessions`` at once; an ended session's
-    token gets ``410`` with ``PHT-Gone``, never a new session.
-    ``legacy_grace=True`` gives sessions without the extension the same
-    grace, so that a GOST client re-opening a dropped pull keeps its
-    session (what the cut response carried is lost: GOST's own defect).
-    ``pull_max_bytes`` / ``pull_max_ms`` end each pull response after that
-    many bytes of lines or milliseconds, after a complete line, keeping the
-    session (for a buffering proxy in front; ``None``: pulls stay open).
-
     ``stats`` (a :class:`pht._stats.PHTStatsSink`, such as the command
     line's per-service counters) is told of sessions opened and closed,
     pushes and pulls accepted, and requests refused, by status.
     """
-    options = ServerOptions.build(
-        authorize_path=authorize_path,
-        push_path=push_path,
-        pull_path=pull_path,
-        trusted_proxies=trusted_proxies,
-        backlog=backlog,
-        heartbeat_interval=heartbeat_interval,
-        strict=strict,
-        max_sessions=max_sessions,
-        max_sessions_per_address=max_sessions_per_address,
-        max_pending_per_address=max_pending_per_address,
-        max_connections_per_address=max_connections_per_address,
-        idle_timeout=idle_timeout,
-        issued_timeout=issued_timeout,
-        lazy_timeout=lazy_timeout,
-        push_timeout=push_timeout,
-        pull_write_timeout=pull_write_timeout,
-        request_timeout=request_timeout,
-        keepalive_timeout=keepalive_timeout,
-        max_buffered=max_buffered,
-        max_push_line=max_push_line,
-        max_header_size=max_header_size,
-        resume=resume,
-        resume_window=resume_window,
-        grace_period=grace_period,
-        max_grace_sessions=max_grace_sessions,
-        legacy_grace=legacy_grace,
-        pull_max_bytes=pull_max_bytes,
-        pull_max_ms=pull_max_ms,
-        shutdown_timeout=shutdown_timeout,
-    )
+    options = ServerOptions.resolve("serve_pht", options, settings)
     sessions: ServerSessions[_ServerStream] = ServerSessions(options, token_source)
     ssl_context: ssl.SSLContext | None = server_ssl_context(tls)
     listeners: list[Any]

@@ -210,11 +210,11 @@ def test_framework_lifespan_context_shuts_down() -> None:
 
 def test_options_of_the_asgi_server_are_refused_with_where_they_belong() -> None:
     with pytest.raises(TypeError, match="limit connections in the ASGI server"):
-        PHTApp(Recorder(), max_connections_per_address=4)
+        PHTApp(Recorder(), max_connections_per_address=4)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="keep-alive"):
-        PHTApp(Recorder(), keepalive_timeout=4)
+        PHTApp(Recorder(), keepalive_timeout=4)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
-        PHTApp(Recorder(), colour="red")
+        PHTApp(Recorder(), colour="red")  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="heartbeat_interval"):
         PHTApp(Recorder(), heartbeat_interval=0)
     with pytest.raises(TypeError, match="callable"):

@@ -7,6 +7,7 @@ which must keep working while another session is refused or closed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import inspect
 import logging
 import re
@@ -217,6 +218,9 @@ def test_security_page_states_the_real_defaults() -> None:
         for name, parameter in inspect.signature(pht.serve_pht).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
+    defaults.update(
+        (option.name, option.default) for option in dataclasses.fields(pht.ServerOptions)
+    )
     for name in (
         "max_push_line",
         "max_header_size",
