@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import math
 import operator
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -65,6 +66,12 @@ Handler = Callable[[PHTStream], Awaitable[object]]
 
 #: TCP_NOTSENT_LOWAT where the platform has it (Linux, macOS).
 _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+#: Whether the heartbeat task may write a heartbeat straight to a parked
+#: pull's socket descriptor (``os.write``): POSIX only.
+_WRITE_DESCRIPTOR = os.name == "posix"
+#: Heartbeats handled per turn of the scheduler: written at once, each costs
+#: about one system call, so a batch takes around a millisecond.
+HEARTBEAT_BATCH = 64
 
 
 class _ServerStream(SessionBuffers, PHTStream):
@@ -277,10 +284,11 @@ class _Server(ServerCore[_ServerStream]):
                 await self._beat_added.wait()
                 continue
             await trio.sleep_until(deadline)
-            for number, pull in enumerate(wheel.due(trio.current_time()), 1):
+            now = trio.current_time()
+            for number, pull in enumerate(wheel.due(now), 1):
                 assert isinstance(pull, _PullWriter)
-                pull.stream._wake_pull()
-                if number % TEARDOWN_BATCH == 0:
+                pull.beat(now)
+                if number % HEARTBEAT_BATCH == 0:
                     # Pulls opened together beat together: a batch per
                     # scheduler turn, not thousands of writes in one.
                     await trio.lowlevel.checkpoint()
@@ -462,6 +470,10 @@ class _Server(ServerCore[_ServerStream]):
         while True:
             if writer.error is not None:
                 raise trio.BrokenResourceError("pull write failed") from writer.error
+            if writer.rest:  # a heartbeat the heartbeat task could not write whole
+                rest, writer.rest = writer.rest, b""
+                await writer.send(rest)
+                continue
             if writer.busy:  # the handler is writing: wait until it is done
                 await stream.wait_writer()
                 continue
@@ -520,10 +532,11 @@ class _PullWriter(PullWriteTimer):
     """The open pull response of a session: its pull task or its handler writes.
 
     Whoever writes sets ``busy``; a failed or interrupted write is kept in
-    ``error`` for the pull task, which then ends the pull.
+    ``error`` for the pull task, which then ends the pull. The heartbeat
+    task writes the heartbeat of a parked pull itself (:meth:`beat`).
     """
 
-    __slots__ = ("busy", "conn", "error", "hung_up", "scope", "stream", "transport")
+    __slots__ = ("busy", "conn", "error", "hung_up", "rest", "scope", "stream", "transport")
 
     def __init__(
         self,
@@ -542,6 +555,8 @@ class _PullWriter(PullWriteTimer):
         self.error: BaseException | None = None
         #: The client went away (a flag: nobody waits for it, an Event would cost 400 bytes).
         self.hung_up = False
+        #: What :meth:`beat` could not write at once: the pull task writes it first.
+        self.rest = b""
 
     def _cancel(self) -> None:
         self.scope.cancel()
@@ -558,7 +573,46 @@ class _PullWriter(PullWriteTimer):
 
     @property
     def available(self) -> bool:
-        return not self.busy and self.error is None
+        return not self.busy and self.error is None and not self.rest
+
+    def beat(self, now: float) -> None:
+        """The heartbeat is due (the heartbeat task calls this): write it, or wake the pull.
+
+        A parked pull on a plain socket gets its heartbeat line written here,
+        in one system call: no task switch and no event per idle pull (10,000
+        idle pulls take 1,000 heartbeats a second). What a full send buffer
+        does not take is left in :attr:`rest` for the pull task, which waits
+        for room under the pull write timeout; a pull that is writing, or
+        over TLS, is woken and writes its heartbeat itself, as does one with
+        something else to do (bytes queued meanwhile, its end).
+        """
+        stream = self.stream
+        transport = self.transport
+        if not (
+            _WRITE_DESCRIPTOR
+            and stream.pull_parked
+            and self.available
+            and type(transport) is trio.SocketStream
+        ):
+            stream._wake_pull()
+            return
+        action = stream.pull_action(now)
+        if action is not PullAction.HEARTBEAT:
+            if action is not PullAction.WAIT:
+                stream._wake_pull()
+            return
+        data = self.conn.send_heartbeat()
+        try:
+            sent = os.write(transport.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the connection broke: the pull task ends the pull
+            self.error = exc
+            stream._wake_pull()
+            return
+        if sent < len(data):
+            self.rest = data[sent:]
+            stream._wake_pull()
 
     async def write(self, data: bytes) -> None:
         """Write tunnel bytes; failures are recorded, not raised (except Cancelled)."""
