@@ -73,10 +73,10 @@ _WRITE_DESCRIPTOR = os.name == "posix"
 #: Whether pulls' hang-ups are watched by one task (:class:`_HangUps`): Linux.
 _EPOLL = hasattr(select, "epoll")
 #: Readable, the peer's end of the connection closed, or an error.
-_HANG_UP_EVENTS = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLRDHUP", 0) if _EPOLL else 0
+_HANG_UP_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if _EPOLL else 0
 #: Heartbeats handled per turn of the scheduler: written at once, each costs
 #: about one system call, so a batch takes around a millisecond.
-HEARTBEAT_BATCH = 64
+_HEARTBEAT_BATCH = 64
 
 
 class _ServerStream(SessionBuffers, PHTStream):
@@ -294,7 +294,7 @@ class _Server(ServerCore[_ServerStream]):
             for number, pull in enumerate(wheel.due(now), 1):
                 assert isinstance(pull, _PullWriter)
                 pull.beat(now)
-                if number % HEARTBEAT_BATCH == 0:
+                if number % _HEARTBEAT_BATCH == 0:
                     # Pulls opened together beat together: a batch per
                     # scheduler turn, not thousands of writes in one.
                     await trio.lowlevel.checkpoint()
