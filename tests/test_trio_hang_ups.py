@@ -86,7 +86,7 @@ async def test_pulls_hanging_up_at_once_are_ended_a_few_per_scheduler_turn(
     finally:
         trio.lowlevel.remove_instrument(turns)
     # A task per pull waiting for its socket would all run in one turn (100+);
-    # a few ends per turn make about 30 steps.
+    # four ends per turn make about 20 steps.
     assert turns.most <= count // 2, turns.most
 
 
