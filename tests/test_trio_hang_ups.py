@@ -58,6 +58,7 @@ async def test_a_pull_whose_client_goes_away_ends_its_session(
     pull = await RawPull.open(port, "going-away-token")
     await pull.next_data()  # the head is out: the pull is open
     start = trio.current_time()
+    assert isinstance(pull.stream, trio.SocketStream)
     if how == "reset":
         pull.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await pull.stream.aclose()
@@ -80,6 +81,7 @@ async def test_pulls_hanging_up_at_once_are_ended_a_few_per_scheduler_turn(
     trio.lowlevel.add_instrument(turns)
     try:
         for pull in pulls:
+            assert isinstance(pull.stream, trio.SocketStream)
             pull.stream.socket.close()  # no checkpoint: all gone before the server looks
         with trio.fail_after(60):
             await ends.all.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import ssl
 from collections.abc import Callable
 
 import h11
@@ -35,14 +36,19 @@ class TaskSteps(trio.abc.Instrument):
 class RawPull:
     """A pull read with h11 off a plain socket, as GOST's client holds one idle."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
         self.conn.send(h11.Request(method="GET", target="/pull", headers=[("Host", "x")]))
 
     @classmethod
-    async def open(cls, port: int, token: str) -> RawPull:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def open(cls, port: int, token: str, tls: bool = False) -> RawPull:
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if tls:  # the server's certificate is self-signed: not checked here
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            stream = trio.SSLStream(stream, context, server_hostname="gost.run")
         await stream.send_all(f"GET /pull?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         return cls(stream)
 
@@ -53,7 +59,7 @@ class RawPull:
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(65536)
                 assert data, "the server closed the pull"
-                self.conn.receive_data(data)
+                self.conn.receive_data(bytes(data))
             elif isinstance(event, h11.Data):
                 return bytes(event.data)
             else:
@@ -126,6 +132,29 @@ async def test_a_pull_busy_writing_gets_its_heartbeat_after_the_write(
     assert await pull.lines() == [b""]
     assert INTERVAL <= trio.current_time() - done <= LATEST
     await pull.stream.aclose()
+
+
+async def test_a_pull_over_tls_gets_heartbeats_and_is_ended_when_its_client_goes(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Over TLS the pull's own task writes its heartbeats and watches for the hang-up."""
+    gone = trio.Event()
+
+    async def handler(stream: pht.PHTStream) -> None:
+        while await stream.receive_some():
+            pass
+        gone.set()
+
+    port = await start_server(nursery, handler, heartbeat_interval=INTERVAL, tls=True)
+    pull = await RawPull.open(port, "tls-heartbeat-token", tls=True)
+    start = trio.current_time()
+    for beat in (1, 2):
+        assert await pull.lines() == [b""]
+        assert beat * INTERVAL <= trio.current_time() - start <= beat * LATEST
+    left = trio.current_time()
+    await trio.aclose_forcefully(pull.stream)
+    await gone.wait()
+    assert trio.current_time() - left < 1.0
 
 
 @pytest.mark.parametrize("taken", [0, 2], ids=["send-buffer-full", "cut-short"])
