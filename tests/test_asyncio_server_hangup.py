@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -225,4 +226,25 @@ def test_a_client_that_goes_away_up_a_pull_ends_its_session(
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         goes_away(sock)
         read_to_end(sock)  # the server closes the connection
+    assert ended.wait(1) == [name]
+
+
+@pytest.mark.parametrize("close_notify", [True, False], ids=["tls-close", "tcp-close"])
+def test_a_tls_client_that_hangs_up_a_pull_ends_its_session(
+    serve: Callable[..., ServerThread], ended: Ended, close_notify: bool
+) -> None:
+    """Over TLS the hang-up reaches the protocol as well (with or without TLS's close_notify)."""
+    server = serve(ended, ssl=True)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # GOST's self-signed certificate
+    name = token(3)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+    with context.wrap_socket(raw) as sock:
+        sock.sendall(pull_request(name))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        if close_notify:
+            sock.unwrap().close()
+        else:
+            sock.shutdown(socket.SHUT_RDWR)  # no close_notify: TCP only
     assert ended.wait(1) == [name]
