@@ -135,6 +135,7 @@ class _Stream(SessionBuffers):
         "inbound_scheduled",
         "outbound_task",
         "pull_event",
+        "pull_parked",
         "room_event",
         "started",
         "transport",
@@ -150,6 +151,8 @@ class _Stream(SessionBuffers):
         self.inbound_scheduled = False
         #: The outbound pump's task, while the application's bytes or close wait for it.
         self.outbound_task: asyncio.Task[None] | None = None
+        #: The pull's task waits for something to write (see _PullWriter.beat).
+        self.pull_parked = False
         self.consumed = _Signal()
         self.pull_event = _Signal()
         self.room_event = _Signal()
@@ -365,6 +368,31 @@ class _PullWriter(PullWriteTimer):
         """The client went away (or sent more than a request head) while it pulled."""
         self.end("hung up")
 
+    def beat(self, now: float) -> bool:
+        """Write a due heartbeat for the pull's task, without waking it; ``False``: wake it.
+
+        Only while the task waits with nothing to write and the connection
+        holds no unsent bytes, so the write cannot block (a write that might
+        stays the task's, under the pull write timeout). The heartbeat task
+        then costs one write per idle pull, not a task's wake-up and wait.
+        """
+        transport = self.writer.transport
+        if (
+            not self.stream.pull_parked
+            or self.ended is not None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        action = self.stream.pull_action(now)
+        if action is PullAction.HEARTBEAT:
+            try:
+                transport.write(self.conn.send_heartbeat())
+            except _BROKEN:
+                self.end("hung up")
+            return True
+        return action is PullAction.WAIT
+
     async def send(self, data: bytes) -> None:
         """Write response bytes, each piece under the server's pull write timeout."""
         writer = self.writer
@@ -564,7 +592,8 @@ class _Server(ServerCore[_Stream]):
             await asyncio.sleep(max(0.0, deadline - self.loop.time()))
             for number, pull in enumerate(wheel.due(self.loop.time()), 1):
                 assert isinstance(pull, _PullWriter)
-                pull.stream._wake_pull()
+                if not pull.beat(self.loop.time()):
+                    pull.stream._wake_pull()
                 if number % TEARDOWN_BATCH == 0:
                     # Pulls opened together beat together: a batch per loop
                     # turn, not thousands of writes in one.
@@ -763,13 +792,17 @@ class _Server(ServerCore[_Stream]):
                 raise ConnectionResetError("session ended with pushed bytes refused")
             else:
                 deadline = stream.pull_deadline()
-                if deadline == math.inf:
-                    await _wait(stream.pull_event)
-                else:  # a bounded pull ends at its deadline
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(
-                            _wait(stream.pull_event), max(0.0, deadline - self.loop.time())
-                        )
+                stream.pull_parked = True  # a heartbeat may be written meanwhile: see beat()
+                try:
+                    if deadline == math.inf:
+                        await _wait(stream.pull_event)
+                    else:  # a bounded pull ends at its deadline
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(
+                                _wait(stream.pull_event), max(0.0, deadline - self.loop.time())
+                            )
+                finally:
+                    stream.pull_parked = False
 
     # -- shutdown -------------------------------------------------------------------
 
