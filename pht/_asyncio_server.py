@@ -22,7 +22,7 @@ import ssl as _ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._asyncio_common import DEFAULT_LIMIT, PHTTransport, open_streams
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -40,7 +40,6 @@ from ._server_core import (
     TEARDOWN_BATCH,
     ConnectionTimer,
     PullAction,
-    PullInput,
     PullWriteTimer,
     ServerCore,
     SessionBuffers,
@@ -134,6 +133,7 @@ class _Stream(SessionBuffers):
         "inbound_scheduled",
         "outbound_task",
         "pull_event",
+        "pull_parked",
         "room_event",
         "started",
         "transport",
@@ -149,6 +149,8 @@ class _Stream(SessionBuffers):
         self.inbound_scheduled = False
         #: The outbound pump's task, while the application's bytes or close wait for it.
         self.outbound_task: asyncio.Task[None] | None = None
+        #: The pull's task waits for something to write (see _PullWriter.beat).
+        self.pull_parked = False
         self.consumed = _Signal()
         self.pull_event = _Signal()
         self.room_event = _Signal()
@@ -187,10 +189,13 @@ TEARDOWN_PER_TURN = 8
 
 
 class _Turns:
-    """Lets :data:`TEARDOWN_PER_TURN` tasks through per turn of the event loop, in order.
+    """Lets :data:`TEARDOWN_PER_TURN` ends through per turn of the event loop, in order.
 
     A mass close would otherwise run every session's end in one turn, and
-    every other tunnel would wait for all of them.
+    every other tunnel would wait for all of them. An end is a task that
+    awaits :meth:`turn`, or a callback given to :meth:`call` (what a
+    connection's protocol hands over when its client hangs up: no task
+    wakes for it until its turn).
     """
 
     __slots__ = ("_left", "_loop", "_scheduled", "_waiters")
@@ -198,7 +203,7 @@ class _Turns:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._left = TEARDOWN_PER_TURN
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[None] | Callable[[], None]] = deque()
         self._scheduled = False
 
     async def turn(self) -> None:
@@ -212,6 +217,15 @@ class _Turns:
         self._schedule()
         await waiter
 
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in a later turn, in order (never in the caller's turn).
+
+        Thousands of calls in one turn (as many hang-ups seen in one poll of
+        the sockets) cost a queued callback each until their turns come.
+        """
+        self._waiters.append(callback)
+        self._schedule()
+
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -223,7 +237,13 @@ class _Turns:
         waiters = self._waiters
         while waiters and self._left > 0:
             waiter = waiters.popleft()
-            if not waiter.done():  # else cancelled while waiting
+            if not isinstance(waiter, asyncio.Future):
+                self._left -= 1
+                try:
+                    waiter()
+                except Exception:  # the other ends still take their turns
+                    log.exception("ending a session failed")
+            elif not waiter.done():  # else cancelled while waiting
                 waiter.set_result(None)
                 self._left -= 1
         if waiters or self._left < TEARDOWN_PER_TURN:
@@ -342,6 +362,35 @@ class _PullWriter(PullWriteTimer):
             self.ended = why
             self.task.cancel()
 
+    def hang_up(self) -> None:
+        """The client went away (or sent more than a request head) while it pulled."""
+        self.end("hung up")
+
+    def beat(self, now: float) -> bool:
+        """Write a due heartbeat for the pull's task, without waking it; ``False``: wake it.
+
+        Only while the task waits with nothing to write and the connection
+        holds no unsent bytes, so the write cannot block (a write that might
+        stays the task's, under the pull write timeout). The heartbeat task
+        then costs one write per idle pull, not a task's wake-up and wait.
+        """
+        transport = self.writer.transport
+        if (
+            not self.stream.pull_parked
+            or self.ended is not None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        action = self.stream.pull_action(now)
+        if action is PullAction.HEARTBEAT:
+            try:
+                transport.write(self.conn.send_heartbeat())
+            except _BROKEN:
+                self.end("hung up")
+            return True
+        return action is PullAction.WAIT
+
     async def send(self, data: bytes) -> None:
         """Write response bytes, each piece under the server's pull write timeout."""
         writer = self.writer
@@ -352,6 +401,70 @@ class _PullWriter(PullWriteTimer):
                 await writer.drain()
         finally:
             self.written()
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """An accepted connection: asyncio's stream protocol, watching the pull it carries.
+
+    While a pull streams, nothing reads the connection, and no task waits
+    for the client to hang up: this protocol notices it (end of file, a
+    reset, or more than a request head sent up the pull) and hands the
+    pull's end to the server's turns (:class:`_Turns`). So an idle tunnel
+    costs no task for the watch, and when thousands of clients hang up at
+    once, the loop queues thousands of cheap callbacks rather than waking
+    thousands of tasks in one turn. What a client sends during a pull stays
+    in the reader, in order, for the connection's next request.
+    """
+
+    def __init__(self, server: _Server) -> None:
+        self._server = server
+        #: The pull this connection streams, while it does.
+        self._watched: _PullWriter | None = None
+        #: Bytes the client may still send up the watched pull.
+        self._watch_left = 0
+        #: The client closed or reset the connection.
+        self._peer_gone = False
+        reader = asyncio.StreamReader(limit=DEFAULT_LIMIT, loop=server.loop)
+        super().__init__(reader, self._connected, loop=server.loop)
+
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+        return self._server.connection(reader, writer, self)
+
+    def watch(self, pull: _PullWriter) -> None:
+        """Until :meth:`unwatch`, the client hanging up ends ``pull`` (in its turn)."""
+        self._watched = pull
+        self._watch_left = self._server.options.max_header_size
+        if self._peer_gone:
+            self._hung_up()
+
+    def unwatch(self) -> None:
+        self._watched = None
+
+    def _hung_up(self) -> None:
+        pull, self._watched = self._watched, None
+        if pull is not None:
+            self._server.teardown.call(pull.hang_up)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._watched is not None:
+            # A proxy may send its next request before the pull is over; no
+            # client streams more than a request head up an open pull.
+            self._watch_left -= len(data)
+            if self._watch_left < 0:
+                log.debug("pull connection sent more than a request head")
+                self._hung_up()
+
+    def eof_received(self) -> bool:
+        self._peer_gone = True
+        keep_open = bool(super().eof_received())
+        self._hung_up()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._peer_gone = True
+        super().connection_lost(exc)
+        self._hung_up()
 
 
 class _Server(ServerCore[_Stream]):
@@ -477,7 +590,8 @@ class _Server(ServerCore[_Stream]):
             await asyncio.sleep(max(0.0, deadline - self.loop.time()))
             for number, pull in enumerate(wheel.due(self.loop.time()), 1):
                 assert isinstance(pull, _PullWriter)
-                pull.stream._wake_pull()
+                if not pull.beat(self.loop.time()):
+                    pull.stream._wake_pull()
                 if number % TEARDOWN_BATCH == 0:
                     # Pulls opened together beat together: a batch per loop
                     # turn, not thousands of writes in one.
@@ -485,7 +599,13 @@ class _Server(ServerCore[_Stream]):
 
     # -- connections ----------------------------------------------------------------
 
-    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def protocol(self) -> _Connection:
+        """The listener's protocol factory: one :class:`_Connection` per accepted connection."""
+        return _Connection(self)
+
+    async def connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _Connection
+    ) -> None:
         """Answer the requests of one accepted connection until it closes."""
         peer = _peer_of(writer.get_extra_info("peername"))
         host = host_of(peer)
@@ -504,7 +624,9 @@ class _Server(ServerCore[_Stream]):
         watch = _Deadline(self.options, self.loop.time(), task)
         self.watchdog.add(watch)
         try:
-            await self._serve_requests(reader, writer, self.new_connection(), peer, watch)
+            await self._serve_requests(
+                reader, writer, protocol, self.new_connection(), peer, watch
+            )
         except asyncio.CancelledError:
             # Timed out, or the server stops. Not re-raised: asyncio's
             # start_server reports a connection task that ends cancelled.
@@ -525,6 +647,7 @@ class _Server(ServerCore[_Stream]):
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        protocol: _Connection,
         conn: ServerConnection,
         peer: str | None,
         watch: _Deadline,
@@ -562,7 +685,7 @@ class _Server(ServerCore[_Stream]):
                 status = self.push_answered(await self._deliver(event, conn, peer))
                 writer.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
             elif isinstance(event, PullRequest):
-                await self._pull(reader, writer, conn, event, peer)
+                await self._pull(writer, protocol, conn, event, peer)
             else:
                 if type(event) is CloseRequest:
                     await self.teardown.turn()  # see _Server.teardown
@@ -590,8 +713,8 @@ class _Server(ServerCore[_Stream]):
 
     async def _pull(
         self,
-        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        protocol: _Connection,
         conn: ServerConnection,
         event: PullRequest,
         peer: str | None,
@@ -610,14 +733,13 @@ class _Server(ServerCore[_Stream]):
         self.pulls.add(pull)
         self.no_pulls.clear()
         timer = None
-        watcher: asyncio.Task[None] | None = None
         hung_up = False
         try:
             await pull.send(conn.start_pull())
             timer, wake = self.pull_started(stream, pull, start)
             if wake:
                 self.beat_added.set()
-            watcher = self.loop.create_task(self._watch_for_hangup(reader, conn, pull))
+            protocol.watch(pull)  # notices at once when the client goes away (as on trio)
             await self._feed_pull(stream, pull)
         except asyncio.CancelledError:
             if pull.ended is None:
@@ -632,9 +754,7 @@ class _Server(ServerCore[_Stream]):
             self.pulls.discard(pull)
             if not self.pulls:
                 self.no_pulls.set()
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.wait([watcher])
+            protocol.unwatch()
         self.pull_over(
             stream,
             pull,
@@ -670,24 +790,17 @@ class _Server(ServerCore[_Stream]):
                 raise ConnectionResetError("session ended with pushed bytes refused")
             else:
                 deadline = stream.pull_deadline()
-                if deadline == math.inf:
-                    await _wait(stream.pull_event)
-                else:  # a bounded pull ends at its deadline
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(
-                            _wait(stream.pull_event), max(0.0, deadline - self.loop.time())
-                        )
-
-    async def _watch_for_hangup(
-        self, reader: asyncio.StreamReader, conn: ServerConnection, pull: _PullWriter
-    ) -> None:
-        """Notice at once when a pulling client goes away (as the trio server)."""
-        watch = PullInput(conn, self.options)
-        with contextlib.suppress(*_BROKEN):
-            while watch.received(await reader.read(_RECEIVE_SIZE)):
-                pass
-        await self.teardown.turn()  # see _Server.teardown
-        pull.end("hung up")
+                stream.pull_parked = True  # a heartbeat may be written meanwhile: see beat()
+                try:
+                    if deadline == math.inf:
+                        await _wait(stream.pull_event)
+                    else:  # a bounded pull ends at its deadline
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(
+                                _wait(stream.pull_event), max(0.0, deadline - self.loop.time())
+                            )
+                finally:
+                    stream.pull_parked = False
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -851,10 +964,10 @@ async def start_pht_server(
     ssl_context: _ssl.SSLContext | None = server_ssl_context(ssl)
     sessions: ServerSessions[_Stream] = ServerSessions(options, token_source)
     server = _Server(client_connected_cb, options, sessions, stats, limit)
-    listener = await asyncio.start_server(
-        server.connection,
+    listener = await server.loop.create_server(
+        server.protocol,
         host,
-        port,
+        cast(int, port),  # None as for asyncio.start_server (the stubs want an int)
         ssl=ssl_context,
         ssl_handshake_timeout=options.request_timeout if ssl_context is not None else None,
         backlog=listen_backlog if listen_backlog is not None else socket.SOMAXCONN,
