@@ -679,6 +679,8 @@ class _ClientTransport(PHTTransport):
                 return
         connection = self._push
         if session.resume is not None:
+            if not session.resume.unpushed:
+                return  # an answer read meanwhile acknowledged it all: nothing to push
             data, headers = session.resume_push()
             request = connection.channel.push(self.token, data, headers)
         else:

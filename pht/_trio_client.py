@@ -277,6 +277,10 @@ class _ClientStream(PHTStream):
             # A receive watching the pushes is cancelled when the pull has
             # data: better here, before the push is claimed and half written.
             await trio.lowlevel.checkpoint_if_cancelled()
+            resume = session.resume
+            assert resume is not None
+            if not resume.unpushed:
+                return  # an answer read meanwhile acknowledged it all: nothing to push
             data, headers = session.resume_push()
         else:
             data = chunk

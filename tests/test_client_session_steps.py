@@ -274,3 +274,25 @@ def test_repoll_broken() -> None:
     assert plain.state is ClientSessionState.ERROR
     resumed = open_resume()
     assert resumed.repoll_broken(OSError("refused")) == Reattach("refused")
+
+
+def test_a_late_answer_can_leave_nothing_to_push_after_write_step_said_push() -> None:
+    """Why an adapter checks ``unpushed`` again after waiting for a push connection.
+
+    Both pushes' answers are lost, so the session pushes again from the
+    start; while the adapter opens a connection for that, an ack-only
+    push's answer says the server has every byte: there is nothing left to
+    push (``resume_push`` would give no data, and an empty push is a close).
+    """
+    session = open_resume(push_window=2)
+    session.resume_write(b"x" * 20)
+    session.resume_push()
+    session.resume_push()
+    session.push_broke(OSError("reset"), idle_for=0.0, now=0.0)
+    assert session.resume is not None
+    assert session.resume.unpushed == 20
+    assert session.write_step(queued=0, in_flight=0, window=2, keep=0) == PushChunk(10)
+    ack, _ = session.ack_only_headers()
+    assert not session.ack_only_answer(ack, PushAcknowledged(), _received(20))
+    assert session.resume.unpushed == 0
+    assert session.write_step(queued=0, in_flight=0, window=2, keep=0) == WriteDone()
