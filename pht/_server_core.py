@@ -47,6 +47,7 @@ from ._server_session import Input, PushVerdict, ServerOptions, ServerSession, S
 from ._stats import NullStats, PHTStatsSink
 
 __all__ = [
+    "PARK_AFTER",
     "PULL_PROGRESS",
     "PULL_WRITE_SIZE",
     "TEARDOWN_BATCH",
@@ -79,6 +80,10 @@ _NO_FIELDS = NO_RESUME_FIELDS
 UNPULLED_ROOM = 16 * 1024
 #: Sessions that start ending per scheduler batch (mass closes and expiries).
 TEARDOWN_BATCH = 8
+#: Seconds a connection idles between requests before it is parked
+#: (:class:`ConnectionTimer`): long enough that a busy tunnel's push
+#: connection, which idles milliseconds between writes, never is.
+PARK_AFTER = 2.0
 #: Bytes a pull write must get through within ``pull_write_timeout``: the
 #: timeout bounds each piece of this size, not a whole write, so a slow
 #: reader keeps its pull and one that stopped reading loses it.
@@ -710,10 +715,20 @@ class Watchdog:
 
     def expire_due(self, now: float) -> int:
         """Call ``expire()`` on everything whose deadline passed; returns how many."""
-        due = [item for item in self.watched if now >= item.deadline]
-        for item in due:
-            item.expire()
-        return len(due)
+        return sum(1 for _ in self.expiring(now))
+
+    def expiring(self, now: float) -> Iterator[Expiring]:
+        """Expire what is due at ``now``, one item per step; yields each expired item.
+
+        The adapter may let other tasks run between steps (thousands of
+        connections opened together idle out together): an item that stopped
+        being watched, or whose deadline moved, meanwhile is left alone.
+        """
+        watched = self.watched
+        for item in [item for item in watched if now >= item.deadline]:
+            if now >= item.deadline and item in watched:
+                item.expire()
+                yield item
 
 
 class ConnectionTimer:
@@ -722,21 +737,43 @@ class ConnectionTimer:
     Between requests a connection may idle ``keepalive_timeout``; once a
     request's first byte arrived, all of it must within ``request_timeout``
     (slowloris); while the request is answered, no deadline applies (the
-    push and pull timeouts do). The adapter overrides :meth:`expire`.
+    push and pull timeouts do). The adapter overrides :meth:`_close`, and
+    :meth:`_park` if it ``parks``: a connection idle for :data:`PARK_AFTER`
+    between requests is then parked (it stops costing its own wake-up when
+    its client goes; see the asyncio adapter), once, until it closes.
     """
 
-    __slots__ = ("_options", "between_requests", "deadline")
+    __slots__ = ("_options", "_parks", "between_requests", "deadline", "idle_until")
 
-    def __init__(self, options: ServerOptions, now: float) -> None:
+    #: When :meth:`expire` is due.
+    deadline: float
+    #: When the keep-alive allowance of an idle connection ends.
+    idle_until: float
+    #: Waiting for a request's first byte (or the handshake's end).
+    between_requests: bool
+
+    def __init__(self, options: ServerOptions, now: float, *, parks: bool = False) -> None:
         self._options = options
-        self.deadline = now + options.keepalive_timeout
-        self.between_requests = True
+        self._parks = parks and options.keepalive_timeout > PARK_AFTER
+        self.idle(now)
 
     def expire(self) -> None:
-        """The deadline passed: the adapter closes the connection."""
+        """The deadline passed: an idle connection is parked, or else closed."""
+        if self.between_requests and self.deadline < self.idle_until:
+            self.deadline = self.idle_until
+            self._park()
+        else:
+            self._close()
+
+    def _park(self) -> None:
+        """Park the idle connection (the adapter overrides it if it ``parks``)."""
+
+    def _close(self) -> None:
+        """Close the connection (the adapter overrides it)."""
 
     def handshaking(self, now: float) -> None:
         """A TLS handshake began: it must end within ``request_timeout``."""
+        self.between_requests = False
         self.deadline = now + self._options.request_timeout
 
     def received(self, now: float) -> None:
@@ -756,7 +793,8 @@ class ConnectionTimer:
     def idle(self, now: float) -> None:
         """The answer went out (or the handshake ended): keep-alive allowance."""
         self.between_requests = True
-        self.deadline = now + self._options.keepalive_timeout
+        self.idle_until = now + self._options.keepalive_timeout
+        self.deadline = now + PARK_AFTER if self._parks else self.idle_until
 
 
 class PullWriteTimer:

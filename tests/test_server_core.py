@@ -13,6 +13,7 @@ import pytest
 
 from pht._events import AuthorizeRequest, BadRequest, PushData
 from pht._server_core import (
+    PARK_AFTER,
     PULL_PROGRESS,
     TEARDOWN_BATCH,
     UNPULLED_ROOM,
@@ -155,6 +156,70 @@ def test_connection_timer_keepalive_then_request_timeout_then_none_while_answeri
     assert timer.between_requests
     timer.handshaking(31.0)
     assert timer.deadline == 36.0
+
+
+def test_watchdog_expiring_steps_leave_alone_what_changed_between_steps() -> None:
+    """The adapter yields between steps: an item answered or discarded meanwhile is spared."""
+    watchdog = Watchdog(ServerOptions())
+    items = [Item(1.0) for _ in range(3)]
+    for item in items:
+        watchdog.add(item)
+    steps = watchdog.expiring(5.0)
+    first = next(steps)
+    answered, closed = (item for item in items if item is not first)
+    answered.deadline = 100.0  # a request arrived meanwhile
+    watchdog.discard(closed)  # the connection closed meanwhile
+    assert list(steps) == []
+    assert first in items
+    assert [item.expired for item in items if item is not first] == [0, 0]
+    assert sum(item.expired for item in items) == 1
+
+
+class ParkingTimer(ConnectionTimer):
+    def __init__(self, options: ServerOptions, now: float, *, parks: bool) -> None:
+        super().__init__(options, now, parks=parks)
+        self.calls: list[str] = []
+
+    def _park(self) -> None:
+        self.calls.append("park")
+
+    def _close(self) -> None:
+        self.calls.append("close")
+
+
+def test_connection_timer_parks_an_idle_connection_once_then_closes_it_at_keepalive() -> None:
+    options = ServerOptions(request_timeout=5.0, keepalive_timeout=100.0)
+    timer = ParkingTimer(options, 0.0, parks=True)
+    assert timer.deadline == PARK_AFTER  # a new connection idles too
+    timer.received(1.0)
+    timer.answering()
+    timer.idle(10.0)
+    assert (timer.deadline, timer.idle_until) == (10.0 + PARK_AFTER, 110.0)
+    timer.expire()
+    assert timer.calls == ["park"]
+    assert timer.deadline == 110.0  # the keep-alive allowance is unchanged
+    timer.expire()
+    assert timer.calls == ["park", "close"]
+
+
+def test_connection_timer_without_parking_and_mid_request_closes() -> None:
+    options = ServerOptions(request_timeout=5.0, keepalive_timeout=100.0)
+    plain = ParkingTimer(options, 0.0, parks=False)
+    assert plain.deadline == 100.0
+    plain.expire()
+    assert plain.calls == ["close"]
+    parking = ParkingTimer(options, 0.0, parks=True)
+    parking.received(1.0)  # a request began: its timeout closes, never parks
+    parking.expire()
+    assert parking.calls == ["close"]
+    handshaking = ParkingTimer(options, 0.0, parks=True)
+    handshaking.handshaking(0.0)
+    handshaking.expire()
+    assert handshaking.calls == ["close"]
+    # A keep-alive shorter than PARK_AFTER: nothing to gain, never parked.
+    short = ParkingTimer(ServerOptions(keepalive_timeout=PARK_AFTER / 2), 0.0, parks=True)
+    short.expire()
+    assert short.calls == ["close"]
 
 
 def test_pull_write_timer_pieces_and_expiry() -> None:
