@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import select
 import socket
 import ssl as _ssl
 from collections import deque
@@ -74,6 +75,10 @@ ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 _RECEIVE_SIZE = 256 * 1024
 _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 _BROKEN = (ConnectionError, OSError, LocalProtocolError)
+#: Readable, the peer's end of the connection closed, or an error (Linux).
+_HANG_UP_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
+#: Parked pull connections let back to the loop's reading per turn (see :class:`_HangUps`).
+HANG_UP_BATCH = 8
 
 
 class _Signal:
@@ -250,6 +255,64 @@ class _Turns:
             self._schedule()
 
 
+class _HangUps:
+    """Lets parked pull connections' news reach the loop a batch per turn (Linux).
+
+    The loop reports every ready socket of one poll in one turn: when
+    thousands of pulling clients hang up together, uvloop (or asyncio's
+    selector loop) reads thousands of ends of file in one turn, tens of
+    milliseconds in which no other tunnel moves. So a plain TCP pull's
+    connection stops being read by the loop (``pause_reading()``) and sits
+    in an epoll set of the server's own instead, which the loop watches as
+    one descriptor; each turn lets :data:`HANG_UP_BATCH` of the connections
+    that turned readable (an end of file, a reset, a pipelined request) back
+    to the loop's reading, where their protocol takes it from there.
+    """
+
+    __slots__ = ("_epoll", "_loop", "_parked")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll: Any = select.epoll() if _HANG_UP_EVENTS else None
+        #: Parked connections by socket descriptor.
+        self._parked: dict[int, _Connection] = {}
+        if self._epoll is not None:
+            loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def park(self, connection: _Connection, transport: asyncio.Transport) -> int | None:
+        """Stop the loop reading ``transport``; its descriptor, or ``None`` if it cannot be."""
+        if self._epoll is None or transport.get_extra_info("ssl_object") is not None:
+            return None  # TLS reads what it must on its own
+        sock = transport.get_extra_info("socket")
+        fd = -1 if sock is None else sock.fileno()
+        if fd < 0 or not transport.is_reading():
+            return None
+        transport.pause_reading()
+        self._epoll.register(fd, _HANG_UP_EVENTS)
+        self._parked[fd] = connection
+        return fd
+
+    def unpark(self, fd: int, connection: _Connection) -> None:
+        """Stop watching ``fd`` for ``connection`` (before its socket closes)."""
+        if self._parked.get(fd) is connection:
+            del self._parked[fd]
+            with contextlib.suppress(OSError):  # already closed: epoll forgot it
+                self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        # Level-triggered: what is left is reported again in the next turn.
+        for fd, _ in self._epoll.poll(0, HANG_UP_BATCH):
+            connection = self._parked[fd]
+            self.unpark(fd, connection)
+            connection.unparked()
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._parked.clear()
+
+
 def _pump_inbound(stream: _Stream) -> None:
     """Pushed bytes to the reader as it accepts them; EOF once the session ended.
 
@@ -318,16 +381,22 @@ class _SessionTransport(PHTTransport):
 
 
 class _Deadline(ConnectionTimer):
-    """A connection's timer: the watchdog cancels the connection's task."""
+    """A connection's timer: the watchdog parks the idle connection, or cancels its task."""
 
-    __slots__ = ("fired", "task")
+    __slots__ = ("fired", "protocol", "task")
 
-    def __init__(self, options: ServerOptions, now: float, task: asyncio.Task[Any]) -> None:
-        super().__init__(options, now)
+    def __init__(
+        self, options: ServerOptions, now: float, task: asyncio.Task[Any], protocol: _Connection
+    ) -> None:
+        super().__init__(options, now, parks=True)
         self.task = task
+        self.protocol = protocol
         self.fired = False
 
-    def expire(self) -> None:
+    def _park(self) -> None:
+        self.protocol.park()
+
+    def _close(self) -> None:
         self.fired = True
         self.task.cancel()
 
@@ -424,8 +493,15 @@ class _Connection(asyncio.StreamReaderProtocol):
         self._watch_left = 0
         #: The client closed or reset the connection.
         self._peer_gone = False
+        self._socket_transport: asyncio.Transport | None = None
+        #: The socket's descriptor while the server's :class:`_HangUps` watches it.
+        self._parked: int | None = None
         reader = asyncio.StreamReader(limit=DEFAULT_LIMIT, loop=server.loop)
         super().__init__(reader, self._connected, loop=server.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._socket_transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
 
     def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
         return self._server.connection(reader, writer, self)
@@ -436,9 +512,36 @@ class _Connection(asyncio.StreamReaderProtocol):
         self._watch_left = self._server.options.max_header_size
         if self._peer_gone:
             self._hung_up()
+        else:
+            self.park()
 
     def unwatch(self) -> None:
         self._watched = None
+        self.unpark()
+
+    def park(self) -> None:
+        """Leave the connection to the server's :class:`_HangUps` until it turns readable.
+
+        For a streaming pull, and for a connection idle between requests
+        (its task waits in the reader, which is fed only once it is unparked).
+        """
+        transport = self._socket_transport
+        if self._parked is None and transport is not None and not self._peer_gone:
+            self._parked = self._server.hang_ups.park(self, transport)
+
+    def unpark(self) -> None:
+        """The loop reads the connection again, at once."""
+        fd, self._parked = self._parked, None
+        if fd is not None:
+            self._server.hang_ups.unpark(fd, self)
+            self.unparked()
+
+    def unparked(self) -> None:
+        """The loop reads the connection again: what arrived goes the usual way."""
+        self._parked = None
+        transport = self._socket_transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def _hung_up(self) -> None:
         pull, self._watched = self._watched, None
@@ -463,6 +566,9 @@ class _Connection(asyncio.StreamReaderProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._peer_gone = True
+        fd, self._parked = self._parked, None
+        if fd is not None:
+            self._server.hang_ups.unpark(fd, self)
         super().connection_lost(exc)
         self._hung_up()
 
@@ -497,6 +603,7 @@ class _Server(ServerCore[_Stream]):
         # that work would all run in one turn of the loop and stall every
         # other tunnel. Ends take turns instead, as on the trio server.
         self.teardown = _Turns(self.loop)
+        self.hang_ups = _HangUps(self.loop)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -572,7 +679,9 @@ class _Server(ServerCore[_Stream]):
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(self.watchdog.interval)
-            self.watchdog.expire_due(self.loop.time())
+            for number, _ in enumerate(self.watchdog.expiring(self.loop.time()), 1):
+                if number % TEARDOWN_BATCH == 0:
+                    await asyncio.sleep(0)  # a batch per turn
 
     async def _reaper(self) -> None:
         while True:
@@ -621,7 +730,7 @@ class _Server(ServerCore[_Stream]):
         task = asyncio.current_task()
         assert task is not None
         self.connections.add(task)
-        watch = _Deadline(self.options, self.loop.time(), task)
+        watch = _Deadline(self.options, self.loop.time(), task, protocol)
         self.watchdog.add(watch)
         try:
             await self._serve_requests(
@@ -827,6 +936,7 @@ class _Server(ServerCore[_Stream]):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        self.hang_ups.close()
 
 
 def _peer_of(address: Any) -> str | None:

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pht._asyncio_server import TEARDOWN_PER_TURN, _PullWriter
+from pht._asyncio_server import HANG_UP_BATCH, TEARDOWN_PER_TURN, _Connection, _PullWriter
+from pht._server_core import PARK_AFTER
 
 from .raw_http import TIMEOUT, RawPull, raw_push
 from .test_asyncio_server import ServerThread, loop_name, serve
@@ -125,6 +126,21 @@ def hang_ups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
+@pytest.fixture
+def unparks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The server loop's turn at each connection let back to the loop's reading."""
+    seen: list[int] = []
+    original = _Connection.unparked
+
+    def unparked(connection: _Connection) -> None:
+        seen.append(turns[0])
+        original(connection)
+
+    monkeypatch.setattr(_Connection, "unparked", unparked)
+    turns[0] = 0
+    return seen
+
+
 #: The number of the server loop's current turn, while ``count_turns`` runs.
 turns = [0]
 
@@ -136,7 +152,7 @@ async def count_turns(stop: asyncio.Event) -> None:
 
 
 def test_a_mass_hang_up_ends_every_session_taking_turns(
-    serve: Callable[..., ServerThread], ended: Ended, hang_ups: list[int]
+    serve: Callable[..., ServerThread], ended: Ended, hang_ups: list[int], unparks: list[int]
 ) -> None:
     """Pulls hung up together end a batch per turn of the loop, not all in one turn."""
     server = serve(ended)
@@ -164,6 +180,9 @@ def test_a_mass_hang_up_ends_every_session_taking_turns(
     per_turn = Counter(hang_ups)
     assert max(per_turn.values()) <= TEARDOWN_PER_TURN, per_turn
     assert len(per_turn) >= count // TEARDOWN_PER_TURN
+    # The loop itself saw the ends of file a batch per turn, not all in one.
+    assert len(unparks) == count
+    assert max(Counter(unparks).values()) <= HANG_UP_BATCH
 
 
 async def _make_event() -> asyncio.Event:
@@ -248,3 +267,97 @@ def test_a_tls_client_that_hangs_up_a_pull_ends_its_session(
         else:
             sock.shutdown(socket.SHUT_RDWR)  # no close_notify: TCP only
     assert ended.wait(1) == [name]
+
+
+def park_idle(server: ServerThread) -> int:
+    """Run the server's watchdog as if ``PARK_AFTER`` had passed; how many it parked."""
+
+    async def park() -> int:
+        assert server.server is not None
+        core = server.server._server
+        core.watchdog.expire_due(core.loop.time() + PARK_AFTER + 0.5)
+        return len(core.hang_ups._parked)
+
+    return on_server(server, park)
+
+
+def hold_then(server: ServerThread, act: Callable[[], None]) -> None:
+    """Hold the server's loop while ``act()`` runs, then count its turns until ``stop``."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(GUARD)
+
+    server.loop.call_soon_threadsafe(hold)
+    assert held.wait(GUARD)
+    try:
+        act()
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize("hang_up", [True, False], ids=["hang-up", "next-request"])
+def test_idle_connections_are_parked_and_wake_a_batch_per_turn(
+    serve: Callable[..., ServerThread], unparks: list[int], hang_up: bool
+) -> None:
+    """Keep-alive connections idle for PARK_AFTER cost no wake-up each when their clients act.
+
+    Their clients then hang up all at once (as a client process or proxy
+    closing everything), or each send a request: the loop reads them a
+    batch per turn, and every request is still answered.
+    """
+    server = serve(echo_handler)
+    count = 4 * HANG_UP_BATCH + 3
+    socks = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) for _ in range(count)
+    ]
+    try:
+        # Each connection idles between requests (one answered request first).
+        for sock in socks:
+            sock.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+        assert park_idle(server) == count
+        stop = on_server(server, _make_event)
+        counter = on_server(server, lambda: _start(count_turns(stop)))
+        if hang_up:
+
+            def close_all() -> None:
+                for sock in socks:
+                    sock.close()
+
+            hold_then(server, close_all)
+
+            async def gone() -> int:
+                assert server.server is not None
+                core = server.server._server
+                while core.connections:
+                    await asyncio.sleep(0.01)
+                return len(core.hang_ups._parked)
+
+            assert on_server(server, gone) == 0
+        else:
+            request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+            def send_all() -> None:
+                for sock in socks:
+                    sock.sendall(request)
+
+            hold_then(server, send_all)
+            for sock in socks:
+                assert read_to_end(sock).startswith(b"HTTP/1.1 404 ")
+        server.loop.call_soon_threadsafe(stop.set)
+        on_server(server, lambda: asyncio.wait([counter]))
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(unparks) == count
+    per_turn = Counter(unparks)
+    assert max(per_turn.values()) <= HANG_UP_BATCH, per_turn
+    assert len(per_turn) >= count // HANG_UP_BATCH
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
