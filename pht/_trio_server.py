@@ -275,7 +275,9 @@ class _Server(ServerCore[_ServerStream]):
     async def run_watchdog(self) -> None:
         while True:
             await trio.sleep(self.watchdog.interval)
-            self.watchdog.expire_due(trio.current_time())
+            for number, _ in enumerate(self.watchdog.expiring(trio.current_time()), 1):
+                if number % TEARDOWN_BATCH == 0:
+                    await trio.lowlevel.checkpoint()  # a batch per turn
 
     async def run_reaper(self) -> None:
         while True:
@@ -325,7 +327,8 @@ class _Server(ServerCore[_ServerStream]):
                 transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
         options = self.options
         conn = self.new_connection()
-        watch = _Deadline(options, trio.current_time())
+        parks = self.ssl_context is None and self.hang_ups.can_watch(transport)
+        watch = _Deadline(options, trio.current_time(), parks=parks)
         self.watchdog.add(watch)
         try:
             with watch.scope:
@@ -369,7 +372,11 @@ class _Server(ServerCore[_ServerStream]):
                     await transport.send_all(conn.send_continue())
                 # In a long push line, read a piece at a time: what is read
                 # is held until the handler took it.
-                data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
+                size = PUSH_PIECE if streaming else RECEIVE_SIZE
+                if watch.between_requests and watch.deadline < watch.idle_until:
+                    data = await self._receive_parkable(transport, watch, size)
+                else:
+                    data = await transport.receive_some(size)
                 conn.receive_data(data)
                 if not data:
                     return
@@ -402,6 +409,24 @@ class _Server(ServerCore[_ServerStream]):
             if conn.state is ServerConnectionState.CLOSED:
                 return
             watch.idle(trio.current_time())
+
+    async def _receive_parkable(
+        self, transport: trio.abc.Stream, watch: _Deadline, size: int
+    ) -> bytes | bytearray:
+        """The next request's first bytes, the connection parked once idle long enough.
+
+        A parked connection's task waits for :class:`_HangUps` to say the
+        socket turned readable, a batch per turn: when thousands of idle
+        clients hang up at once, their tasks do not all wake in one turn.
+        """
+        watch.parking = scope = trio.CancelScope()
+        try:
+            with scope:
+                return await transport.receive_some(size)
+        finally:
+            watch.parking = None
+        await self.hang_ups.readable(transport)
+        return await transport.receive_some(size)
 
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
@@ -538,10 +563,12 @@ class _HangUps:
     pulls). Here plain-socket pulls sit in an epoll set of their own (Linux),
     which :meth:`run` reads :data:`_HANG_UP_BATCH` events per turn; a hang-up
     cancels the pull, whose task then ends it. What a client sends up an open
-    pull is kept for later (:class:`PullInput`).
+    pull is kept for later (:class:`PullInput`). Connections idle between
+    requests are parked here too (:meth:`readable`): their tasks wake a
+    batch per turn when their clients go.
     """
 
-    __slots__ = ("_epoll", "_input", "_options", "_pulls")
+    __slots__ = ("_epoll", "_idle", "_input", "_options", "_pulls")
 
     #: Bytes read at a time from a pull's connection (a pipelined request head).
     READ_SIZE = 16 * 1024
@@ -551,18 +578,38 @@ class _HangUps:
         self._epoll: Any = select.epoll() if _EPOLL else None
         #: Watched pulls by socket descriptor.
         self._pulls: dict[int, _PullWriter] = {}
+        #: Parked idle connections by socket descriptor, each set once readable.
+        self._idle: dict[int, trio.Event] = {}
         #: What pulls' clients sent (only those that did: most send nothing).
         self._input: dict[int, PullInput] = {}
+
+    def can_watch(self, transport: trio.abc.Stream) -> bool:
+        """Whether ``transport`` can be watched here (a plain socket, on Linux)."""
+        return self._epoll is not None and type(transport) is trio.SocketStream
 
     def watch(self, writer: _PullWriter) -> bool:
         """Watch ``writer``'s connection; ``False``: it needs a task of its own."""
         transport = writer.transport
-        if self._epoll is None or type(transport) is not trio.SocketStream:
+        if not self.can_watch(transport):
             return False
+        assert isinstance(transport, trio.SocketStream)
         fd = transport.socket.fileno()
         self._epoll.register(fd, _HANG_UP_EVENTS)
         self._pulls[fd] = writer
         return True
+
+    async def readable(self, transport: trio.abc.Stream) -> None:
+        """Return once ``transport`` (:meth:`can_watch`) is readable, in a batch's turn."""
+        assert isinstance(transport, trio.SocketStream)
+        fd = transport.socket.fileno()
+        ready = self._idle[fd] = trio.Event()
+        self._epoll.register(fd, _HANG_UP_EVENTS)
+        try:
+            await ready.wait()
+        finally:
+            if self._idle.get(fd) is ready:
+                del self._idle[fd]
+                self._epoll.unregister(fd)
 
     def forget(self, writer: _PullWriter) -> None:
         """The pull is over: stop watching it (before its socket closes)."""
@@ -588,6 +635,11 @@ class _HangUps:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 # Level-triggered: what is left is reported again next turn.
                 for fd, _ in epoll.poll(0, _HANG_UP_BATCH):
+                    ready = self._idle.pop(fd, None)
+                    if ready is not None:  # an idle connection: its task reads
+                        epoll.unregister(fd)
+                        ready.set()
+                        continue
                     writer = self._pulls[fd]
                     if not self._received(fd, writer):
                         self._unwatch(fd)
@@ -595,6 +647,9 @@ class _HangUps:
                         writer.scope.cancel()
         finally:
             self._pulls.clear()
+            for ready in self._idle.values():  # their tasks read (and see the end)
+                ready.set()
+            self._idle.clear()
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()
 
@@ -618,15 +673,24 @@ class _HangUps:
 
 
 class _Deadline(ConnectionTimer):
-    """A connection's timer; the watchdog cancels its scope at the deadline."""
+    """A connection's timer; the watchdog cancels its scope at the deadline.
 
-    __slots__ = ("scope",)
+    A connection idle between requests is parked (see :meth:`_Server._receive`)
+    by cancelling ``parking``, the scope of its wait for the next request.
+    """
 
-    def __init__(self, options: ServerOptions, now: float) -> None:
-        super().__init__(options, now)
+    __slots__ = ("parking", "scope")
+
+    def __init__(self, options: ServerOptions, now: float, *, parks: bool) -> None:
+        super().__init__(options, now, parks=parks)
         self.scope = trio.CancelScope()
+        self.parking: trio.CancelScope | None = None
 
-    def expire(self) -> None:
+    def _park(self) -> None:
+        if self.parking is not None:
+            self.parking.cancel()
+
+    def _close(self) -> None:
         self.scope.cancel()
 
 

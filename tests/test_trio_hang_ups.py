@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -11,6 +12,7 @@ import trio
 import trio.testing
 
 import pht
+from pht._server_core import PARK_AFTER
 
 from .support import start_server
 from .test_trio_heartbeats import RawPull
@@ -126,3 +128,48 @@ async def test_a_request_sent_up_an_open_pull_is_answered_after_it(
             conn.start_next_cycle()
             sent()
     await stream.aclose()
+
+
+@pytest.mark.parametrize("hang_up", [True, False], ids=["hang-up", "next-request"])
+async def test_idle_connections_are_parked_and_wake_a_few_per_scheduler_turn(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, hang_up: bool
+) -> None:
+    """Keep-alive connections idle for PARK_AFTER: no task step each when their clients act.
+
+    100 clients idle between requests, then all hang up in one instant, or
+    all send their next request: the tasks wake a batch per turn, and every
+    request is still answered.
+    """
+    count = 100
+    port = await start_server(nursery, heartbeat_interval=3600.0)
+    streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+    for stream in streams:
+        await stream.send_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 404 ")
+    await trio.sleep(PARK_AFTER + 2)  # the watchdog parks them
+    turns = Turns()
+    trio.lowlevel.add_instrument(turns)
+    try:
+        if hang_up:
+            for stream in streams:
+                assert isinstance(stream, trio.SocketStream)
+                stream.socket.close()  # no checkpoint: all gone before the server looks
+            await trio.sleep(1)
+        else:
+            request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            for stream in streams:
+                assert isinstance(stream, trio.SocketStream)
+                os.write(stream.socket.fileno(), request)  # no checkpoint either
+            for stream in streams:
+                with trio.fail_after(60):
+                    assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 404 ")
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+    # A task per connection waiting for its socket would all run in one turn.
+    assert turns.most <= count // 2, turns.most
+    # The server still answers (nothing was left stuck).
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 404 ")
