@@ -111,34 +111,30 @@ def test_an_idle_pull_runs_no_task_of_its_own(
     assert sorted(ended.wait(len(pulls))) == sorted(token(n) for n in range(len(pulls)))
 
 
-@pytest.fixture
-def hang_ups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The server loop's turn (see ``count_turns``) at each pull ended for a hang-up."""
+def record_turns(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[int]:
+    """The server loop's turn (see ``count_turns``) at each call of ``owner.name``."""
     seen: list[int] = []
-    original = _PullWriter.hang_up
+    original = getattr(owner, name)
 
-    def hang_up(pull: _PullWriter) -> None:
+    def recorded(self: Any) -> None:
         seen.append(turns[0])
-        original(pull)
+        original(self)
 
-    monkeypatch.setattr(_PullWriter, "hang_up", hang_up)
+    monkeypatch.setattr(owner, name, recorded)
     turns[0] = 0
     return seen
+
+
+@pytest.fixture
+def hang_ups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The turn at each pull ended for a hang-up."""
+    return record_turns(monkeypatch, _PullWriter, "hang_up")
 
 
 @pytest.fixture
 def unparks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The server loop's turn at each connection let back to the loop's reading."""
-    seen: list[int] = []
-    original = _Connection.unparked
-
-    def unparked(connection: _Connection) -> None:
-        seen.append(turns[0])
-        original(connection)
-
-    monkeypatch.setattr(_Connection, "unparked", unparked)
-    turns[0] = 0
-    return seen
+    """The turn at each connection let back to the loop's reading."""
+    return record_turns(monkeypatch, _Connection, "unparked")
 
 
 #: The number of the server loop's current turn, while ``count_turns`` runs.
@@ -162,17 +158,12 @@ def test_a_mass_hang_up_ends_every_session_taking_turns(
     counter = on_server(server, lambda: _start(count_turns(stop)))
     # Hold the server's loop while every client hangs up, so that it sees
     # all the ends of file in one poll of its sockets.
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        held.set()
-        release.wait(GUARD)
+    def close_all() -> None:
+        for pull in pulls:
+            pull.close()
 
-    server.loop.call_soon_threadsafe(hold)
-    assert held.wait(GUARD)
-    for pull in pulls:
-        pull.close()
-    release.set()
+    hold_then(server, close_all)
     assert len(ended.wait(count)) == count
     server.loop.call_soon_threadsafe(stop.set)
     on_server(server, lambda: asyncio.wait([counter]))
@@ -282,7 +273,7 @@ def park_idle(server: ServerThread) -> int:
 
 
 def hold_then(server: ServerThread, act: Callable[[], None]) -> None:
-    """Hold the server's loop while ``act()`` runs, then count its turns until ``stop``."""
+    """Run ``act()`` while the server's loop is held, so that it sees all of it in one poll."""
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
