@@ -77,8 +77,8 @@ _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 _BROKEN = (ConnectionError, OSError, LocalProtocolError)
 #: Readable, the peer's end of the connection closed, or an error (Linux).
 _HANG_UP_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
-#: Parked pull connections let back to the loop's reading per turn (see :class:`_HangUps`).
-HANG_UP_BATCH = 8
+#: Parked connections let back to the loop's reading per turn (see :class:`_HangUps`).
+HANG_UP_BATCH = 4
 
 
 class _Signal:
@@ -187,10 +187,11 @@ class _Stream(SessionBuffers):
 
 #: Sessions that start ending per turn of the loop. Each end runs on over a
 #: few more turns (the pull, the handler's EOF, the transport), so a turn
-#: carries several batches' work: 8 keeps a turn of a mass close within a few
+#: carries several batches' work, and a mass close's unparked connections
+#: (:data:`HANG_UP_BATCH`) come on top: 4 keeps such a turn within a few
 #: milliseconds (10,000 tunnels hung up at once: the canary's worst echo
-#: 193 ms with 32).
-TEARDOWN_PER_TURN = 8
+#: 193 ms with 32, 85-106 ms with 8 when both of a tunnel's connections close).
+TEARDOWN_PER_TURN = 4
 
 
 class _Turns:
@@ -381,42 +382,43 @@ class _SessionTransport(PHTTransport):
 
 
 class _Deadline(ConnectionTimer):
-    """A connection's timer: the watchdog parks the idle connection, or cancels its task."""
+    """A connection's timer: the watchdog parks the idle connection, or ends it."""
 
-    __slots__ = ("fired", "protocol", "task")
+    __slots__ = ("fired", "protocol")
 
-    def __init__(
-        self, options: ServerOptions, now: float, task: asyncio.Task[Any], protocol: _Connection
-    ) -> None:
+    def __init__(self, options: ServerOptions, now: float, protocol: _Connection) -> None:
         super().__init__(options, now, parks=True)
-        self.task = task
         self.protocol = protocol
         self.fired = False
 
     def _park(self) -> None:
-        self.protocol.park()
+        self.protocol.park_idle()
 
     def _close(self) -> None:
         self.fired = True
-        self.task.cancel()
+        protocol = self.protocol
+        if protocol.task is not None:
+            protocol.task.cancel()
+        else:  # parked idle: no task to cancel
+            protocol.close()
+            protocol.server.connection_over(protocol)
 
 
 class _PullWriter(PullWriteTimer):
     """An open pull answer; ``ended`` says why its task was cancelled, if it was."""
 
-    __slots__ = ("conn", "ended", "loop", "stream", "task", "writer")
+    __slots__ = ("conn", "connection", "ended", "loop", "stream", "task")
 
     def __init__(
         self,
-        writer: asyncio.StreamWriter,
-        conn: ServerConnection,
+        connection: _Connection,
         stream: _Stream,
         task: asyncio.Task[Any],
         options: ServerOptions,
     ) -> None:
         super().__init__(options.pull_write_timeout)
-        self.writer = writer
-        self.conn = conn
+        self.connection = connection
+        self.conn = connection.conn
         self.stream = stream
         self.task = task
         self.loop = task.get_loop()
@@ -443,7 +445,7 @@ class _PullWriter(PullWriteTimer):
         stays the task's, under the pull write timeout). The heartbeat task
         then costs one write per idle pull, not a task's wake-up and wait.
         """
-        transport = self.writer.transport
+        transport = self.connection.transport
         if (
             not self.stream.pull_parked
             or self.ended is not None
@@ -462,94 +464,106 @@ class _PullWriter(PullWriteTimer):
 
     async def send(self, data: bytes) -> None:
         """Write response bytes, each piece under the server's pull write timeout."""
-        writer = self.writer
+        connection = self.connection
         try:
             for piece in self.pieces(data):
                 self.writing(self.loop.time())
-                writer.write(piece)
-                await writer.drain()
+                connection.write(piece)
+                await connection.drain()
         finally:
             self.written()
 
 
-class _Connection(asyncio.StreamReaderProtocol):
-    """An accepted connection: asyncio's stream protocol, watching the pull it carries.
+#: A parked idle connection's waiting read returns this: its task ends.
+_PARKED = None
+#: Bytes a connection buffers before the loop stops reading it (a long push
+#: line is read a piece at a time, each held until the handler took it).
+_BUFFER_LIMIT = 2 * DEFAULT_LIMIT
 
-    While a pull streams, nothing reads the connection, and no task waits
-    for the client to hang up: this protocol notices it (end of file, a
-    reset, or more than a request head sent up the pull) and hands the
-    pull's end to the server's turns (:class:`_Turns`). So an idle tunnel
-    costs no task for the watch, and when thousands of clients hang up at
-    once, the loop queues thousands of cheap callbacks rather than waking
-    thousands of tasks in one turn. What a client sends during a pull stays
-    in the reader, in order, for the connection's next request.
+
+class _Connection(asyncio.Protocol):
+    """An accepted connection: its bytes, its HTTP state, and the task answering it, if any.
+
+    The server reads requests with :meth:`read` and writes with
+    :meth:`write` / :meth:`drain` (asyncio's stream reader and writer, cut
+    to what the server uses: one buffer, a waiter only while a task waits).
+
+    A connection is *parked* (:class:`_HangUps`) while a pull streams on it,
+    and once idle for ``PARK_AFTER`` between requests. Parked, the loop does
+    not read it; when it turns readable (a request, an end of file, a reset)
+    the server lets it back a batch per turn. A parked idle connection has
+    no task: its waiting read returns :data:`_PARKED` and the task ends,
+    leaving the connection's state here; unparking starts a new task that
+    goes on with the next request. While a pull streams, this protocol also
+    notices the client going away (an end of file, a reset, or more than a
+    request head sent up the pull) and hands the pull's end to the server's
+    turns (:class:`_Turns`). What a client sends up a pull stays buffered,
+    in order, for the connection's next request.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_drain_waiter",
+        "_eof",
+        "_error",
+        "_lost",
+        "_parked",
+        "_read_waiter",
+        "_tls",
+        "_watch_left",
+        "_watched",
+        "_writing_paused",
+        "conn",
+        "host",
+        "peer",
+        "server",
+        "task",
+        "transport",
+        "watch",
+    )
+
     def __init__(self, server: _Server) -> None:
-        self._server = server
+        self.server = server
+        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.task: asyncio.Task[None] | None = None
+        self.conn = server.new_connection()
+        self.watch: _Deadline | None = None
+        self.peer: str | None = None
+        self.host: str | None = None
+        self._tls = False
+        self._buffer: bytes | bytearray = b""
+        self._eof = False
+        self._lost = False
+        #: Why the connection was lost, if it broke.
+        self._error: BaseException | None = None
+        self._read_waiter: asyncio.Future[bool] | None = None
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         #: The pull this connection streams, while it does.
         self._watched: _PullWriter | None = None
         #: Bytes the client may still send up the watched pull.
         self._watch_left = 0
-        #: The client closed or reset the connection.
-        self._peer_gone = False
-        self._socket_transport: asyncio.Transport | None = None
         #: The socket's descriptor while the server's :class:`_HangUps` watches it.
         self._parked: int | None = None
-        reader = asyncio.StreamReader(limit=DEFAULT_LIMIT, loop=server.loop)
-        super().__init__(reader, self._connected, loop=server.loop)
+
+    # -- asyncio's protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._socket_transport = cast(asyncio.Transport, transport)
-        super().connection_made(transport)
-
-    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
-        return self._server.connection(reader, writer, self)
-
-    def watch(self, pull: _PullWriter) -> None:
-        """Until :meth:`unwatch`, the client hanging up ends ``pull`` (in its turn)."""
-        self._watched = pull
-        self._watch_left = self._server.options.max_header_size
-        if self._peer_gone:
-            self._hung_up()
-        else:
-            self.park()
-
-    def unwatch(self) -> None:
-        self._watched = None
-        self.unpark()
-
-    def park(self) -> None:
-        """Leave the connection to the server's :class:`_HangUps` until it turns readable.
-
-        For a streaming pull, and for a connection idle between requests
-        (its task waits in the reader, which is fed only once it is unparked).
-        """
-        transport = self._socket_transport
-        if self._parked is None and transport is not None and not self._peer_gone:
-            self._parked = self._server.hang_ups.park(self, transport)
-
-    def unpark(self) -> None:
-        """The loop reads the connection again, at once."""
-        fd, self._parked = self._parked, None
-        if fd is not None:
-            self._server.hang_ups.unpark(fd, self)
-            self.unparked()
-
-    def unparked(self) -> None:
-        """The loop reads the connection again: what arrived goes the usual way."""
-        self._parked = None
-        transport = self._socket_transport
-        if transport is not None and not transport.is_closing():
-            transport.resume_reading()
-
-    def _hung_up(self) -> None:
-        pull, self._watched = self._watched, None
-        if pull is not None:
-            self._server.teardown.call(pull.hang_up)
+        self.transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        self.task = self.server.loop.create_task(self.server.connection(self))
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        buffer = self._buffer
+        if not buffer:
+            self._buffer = data
+        elif isinstance(buffer, bytearray):
+            buffer += data
+        else:
+            self._buffer = bytearray(buffer) + data
+        if len(self._buffer) > _BUFFER_LIMIT:
+            self.transport.pause_reading()
+        self._wake_reader(False)
         if self._watched is not None:
             # A proxy may send its next request before the pull is over; no
             # client streams more than a request head up an open pull.
@@ -559,18 +573,132 @@ class _Connection(asyncio.StreamReaderProtocol):
                 self._hung_up()
 
     def eof_received(self) -> bool:
-        self._peer_gone = True
-        keep_open = bool(super().eof_received())
+        self._eof = True
+        self._wake_reader(False)
         self._hung_up()
-        return keep_open
+        return not self._tls  # half-closed: the answer may still go out (TLS closes)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._peer_gone = True
+        self._eof = self._lost = True
+        self._error = exc
+        self._forget_parked()
+        self._wake_reader(False)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+        self._hung_up()
+        if self.task is None and self.watch is not None:
+            self.server.connection_over(self)  # parked idle: no task to do it
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- what the server uses -------------------------------------------------------
+
+    async def read(self, size: int) -> bytes | bytearray | None:
+        """Up to ``size`` bytes; ``b""`` at the end; :data:`_PARKED` once parked idle."""
+        while not self._buffer:
+            if self._eof:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            waiter = self._read_waiter = self.server.loop.create_future()
+            try:
+                if await waiter and self._parked is not None:
+                    return _PARKED  # else unparked meanwhile: read on
+            finally:
+                self._read_waiter = None
+        buffer = self._buffer
+        if len(buffer) <= size:
+            self._buffer = b""
+            data = buffer
+        else:
+            data = bytes(buffer[:size])
+            self._buffer = buffer[size:]
+        if len(data) + len(self._buffer) > _BUFFER_LIMIT >= len(self._buffer):
+            self._read_on()
+        return data
+
+    def _wake_reader(self, parked: bool) -> None:
+        waiter = self._read_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(parked)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Return once the transport's buffer is below its high-water mark."""
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if self._writing_paused:
+            waiter = self._drain_waiter = self.server.loop.create_future()
+            await waiter
+
+    def close(self) -> None:
+        """Close at once (unsent bytes are dropped)."""
+        self._forget_parked()
+        self.transport.abort()
+
+    # -- pulls and parking ----------------------------------------------------------
+
+    def watch_pull(self, pull: _PullWriter) -> None:
+        """Until :meth:`unwatch_pull`, the client hanging up ends ``pull`` (in its turn)."""
+        self._watched = pull
+        self._watch_left = self.server.options.max_header_size
+        if self._eof:
+            self._hung_up()
+        else:
+            self._park()
+
+    def unwatch_pull(self) -> None:
+        self._watched = None
         fd, self._parked = self._parked, None
         if fd is not None:
-            self._server.hang_ups.unpark(fd, self)
-        super().connection_lost(exc)
-        self._hung_up()
+            self.server.hang_ups.unpark(fd, self)
+            self._read_on()
+
+    def park_idle(self) -> None:
+        """Idle between requests for long: parked, and the waiting task ends."""
+        if self._read_waiter is not None and self._park():
+            self._wake_reader(True)
+
+    def _park(self) -> bool:
+        if self._parked is None and not self._eof and not self._buffer:
+            self._parked = self.server.hang_ups.park(self, self.transport)
+        return self._parked is not None
+
+    def unparked(self) -> None:
+        """The connection turned readable (:class:`_HangUps`): the loop reads it again."""
+        self._parked = None
+        self._read_on()
+        if self.task is None and self.watch is not None and not self._lost:
+            self.task = self.server.loop.create_task(self.server.serve(self))
+
+    def _forget_parked(self) -> None:
+        fd, self._parked = self._parked, None
+        if fd is not None:
+            self.server.hang_ups.unpark(fd, self)
+
+    def _read_on(self) -> None:
+        transport = self.transport
+        if (
+            self._parked is None
+            and not transport.is_closing()
+            and len(self._buffer) <= _BUFFER_LIMIT
+        ):
+            transport.resume_reading()
+
+    def _hung_up(self) -> None:
+        pull, self._watched = self._watched, None
+        if pull is not None:
+            self.server.teardown.call(pull.hang_up)
 
 
 class _Server(ServerCore[_Stream]):
@@ -588,7 +716,8 @@ class _Server(ServerCore[_Stream]):
         self.callback = callback
         self.limit = limit
         self.loop = asyncio.get_running_loop()
-        self.connections: set[asyncio.Task[Any]] = set()
+        #: Admitted connections not yet over (parked idle ones have no task).
+        self.connections: set[_Connection] = set()
         self.handlers: set[asyncio.Task[Any]] = set()
         self.background: list[asyncio.Task[None]] = []
         #: Open pulls, and an event set whenever there are none.
@@ -712,72 +841,86 @@ class _Server(ServerCore[_Stream]):
         """The listener's protocol factory: one :class:`_Connection` per accepted connection."""
         return _Connection(self)
 
-    async def connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _Connection
-    ) -> None:
-        """Answer the requests of one accepted connection until it closes."""
-        peer = _peer_of(writer.get_extra_info("peername"))
-        host = host_of(peer)
-        if not self.connection_opened(host):
+    async def connection(self, protocol: _Connection) -> None:
+        """Admit one accepted connection, then answer its requests (:meth:`serve`)."""
+        transport = protocol.transport
+        protocol.peer = peer = _peer_of(transport.get_extra_info("peername"))
+        protocol.host = host_of(peer)
+        if not self.connection_opened(protocol.host):
             log.debug("refused a connection from %s: over its budget", peer)
-            writer.transport.abort()
+            protocol.task = None
+            transport.abort()
             return
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if _NOTSENT_LOWAT is not None and sock is not None:
             # As the trio server: a pull that stopped reading shows at once.
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections.add(task)
-        watch = _Deadline(self.options, self.loop.time(), task, protocol)
-        self.watchdog.add(watch)
+        self.connections.add(protocol)
+        protocol.watch = _Deadline(self.options, self.loop.time(), protocol)
+        self.watchdog.add(protocol.watch)
+        await self.serve(protocol)
+
+    async def serve(self, protocol: _Connection) -> None:
+        """Answer the connection's requests until it closes, or is parked idle."""
+        watch = protocol.watch
+        assert watch is not None
+        parked = False
         try:
-            await self._serve_requests(
-                reader, writer, protocol, self.new_connection(), peer, watch
-            )
+            parked = await self._serve_requests(protocol, protocol.conn, protocol.peer, watch)
         except asyncio.CancelledError:
-            # Timed out, or the server stops. Not re-raised: asyncio's
-            # start_server reports a connection task that ends cancelled.
+            # Timed out, or the server stops: the connection ends here.
+            task = asyncio.current_task()
             uncancel = getattr(task, "uncancel", None)  # Python 3.11+
             if uncancel is not None:
                 uncancel()
             if watch.fired:
-                log.debug("connection from %s timed out", peer)
+                log.debug("connection from %s timed out", protocol.peer)
         except _BROKEN as exc:
-            log.debug("connection from %s ended: %s", peer, exc)
+            log.debug("connection from %s ended: %s", protocol.peer, exc)
+        except Exception:  # a bug: this connection ends, the others go on
+            log.exception("connection from %s failed", protocol.peer)
         finally:
+            protocol.task = None
+            if not parked:
+                protocol.close()
+                self.connection_over(protocol)
+
+    def connection_over(self, protocol: _Connection) -> None:
+        """The connection is closed: forget it (once)."""
+        watch, protocol.watch = protocol.watch, None
+        if watch is not None:
             self.watchdog.discard(watch)
-            self.connections.discard(task)
-            self.connection_closed(host)
-            writer.transport.abort()
+            self.connections.discard(protocol)
+            self.connection_closed(protocol.host)
 
     async def _serve_requests(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         protocol: _Connection,
         conn: ServerConnection,
         peer: str | None,
         watch: _Deadline,
-    ) -> None:
+    ) -> bool:
+        """Answer requests until the connection closes (``False``) or is parked idle (``True``)."""
         streaming = False
         while True:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
-                writer.write(self.bad_http(conn, exc.status_hint, peer, exc))
-                await writer.drain()
-                return
+                protocol.write(self.bad_http(conn, exc.status_hint, peer, exc))
+                await protocol.drain()
+                return False
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
-                    return
+                    return False
                 if conn.expects_continue:
-                    writer.write(conn.send_continue())
-                data = await reader.read(PUSH_PIECE if streaming else _RECEIVE_SIZE)
+                    protocol.write(conn.send_continue())
+                data = await protocol.read(PUSH_PIECE if streaming else _RECEIVE_SIZE)
+                if data is _PARKED:
+                    return True
                 conn.receive_data(data)
                 if not data:
-                    return
+                    return False
                 del data  # the core has it: not kept alive while a push waits
                 watch.received(self.loop.time())
                 continue
@@ -792,16 +935,16 @@ class _Server(ServerCore[_Stream]):
             streaming = False
             if isinstance(event, PushRequest):
                 status = self.push_answered(await self._deliver(event, conn, peer))
-                writer.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
+                protocol.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
             elif isinstance(event, PullRequest):
-                await self._pull(writer, protocol, conn, event, peer)
+                await self._pull(protocol, event)
             else:
                 if type(event) is CloseRequest:
                     await self.teardown.turn()  # see _Server.teardown
-                writer.write(self.answer(conn, event, peer, self.loop.time()))
-            await writer.drain()
+                protocol.write(self.answer(conn, event, peer, self.loop.time()))
+            await protocol.drain()
             if conn.state is ServerConnectionState.CLOSED:
-                return
+                return False
             watch.idle(self.loop.time())
 
     async def _deliver(
@@ -820,21 +963,15 @@ class _Server(ServerCore[_Stream]):
             self.watchdog.discard(push)
         return self.push_over(push, verdict, self.loop.time())
 
-    async def _pull(
-        self,
-        writer: asyncio.StreamWriter,
-        protocol: _Connection,
-        conn: ServerConnection,
-        event: PullRequest,
-        peer: str | None,
-    ) -> None:
-        stream = self.pull_for(conn, event, peer, self.loop.time())
+    async def _pull(self, protocol: _Connection, event: PullRequest) -> None:
+        conn = protocol.conn
+        stream = self.pull_for(conn, event, protocol.peer, self.loop.time())
         if isinstance(stream, int):
-            writer.write(conn.send_status(self.refused(stream)))
+            protocol.write(conn.send_status(self.refused(stream)))
             return
         task = asyncio.current_task()
         assert task is not None
-        pull = _PullWriter(writer, conn, stream, task, self.options)
+        pull = _PullWriter(protocol, stream, task, self.options)
         replaced, start = self.attach_pull(stream, pull, self.loop.time())
         if isinstance(replaced, _PullWriter):
             replaced.end("replaced")  # a newer long poll replaces a stale one
@@ -848,7 +985,7 @@ class _Server(ServerCore[_Stream]):
             timer, wake = self.pull_started(stream, pull, start)
             if wake:
                 self.beat_added.set()
-            protocol.watch(pull)  # notices at once when the client goes away (as on trio)
+            protocol.watch_pull(pull)  # notices at once when the client goes away (as on trio)
             await self._feed_pull(stream, pull)
         except asyncio.CancelledError:
             if pull.ended is None:
@@ -863,7 +1000,7 @@ class _Server(ServerCore[_Stream]):
             self.pulls.discard(pull)
             if not self.pulls:
                 self.no_pulls.set()
-            protocol.unwatch()
+            protocol.unwatch_pull()
         self.pull_over(
             stream,
             pull,
@@ -931,7 +1068,13 @@ class _Server(ServerCore[_Stream]):
         for stream in list(self.active):
             if stream.transport is not None:
                 stream.transport.abort()  # a reader that never read its EOF
-        tasks = [*self.connections, *self.background]
+        tasks = list(self.background)
+        for protocol in list(self.connections):
+            if protocol.task is not None:
+                tasks.append(protocol.task)
+            else:  # parked idle
+                protocol.close()
+                self.connection_over(protocol)
         for task in tasks:
             task.cancel()
         if tasks:
