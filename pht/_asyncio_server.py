@@ -556,11 +556,12 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         if not buffer:
-            self._buffer = data
+            self._buffer = data  # most reads take it whole: no copy
         elif isinstance(buffer, bytearray):
             buffer += data
         else:
-            self._buffer = bytearray(buffer) + data
+            joined = self._buffer = bytearray(buffer)
+            joined += data
         if len(self._buffer) > _BUFFER_LIMIT:
             self.transport.pause_reading()
         self._wake_reader(False)
@@ -618,9 +619,12 @@ class _Connection(asyncio.Protocol):
         if len(buffer) <= size:
             self._buffer = b""
             data = buffer
+        elif isinstance(buffer, bytearray):
+            data = bytes(memoryview(buffer)[:size])
+            del buffer[:size]  # bytearray drops a prefix without moving the rest
         else:
-            data = bytes(buffer[:size])
-            self._buffer = buffer[size:]
+            data = buffer[:size]
+            self._buffer = bytearray(memoryview(buffer)[size:])
         if len(data) + len(self._buffer) > _BUFFER_LIMIT >= len(self._buffer):
             self._read_on()
         return data
