@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import select
+import ssl
 from typing import Any
 
 import pytest
@@ -21,12 +22,14 @@ import trio
 import trio.testing
 
 import pht
+import pht._trio_server
 from pht._server_core import PARK_AFTER
 from pht._server_session import ServerOptions, ServerSessions
 from pht._token import new_token
 from pht._trio_server import _Deadline, _Server
 
 from .support import echo, start_server
+from .test_trio_hang_ups import connection_tasks
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="parks on Linux (epoll)")
 
@@ -269,3 +272,36 @@ async def test_a_request_arriving_as_its_connection_is_parked_is_answered(
         await server._run_connection(watch)
     assert transport.sent.startswith(b"HTTP/1.1 404 ")
     assert watch not in server.watchdog.watched  # served, then closed at the client's end
+
+
+async def test_a_tls_connection_keeps_its_task_while_idle(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """TLS state lives in its task's stream: it is not parked, and answers on."""
+    port = await start_idle_server(nursery, tls=True, heartbeat_interval=3600.0)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", port), context, server_hostname="gost.run"
+    )
+    for _ in range(2):
+        await stream.send_all(NOWHERE)
+        assert (await receive_answers(stream, 1)).startswith(b"HTTP/1.1 404 ")
+        await trio.sleep(PARK_AFTER + 2)
+        assert connection_tasks() == 1
+    await trio.aclose_forcefully(stream)
+
+
+async def test_without_epoll_an_idle_connection_keeps_its_task(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the hang-up watcher cannot run (no epoll), idle connections are served as before."""
+    monkeypatch.setattr(pht._trio_server, "_EPOLL", False)
+    port = await start_idle_server(nursery, heartbeat_interval=3600.0)
+    (stream,) = await idle_connections(port, 1)
+    await trio.sleep(PARK_AFTER + 2)
+    assert connection_tasks() == 1
+    await stream.send_all(NOWHERE)
+    assert (await receive_answers(stream, 1)).startswith(b"HTTP/1.1 404 ")
+    await stream.aclose()
