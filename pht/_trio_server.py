@@ -235,10 +235,13 @@ class _Server(ServerCore[_ServerStream]):
         sessions: ServerSessions[_ServerStream],
         ssl_context: ssl.SSLContext | None,
         stats: PHTStatsSink | None = None,
+        connections: trio.Nursery | None = None,
     ) -> None:
         super().__init__(options, sessions, _ServerStream, stats)
         self.handler = handler
         self.nursery = nursery
+        #: Where connections' tasks run (a parked connection's task is started again here).
+        self.connections = connections or nursery
         self.ssl_context = ssl_context
         self._beat_added = trio.Event()
         # Ending a session wakes its handler, its pull and their clean-up:
@@ -246,7 +249,7 @@ class _Server(ServerCore[_ServerStream]):
         # that work would all land in one scheduler batch and stall every
         # other tunnel. Ends take turns through this gate instead.
         self.teardown = trio.CapacityLimiter(TEARDOWN_BATCH)
-        self.hang_ups = _HangUps(options)
+        self.hang_ups = _HangUps(options, self._resume, self._parked_closed)
         self.all_done = trio.Event()
         self.all_done.set()
 
@@ -313,42 +316,100 @@ class _Server(ServerCore[_ServerStream]):
             await _close_transport(transport)
             return
         try:
-            await self._handle_connection(transport, peer)
-        finally:
+            if _NOTSENT_LOWAT is not None and isinstance(transport, trio.SocketStream):
+                # The kernel holds at most this much not yet sent (beyond what is
+                # in flight): a pull that stopped reading shows as a stalled write
+                # at once, and one that reads slowly shows progress with every
+                # window update, instead of after megabytes of send buffer drain.
+                with contextlib.suppress(OSError):
+                    transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
+            parks = self.ssl_context is None and self.hang_ups.can_watch(transport)
+            watch = _Deadline(
+                self.options,
+                trio.current_time(),
+                transport,
+                self.new_connection(),
+                peer,
+                host,
+                self.hang_ups if parks else None,
+            )
+        except BaseException:
+            await _close_transport(transport)
             self.connection_closed(host)
-
-    async def _handle_connection(self, transport: trio.abc.Stream, peer: str | None) -> None:
-        if _NOTSENT_LOWAT is not None and isinstance(transport, trio.SocketStream):
-            # The kernel holds at most this much not yet sent (beyond what is
-            # in flight): a pull that stopped reading shows as a stalled write
-            # at once, and one that reads slowly shows progress with every
-            # window update, instead of after megabytes of send buffer drain.
-            with contextlib.suppress(OSError):
-                transport.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 2 * PULL_PROGRESS)
-        options = self.options
-        conn = self.new_connection()
-        parks = self.ssl_context is None and self.hang_ups.can_watch(transport)
-        watch = _Deadline(options, trio.current_time(), parks=parks)
+            raise
         self.watchdog.add(watch)
+        await self._run_connection(watch, handshake=self.ssl_context is not None)
+
+    def _resume(self, watch: _Deadline) -> None:
+        """A parked connection's next request began (:class:`_HangUps` read it): serve it."""
+        watch.parked = False
+        self.connections.start_soon(self._run_connection, watch)
+
+    def _parked_closed(self, watch: _Deadline) -> None:
+        """:class:`_HangUps` closed a parked connection (its client went, keep-alive, shutdown)."""
+        self.watchdog.discard(watch)
         try:
+            _close_socket(watch.transport)
+        finally:
+            self.connection_closed(watch.host)
+        log.debug("connection from %s closed while idle", watch.peer)
+
+    async def _run_connection(self, watch: _Deadline, *, handshake: bool = False) -> None:
+        """Serve a connection until it closes, or until it is parked.
+
+        A parked connection has no task: :class:`_HangUps` holds it (and
+        its count against its address) until its next request begins, its
+        client goes, its keep-alive ends or the server shuts down.
+        """
+        parked = False
+        try:
+            parked = await self._serve_connection(watch, handshake)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
+            log.debug("connection from %s ended: %s", watch.peer, exc)
+        finally:
+            if not parked:
+                self.watchdog.discard(watch)
+                try:
+                    await _close_transport(watch.transport)
+                finally:
+                    self.connection_closed(watch.host)
+
+    async def _serve_connection(self, watch: _Deadline, handshake: bool) -> bool:
+        """Serve a connection; ``True``: it was parked (:class:`_HangUps` holds it now)."""
+        peer = watch.peer
+        while True:
+            go_on = False
             with watch.scope:
-                if self.ssl_context is not None and isinstance(transport, trio.SocketStream):
-                    watch.handshaking(trio.current_time())
-                    transport = TLSSocketStream.wrap(transport, self.ssl_context, server_side=True)
-                    try:
-                        await transport.do_handshake()
-                    except trio.BrokenResourceError as exc:
-                        log.info("connection from %s: %s", peer, exc)
-                        return
-                    watch.idle(trio.current_time())
-                await self._serve_requests(transport, conn, peer, watch)
+                if handshake:
+                    handshake = False
+                    assert self.ssl_context is not None
+                    transport = watch.transport
+                    if isinstance(transport, trio.SocketStream):
+                        watch.handshaking(trio.current_time())
+                        watch.transport = transport = TLSSocketStream.wrap(
+                            transport, self.ssl_context, server_side=True
+                        )
+                        try:
+                            await transport.do_handshake()
+                        except trio.BrokenResourceError as exc:
+                            log.info("connection from %s: %s", peer, exc)
+                            return False
+                        watch.idle(trio.current_time())
+                go_on = await self._serve_requests(watch.transport, watch.conn, peer, watch)
+            if go_on:  # its next request began just as it was parked
+                watch.parked = False
+                watch.scope = trio.CancelScope()
+                continue
+            if watch.parked and watch.scope.cancelled_caught:
+                assert watch.hang_ups is not None
+                # A new scope for when it is served again (the cancelled one
+                # holds its cancel reason: 300 bytes a parked connection).
+                watch.scope = trio.CancelScope()
+                watch.hang_ups.park(watch)
+                return True
             if watch.scope.cancelled_caught:
                 log.debug("connection from %s timed out", peer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
-            log.debug("connection from %s ended: %s", peer, exc)
-        finally:
-            self.watchdog.discard(watch)
-            await _close_transport(transport)
+            return False
 
     async def _serve_requests(
         self,
@@ -356,33 +417,38 @@ class _Server(ServerCore[_ServerStream]):
         conn: ServerConnection,
         peer: str | None,
         watch: _Deadline,
-    ) -> None:
-        """Answer the requests of one connection until it closes."""
+    ) -> bool:
+        """Answer the requests of one connection until it closes, or is parked.
+
+        The watchdog parks a connection idle between requests by cancelling
+        ``watch.scope`` (and setting ``watch.parked``), which ends its wait
+        for the next request: the caller hands it to :class:`_HangUps`.
+        ``True``: the next request began just as it was parked (the bytes
+        were read already), so the caller goes on serving in a new scope.
+        """
         streaming = False
         while True:
             try:
                 event = conn.next_event()
             except RemoteProtocolError as exc:
                 await transport.send_all(self.bad_http(conn, exc.status_hint, peer, exc))
-                return
+                return False
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
-                    return
+                    return False
                 if conn.expects_continue:
                     await transport.send_all(conn.send_continue())
                 # In a long push line, read a piece at a time: what is read
                 # is held until the handler took it.
-                size = PUSH_PIECE if streaming else RECEIVE_SIZE
-                if watch.between_requests and watch.deadline < watch.idle_until:
-                    data = await self._receive_parkable(transport, watch, size)
-                else:
-                    data = await transport.receive_some(size)
+                data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
                 conn.receive_data(data)
                 if not data:
-                    return
+                    return False
                 del data  # the core has it: not kept alive while a push waits
                 if watch.between_requests:
                     watch.received(trio.current_time())
+                    if watch.parked:  # too late to park: its scope is cancelled, though
+                        return True
                 continue
             watch.answering()  # push_timeout etc. apply
             if type(event) is PushData:
@@ -407,26 +473,8 @@ class _Server(ServerCore[_ServerStream]):
             else:
                 await transport.send_all(self.answer(conn, event, peer, trio.current_time()))
             if conn.state is ServerConnectionState.CLOSED:
-                return
+                return False
             watch.idle(trio.current_time())
-
-    async def _receive_parkable(
-        self, transport: trio.abc.Stream, watch: _Deadline, size: int
-    ) -> bytes | bytearray:
-        """The next request's first bytes, the connection parked once idle long enough.
-
-        A parked connection's task waits for :class:`_HangUps` to say the
-        socket turned readable, a batch per turn: when thousands of idle
-        clients hang up at once, their tasks do not all wake in one turn.
-        """
-        watch.parking = scope = trio.CancelScope()
-        try:
-            with scope:
-                return await transport.receive_some(size)
-        finally:
-            watch.parking = None
-        await self.hang_ups.readable(transport)
-        return await transport.receive_some(size)
 
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
@@ -563,23 +611,38 @@ class _HangUps:
     pulls). Here plain-socket pulls sit in an epoll set of their own (Linux),
     which :meth:`run` reads :data:`_HANG_UP_BATCH` events per turn; a hang-up
     cancels the pull, whose task then ends it. What a client sends up an open
-    pull is kept for later (:class:`PullInput`). Connections idle between
-    requests are parked here too (:meth:`readable`): their tasks wake a
-    batch per turn when their clients go.
+    pull is kept for later (:class:`PullInput`).
+
+    Connections idle between requests are parked here too (:meth:`park`),
+    without a task: an idle keep-alive connection costs its socket, its
+    HTTP state and its timer, not a task and its frames. When one turns
+    readable, :meth:`run` reads it: the start of its next request goes to
+    its HTTP state and a new task serves it; its end (or a reset) closes
+    it, no task needed. So thousands of clients hanging up (or sending
+    requests) at once are handled a batch per turn too.
     """
 
-    __slots__ = ("_epoll", "_idle", "_input", "_options", "_pulls")
+    __slots__ = ("_closed", "_epoll", "_idle", "_input", "_options", "_pulls", "_resume")
 
     #: Bytes read at a time from a pull's connection (a pipelined request head).
     READ_SIZE = 16 * 1024
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        resume: Callable[[_Deadline], None],
+        closed: Callable[[_Deadline], None],
+    ) -> None:
         self._options = options
         self._epoll: Any = select.epoll() if _EPOLL else None
         #: Watched pulls by socket descriptor.
         self._pulls: dict[int, _PullWriter] = {}
-        #: Parked idle connections by socket descriptor, each set once readable.
-        self._idle: dict[int, trio.Event] = {}
+        #: Parked idle connections by socket descriptor.
+        self._idle: dict[int, _Deadline] = {}
+        #: Serves a parked connection whose next request began (a task of its own).
+        self._resume = resume
+        #: Closes a parked connection (taken out of here already).
+        self._closed = closed
         #: What pulls' clients sent (only those that did: most send nothing).
         self._input: dict[int, PullInput] = {}
 
@@ -598,18 +661,21 @@ class _HangUps:
         self._pulls[fd] = writer
         return True
 
-    async def readable(self, transport: trio.abc.Stream) -> None:
-        """Return once ``transport`` (:meth:`can_watch`) is readable, in a batch's turn."""
-        assert isinstance(transport, trio.SocketStream)
-        fd = transport.socket.fileno()
-        ready = self._idle[fd] = trio.Event()
+    def park(self, watch: _Deadline) -> None:
+        """Hold ``watch``'s connection, idle between requests, its task gone."""
+        fd = _descriptor(watch.transport)
         self._epoll.register(fd, _HANG_UP_EVENTS)
-        try:
-            await ready.wait()
-        finally:
-            if self._idle.get(fd) is ready:
-                del self._idle[fd]
-                self._epoll.unregister(fd)
+        self._idle[fd] = watch
+
+    def close(self, watch: _Deadline) -> bool:
+        """Close ``watch``'s connection if it is parked here; whether it was."""
+        fd = _descriptor(watch.transport)
+        if self._idle.get(fd) is not watch:
+            return False
+        del self._idle[fd]
+        self._epoll.unregister(fd)  # before the socket closes
+        self._closed(watch)
+        return True
 
     def forget(self, writer: _PullWriter) -> None:
         """The pull is over: stop watching it (before its socket closes)."""
@@ -635,10 +701,9 @@ class _HangUps:
                 await trio.lowlevel.wait_readable(epoll.fileno())
                 # Level-triggered: what is left is reported again next turn.
                 for fd, _ in epoll.poll(0, _HANG_UP_BATCH):
-                    ready = self._idle.pop(fd, None)
-                    if ready is not None:  # an idle connection: its task reads
-                        epoll.unregister(fd)
-                        ready.set()
+                    watch = self._idle.get(fd)
+                    if watch is not None:
+                        self._readable(fd, watch)
                         continue
                     writer = self._pulls[fd]
                     if not self._received(fd, writer):
@@ -647,11 +712,29 @@ class _HangUps:
                         writer.scope.cancel()
         finally:
             self._pulls.clear()
-            for ready in self._idle.values():  # their tasks read (and see the end)
-                ready.set()
-            self._idle.clear()
+            parked, self._idle = self._idle, {}
+            for watch in parked.values():  # the server shuts down
+                self._closed(watch)
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()
+
+    def _readable(self, fd: int, watch: _Deadline) -> None:
+        """A parked connection turned readable: its next request began, or its client went."""
+        try:
+            data = os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return  # nothing after all: it stays parked
+        except OSError:  # reset
+            data = b""
+        del self._idle[fd]
+        self._epoll.unregister(fd)
+        if not data:
+            self._closed(watch)
+            return
+        # Kept in the connection's HTTP state: its task reads on from there.
+        watch.conn.receive_data(data)
+        watch.received(trio.current_time())
+        self._resume(watch)
 
     def _received(self, fd: int, writer: _PullWriter) -> bool:
         """Read what arrived on ``fd``; whether to watch on."""
@@ -673,25 +756,48 @@ class _HangUps:
 
 
 class _Deadline(ConnectionTimer):
-    """A connection's timer; the watchdog cancels its scope at the deadline.
+    """A connection: its timer, and what serves it when it has no task.
 
-    A connection idle between requests is parked (see :meth:`_Server._receive`)
-    by cancelling ``parking``, the scope of its wait for the next request.
+    The watchdog cancels :attr:`scope` at the deadline, which ends the
+    connection. A connection idle :data:`PARK_AFTER` between requests is
+    parked instead (if it ``parks``: a plain socket where :class:`_HangUps`
+    can watch it): :attr:`parked` is set and :attr:`scope` cancelled, which
+    ends its task's wait for the next request (nothing was read: a
+    cancelled wait reads nothing), and the task hands the connection to
+    :attr:`hang_ups`. One cancel scope per connection (a new one each time
+    it is served again), not one per request.
     """
 
-    __slots__ = ("parking", "scope")
+    __slots__ = ("conn", "hang_ups", "host", "parked", "peer", "scope", "transport")
 
-    def __init__(self, options: ServerOptions, now: float, *, parks: bool) -> None:
-        super().__init__(options, now, parks=parks)
+    def __init__(
+        self,
+        options: ServerOptions,
+        now: float,
+        transport: trio.abc.Stream,
+        conn: ServerConnection,
+        peer: str | None,
+        host: str | None,
+        hang_ups: _HangUps | None,
+    ) -> None:
+        super().__init__(options, now, parks=hang_ups is not None)
         self.scope = trio.CancelScope()
-        self.parking: trio.CancelScope | None = None
+        self.transport = transport
+        self.conn = conn
+        self.peer = peer
+        self.host = host
+        #: Where it is parked (``None``: it is not, TLS or no epoll).
+        self.hang_ups = hang_ups
+        #: The watchdog parked it (its task may not have left yet).
+        self.parked = False
 
     def _park(self) -> None:
-        if self.parking is not None:
-            self.parking.cancel()
+        self.parked = True
+        self.scope.cancel()
 
     def _close(self) -> None:
-        self.scope.cancel()
+        if self.hang_ups is None or not self.hang_ups.close(self):
+            self.scope.cancel()
 
 
 class _PullWriter(PullWriteTimer):
@@ -825,6 +931,18 @@ async def _accept_loop(
         nursery.start_soon(handle, stream)
 
 
+def _descriptor(transport: trio.abc.Stream) -> int:
+    """The socket descriptor of a plain connection (:meth:`_HangUps.can_watch`)."""
+    assert isinstance(transport, trio.SocketStream)
+    return transport.socket.fileno()
+
+
+def _close_socket(transport: trio.abc.Stream) -> None:
+    """Close a plain connection at once (see :func:`_close_transport`)."""
+    assert type(transport) is trio.SocketStream
+    transport.socket.close()
+
+
 async def _close_transport(transport: trio.abc.Stream) -> None:
     """Close a connection at once, without waiting for anything.
 
@@ -894,7 +1012,13 @@ async def serve_pht(
         )
     async with trio.open_nursery() as nursery:
         server = _Server(
-            handler, handler_nursery or nursery, options, sessions, ssl_context, stats
+            handler,
+            handler_nursery or nursery,
+            options,
+            sessions,
+            ssl_context,
+            stats,
+            connections=nursery,
         )
         server.stats.enable_pht()
         nursery.start_soon(server.run_reaper)

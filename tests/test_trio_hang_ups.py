@@ -33,6 +33,19 @@ class Turns(trio.abc.Instrument):
         self.most = max(self.most, self.steps)
 
 
+def connection_tasks() -> int:
+    """The server's tasks that serve a connection."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
+    while todo:
+        task = todo.pop()
+        count += task.name.endswith(("handle_connection", "_run_connection"))
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
 class Ends:
     """A handler that records the sessions whose client went away (EOF)."""
 
@@ -147,6 +160,7 @@ async def test_idle_connections_are_parked_and_wake_a_few_per_scheduler_turn(
         await stream.send_all(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 404 ")
     await trio.sleep(PARK_AFTER + 2)  # the watchdog parks them
+    assert connection_tasks() == 0  # parked: held without a task
     turns = Turns()
     trio.lowlevel.add_instrument(turns)
     try:
