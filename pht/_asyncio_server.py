@@ -668,6 +668,10 @@ class _Connection(asyncio.Protocol):
             self.server.hang_ups.unpark(fd, self)
             self._read_on()
 
+    def park_now(self) -> bool:
+        """Park the connection (its task then ends) if nothing waits to be read."""
+        return self._park()
+
     def park_idle(self) -> None:
         """Idle between requests for long: parked, and the waiting task ends."""
         if self._read_waiter is not None and self._park():
@@ -906,7 +910,7 @@ class _Server(ServerCore[_Stream]):
         watch: _Deadline,
     ) -> bool:
         """Answer requests until the connection closes (``False``) or is parked idle (``True``)."""
-        streaming = False
+        streaming = park = False
         while True:
             try:
                 event = conn.next_event()
@@ -919,6 +923,8 @@ class _Server(ServerCore[_Stream]):
                     return False
                 if conn.expects_continue:
                     protocol.write(conn.send_continue())
+                if park and protocol.park_now():
+                    return True
                 data = await protocol.read(PUSH_PIECE if streaming else _RECEIVE_SIZE)
                 if data is _PARKED:
                     return True
@@ -936,20 +942,21 @@ class _Server(ServerCore[_Stream]):
                     self.piece_refused(conn, status)
                 watch.reading_on(self.loop.time())
                 continue
-            streaming = False
+            streaming = session_over = False
             if isinstance(event, PushRequest):
                 status = self.push_answered(await self._deliver(event, conn, peer))
                 protocol.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
             elif isinstance(event, PullRequest):
-                await self._pull(protocol, event)
+                session_over = await self._pull(protocol, event)
             else:
                 if type(event) is CloseRequest:
+                    session_over = True
                     await self.teardown.turn()  # see _Server.teardown
                 protocol.write(self.answer(conn, event, peer, self.loop.time()))
             await protocol.drain()
             if conn.state is ServerConnectionState.CLOSED:
                 return False
-            watch.idle(self.loop.time())
+            park = watch.idle(self.loop.time(), session_over=session_over)
 
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
@@ -967,12 +974,13 @@ class _Server(ServerCore[_Stream]):
             self.watchdog.discard(push)
         return self.push_over(push, verdict, self.loop.time())
 
-    async def _pull(self, protocol: _Connection, event: PullRequest) -> None:
+    async def _pull(self, protocol: _Connection, event: PullRequest) -> bool:
+        """Answer a pull; whether its end was the session's."""
         conn = protocol.conn
         stream = self.pull_for(conn, event, protocol.peer, self.loop.time())
         if isinstance(stream, int):
             protocol.write(conn.send_status(self.refused(stream)))
-            return
+            return False
         task = asyncio.current_task()
         assert task is not None
         pull = _PullWriter(protocol, stream, task, self.options)
@@ -1015,6 +1023,7 @@ class _Server(ServerCore[_Stream]):
         )
         if pull.timed_out or hung_up:
             raise ConnectionResetError("pull write timed out" if pull.timed_out else "hung up")
+        return stream.finished
 
     async def _feed_pull(self, stream: _Stream, pull: _PullWriter) -> None:
         conn, session = pull.conn, stream.session

@@ -740,7 +740,8 @@ class ConnectionTimer:
     push and pull timeouts do). The adapter overrides :meth:`_close`, and
     :meth:`_park` if it ``parks``: a connection idle for :data:`PARK_AFTER`
     between requests is then parked (it stops costing its own wake-up when
-    its client goes; see the asyncio adapter), once, until it closes.
+    its client goes; see the asyncio adapter), once, until it closes; so is
+    one whose answer just ended a session, at once (:meth:`idle`).
     """
 
     __slots__ = ("_options", "_parks", "between_requests", "deadline", "idle_until")
@@ -790,11 +791,24 @@ class ConnectionTimer:
         """A piece of a long push was delivered: the rest must follow in time."""
         self.deadline = now + self._options.request_timeout
 
-    def idle(self, now: float) -> None:
-        """The answer went out (or the handshake ended): keep-alive allowance."""
+    def idle(self, now: float, *, session_over: bool = False) -> bool:
+        """The answer went out (or the handshake ended): keep-alive allowance.
+
+        Returns whether to park the connection now rather than after
+        :data:`PARK_AFTER`: when its answer ended a session (a close
+        notification, a pull's last chunk), its client is about to hang up,
+        and thousands of sessions closed together hang up together.
+        """
         self.between_requests = True
         self.idle_until = now + self._options.keepalive_timeout
-        self.deadline = now + PARK_AFTER if self._parks else self.idle_until
+        if not self._parks:
+            self.deadline = self.idle_until
+            return False
+        if session_over:
+            self.deadline = self.idle_until
+            return True
+        self.deadline = now + PARK_AFTER
+        return False
 
 
 class PullWriteTimer:

@@ -426,7 +426,7 @@ class _Server(ServerCore[_ServerStream]):
         ``True``: the next request began just as it was parked (the bytes
         were read already), so the caller goes on serving in a new scope.
         """
-        streaming = False
+        streaming = park = False
         while True:
             try:
                 event = conn.next_event()
@@ -438,6 +438,9 @@ class _Server(ServerCore[_ServerStream]):
                     return False
                 if conn.expects_continue:
                     await transport.send_all(conn.send_continue())
+                if park:  # parked as the watchdog parks it: this checkpoint ends the wait
+                    watch.park_now()
+                    await trio.lowlevel.checkpoint()
                 # In a long push line, read a piece at a time: what is read
                 # is held until the handler took it.
                 data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
@@ -459,14 +462,15 @@ class _Server(ServerCore[_ServerStream]):
                     self.piece_refused(conn, status)
                 watch.reading_on(trio.current_time())
                 continue
-            streaming = False
+            streaming = session_over = False
             if isinstance(event, PushRequest):
                 status = self.push_answered(await self._deliver(event, conn, peer))
                 ok = status == 200
                 await transport.send_all(conn.send_push_ack() if ok else conn.send_status(status))
             elif isinstance(event, PullRequest):
-                await self._pull(transport, conn, event, peer)
+                session_over = await self._pull(transport, conn, event, peer)
             elif type(event) is CloseRequest:
+                session_over = True
                 async with self.teardown:  # see _Server.teardown
                     answer = self.answer(conn, event, peer, trio.current_time())
                 await transport.send_all(answer)
@@ -474,7 +478,7 @@ class _Server(ServerCore[_ServerStream]):
                 await transport.send_all(self.answer(conn, event, peer, trio.current_time()))
             if conn.state is ServerConnectionState.CLOSED:
                 return False
-            watch.idle(trio.current_time())
+            park = watch.idle(trio.current_time(), session_over=session_over)
 
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
@@ -505,11 +509,12 @@ class _Server(ServerCore[_ServerStream]):
         conn: ServerConnection,
         event: PullRequest,
         peer: str | None,
-    ) -> None:
+    ) -> bool:
+        """Answer a pull; whether its end was the session's."""
         stream = self.pull_for(conn, event, peer, trio.current_time())
         if isinstance(stream, int):
             await transport.send_all(conn.send_status(self.refused(stream)))
-            return
+            return False
         timer = None
         async with trio.open_nursery() as nursery:
             writer = _PullWriter(transport, conn, stream, nursery.cancel_scope, self.options)
@@ -546,6 +551,7 @@ class _Server(ServerCore[_ServerStream]):
         )
         if writer.timed_out:
             raise trio.BrokenResourceError("pull write timed out")
+        return stream.finished
 
     async def _feed_pull(self, stream: _ServerStream, writer: _PullWriter) -> None:
         """Write the session's bytes, heartbeats and finally the end of the pull."""
@@ -794,6 +800,9 @@ class _Deadline(ConnectionTimer):
     def _park(self) -> None:
         self.parked = True
         self.scope.cancel()
+
+    #: Park it now, between requests (:meth:`ConnectionTimer.idle` said so).
+    park_now = _park
 
     def _close(self) -> None:
         if self.hang_ups is None or not self.hang_ups.close(self):

@@ -126,3 +126,26 @@ def test_the_server_closes_parked_idle_connections_when_it_stops(
         assert expire(server, 3.0) == (2, 2)
         server.stop()  # no task left behind (ServerThread checks)
         assert read_to_end(push) == b""
+
+
+def test_connections_are_parked_at_once_after_their_session_ended(
+    tunnel: tuple[ServerThread, RawPull, socket.socket],
+) -> None:
+    """The close notification's connection and the pull's: their clients are about to hang up.
+
+    Parked without waiting ``PARK_AFTER``, so that thousands of sessions
+    closed together do not wake thousands of tasks as their clients go.
+    """
+    server, pull, push = tunnel
+    with pull, push:
+        before = task_count(server)
+        push.sendall(push_request(TOKEN, b""))  # the close notification
+        assert answer(push).startswith(b"HTTP/1.1 200 ")
+        assert pull.rest() == b""  # the pull's last chunk
+        assert pull.ended
+        # No watchdog run: both parked already, and neither has a task.
+        assert expire(server, 0.0) == (2, 2)
+        assert task_count(server) == before - 3  # the two connections' and the handler's
+        # Parked, not closed: a request on it is answered.
+        push.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer(push).startswith(b"HTTP/1.1 404 ")

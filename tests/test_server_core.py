@@ -202,6 +202,24 @@ def test_connection_timer_parks_an_idle_connection_once_then_closes_it_at_keepal
     assert timer.calls == ["park", "close"]
 
 
+def test_connection_timer_parks_at_once_after_an_answer_that_ended_a_session() -> None:
+    """Its client is about to hang up: parked now, still closed at the keep-alive deadline."""
+    options = ServerOptions(request_timeout=5.0, keepalive_timeout=100.0)
+    timer = ParkingTimer(options, 0.0, parks=True)
+    timer.received(1.0)
+    timer.answering()
+    assert timer.idle(2.0) is False  # an ordinary answer: parked after PARK_AFTER
+    timer.received(3.0)
+    timer.answering()
+    assert timer.idle(4.0, session_over=True) is True
+    assert (timer.deadline, timer.idle_until) == (104.0, 104.0)
+    timer.expire()
+    assert timer.calls == ["close"]  # never parked twice
+    plain = ParkingTimer(options, 0.0, parks=False)
+    assert plain.idle(4.0, session_over=True) is False  # an adapter that cannot park
+    assert plain.deadline == 104.0
+
+
 def test_connection_timer_without_parking_and_mid_request_closes() -> None:
     options = ServerOptions(request_timeout=5.0, keepalive_timeout=100.0)
     plain = ParkingTimer(options, 0.0, parks=False)

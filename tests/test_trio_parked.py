@@ -126,6 +126,37 @@ async def test_a_parked_connection_has_no_task(
         await stream.aclose()
 
 
+async def test_a_connection_is_parked_at_once_after_its_session_ended(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A close notification's connection, and the session's pull's: no task, no PARK_AFTER wait.
+
+    Thousands of sessions closed together would otherwise wake thousands of
+    tasks together as their clients hang up.
+    """
+    port = await start_idle_server(nursery, heartbeat_interval=3600.0)  # echo handler
+    before = task_count()
+    token = new_token()
+    pull = await trio.open_tcp_stream("127.0.0.1", port)
+    await pull.send_all(b"GET /pull?token=%s HTTP/1.1\r\nHost: x\r\n\r\n" % token.encode())
+    push = await trio.open_tcp_stream("127.0.0.1", port)
+    close = b"POST /push?token=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    await push.send_all(close % token.encode())
+    assert (await receive_answers(push, 1)).startswith(b"HTTP/1.1 200 ")
+    with trio.fail_after(1):  # the pull's last chunk
+        got = b""
+        while not got.endswith(b"0\r\n\r\n"):
+            got += await pull.receive_some(65536)
+    await trio.testing.wait_all_tasks_blocked()
+    assert trio.current_time() < PARK_AFTER
+    assert task_count() == before  # both parked
+    # Parked, not closed: the next request is answered.
+    await push.send_all(NOWHERE)
+    assert (await receive_answers(push, 1)).startswith(b"HTTP/1.1 404 ")
+    for stream in (push, pull):
+        await stream.aclose()
+
+
 async def test_a_parked_connection_answers_a_request_split_across_segments(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
