@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import h11
 import pytest
@@ -33,17 +34,22 @@ class Turns(trio.abc.Instrument):
         self.most = max(self.most, self.steps)
 
 
-def connection_tasks() -> int:
-    """The server's tasks that serve a connection."""
+def all_tasks() -> Iterator[trio.lowlevel.Task]:
+    """Every task of this run: the root and its descendants."""
     root = trio.lowlevel.current_root_task()
     assert root is not None
-    count, todo = 0, [root]
+    todo = [root]
     while todo:
         task = todo.pop()
-        count += task.name.endswith(("handle_connection", "_run_connection"))
+        yield task
         for nursery in task.child_nurseries:
             todo.extend(nursery.child_tasks)
-    return count
+
+
+def connection_tasks() -> int:
+    """The server's tasks that serve a connection."""
+    names = ("handle_connection", "_run_connection")
+    return sum(task.name.endswith(names) for task in all_tasks())
 
 
 class Ends:

@@ -29,7 +29,7 @@ from pht._token import new_token
 from pht._trio_server import _Deadline, _Server
 
 from .support import echo, start_server
-from .test_trio_hang_ups import connection_tasks
+from .test_trio_hang_ups import all_tasks, connection_tasks
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="parks on Linux (epoll)")
 
@@ -39,15 +39,7 @@ AUTHORIZE = b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n"
 
 def task_count() -> int:
     """Every task of this run (the root's descendants, the root included)."""
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    count, todo = 0, [root]
-    while todo:
-        task = todo.pop()
-        count += 1
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return count
+    return sum(1 for _ in all_tasks())
 
 
 def open_descriptors() -> set[str]:
