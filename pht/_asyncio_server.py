@@ -308,9 +308,11 @@ class _HangUps:
             connection.unparked()
 
     def close(self) -> None:
-        if self._epoll is not None:
-            self._loop.remove_reader(self._epoll.fileno())
-            self._epoll.close()
+        """Stop watching: nothing is parked from now on (the server stops)."""
+        epoll, self._epoll = self._epoll, None
+        if epoll is not None:
+            self._loop.remove_reader(epoll.fileno())
+            epoll.close()
             self._parked.clear()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import operator
@@ -378,7 +379,7 @@ class _Server(ServerCore[_ServerStream]):
         """Serve a connection; ``True``: it was parked (:class:`_HangUps` holds it now)."""
         peer = watch.peer
         while True:
-            go_on = False
+            after = _After.CLOSE
             with watch.scope:
                 if handshake:
                     handshake = False
@@ -395,18 +396,17 @@ class _Server(ServerCore[_ServerStream]):
                             log.info("connection from %s: %s", peer, exc)
                             return False
                         watch.idle(trio.current_time())
-                go_on = await self._serve_requests(watch.transport, watch.conn, peer, watch)
-            if go_on:  # its next request began just as it was parked
+                after = await self._serve_requests(watch.transport, watch.conn, peer, watch)
+            if after is _After.SERVE_ON:
                 watch.parked = False
                 watch.scope = trio.CancelScope()
                 continue
-            if watch.parked and watch.scope.cancelled_caught:
+            if after is _After.PARK or (watch.parked and watch.scope.cancelled_caught):
                 assert watch.hang_ups is not None
-                # A new scope for when it is served again (the cancelled one
-                # holds its cancel reason: 300 bytes a parked connection).
+                # A new scope for when it is served again (a scope serves one
+                # ``with``; a cancelled one holds its cancel reason, too).
                 watch.scope = trio.CancelScope()
-                watch.hang_ups.park(watch)
-                return True
+                return watch.hang_ups.park(watch)  # not once the server stops
             if watch.scope.cancelled_caught:
                 log.debug("connection from %s timed out", peer)
             return False
@@ -417,14 +417,15 @@ class _Server(ServerCore[_ServerStream]):
         conn: ServerConnection,
         peer: str | None,
         watch: _Deadline,
-    ) -> bool:
+    ) -> _After:
         """Answer the requests of one connection until it closes, or is parked.
 
         The watchdog parks a connection idle between requests by cancelling
         ``watch.scope`` (and setting ``watch.parked``), which ends its wait
         for the next request: the caller hands it to :class:`_HangUps`.
-        ``True``: the next request began just as it was parked (the bytes
-        were read already), so the caller goes on serving in a new scope.
+        :attr:`_After.SERVE_ON`: the next request began just as it was parked
+        (the bytes were read already), so the caller goes on serving in a new
+        scope. :attr:`_After.PARK`: an answer ended a session, park it now.
         """
         streaming = park = False
         while True:
@@ -432,26 +433,25 @@ class _Server(ServerCore[_ServerStream]):
                 event = conn.next_event()
             except RemoteProtocolError as exc:
                 await transport.send_all(self.bad_http(conn, exc.status_hint, peer, exc))
-                return False
+                return _After.CLOSE
             if event is NEED_DATA:
                 if conn.state is not ServerConnectionState.IDLE:
-                    return False
+                    return _After.CLOSE
                 if conn.expects_continue:
                     await transport.send_all(conn.send_continue())
-                if park:  # parked as the watchdog parks it: this checkpoint ends the wait
-                    watch.park_now()
-                    await trio.lowlevel.checkpoint()
+                if park:
+                    return _After.PARK
                 # In a long push line, read a piece at a time: what is read
                 # is held until the handler took it.
                 data = await transport.receive_some(PUSH_PIECE if streaming else RECEIVE_SIZE)
                 conn.receive_data(data)
                 if not data:
-                    return False
+                    return _After.CLOSE
                 del data  # the core has it: not kept alive while a push waits
                 if watch.between_requests:
                     watch.received(trio.current_time())
                     if watch.parked:  # too late to park: its scope is cancelled, though
-                        return True
+                        return _After.SERVE_ON
                 continue
             watch.answering()  # push_timeout etc. apply
             if type(event) is PushData:
@@ -477,7 +477,7 @@ class _Server(ServerCore[_ServerStream]):
             else:
                 await transport.send_all(self.answer(conn, event, peer, trio.current_time()))
             if conn.state is ServerConnectionState.CLOSED:
-                return False
+                return _After.CLOSE
             park = watch.idle(trio.current_time(), session_over=session_over)
 
     async def _deliver(
@@ -607,6 +607,17 @@ class _Server(ServerCore[_ServerStream]):
             scope.cancel()
 
 
+class _After(enum.Enum):
+    """What :meth:`_Server._serve_requests` leaves its connection to."""
+
+    #: It is over: close it.
+    CLOSE = enum.auto()
+    #: Its next request began just as the watchdog parked it: serve on.
+    SERVE_ON = enum.auto()
+    #: An answer ended a session (its client is about to go): park it now.
+    PARK = enum.auto()
+
+
 class _HangUps:
     """Notices clients hanging up on their pulls, from one task, a batch per scheduler turn.
 
@@ -667,11 +678,17 @@ class _HangUps:
         self._pulls[fd] = writer
         return True
 
-    def park(self, watch: _Deadline) -> None:
-        """Hold ``watch``'s connection, idle between requests, its task gone."""
+    def park(self, watch: _Deadline) -> bool:
+        """Hold ``watch``'s connection, idle between requests, its task gone.
+
+        ``False`` once the server stops (:meth:`run` is over): close it instead.
+        """
+        if self._epoll is None:
+            return False
         fd = _descriptor(watch.transport)
         self._epoll.register(fd, _HANG_UP_EVENTS)
         self._idle[fd] = watch
+        return True
 
     def close(self, watch: _Deadline) -> bool:
         """Close ``watch``'s connection if it is parked here; whether it was."""
@@ -723,6 +740,7 @@ class _HangUps:
                 self._closed(watch)
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()
+            self._epoll = None  # nothing is watched or parked from now on
 
     def _readable(self, fd: int, watch: _Deadline) -> None:
         """A parked connection turned readable: its next request began, or its client went."""
@@ -800,9 +818,6 @@ class _Deadline(ConnectionTimer):
     def _park(self) -> None:
         self.parked = True
         self.scope.cancel()
-
-    #: Park it now, between requests (:meth:`ConnectionTimer.idle` said so).
-    park_now = _park
 
     def _close(self) -> None:
         if self.hang_ups is None or not self.hang_ups.close(self):

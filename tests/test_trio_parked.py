@@ -297,6 +297,38 @@ async def test_a_request_arriving_as_its_connection_is_parked_is_answered(
     assert watch not in server.watchdog.watched  # served, then closed at the client's end
 
 
+async def test_a_connection_to_park_as_the_server_stops_is_closed(
+    nursery: trio.Nursery,
+) -> None:
+    """Its answer ended a session after the hang-up watcher stopped: closed, not parked."""
+    options = ServerOptions()
+    server = _Server(echo, nursery, options, ServerSessions(options, new_token), ssl_context=None)
+    async with trio.open_nursery() as watcher:
+        watcher.start_soon(server.hang_ups.run)
+        await trio.testing.wait_all_tasks_blocked()
+        watcher.cancel_scope.cancel()  # the server stops
+    ours, theirs = trio.socket.socketpair()
+    client = trio.SocketStream(theirs)
+    close = b"POST /push?token=%s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    await client.send_all(close % new_token().encode())
+    watch = _Deadline(
+        options,
+        trio.current_time(),
+        trio.SocketStream(ours),
+        server.new_connection(),
+        "127.0.0.1:1",
+        "127.0.0.1",
+        server.hang_ups,
+    )
+    server.watchdog.add(watch)
+    with trio.fail_after(60):
+        await server._run_connection(watch)
+        assert (await receive_answers(client, 1)).startswith(b"HTTP/1.1 200 ")
+        await receive_eof(client)  # closed
+    assert watch not in server.watchdog.watched
+    await client.aclose()
+
+
 async def test_a_tls_connection_keeps_its_task_while_idle(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
