@@ -17,9 +17,11 @@ from collections.abc import Callable
 
 import pytest
 
+from pht._asyncio_server import _Connection
+
 from .raw_http import TIMEOUT, RawPull
 from .test_asyncio_server import ServerThread, loop_name, serve
-from .test_asyncio_server_hangup import echo_handler, on_server, read_to_end, task_count
+from .test_asyncio_server_hangup import echo_handler, hold_then, on_server, read_to_end, task_count
 from .test_hardening_support import push_request
 
 __all__ = ["loop_name", "serve"]
@@ -149,3 +151,46 @@ def test_connections_are_parked_at_once_after_their_session_ended(
         # Parked, not closed: a request on it is answered.
         push.sendall(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer(push).startswith(b"HTTP/1.1 404 ")
+
+
+def test_a_pipelining_client_takes_turns_with_other_connections(
+    serve: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's pipelined requests get one answer per turn of the loop, not all in one step.
+
+    500 requests arrive on one connection in the same poll as one request on
+    another: the other's answer goes out before most of the 500 (it waited
+    for all of them before; 64 flooding connections held other tunnels'
+    echoes 0.6 s).
+    """
+    server = serve(echo_handler)
+    nowhere = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as flood,
+        socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as other,
+    ):
+        for sock in (flood, other):  # both connections served once: each has its task
+            sock.sendall(nowhere)
+            assert answer(sock).startswith(b"HTTP/1.1 404 ")
+            assert sock.recv(65536)  # the 404's short body
+        other_port = other.getsockname()[1]
+        writers: list[int] = []  # the client port of each answer written, in order
+        write = _Connection.write
+
+        def recorded(self: _Connection, data: bytes | bytearray | memoryview) -> None:
+            writers.append(self.transport.get_extra_info("peername")[1])
+            write(self, data)
+
+        monkeypatch.setattr(_Connection, "write", recorded)
+
+        def both() -> None:
+            flood.sendall(nowhere * 500)
+            other.sendall(nowhere)
+
+        hold_then(server, both)
+        assert answer(other).startswith(b"HTTP/1.1 404 ")
+        received = b""
+        while received.count(b"HTTP/1.1 404 ") < 500:  # every one is answered, in order
+            received += flood.recv(1 << 20)
+    assert len(writers) == 501
+    assert writers.index(other_port) < 10
