@@ -42,9 +42,11 @@ EXPECTED = {
         "close_stalls_over_100ms",
     },
     "junk-push": {"pushes_sent", "pushes_per_second", "target_dials_not_by_canary"},
+    "junk-push-strict": {"pushes_sent", "pushes_per_second", "target_dials_not_by_canary"},
     "held-pulls": {"pulls_held", "open_seconds", "release_stalls_over_100ms"},
     "held-pulls-strict": {"pulls_held", "open_seconds", "release_stalls_over_100ms"},
     "authorize": {"authorize_calls", "authorize_per_second"},
+    "authorize-strict": {"authorize_calls", "authorize_per_second"},
     "endless-lines": {
         "connections",
         "mib_sent",
@@ -57,9 +59,11 @@ EXPECTED = {
 PHASES = {
     "idle": ["baseline", "open", "idle", "close", "after"],
     "junk-push": ["baseline", "attack", "after"],
+    "junk-push-strict": ["baseline", "attack", "after"],
     "held-pulls": ["baseline", "open", "hold", "release", "after"],
     "held-pulls-strict": ["baseline", "open", "hold", "release", "after"],
     "authorize": ["baseline", "attack", "after"],
+    "authorize-strict": ["baseline", "attack", "after"],
     "endless-lines": ["baseline", "attack", "release", "after"],
     "keepalive": ["baseline", "idle", "after"],
 }

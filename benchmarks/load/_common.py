@@ -30,9 +30,11 @@ NOFILE = 65536
 SCENARIOS = (
     "idle",
     "junk-push",
+    "junk-push-strict",
     "held-pulls",
     "held-pulls-strict",
     "authorize",
+    "authorize-strict",
     "endless-lines",
     "keepalive",
 )

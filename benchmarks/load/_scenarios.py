@@ -175,12 +175,15 @@ async def gather_lines(clients: list[tuple[trio.Process, bytearray]], into: list
             nursery.start_soon(one, process, buffer)
 
 
-async def scenario_junk_push(size: Size, args: argparse.Namespace) -> dict[str, Any]:
+async def scenario_junk_push(
+    size: Size, args: argparse.Namespace, *, strict: bool = False
+) -> dict[str, Any]:
     """Pushes with random tokens at full speed: each may create a session (and a dial)."""
     count = args.count or size.junk_pushes
     seconds = args.duration or size.flood_seconds
     statuses: Counter[str] = Counter()
-    async with start_rig(size) as rig, rig.phase("attack") as attack:
+    server = "library" if strict else "cli"  # the command line has no strict mode
+    async with start_rig(size, server=server, strict=strict) as rig, rig.phase("attack") as attack:
         deadline = Deadline(seconds, count)
 
         def locked_out() -> bool:
@@ -200,15 +203,20 @@ async def scenario_junk_push(size: Size, args: argparse.Namespace) -> dict[str, 
         "seconds": seconds,
         "connections": size.concurrency,
         "stop_after_429s": LOCKOUT_SHOWN,
+        "server": server,
+        "strict": strict,
     }
-    return scenario_result("junk-push", rig, settings, figures)
+    return scenario_result("junk-push-strict" if strict else "junk-push", rig, settings, figures)
 
 
-async def scenario_authorize(size: Size, args: argparse.Namespace) -> dict[str, Any]:
+async def scenario_authorize(
+    size: Size, args: argparse.Namespace, *, strict: bool = False
+) -> dict[str, Any]:
     """``/authorize`` calls at full speed: tokens issued and never used."""
     seconds = args.duration or min(size.flood_seconds, 15.0)  # the backlog fills at once
     statuses: Counter[str] = Counter()
-    async with start_rig(size) as rig, rig.phase("attack") as attack:
+    server = "library" if strict else "cli"  # the command line has no strict mode
+    async with start_rig(size, server=server, strict=strict) as rig, rig.phase("attack") as attack:
         deadline = Deadline(seconds, args.count or None)
         await flood(rig.server_port, size.concurrency, deadline, authorize_call, statuses)
     calls = sum(statuses.values())
@@ -218,8 +226,13 @@ async def scenario_authorize(size: Size, args: argparse.Namespace) -> dict[str, 
         "authorize_per_second": calls / (attack.end - attack.start),
         **attack_figures(rig),
     }
-    settings = {"seconds": seconds, "connections": size.concurrency}
-    return scenario_result("authorize", rig, settings, figures)
+    settings = {
+        "seconds": seconds,
+        "connections": size.concurrency,
+        "server": server,
+        "strict": strict,
+    }
+    return scenario_result("authorize-strict" if strict else "authorize", rig, settings, figures)
 
 
 def attack_figures(rig: Rig) -> dict[str, Any]:
@@ -462,9 +475,11 @@ async def scenario_keepalive(size: Size, args: argparse.Namespace) -> dict[str, 
 RUNNERS: dict[str, Callable[[Size, argparse.Namespace], Awaitable[dict[str, Any]]]] = {
     "idle": scenario_idle,
     "junk-push": scenario_junk_push,
+    "junk-push-strict": lambda size, args: scenario_junk_push(size, args, strict=True),
     "held-pulls": lambda size, args: scenario_held_pulls(size, args, strict=False),
     "held-pulls-strict": lambda size, args: scenario_held_pulls(size, args, strict=True),
     "authorize": scenario_authorize,
+    "authorize-strict": lambda size, args: scenario_authorize(size, args, strict=True),
     "endless-lines": scenario_endless_lines,
     "keepalive": scenario_keepalive,
 }
