@@ -403,7 +403,6 @@ class _Deadline(ConnectionTimer):
             protocol.task.cancel()
         else:  # parked idle: no task to cancel
             protocol.close()
-            protocol.server.connection_over(protocol)
 
 
 class _PullWriter(PullWriteTimer):
@@ -648,9 +647,10 @@ class _Connection(asyncio.Protocol):
             await waiter
 
     def close(self) -> None:
-        """Close at once (unsent bytes are dropped)."""
+        """Close at once (unsent bytes are dropped), and let the server forget it."""
         self._forget_parked()
         self.transport.abort()
+        self.server.connection_over(self)
 
     # -- pulls and parking ----------------------------------------------------------
 
@@ -661,28 +661,28 @@ class _Connection(asyncio.Protocol):
         if self._eof:
             self._hung_up()
         else:
-            self._park()
+            self.park()
 
     def unwatch_pull(self) -> None:
         self._watched = None
-        fd, self._parked = self._parked, None
-        if fd is not None:
-            self.server.hang_ups.unpark(fd, self)
+        if self._parked is not None:
+            self._forget_parked()
             self._read_on()
 
-    def park_now(self) -> bool:
-        """Park the connection (its task then ends) if nothing waits to be read."""
-        return self._park()
+    def park(self) -> bool:
+        """Leave the connection to :class:`_HangUps` unless something waits to be read.
 
-    def park_idle(self) -> None:
-        """Idle between requests for long: parked, and the waiting task ends."""
-        if self._read_waiter is not None and self._park():
-            self._wake_reader(True)
-
-    def _park(self) -> bool:
+        Whether it is parked (TLS, a server without epoll, or one that
+        stopped cannot park).
+        """
         if self._parked is None and not self._eof and not self._buffer:
             self._parked = self.server.hang_ups.park(self, self.transport)
         return self._parked is not None
+
+    def park_idle(self) -> None:
+        """Idle between requests for long: parked, and the waiting task ends."""
+        if self._read_waiter is not None and self.park():
+            self._wake_reader(True)
 
     def unparked(self) -> None:
         """The connection turned readable (:class:`_HangUps`): the loop reads it again."""
@@ -894,7 +894,6 @@ class _Server(ServerCore[_Stream]):
             protocol.task = None
             if not parked:
                 protocol.close()
-                self.connection_over(protocol)
 
     def connection_over(self, protocol: _Connection) -> None:
         """The connection is closed: forget it (once)."""
@@ -932,7 +931,7 @@ class _Server(ServerCore[_Stream]):
                     return False
                 if conn.expects_continue:
                     protocol.write(conn.send_continue())
-                if park and protocol.park_now():
+                if park and protocol.park():  # its task ends
                     return True
                 pipelined = False
                 data = await protocol.read(PUSH_PIECE if streaming else _RECEIVE_SIZE)
@@ -1101,7 +1100,6 @@ class _Server(ServerCore[_Stream]):
                 tasks.append(protocol.task)
             else:  # parked idle
                 protocol.close()
-                self.connection_over(protocol)
         for task in tasks:
             task.cancel()
         if tasks:
