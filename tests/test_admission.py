@@ -163,11 +163,6 @@ async def test_lazy_sessions_without_a_pull_expire_in_seconds(
     await stream.aclose()
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 async def test_handler_starts_on_first_byte_or_pull_not_before(nursery: trio.Nursery) -> None:
     started: list[str] = []
 

@@ -26,11 +26,6 @@ from .test_hardening_support import (
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 def held_inbound(stream: Any) -> int:
     """Bytes pushed into a server-side stream and not yet taken by its handler."""
     return sum(len(piece) for piece in stream._inbound or ()) - int(stream._inbound_offset)

@@ -298,11 +298,6 @@ async def test_pull_connection_streaming_junk_is_not_buffered(
 # --- slow clients ----------------------------------------------------------------
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 SLOW_CLIENTS: dict[str, Callable[[int], bytes]] = {
     "header byte every 5 s": lambda i: (
         b"GET /pull?token=slowloris HTTP/1.1\r\nX-A: "[i : i + 1] or b"a"

@@ -6,7 +6,6 @@ connection vanished all end, and their handlers see EOF.
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
@@ -21,11 +20,6 @@ from .test_hardening_support import (
 )
 
 HELLO = b"aGVsbG8=\n"  # base64("hello") and its newline
-
-
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 async def authorize(port: int) -> str:

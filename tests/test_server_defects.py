@@ -39,11 +39,6 @@ AUTHORIZE = b"GET /authorize HTTP/1.1\r\nHost: x\r\n\r\n"
 HELLO = b"aGVsbG8=\n"  # base64("hello") and its newline
 
 
-@pytest.fixture
-def autojump_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 # --- CONNECT and HEAD on the authorize path -----------------------------------------
 
 

@@ -18,9 +18,10 @@ import trio
 import pht
 from pht._stats import NullStats
 
+from ..support import echo
 from . import harness
 from .conftest import NginxFactory
-from .tunnel_checks import HANG_BOUND, echo, echo_roundtrip, pattern
+from .tunnel_checks import HANG_BOUND, echo_roundtrip, pattern
 
 pytestmark = pytest.mark.middlebox
 

@@ -16,7 +16,8 @@ import trio
 
 import pht
 
-from .tunnel_checks import HANG_BOUND, pattern, receive_exactly
+from ..support import receive_exactly
+from .tunnel_checks import HANG_BOUND, pattern
 
 pytestmark = pytest.mark.middlebox
 

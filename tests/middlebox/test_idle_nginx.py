@@ -15,10 +15,11 @@ import trio
 
 import pht
 
+from ..support import echo, receive_exactly
 from ..test_cli_run import PhtProcess
 from . import harness
 from .conftest import NginxFactory
-from .tunnel_checks import HANG_BOUND, echo, pattern, receive_exactly
+from .tunnel_checks import HANG_BOUND, pattern
 
 pytestmark = pytest.mark.middlebox
 

@@ -22,9 +22,10 @@ import trio
 import pht
 from pht._stats import ServiceStats
 
+from ..support import echo
 from . import harness
 from .conftest import NginxFactory
-from .tunnel_checks import HANG_BOUND, echo
+from .tunnel_checks import HANG_BOUND
 
 pytestmark = pytest.mark.middlebox
 

@@ -9,9 +9,10 @@ import trio
 
 import pht
 
+from ..support import receive_exactly
 from . import harness
 from .conftest import NginxFactory, ServerFactory
-from .tunnel_checks import HANG_BOUND, pattern, receive_exactly
+from .tunnel_checks import HANG_BOUND, pattern
 
 pytestmark = pytest.mark.middlebox
 

@@ -12,9 +12,10 @@ import trio
 
 import pht
 
+from ..support import echo, receive_exactly
 from . import harness
 from .conftest import SquidFactory
-from .tunnel_checks import HANG_BOUND, echo, echo_roundtrip, pattern, receive_exactly
+from .tunnel_checks import HANG_BOUND, echo_roundtrip, pattern
 
 pytestmark = pytest.mark.middlebox
 

@@ -1,4 +1,4 @@
-"""Checks shared by the middlebox tests: echo handlers and byte-for-byte transfers."""
+"""Checks shared by the middlebox tests: byte-for-byte transfers through a tunnel."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import trio
 
 import pht
 
+from ..support import receive_exactly
+
 #: Generous bound for "this must not hang"; never a performance expectation.
 HANG_BOUND = 60.0
-
-
-async def echo(stream: pht.PHTStream) -> None:
-    """Echo every byte back until the client closes the session."""
-    try:
-        while data := await stream.receive_some():
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
@@ -29,17 +22,6 @@ def pattern(size: int, seed: int = 0) -> bytes:
         out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
         counter += 1
     return bytes(out[:size])
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    """Read exactly ``size`` bytes; fail on a premature end of stream."""
-    buffer = bytearray()
-    while len(buffer) < size:
-        data = await stream.receive_some(size - len(buffer))
-        if not data:
-            raise AssertionError(f"stream ended after {len(buffer)} of {size} bytes")
-        buffer += data
-    return bytes(buffer)
 
 
 async def echo_roundtrip(
