@@ -461,15 +461,11 @@ class PHTApp:
                 continue
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
-                status = await self._deliver(core, event, conn, peer, client)
-                if status != 200:
-                    core.piece_refused(conn, status)
+                core.piece_delivered(conn, await self._deliver(core, event, conn, peer, client))
                 continue
             if isinstance(event, PushRequest):
-                status = core.push_answered(await self._deliver(core, event, conn, peer, client))
-                await _answer(
-                    send, conn.send_push_ack() if status == 200 else conn.send_status(status)
-                )
+                status = await self._deliver(core, event, conn, peer, client)
+                await _answer(send, core.push_answer(conn, status))
             elif isinstance(event, PullRequest):
                 await self._pull(core, conn, event, peer, client, receive, send)
             else:  # authorize, close, or a request refused: nothing to wait for
@@ -486,7 +482,7 @@ class PHTApp:
     ) -> int:
         """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal)."""
         loop = core.loop
-        push = core.push(event.token, event.data, peer, conn.forwarded_for, loop.time(), conn)
+        push = core.push(event, conn, peer, loop.time())
         if isinstance(push, int):
             return push
         stream = push.stream

@@ -949,15 +949,13 @@ class _Server(ServerCore[_Stream]):
             watch.answering()
             if type(event) is PushData:
                 streaming = True
-                status = await self._deliver(event, conn, peer)
-                if status != 200:
-                    self.piece_refused(conn, status)
+                self.piece_delivered(conn, await self._deliver(event, conn, peer))
                 watch.reading_on(self.loop.time())
                 continue
             streaming = session_over = False
             if isinstance(event, PushRequest):
-                status = self.push_answered(await self._deliver(event, conn, peer))
-                protocol.write(conn.send_push_ack() if status == 200 else conn.send_status(status))
+                status = await self._deliver(event, conn, peer)
+                protocol.write(self.push_answer(conn, status))
             elif isinstance(event, PullRequest):
                 session_over = await self._pull(protocol, event)
             else:
@@ -974,7 +972,7 @@ class _Server(ServerCore[_Stream]):
     async def _deliver(
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
     ) -> int:
-        push = self.push(event.token, event.data, peer, conn.forwarded_for, self.loop.time(), conn)
+        push = self.push(event, conn, peer, self.loop.time())
         if isinstance(push, int):
             return push
         stream = push.stream

@@ -32,7 +32,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._events import AuthorizeRequest, BadRequest, CloseRequest, PullRequest, ServerEvent
+from ._events import (
+    AuthorizeRequest,
+    BadRequest,
+    CloseRequest,
+    PullRequest,
+    PushData,
+    PushRequest,
+    ServerEvent,
+)
 from ._resume import (
     AckOutOfRange,
     GoneReason,
@@ -1162,28 +1170,23 @@ class ServerCore(Generic[S]):
         return self.sessions.authorize(now, owner)
 
     def push(
-        self,
-        token: str,
-        data: bytes,
-        peer: str | None,
-        forwarded: bytes | None,
-        now: float,
-        conn: ServerConnection | None = None,
+        self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None, now: float
     ) -> Push | int:
-        """A push (or a piece of a long one): the status to answer, or a :class:`Push` to step.
+        """A push (or a piece of a long one) read from ``conn``: the status to
+        answer, or a :class:`Push` to step.
 
         Starts the session's handler with its first pushed byte. ``conn``
-        (the push's connection) brings the resume fields, and gets the
+        brings the forwarded address and the resume fields, and gets the
         answer's resume headers.
         """
-        fields = _NO_FIELDS if conn is None else conn.resume
+        token, data = event.token, event.data
+        fields = conn.resume
         if fields is not _NO_FIELDS:
-            assert conn is not None
             gone = self.sessions.gone(token, fields, now)
             if gone is not None:
                 conn.response_headers = ResponseFields.gone_headers(gone)
                 return 410
-        stream = self.stream_for(token, peer, forwarded, now)
+        stream = self.stream_for(token, peer, conn.forwarded_for, now)
         if isinstance(stream, int):
             return stream
         session = stream.session
@@ -1192,7 +1195,6 @@ class ServerCore(Generic[S]):
         offset = None
         resume = session.resume
         if resume is not None:
-            assert conn is not None
             if fields.offset is None or fields.ack is None:
                 # A hop dropped the headers: data and retries look alike now.
                 log.info("session %s: a push without PHT-Offset or PHT-Ack", short_token(token))
@@ -1223,7 +1225,6 @@ class ServerCore(Generic[S]):
         push = stream.push(data, now, offset, None if resume is None else conn)
         if push is True:
             if resume is not None:
-                assert conn is not None
                 conn.response_headers = resume.received_headers()
             return 200
         if push is False:
@@ -1250,22 +1251,23 @@ class ServerCore(Generic[S]):
         self.end_session(stream, now)
         return 410
 
-    def push_answered(self, status: int) -> int:
-        """Count the answer to a whole push (not a piece of a long one); returns ``status``."""
+    def push_answer(self, conn: ServerConnection, status: int) -> bytes:
+        """The answer to a whole push that got ``status`` (counted): ``200`` acknowledges it."""
         if status == 200:
             self.stats.push()
-        else:
-            self.stats.refused(status)
-        return status
+            return conn.send_push_ack()
+        self.stats.refused(status)
+        return conn.send_status(status)
 
-    def piece_refused(self, conn: ServerConnection, status: int) -> None:
-        """A piece of a long push got ``status`` (not 200): count it, drop the rest of the body.
+    def piece_delivered(self, conn: ServerConnection, status: int) -> None:
+        """A piece of a long push got ``status``; a refusal is counted and drops the rest.
 
         ``conn`` then reads the body to its end and returns a :class:`BadRequest`
         with ``status`` for the adapter to answer (as for any refusal).
         """
-        reason = "push not consumed in time" if status == 410 else "push refused"
-        conn.discard_push(self.refused(status), reason)
+        if status != 200:
+            reason = "push not consumed in time" if status == 410 else "push refused"
+            conn.discard_push(self.refused(status), reason)
 
     def attach_pull(self, stream: S, pull: object, now: float) -> tuple[object, bool]:
         """Attach ``pull`` to ``stream``'s session before its answer's head goes out.

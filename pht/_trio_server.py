@@ -457,16 +457,13 @@ class _Server(ServerCore[_ServerStream]):
             if type(event) is PushData:
                 # A piece of a long push line: deliver it, read on.
                 streaming = True
-                status = await self._deliver(event, conn, peer)
-                if status != 200:
-                    self.piece_refused(conn, status)
+                self.piece_delivered(conn, await self._deliver(event, conn, peer))
                 watch.reading_on(trio.current_time())
                 continue
             streaming = session_over = False
             if isinstance(event, PushRequest):
-                status = self.push_answered(await self._deliver(event, conn, peer))
-                ok = status == 200
-                await transport.send_all(conn.send_push_ack() if ok else conn.send_status(status))
+                status = await self._deliver(event, conn, peer)
+                await transport.send_all(self.push_answer(conn, status))
             elif isinstance(event, PullRequest):
                 session_over = await self._pull(transport, conn, event, peer)
             elif type(event) is CloseRequest:
@@ -484,9 +481,7 @@ class _Server(ServerCore[_ServerStream]):
         self, event: PushRequest | PushData, conn: ServerConnection, peer: str | None
     ) -> int:
         """Hand a push's bytes to its session: the status to answer (200, 410 or a refusal)."""
-        push = self.push(
-            event.token, event.data, peer, conn.forwarded_for, trio.current_time(), conn
-        )
+        push = self.push(event, conn, peer, trio.current_time())
         if isinstance(push, int):
             return push
         # No cancel scope per push (one costs more than the rest of this

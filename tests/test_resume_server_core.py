@@ -217,7 +217,7 @@ def test_the_opening_pull_again_replays_unless_the_client_acknowledged() -> None
 def step_push(core: Core, stream: Stream, raw: bytes, now: float = 0.0) -> tuple[int, bytes]:
     conn, event = request(core, raw)
     assert isinstance(event, PushRequest)
-    push = core.push(event.token, event.data, PEER, None, now, conn)
+    push = core.push(event, conn, PEER, now)
     if isinstance(push, Push):
         verdict = push.step(now)
         if verdict is PushVerdict.WAIT:
@@ -254,7 +254,7 @@ def test_a_resume_push_without_its_headers_ends_the_session() -> None:
     assert status == 400
     assert stream.session.closed
     conn, event = request(core, resume_push(token, b"x", 0, 0))
-    assert core.push(event.token, event.data, PEER, None, 1.0, conn) == 410
+    assert core.push(event, conn, PEER, 1.0) == 410
     assert b"PHT-Gone: aborted\r\n" in conn.send_status(410)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pht._events import AuthorizeRequest, BadRequest, PushData
+from pht._events import AuthorizeRequest, BadRequest, PushData, PushRequest
 from pht._server_core import (
     PARK_AFTER,
     PULL_PROGRESS,
@@ -397,17 +397,22 @@ def test_connection_budget_per_address() -> None:
 def test_first_pushed_byte_starts_the_handler_and_a_late_push_gets_410() -> None:
     core = Core()
     token = "p" * 22
-    assert core.push(token, b"", "127.0.0.1:1", None, 0.0) == 200
+    conn = core.new_connection()
+
+    def push(data: bytes, now: float) -> Push | int:
+        return core.push(PushRequest(token=token, data=data), conn, "127.0.0.1:1", now)
+
+    assert push(b"", 0.0) == 200
     assert core.started == []  # an empty push starts nothing
-    push = core.push(token, b"hi", "127.0.0.1:1", None, 0.0)
-    assert isinstance(push, Push)
+    waiting = push(b"hi", 0.0)
+    assert isinstance(waiting, Push)
     assert len(core.started) == 1
     stream = core.started[0]
     core.handler_started(stream)
-    assert push.step(0.0) is PushVerdict.WAIT
-    verdict = push.step(30.0)
-    assert core.push_over(push, verdict, 30.0) == 410
-    assert core.push(token, b"again", "127.0.0.1:1", None, 31.0) == 403  # closed token
+    assert waiting.step(0.0) is PushVerdict.WAIT
+    verdict = waiting.step(30.0)
+    assert core.push_over(waiting, verdict, 30.0) == 410
+    assert push(b"again", 31.0) == 403  # closed token
     assert core.handler_done(stream, 31.0, 0.0) is True
 
 
@@ -446,16 +451,40 @@ def test_a_refused_piece_of_a_long_push_is_counted_and_its_body_dropped() -> Non
     refusals: list[int] = []
     core = Core()
     core.stats.refused = refusals.append  # type: ignore[method-assign,assignment]
+    body = b"QUJD" * 40_000 + b"\n"  # a line longer than one piece
+    head = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
     for status, reason in ((410, "push not consumed in time"), (403, "push refused")):
         conn = core.new_connection()
-        body = b"QUJD" * 40_000 + b"\n"  # a line longer than one piece
-        head = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
         conn.receive_data(head % len(body) + body[:100_000])  # the line is still arriving
         assert isinstance(conn.next_event(), PushData)
-        core.piece_refused(conn, status)
+        core.piece_delivered(conn, status)
         conn.receive_data(body[100_000:])  # read to its end, not decoded
         assert conn.next_event() == BadRequest(status_code=status, reason=reason)
     assert refusals == [410, 403]
+    # A piece that was taken leaves the push to go on.
+    conn = core.new_connection()
+    conn.receive_data(head % len(body) + body[:100_000])
+    assert isinstance(conn.next_event(), PushData)
+    core.piece_delivered(conn, 200)
+    conn.receive_data(body[100_000:])
+    assert isinstance(conn.next_event(), PushData | PushRequest)
+    assert refusals == [410, 403]
+
+
+def test_a_push_answer_acknowledges_200_and_refuses_the_rest_counted() -> None:
+    counted: list[object] = []
+    core = Core()
+    core.stats.push = lambda: counted.append("push")  # type: ignore[method-assign]
+    core.stats.refused = counted.append  # type: ignore[method-assign,assignment]
+    push = b"POST /push?token=t HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nYWJj\n"
+    conn = core.new_connection()
+    conn.receive_data(push)
+    assert isinstance(conn.next_event(), PushRequest)
+    assert core.push_answer(conn, 200).startswith(b"HTTP/1.1 200 ")
+    conn.receive_data(push)
+    assert isinstance(conn.next_event(), PushRequest)
+    assert core.push_answer(conn, 410).startswith(b"HTTP/1.1 410 ")
+    assert counted == ["push", 410]
 
 
 def test_drain_then_cut_ends_the_sessions_still_open() -> None:
