@@ -1116,6 +1116,21 @@ class ServerCore(Generic[S]):
             )
         return stream
 
+    def _stream_of(
+        self, conn: ServerConnection, token: str, peer: str | None, now: float
+    ) -> S | int:
+        """The stream a request on ``conn`` for ``token`` goes to, or the status to answer.
+
+        A resume request for a session the server will never resume is
+        answered ``410`` with the reason in its headers.
+        """
+        if conn.resume is not _NO_FIELDS:
+            gone = self.sessions.gone(token, conn.resume, now)
+            if gone is not None:
+                conn.response_headers = ResponseFields.gone_headers(gone)
+                return 410
+        return self.stream_for(token, peer, conn.forwarded_for, now)
+
     def pull_for(
         self, conn: ServerConnection, event: PullRequest, peer: str | None, now: float
     ) -> S | int:
@@ -1127,12 +1142,7 @@ class ServerCore(Generic[S]):
         """
         fields = conn.resume
         token = event.token
-        if fields is not _NO_FIELDS:
-            gone = self.sessions.gone(token, fields, now)
-            if gone is not None:
-                conn.response_headers = ResponseFields.gone_headers(gone)
-                return 410
-        stream = self.stream_for(token, peer, conn.forwarded_for, now)
+        stream = self._stream_of(conn, token, peer, now)
         if isinstance(stream, int) or fields is _NO_FIELDS:
             if not isinstance(stream, int) and stream.session.resume is not None:
                 log.info("session %s: a pull without PHT-Resume", short_token(token))
@@ -1181,12 +1191,7 @@ class ServerCore(Generic[S]):
         """
         token, data = event.token, event.data
         fields = conn.resume
-        if fields is not _NO_FIELDS:
-            gone = self.sessions.gone(token, fields, now)
-            if gone is not None:
-                conn.response_headers = ResponseFields.gone_headers(gone)
-                return 410
-        stream = self.stream_for(token, peer, conn.forwarded_for, now)
+        stream = self._stream_of(conn, token, peer, now)
         if isinstance(stream, int):
             return stream
         session = stream.session
