@@ -362,6 +362,17 @@ class SessionBuffers:
             return resume.pending > 0
         return bool(self._outbound)
 
+    @property
+    def pull_must_look(self) -> bool:
+        """After a write the pull's own task did not make: whether it must still look.
+
+        It must when bytes are left queued, when its response is bounded (the
+        write may have reached the bound: the response ends), and in a resume
+        session (what the replay buffer holds, and when the pull ends, are
+        :meth:`pull_action`'s to say).
+        """
+        return bool(self._outbound) or self.meter is not None or self.session.resume is not None
+
     def take_outbound(self, limit: int = PULL_WRITE_SIZE) -> bytes:
         """Up to ``limit`` queued bytes for the pull.
 

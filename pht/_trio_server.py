@@ -179,13 +179,7 @@ class _ServerStream(SessionBuffers, PHTStream):
                     # a task switch, and the bytes leave before the push that
                     # caused them is acknowledged (the client sees both sooner).
                     await writer.write(self.take_outbound())
-                    if (
-                        self._outbound  # the rest (resume: bytes waiting for room)
-                        or writer.error is not None
-                        or not self.pull_parked
-                        or self.meter is not None  # a bound may be reached
-                        or self.session.resume is not None  # the replay may hold more
-                    ):
+                    if self.pull_must_look or writer.error is not None or not self.pull_parked:
                         self._wake_pull()
                     return
                 self._wake_pull()

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from pht._events import AuthorizeRequest, BadRequest, PushData, PushRequest
+from pht._resume import PullMeter
 from pht._server_core import (
     PARK_AFTER,
     PULL_PROGRESS,
+    PULL_WRITE_SIZE,
     TEARDOWN_BATCH,
     UNPULLED_ROOM,
     AcceptFailures,
@@ -445,6 +447,21 @@ def test_reaping_yields_after_every_batch() -> None:
     assert yields == 2
     records = list(core.sessions.registry)
     assert all(record.payload is None or record.payload.closed for record in records)
+
+
+def test_the_pull_must_look_after_a_write_it_did_not_make_only_when_more_may_follow() -> None:
+    stream = make_stream()
+    stream.queue(b"x" * 10)
+    assert stream.pull_must_look  # queued, not written yet
+    stream.take_outbound()
+    assert not stream.pull_must_look  # plain and unbounded: nothing more to do
+    stream.queue(b"x" * (PULL_WRITE_SIZE + 1))
+    stream.take_outbound()
+    assert stream.pull_must_look  # the rest of a large write
+    stream.take_outbound()
+    assert not stream.pull_must_look
+    stream.meter = PullMeter(max_bytes=1000)
+    assert stream.pull_must_look  # a bounded response may have reached its end
 
 
 def test_a_refused_piece_of_a_long_push_is_counted_and_its_body_dropped() -> None:
