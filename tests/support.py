@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socketserver
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,13 +52,16 @@ async def start_server(nursery: trio.Nursery, handler: Handler = echo, **kwargs:
     return port
 
 
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    """Read exactly ``size`` bytes; fail on an early EOF."""
+async def receive_exactly(
+    stream: trio.abc.ReceiveStream, size: int, *, within: float = math.inf
+) -> bytes:
+    """Read exactly ``size`` bytes; fail on an early EOF, or after ``within`` seconds."""
     data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
+    with trio.fail_after(within):
+        while len(data) < size:
+            chunk = await stream.receive_some(size - len(data))
+            assert chunk, f"EOF after {len(data)} of {size} bytes"
+            data += chunk
     return bytes(data)
 
 

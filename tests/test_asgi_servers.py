@@ -25,7 +25,8 @@ import pht.asyncio
 
 from .adapters import ProcessOutput, Reports, start_watched
 from .middlebox import harness
-from .middlebox.tunnel_checks import HANG_BOUND, pattern, receive_exactly
+from .middlebox.tunnel_checks import HANG_BOUND, pattern
+from .support import receive_exactly
 
 pytestmark = pytest.mark.slow
 

@@ -70,9 +70,22 @@ def capture() -> Iterator[tuple[int, list[dict[str, str]]]]:
         thread.join()
 
 
+#: Sockets that hold :func:`closed_port`'s ports until the tests end.
+_HELD_PORTS: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    """A loopback port nothing listens on (connections are refused)."""
-    return free_port()
+    """A loopback port nothing listens on: connections are refused.
+
+    The port stays bound (not listening) until the tests end, so that no
+    service started meanwhile can be given it (a free port, closed again,
+    could be).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    port: int = sock.getsockname()[1]
+    return port
 
 
 def socks5_reply(proxy_port: int, host: str, port: int) -> int:

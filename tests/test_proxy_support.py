@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -21,7 +22,7 @@ from pht.proxy._stream import (
     as_trio,
 )
 
-from .support import receive_exactly
+from . import support
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -69,6 +70,11 @@ class FakeDialer:
             await self._dialed.wait()
             self._dialed = trio.Event()
         return self.targets[index]
+
+
+#: :func:`tests.support.receive_exactly` within a safety net against a hung
+#: test (not a timing check); the proxy tests import it from here.
+receive_exactly = functools.partial(support.receive_exactly, within=10.0)
 
 
 async def receive_all(stream: trio.abc.Stream, limit: int = 1 << 20) -> bytes:
@@ -158,22 +164,21 @@ async def test_handshake_reader_raises_truncated_at_eof() -> None:
 async def test_relay_copies_both_ways_and_closes_both() -> None:
     a_outer, a_inner = trio.testing.memory_stream_pair()
     b_inner, b_outer = trio.testing.memory_stream_pair()
-    with trio.fail_after(10):  # a safety net against a hang, not a timing check
-        async with trio.open_nursery() as nursery:
-            result: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        result: list[tuple[int, int]] = []
 
-            async def run() -> None:
-                result.append(await relay(a_inner, b_inner))
+        async def run() -> None:
+            result.append(await relay(a_inner, b_inner))
 
-            nursery.start_soon(run)
-            await a_outer.send_all(b"x" * 100_000)
-            assert await receive_exactly(b_outer, 100_000) == b"x" * 100_000
-            await b_outer.send_all(b"reply")
-            assert await receive_exactly(a_outer, 5) == b"reply"
-            await a_outer.send_eof()
-            # EOF on one side closes the other side too.
-            assert await receive_all(b_outer) == b""
-            assert await receive_all(a_outer) == b""
+        nursery.start_soon(run)
+        await a_outer.send_all(b"x" * 100_000)
+        assert await receive_exactly(b_outer, 100_000) == b"x" * 100_000
+        await b_outer.send_all(b"reply")
+        assert await receive_exactly(a_outer, 5) == b"reply"
+        await a_outer.send_eof()
+        # EOF on one side closes the other side too.
+        assert await receive_all(b_outer) == b""
+        assert await receive_all(a_outer) == b""
     assert result == [(100_000, 5)]
 
 
@@ -202,16 +207,15 @@ async def test_relay_reads_big_while_busy_and_small_when_interactive() -> None:
     a_outer, a_inner = trio.testing.memory_stream_pair()
     b_inner, b_outer = trio.testing.memory_stream_pair()
     source = _ReadSizes(a_inner)
-    with trio.fail_after(10):  # a safety net against a hang, not a timing check
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, source, b_inner)
-            await a_outer.send_all(b"x" * (2 * RELAY_BULK_SIZE))
-            await receive_exactly(b_outer, 2 * RELAY_BULK_SIZE)
-            await a_outer.send_all(b"y")
-            await receive_exactly(b_outer, 1)
-            await a_outer.send_all(b"z")
-            await receive_exactly(b_outer, 1)
-            await a_outer.send_eof()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay, source, b_inner)
+        await a_outer.send_all(b"x" * (2 * RELAY_BULK_SIZE))
+        await receive_exactly(b_outer, 2 * RELAY_BULK_SIZE)
+        await a_outer.send_all(b"y")
+        await receive_exactly(b_outer, 1)
+        await a_outer.send_all(b"z")
+        await receive_exactly(b_outer, 1)
+        await a_outer.send_eof()
     # 64 KiB first; once a read fills that, 512 KiB until a short read.
     sizes = source.sizes
     assert sizes[0] == RELAY_CHUNK_SIZE
